@@ -1,0 +1,13 @@
+//! Flotilla's actors, one per file, and the training job they run: the rank actor (compute on
+//! its own thread), the trainer it drives, the job driver under the controller's supervisor, and
+//! the run's files.
+
+pub mod error;
+pub mod job;
+pub mod model_config;
+pub mod rank;
+pub mod run_log;
+pub mod trainer;
+
+pub use error::JobError;
+pub use job::{StepRecord, Summary, train};

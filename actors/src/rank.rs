@@ -1,0 +1,116 @@
+//! The rank actor: owns one rank's [`Trainer`] on a dedicated compute thread, so that the actor
+//! keeps answering supervision and control messages while a long step runs.
+//!
+//! A step request is handed to the thread with its reply port and the handler returns at once;
+//! the thread replies when the step is done. If the thread dies (a panic in compute), the reply
+//! port is dropped, the caller's call fails, and the next message finds the thread gone and
+//! fails the actor, which its supervisor then sees.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use flotilla_runtime::config::Config;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::trainer::{StepStats, Trainer};
+
+/// Messages to a rank.
+#[derive(Debug)]
+pub enum RankMsg {
+    /// Run one optimizer step; replies with its statistics or why it failed.
+    Step(RpcReplyPort<Result<StepStats, String>>),
+    /// SHA-256 of the rank's parameters.
+    ParamsSha256(RpcReplyPort<String>),
+}
+
+enum Work {
+    Step(RpcReplyPort<Result<StepStats, String>>),
+    Sha(RpcReplyPort<String>),
+}
+
+/// Start arguments: which rank, and the job's config.
+#[derive(Debug, Clone)]
+pub struct RankArgs {
+    pub rank: usize,
+    pub config: Arc<Config>,
+}
+
+/// The rank actor (its state is the channel to its compute thread).
+#[derive(Debug, Default)]
+pub struct RankActor;
+
+/// The rank's compute thread handle.
+pub struct RankState {
+    rank: usize,
+    work: mpsc::Sender<Work>,
+}
+
+impl Actor for RankActor {
+    type Msg = RankMsg;
+    type State = RankState;
+    type Arguments = RankArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<RankMsg>,
+        args: RankArgs,
+    ) -> Result<RankState, ActorProcessingErr> {
+        let (work, rx) = mpsc::channel::<Work>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let config = Arc::clone(&args.config);
+        std::thread::Builder::new()
+            .name(format!("rank-{}-compute", args.rank))
+            .spawn(move || compute_loop(&config, rx, ready_tx))?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(RankState {
+                rank: args.rank,
+                work,
+            }),
+            Ok(Err(why)) => Err(format!("rank {} could not start: {why}", args.rank).into()),
+            Err(_) => Err(format!("rank {} compute thread died while starting", args.rank).into()),
+        }
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<RankMsg>,
+        msg: RankMsg,
+        st: &mut RankState,
+    ) -> Result<(), ActorProcessingErr> {
+        let work = match msg {
+            RankMsg::Step(reply) => Work::Step(reply),
+            RankMsg::ParamsSha256(reply) => Work::Sha(reply),
+        };
+        st.work
+            .send(work)
+            .map_err(|_| format!("rank {}: compute thread is gone", st.rank).into())
+    }
+}
+
+fn compute_loop(
+    config: &Config,
+    rx: mpsc::Receiver<Work>,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    let mut trainer = match Trainer::new(config) {
+        Ok(t) => {
+            let _ = ready.send(Ok(()));
+            t
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    // Ends when the actor stops (its sender is dropped).
+    while let Ok(w) = rx.recv() {
+        match w {
+            Work::Step(reply) => {
+                let _ = reply.send(trainer.step().map_err(|e| e.to_string()));
+            }
+            Work::Sha(reply) => {
+                let _ = reply.send(trainer.params_sha256());
+            }
+        }
+    }
+}

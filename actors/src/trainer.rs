@@ -1,0 +1,306 @@
+//! One rank's training computation, synchronous: data → forward/backward over the micro-batches →
+//! global-norm clipping → AdamW → router-bias update. The rank actor runs it on its own thread.
+
+use std::sync::Arc;
+
+use flotilla_model::data::{self, DataLoader, LoaderConfig, TokenDataset, TokenFormat};
+use flotilla_model::optim::{self, AdamW, AdamWConfig, LrSchedule, ParamRef};
+use flotilla_model::params::{Kind, Params};
+use flotilla_model::{Batch, CpuDevice, DeepSeekV3, Device, StepOptions, Tensor, Weights};
+use flotilla_runtime::config::{Config, DataFormat, LrSchedule as LrKind};
+use serde::Serialize;
+
+use crate::error::JobError;
+use crate::model_config::model_config;
+
+/// What one optimizer step did (a line of `metrics.jsonl`, less the timing the driver adds).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    /// The optimised objective: cross-entropy + MTP + balance loss.
+    pub loss: f32,
+    pub ce: f32,
+    pub mtp: f32,
+    pub balance: f32,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+    /// Max over MoE layers of (max expert load / mean expert load).
+    pub expert_load_max_over_mean: f32,
+    /// Per MoE layer, max / mean expert load.
+    pub expert_load_per_layer: Vec<f32>,
+    /// Seconds the device reported for this step's compute.
+    pub device_seconds: f64,
+    pub device_flops: f64,
+}
+
+/// A single-rank trainer.
+pub struct Trainer {
+    dev: Box<dyn Device>,
+    model: DeepSeekV3,
+    grads: Weights,
+    opt: AdamW,
+    schedule: LrSchedule,
+    loader: DataLoader,
+    opts: StepOptions,
+    grad_clip: f64,
+    step: u64,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("step", &self.step).finish()
+    }
+}
+
+fn cpu_threads(cfg: &Config) -> usize {
+    cfg.cluster
+        .cpu_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The token stream `[data]` names: the built-in corpus or a file.
+pub fn load_dataset(cfg: &Config) -> Result<TokenDataset, JobError> {
+    let tokens = if cfg.data.source == "builtin" {
+        data::builtin_corpus_tokens()
+    } else {
+        let format = match cfg.data.format {
+            DataFormat::Text => TokenFormat::Text,
+            DataFormat::U16 => TokenFormat::U16,
+            DataFormat::U32 => TokenFormat::U32,
+        };
+        data::load_tokens(
+            std::path::Path::new(&cfg.data.source),
+            format,
+            u32::try_from(cfg.model.vocab_size)
+                .map_err(|_| JobError::Config("model.vocab_size does not fit in u32".into()))?,
+        )
+        .map_err(|e| JobError::Data(e.to_string()))?
+    };
+    TokenDataset::new(tokens, cfg.data.seq_len).map_err(|e| JobError::Data(e.to_string()))
+}
+
+impl Trainer {
+    /// Build the model (random init from `job.seed`, or HF weights from `model.hf_dir`), the
+    /// optimizer, the schedule and the data loader.
+    pub fn new(cfg: &Config) -> Result<Trainer, JobError> {
+        let dev: Box<dyn Device> = Box::new(CpuDevice::new(cpu_threads(cfg)));
+        let model = match &cfg.model.hf_dir {
+            Some(dir) => flotilla_model::hf::load(dir, dev.as_ref())
+                .map_err(|e| JobError::Model(e.to_string()))?,
+            None => DeepSeekV3::init(&model_config(&cfg.model)?, dev.as_ref(), cfg.job.seed)
+                .map_err(|e| JobError::Model(e.to_string()))?,
+        };
+        let grads = model.zero_grads(dev.as_ref());
+        let o = &cfg.optimizer;
+        let opt = AdamW::new(AdamWConfig {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        })
+        .map_err(|e| JobError::Optim(e.to_string()))?;
+        let schedule = match o.schedule {
+            LrKind::Constant => LrSchedule::Constant { lr: o.lr },
+            LrKind::Cosine => LrSchedule::WarmupCosine {
+                max_lr: o.lr,
+                min_lr: o.min_lr,
+                warmup_steps: o.warmup_steps,
+                total_steps: cfg.job.steps,
+            },
+        };
+        schedule
+            .validate()
+            .map_err(|e| JobError::Optim(e.to_string()))?;
+        let dataset = Arc::new(load_dataset(cfg)?);
+        let micro = cfg.data.batch_size / cfg.parallel.micro_batches.max(1);
+        let loader = DataLoader::new(
+            dataset,
+            LoaderConfig::single(cfg.data.batch_size, micro.max(1)),
+            cfg.data.seed.unwrap_or(cfg.job.seed),
+            cfg.data.shuffle,
+        )
+        .map_err(|e| JobError::Data(e.to_string()))?;
+        let opts = StepOptions::from_config(&model.config);
+        Ok(Trainer {
+            dev,
+            model,
+            grads,
+            opt,
+            schedule,
+            loader,
+            opts,
+            grad_clip: o.grad_clip,
+            step: 0,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &DeepSeekV3 {
+        &self.model
+    }
+
+    /// SHA-256 over all parameters in sorted-key order as little-endian f32.
+    pub fn params_sha256(&self) -> String {
+        self.model
+            .params_sha256(self.dev.as_ref())
+            .unwrap_or_else(|| "shape-only".to_string())
+    }
+
+    /// Run one optimizer step.
+    pub fn step(&mut self) -> Result<StepStats, JobError> {
+        let dev = self.dev.as_ref();
+        let _ = dev.take_cost();
+        let sb = self.loader.next_step();
+        zero(&mut self.grads);
+        let n_micro = sb.micro_batches.len().max(1);
+        let mut ce = 0.0f32;
+        let mut mtp = 0.0f32;
+        let mut balance = 0.0f32;
+        let mut tokens = 0usize;
+        let mut loads: Vec<flotilla_model::layers::router::ExpertLoad> = Vec::new();
+        for mb in &sb.micro_batches {
+            let batch = Batch {
+                input_ids: mb.input_ids.clone(),
+                labels: mb.labels.clone(),
+                batch: mb.batch,
+                seq: mb.seq,
+            };
+            tokens += mb.num_tokens();
+            let out = self
+                .model
+                .forward_backward(dev, &batch, &self.opts, &mut self.grads)
+                .map_err(|e| JobError::Model(e.to_string()))?;
+            ce += out.losses.ce / n_micro as f32;
+            mtp += out.losses.mtp / n_micro as f32;
+            balance += out.losses.balance / n_micro as f32;
+            if loads.is_empty() {
+                loads = out.loads;
+            } else {
+                for (acc, l) in loads.iter_mut().zip(&out.loads) {
+                    acc.accumulate(l);
+                }
+            }
+        }
+        if n_micro > 1 {
+            scale(&mut self.grads, 1.0 / n_micro as f32);
+        }
+        let loss = ce + mtp + balance;
+        if !loss.is_finite() {
+            return Err(JobError::Diverged {
+                step: self.step,
+                why: format!("loss is {loss}"),
+            });
+        }
+        let grad_norm = clip(&mut self.grads, self.grad_clip)?;
+        let lr = self.schedule.lr(self.step);
+        adamw_step(&mut self.opt, lr, &mut self.model.weights, &self.grads)?;
+        let gamma = self.model.config.bias_gamma();
+        self.model.update_biases(dev, &loads, gamma);
+        let per_layer: Vec<f32> = loads.iter().map(|l| l.max_over_mean()).collect();
+        let cost = dev.take_cost();
+        let stats = StepStats {
+            step: self.step,
+            loss,
+            ce,
+            mtp,
+            balance,
+            lr,
+            grad_norm,
+            tokens,
+            expert_load_max_over_mean: per_layer.iter().copied().fold(0.0, f32::max),
+            expert_load_per_layer: per_layer,
+            device_seconds: cost.seconds,
+            device_flops: cost.flops,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+}
+
+fn zero(w: &mut Weights) {
+    w.visit_mut("", &mut |_, t, _| {
+        if let Some(h) = t.host_mut() {
+            h.fill(0.0);
+        }
+    });
+}
+
+fn scale(w: &mut Weights, s: f32) {
+    w.visit_mut("", &mut |_, t, _| {
+        if let Some(h) = t.host_mut() {
+            h.iter_mut().for_each(|x| *x *= s);
+        }
+    });
+}
+
+/// Move the trainable tensors out (in visiting order), leaving shape-only placeholders, so the
+/// optimizer can hold them all mutably at once; [`put_back`] restores them in the same order.
+fn take_trainable(w: &mut Weights) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    w.visit_mut("", &mut |n, t, k| {
+        if k == Kind::Weight {
+            out.push((n.to_string(), std::mem::replace(t, Tensor::shape_only(&[]))));
+        }
+    });
+    out
+}
+
+fn put_back(w: &mut Weights, taken: Vec<(String, Tensor)>) {
+    let mut it = taken.into_iter();
+    w.visit_mut("", &mut |_, t, k| {
+        if k == Kind::Weight
+            && let Some((_, back)) = it.next()
+        {
+            *t = back;
+        }
+    });
+}
+
+/// Clip the trainable gradients to `max_norm` by global norm; returns the norm before clipping.
+fn clip(grads: &mut Weights, max_norm: f64) -> Result<f64, JobError> {
+    let mut taken = take_trainable(grads);
+    let mut slices: Vec<&mut [f32]> = taken.iter_mut().filter_map(|(_, t)| t.host_mut()).collect();
+    let r =
+        optim::clip_grad_norm(&mut slices, max_norm).map_err(|e| JobError::Optim(e.to_string()));
+    put_back(grads, taken);
+    r
+}
+
+/// One AdamW update of every trainable weight (decay on matrices, not on norms).
+fn adamw_step(
+    opt: &mut AdamW,
+    lr: f64,
+    weights: &mut Weights,
+    grads: &Weights,
+) -> Result<(), JobError> {
+    let g = grads.trainable();
+    let mut taken = take_trainable(weights);
+    let mut refs = Vec::with_capacity(taken.len());
+    let mut missing = None;
+    for (name, t) in taken.iter_mut() {
+        let decay = t.shape().len() >= 2;
+        let grad = g.get(name.as_str()).and_then(|gt| gt.host());
+        match (grad, t.host_mut()) {
+            (Some(grad), Some(value)) => refs.push(ParamRef {
+                name: name.as_str(),
+                value,
+                grad,
+                decay,
+            }),
+            _ => missing = Some(name.clone()),
+        }
+    }
+    let r = match missing {
+        Some(name) => Err(JobError::Optim(format!(
+            "{name}: no host values or no gradient"
+        ))),
+        None => opt
+            .step(lr, &mut refs)
+            .map_err(|e| JobError::Optim(e.to_string())),
+    };
+    drop(refs);
+    put_back(weights, taken);
+    r
+}

@@ -1,0 +1,244 @@
+//! The Device seam: every tensor operation the layers need, each reporting what it cost.
+//!
+//! Layer code is written once against `&dyn Device` and runs unchanged on
+//! - [`cpu::CpuDevice`]: f32 on the host, multithreaded GEMM, wall-clock measured per op;
+//! - [`sim::SimDevice`]: shapes only, no arithmetic, cost computed from a [`sim::SimProfile`];
+//! - a CUDA device (later, behind the `cuda` feature): cuBLAS GEMM + NVRTC kernels, one kernel per
+//!   method below, cost from CUDA events.
+//!
+//! The operations are kernels, not a tensor algebra (the llm.c / candle-backend style): GEMM on
+//! row ranges of 2-D views, and fused forward/backward kernels for RMSNorm, SwiGLU, RoPE, MLA
+//! attention, the router, the balance loss and cross-entropy, plus the row gather/scatter that
+//! expert dispatch and combine need. Data-dependent control (routing indices, losses) comes back to
+//! the host as plain values; the simulator synthesises balanced routing and reports zero losses.
+//!
+//! Every operation adds its [`Cost`] to the device's running total; the caller (the actor that ran
+//! a step) drains it with [`Device::take_cost`] and advances its clock by `seconds`.
+//! Shape mismatches and tensors from another device are programming errors and panic.
+
+pub mod attention;
+pub mod cost;
+pub mod kernels;
+pub mod cpu;
+pub mod sim;
+
+use std::fmt;
+use std::ops::Range;
+
+pub use crate::tensor::Tensor;
+
+/// What a run of device operations cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    /// Floating-point operations performed (or modelled).
+    pub flops: f64,
+    /// Bytes read and written in device memory (modelled from the operands' sizes).
+    pub bytes: f64,
+    /// Seconds the operations took: measured on real devices, computed on the simulator.
+    pub seconds: f64,
+    /// The part of `flops` done by GEMMs (matrix products, including attention's).
+    pub gemm_flops: f64,
+    /// The part of `seconds` spent in GEMMs.
+    pub gemm_seconds: f64,
+    /// Number of operations (kernel launches).
+    pub ops: u64,
+}
+
+impl Cost {
+    /// Adds another cost to this one.
+    pub fn add(&mut self, o: &Cost) {
+        self.flops += o.flops;
+        self.bytes += o.bytes;
+        self.seconds += o.seconds;
+        self.gemm_flops += o.gemm_flops;
+        self.gemm_seconds += o.gemm_seconds;
+        self.ops += o.ops;
+    }
+}
+
+/// A read-only 2-D view of rows `rows` of a tensor (seen as `rows() x cols()`), optionally transposed.
+#[derive(Clone)]
+pub struct Mat<'a> {
+    pub t: &'a Tensor,
+    pub rows: Range<usize>,
+    pub trans: bool,
+}
+
+impl<'a> Mat<'a> {
+    /// The whole tensor as a matrix.
+    pub fn all(t: &'a Tensor) -> Mat<'a> {
+        Mat { t, rows: 0..t.rows(), trans: false }
+    }
+    /// Rows `r` of the tensor.
+    pub fn rows(t: &'a Tensor, r: Range<usize>) -> Mat<'a> {
+        Mat { t, rows: r, trans: false }
+    }
+    /// The transpose of this view.
+    pub fn t(mut self) -> Mat<'a> {
+        self.trans = !self.trans;
+        self
+    }
+    /// (rows, cols) of the view after the optional transpose.
+    pub fn dims(&self) -> (usize, usize) {
+        let (r, c) = (self.rows.len(), self.t.cols());
+        if self.trans { (c, r) } else { (r, c) }
+    }
+}
+
+/// A mutable 2-D view of rows `rows` of a tensor.
+pub struct MatMut<'a> {
+    pub t: &'a mut Tensor,
+    pub rows: Range<usize>,
+}
+
+impl<'a> MatMut<'a> {
+    /// The whole tensor as a matrix.
+    pub fn all(t: &'a mut Tensor) -> MatMut<'a> {
+        let rows = 0..t.rows();
+        MatMut { t, rows }
+    }
+    /// Rows `r` of the tensor.
+    pub fn rows(t: &'a mut Tensor, r: Range<usize>) -> MatMut<'a> {
+        MatMut { t, rows: r }
+    }
+}
+
+/// Where the rotary part sits inside each row, for [`Device::rope`].
+#[derive(Clone, Copy, Debug)]
+pub struct RopeSpec {
+    /// Sequence length: row `r` has position `r % seq_len`.
+    pub seq_len: usize,
+    /// Number of rotary slots per row (heads).
+    pub heads: usize,
+    /// Columns between consecutive heads.
+    pub head_stride: usize,
+    /// Column of the first rotary channel inside a head.
+    pub offset: usize,
+    /// Rotary channels per head (even).
+    pub dim: usize,
+    /// HF `rope_interleave`: de-interleave adjacent pairs before rotating (output stays de-interleaved).
+    pub interleave: bool,
+}
+
+/// Dimensions of MLA attention, for [`Device::attention_forward`] / [`Device::attention_backward`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    /// Softmax scale (HF `self.scaling`).
+    pub scale: f32,
+}
+
+/// The router's hyper-parameters, for [`Device::router_forward`] / [`Device::router_backward`].
+#[derive(Clone, Copy, Debug)]
+pub struct RouterSpec {
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub scaling: f32,
+}
+
+/// What the router kernel returns.
+#[derive(Debug)]
+pub struct RouterOut {
+    /// `sigmoid(logits)`, `[n, n_experts]`.
+    pub scores: Tensor,
+    /// Chosen experts, `n * top_k` values in host memory (token-major).
+    pub topk: Vec<u32>,
+    /// Combine weights of the chosen experts, `[n * top_k, 1]` (same order as `topk`).
+    pub weights: Tensor,
+}
+
+/// A compute device. Object-safe: layers take `&dyn Device`.
+pub trait Device: Send + Sync + fmt::Debug {
+    /// A short name ("cpu", "sim", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Drains the cost accumulated since the last call.
+    fn take_cost(&self) -> Cost;
+
+    // ---- memory -------------------------------------------------------------------------------
+
+    /// A tensor of zeros.
+    fn zeros(&self, shape: &[usize]) -> Tensor;
+    /// A tensor holding host values `data` (the simulator keeps only the shape).
+    fn upload(&self, shape: &[usize], data: &[f32]) -> Tensor;
+    /// The values of a tensor in host memory; `None` on a device that holds no values.
+    fn download(&self, t: &Tensor) -> Option<Vec<f32>>;
+
+    /// A copy of `t` on this device.
+    fn copy(&self, t: &Tensor) -> Tensor;
+
+    // ---- GEMM ---------------------------------------------------------------------------------
+
+    /// `c = a · b` (or `c += a · b` when `accumulate`), on 2-D views with optional transposes.
+    fn gemm(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool);
+
+    // ---- element-wise and copies --------------------------------------------------------------
+
+    /// `dst += src` (same number of elements).
+    fn add_assign(&self, dst: &mut Tensor, src: &Tensor);
+    /// Columns `cols` of every row, as a new `[rows, cols.len()]` tensor.
+    fn slice_cols(&self, src: &Tensor, cols: Range<usize>) -> Tensor;
+    /// `dst[:, col0 .. col0 + src.cols()] = src`.
+    fn write_cols(&self, dst: &mut Tensor, col0: usize, src: &Tensor);
+    /// `out[r] = src[index[r]]`: a `[index.len(), src.cols()]` tensor.
+    fn gather_rows(&self, src: &Tensor, index: &[u32]) -> Tensor;
+    /// `dst[index[r]] += src[r]` for every row `r` of `src`.
+    fn scatter_add_rows(&self, dst: &mut Tensor, src: &Tensor, index: &[u32]);
+    /// `x[r] *= s[r]` with `s` of shape `[x.rows(), 1]`.
+    fn scale_rows(&self, x: &mut Tensor, s: &Tensor);
+    /// `out[r] = dot(a[r], b[r])`, shape `[a.rows(), 1]`.
+    fn rows_dot(&self, a: &Tensor, b: &Tensor) -> Tensor;
+
+    // ---- layer kernels ------------------------------------------------------------------------
+
+    /// `table[ids[r]]` for each id: `[ids.len(), table.cols()]`.
+    fn embedding_forward(&self, table: &Tensor, ids: &[u32]) -> Tensor;
+    /// `dtable[ids[r]] += dy[r]`.
+    fn embedding_backward(&self, ids: &[u32], dy: &Tensor, dtable: &mut Tensor);
+    /// RMSNorm over the last dimension: returns `(y, rstd)` with `rstd` of shape `[rows, 1]`.
+    fn rmsnorm_forward(&self, x: &Tensor, w: &Tensor, eps: f32) -> (Tensor, Tensor);
+    /// Gradient of RMSNorm with respect to its input.
+    fn rmsnorm_backward_input(&self, x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> Tensor;
+    /// `dw += Σ_rows dy ⊙ x · rstd`.
+    fn rmsnorm_backward_weight(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor, dw: &mut Tensor);
+    /// `silu(gate) ⊙ up`.
+    fn swiglu_forward(&self, gate: &Tensor, up: &Tensor) -> Tensor;
+    /// `(dgate, dup)` from `dh`.
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dh: &Tensor) -> (Tensor, Tensor);
+    /// Rotates the rotary channels of `x` in place (`inverse`: apply the transpose, for backward).
+    /// `table` is `[seq_len, dim]`: cos in the first `dim/2` columns, sin in the rest.
+    fn rope(&self, x: &mut Tensor, table: &Tensor, spec: RopeSpec, inverse: bool);
+    /// Causal MLA attention. `q`: `[n, H*(nope+rope)]` (rope part rotated), `kv`: `[n, H*(nope+v)]`
+    /// (k_nope then v per head), `k_pe`: `[n, rope]` (rotated, shared by all heads).
+    /// Returns `(out [n, H*v], probs [B, H, T, T])`.
+    fn attention_forward(&self, q: &Tensor, kv: &Tensor, k_pe: &Tensor, s: AttnShape) -> (Tensor, Tensor);
+    /// Gradients `(dq, dkv, dk_pe)` of attention from `dout`.
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        k_pe: &Tensor,
+        probs: &Tensor,
+        dout: &Tensor,
+        s: AttnShape,
+    ) -> (Tensor, Tensor, Tensor);
+    /// Sigmoid router with bias-adjusted, group-limited top-k selection (DeepSeek-V3 / HF semantics).
+    fn router_forward(&self, logits: &Tensor, bias: &Tensor, spec: RouterSpec) -> RouterOut;
+    /// Gradient of the combine weights with respect to the router logits, `[n, n_experts]`.
+    fn router_backward(&self, scores: &Tensor, topk: &[u32], dweights: &Tensor, spec: RouterSpec) -> Tensor;
+    /// Sequence-wise balance loss `α Σ_i f_i P_i` averaged over sequences of `seq_len` tokens
+    /// (DeepSeek-V3 report eq. 17-20): returns the loss and its gradient w.r.t. the router logits.
+    fn balance_loss(&self, scores: &Tensor, topk: &[u32], spec: RouterSpec, seq_len: usize, alpha: f32)
+    -> (f32, Tensor);
+    /// Fused softmax cross-entropy: returns `(Σ loss over targets ≥ 0, dlogits)` where
+    /// `dlogits = grad_scale · (softmax − onehot)` on rows with a target and 0 elsewhere.
+    fn cross_entropy(&self, logits: &Tensor, targets: &[i64], grad_scale: f32) -> (f32, Tensor);
+}

@@ -1,0 +1,148 @@
+//! Multi-token prediction module `k` (DeepSeek-V3 report §2.2), in the checkpoint layout.
+//!
+//! ```text
+//! h'_k = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_{k-1})])     (d × 2d; embedding half first, as the
+//!                                                             released checkpoint / vLLM / SGLang do)
+//! h_k  = block_k(h'_k)                                         (a full decoder layer)
+//! P_k  = lm_head(shared_head.norm(h_k))                        (shared output head)
+//! ```
+//! `h_0` is the main model's last hidden state before its final norm; the embedding and `lm_head`
+//! are the main model's. Parameters live under `model.layers.{num_hidden_layers + k - 1}.`:
+//! `enorm`, `hnorm`, `eh_proj`, `shared_head.norm` and the block's usual names.
+
+use crate::config::ModelConfig;
+use crate::device::Device;
+use crate::layers::Ctx;
+use crate::layers::block::{Block, BlockCache, BlockDys};
+use crate::layers::linear::Linear;
+use crate::layers::rmsnorm::{RmsNorm, RmsNormCache};
+use crate::params::{Kind, Params};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Debug)]
+pub struct MtpLayer {
+    pub enorm: RmsNorm,
+    pub hnorm: RmsNorm,
+    /// `[d, 2d]`.
+    pub eh_proj: Linear,
+    pub block: Block,
+    /// `shared_head.norm`.
+    pub shared_head_norm: RmsNorm,
+}
+
+/// Activations of one MTP module (owns the embedding input; `h_{k-1}` is kept by the caller).
+#[derive(Debug)]
+pub struct MtpCache {
+    emb: Tensor,
+    e_norm: RmsNormCache,
+    h_norm: RmsNormCache,
+    cat: Tensor,
+    pub block: BlockCache,
+}
+
+#[derive(Debug)]
+pub struct MtpDys {
+    d_cat_e: Tensor,
+    d_cat_h: Tensor,
+    d_z: Tensor,
+    block: BlockDys,
+}
+
+impl MtpLayer {
+    /// Module for decoder-layer index `layer` (`num_hidden_layers + k - 1`).
+    pub fn init(dev: &dyn Device, cfg: &ModelConfig, layer: usize, seed: u64) -> MtpLayer {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+        let prefix = format!("model.layers.{layer}.");
+        MtpLayer {
+            enorm: RmsNorm::init(dev, d, eps),
+            hnorm: RmsNorm::init(dev, d, eps),
+            eh_proj: Linear::init(dev, &format!("{prefix}eh_proj.weight"), d, 2 * d, cfg.initializer_range, seed),
+            block: Block::init(dev, cfg, &prefix, layer, seed),
+            shared_head_norm: RmsNorm::init(dev, d, eps),
+        }
+    }
+
+    /// `h_k` from `h_prev = h_{k-1}` and `emb = Emb(t_{i+k})`.
+    pub fn forward(&self, ctx: &Ctx<'_>, h_prev: &Tensor, emb: Tensor) -> (Tensor, MtpCache) {
+        let dev = ctx.dev;
+        let d = emb.cols();
+        let (e_n, e_norm) = self.enorm.forward(dev, &emb);
+        let (h_n, h_norm) = self.hnorm.forward(dev, h_prev);
+        let mut cat = dev.zeros(&[emb.rows(), 2 * d]);
+        dev.write_cols(&mut cat, 0, &e_n);
+        dev.write_cols(&mut cat, d, &h_n);
+        let z = self.eh_proj.forward(dev, &cat);
+        let (h, block) = self.block.forward(ctx, z);
+        (h, MtpCache { emb, e_norm, h_norm, cat, block })
+    }
+
+    /// B: returns `(d h_prev, d emb)`.
+    pub fn backward_input(&self, ctx: &Ctx<'_>, h_prev: &Tensor, c: &MtpCache, dh: &Tensor) -> (Tensor, Tensor, MtpDys) {
+        let dev = ctx.dev;
+        let d = c.emb.cols();
+        let (d_z, block) = self.block.backward_input(ctx, &c.block, dh);
+        let d_cat = self.eh_proj.backward_input(dev, &d_z);
+        let d_cat_e = dev.slice_cols(&d_cat, 0..d);
+        let d_cat_h = dev.slice_cols(&d_cat, d..2 * d);
+        let d_emb = self.enorm.backward_input(dev, &c.emb, &c.e_norm, &d_cat_e);
+        let d_prev = self.hnorm.backward_input(dev, h_prev, &c.h_norm, &d_cat_h);
+        (d_prev, d_emb, MtpDys { d_cat_e, d_cat_h, d_z, block })
+    }
+
+    /// W: weight gradients of the module (not of the shared embedding / head).
+    pub fn backward_weight(&self, ctx: &Ctx<'_>, h_prev: &Tensor, c: &MtpCache, dys: &MtpDys, g: &mut MtpLayer) {
+        let dev = ctx.dev;
+        self.block.backward_weight(ctx, &c.block, &dys.block, &mut g.block);
+        self.eh_proj.backward_weight(dev, &c.cat, &dys.d_z, &mut g.eh_proj);
+        self.enorm.backward_weight(dev, &c.emb, &c.e_norm, &dys.d_cat_e, &mut g.enorm);
+        self.hnorm.backward_weight(dev, h_prev, &c.h_norm, &dys.d_cat_h, &mut g.hnorm);
+    }
+}
+
+impl Params for MtpLayer {
+    fn visit<'a>(&'a self, p: &str, f: &mut dyn FnMut(&str, &'a Tensor, Kind)) {
+        self.enorm.visit(&format!("{p}enorm."), f);
+        self.hnorm.visit(&format!("{p}hnorm."), f);
+        self.eh_proj.visit(&format!("{p}eh_proj."), f);
+        self.shared_head_norm.visit(&format!("{p}shared_head.norm."), f);
+        self.block.visit(p, f);
+    }
+    fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor, Kind)) {
+        self.enorm.visit_mut(&format!("{p}enorm."), f);
+        self.hnorm.visit_mut(&format!("{p}hnorm."), f);
+        self.eh_proj.visit_mut(&format!("{p}eh_proj."), f);
+        self.shared_head_norm.visit_mut(&format!("{p}shared_head.norm."), f);
+        self.block.visit_mut(p, f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::gradcheck::{check, dev, project, randn, rope_table, small_config};
+    use crate::layers::zeros_like;
+
+    #[test]
+    fn mtp_backward_matches_finite_differences() {
+        let d = dev();
+        let cfg = small_config();
+        let (b, t) = (2, 4);
+        let rope = rope_table(&cfg, &d, t);
+        let ctx = Ctx { dev: &d, batch: b, seq: t, rope: &rope, balance_alpha: 0.0 };
+        let h = randn(&[b * t, cfg.hidden_size], 1, 1.0);
+        let emb = randn(&[b * t, cfg.hidden_size], 2, 1.0);
+        let m = MtpLayer::init(&d, &cfg, 2, 6);
+        let r = randn(&[b * t, cfg.hidden_size], 3, 1.0);
+        let (_, c) = m.forward(&ctx, &h, emb.clone());
+        let (dh, demb, dys) = m.backward_input(&ctx, &h, &c, &r);
+        let mut g = zeros_like(&m, &d);
+        m.backward_weight(&ctx, &h, &c, &dys, &mut g);
+        let mut st = (m, h, emb);
+        let loss = |s: &(MtpLayer, Tensor, Tensor)| project(&s.0.forward(&ctx, &s.1, s.2.clone()).0, &r);
+        check("mtp d h_prev", &mut st, |s| &mut s.1, loss, &dh, 30);
+        check("mtp d emb", &mut st, |s| &mut s.2, loss, &demb, 30);
+        check("mtp eh_proj", &mut st, |s| &mut s.0.eh_proj.weight, loss, &g.eh_proj.weight, 30);
+        check("mtp enorm", &mut st, |s| &mut s.0.enorm.weight, loss, &g.enorm.weight, 16);
+        check("mtp hnorm", &mut st, |s| &mut s.0.hnorm.weight, loss, &g.hnorm.weight, 16);
+    }
+}

@@ -1,0 +1,278 @@
+//! Pipeline stages: the model as a sequence of pieces that run forward and backward on their own.
+//!
+//! A [`StageSpec`] names a contiguous piece: the embedding (first stage), decoder layers `a..b`, and
+//! the head (last stage: final norm, `lm_head`, the loss, and the MTP modules, which need the
+//! embedding and `lm_head` too — a pipeline keeps a copy of the embedding on the last stage and
+//! sums its gradient with the first stage's, as DeepSeek-V3 does). A stage exchanges `[n, hidden]`
+//! tensors with its neighbours:
+//!
+//! ```text
+//! stage_forward(input hidden | token ids)  -> output hidden (or the losses, on the head stage)
+//! stage_backward_input(d output)           -> d input        (B; stashes what W needs)
+//! stage_backward_weight()                  -> grads += ...   (W; can run later, for ZB/DualPipe)
+//! ```
+//! [`crate::model::DeepSeekV3::forward_backward`] is the single stage that holds everything.
+
+use std::ops::Range;
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::device::Device;
+use crate::layers::block::{BlockCache, BlockDys};
+use crate::layers::loss::{self, LmLossCache, LmLossDys, shifted_targets};
+use crate::layers::mtp::{MtpCache, MtpDys};
+use crate::layers::router::ExpertLoad;
+use crate::layers::{Ctx, rope};
+use crate::model::{Batch, DeepSeekV3, LossParts, StepOptions, Weights};
+use crate::tensor::Tensor;
+
+/// Which part of the model a stage runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageSpec {
+    /// Runs the token embedding (the stage takes token ids, not hidden states).
+    pub embed: bool,
+    /// Decoder layers of this stage.
+    pub layers: Range<usize>,
+    /// Runs the final norm, `lm_head`, the losses and the MTP modules.
+    pub head: bool,
+}
+
+impl StageSpec {
+    /// The whole model as one stage.
+    pub fn whole(cfg: &ModelConfig) -> StageSpec {
+        StageSpec { embed: true, layers: 0..cfg.num_hidden_layers, head: true }
+    }
+
+    /// `stages` contiguous stages with layers spread as evenly as possible (earlier stages get
+    /// the extra layers); the embedding goes to the first, the head to the last.
+    pub fn split(cfg: &ModelConfig, stages: usize) -> Vec<StageSpec> {
+        let stages = stages.max(1);
+        let n = cfg.num_hidden_layers;
+        let mut start = 0;
+        (0..stages)
+            .map(|s| {
+                let len = n / stages + usize::from(s < n % stages);
+                let spec = StageSpec { embed: s == 0, layers: start..start + len, head: s + 1 == stages };
+                start += len;
+                spec
+            })
+            .collect()
+    }
+}
+
+/// What a stage's forward produces.
+#[derive(Debug)]
+pub struct StageOutput {
+    /// Hidden states `[n, hidden]` for the next stage (`None` on the head stage).
+    pub hidden: Option<Tensor>,
+    /// This stage's part of the loss (the head stage has `ce` and `mtp`; every stage with MoE
+    /// layers has `balance`). Merge the stages' parts with [`LossParts::merge`].
+    pub losses: LossParts,
+    /// Router loads of this stage's MoE layers.
+    pub loads: Vec<ExpertLoad>,
+    /// Main logits (head stage, when asked).
+    pub logits: Option<Tensor>,
+}
+
+/// One MTP depth's activations.
+#[derive(Debug)]
+struct MtpStep {
+    ids: Vec<u32>,
+    cache: MtpCache,
+    h: Tensor,
+    loss: LmLossCache,
+}
+
+#[derive(Debug)]
+struct HeadCache {
+    /// The main model's last hidden state (pre-norm), `h_0` of MTP.
+    h: Tensor,
+    main: LmLossCache,
+    mtp: Vec<MtpStep>,
+}
+
+#[derive(Debug)]
+struct HeadDys {
+    main: LmLossDys,
+    /// Per MTP depth: module dys, loss-head dys, gradient of its embedding input.
+    mtp: Vec<(MtpDys, LmLossDys, Tensor)>,
+}
+
+/// Everything a stage's backward needs, from its forward (and, after B, what W needs).
+#[derive(Debug)]
+pub struct StageCache {
+    spec: StageSpec,
+    batch: Batch,
+    rope: Tensor,
+    balance_alpha: f32,
+    blocks: Vec<BlockCache>,
+    block_dys: Vec<Option<BlockDys>>,
+    head: Option<HeadCache>,
+    head_dys: Option<HeadDys>,
+    d_embed: Option<Tensor>,
+}
+
+impl StageCache {
+    fn ctx<'a>(&'a self, dev: &'a dyn Device) -> Ctx<'a> {
+        Ctx { dev, batch: self.batch.batch, seq: self.batch.seq, rope: &self.rope, balance_alpha: self.balance_alpha }
+    }
+}
+
+/// Token ids shifted left by `k` within each sequence (positions past the end get id 0; their
+/// predictions are never scored).
+fn shifted_ids(ids: &[u32], batch: usize, seq: usize, k: usize) -> Vec<u32> {
+    let mut out = vec![0u32; batch * seq];
+    for b in 0..batch {
+        for t in 0..seq.saturating_sub(k) {
+            out[b * seq + t] = ids[b * seq + t + k];
+        }
+    }
+    out
+}
+
+impl DeepSeekV3 {
+    /// Forward of one stage. `input` is the previous stage's hidden output (`None` for a stage
+    /// with the embedding). Panics if the batch or input does not fit the model (programming error).
+    pub fn stage_forward(
+        &self,
+        dev: &dyn Device,
+        spec: &StageSpec,
+        batch: &Batch,
+        input: Option<Tensor>,
+        opts: &StepOptions,
+    ) -> Result<(StageOutput, StageCache), ConfigError> {
+        let (b, t) = (batch.batch, batch.seq);
+        assert!(batch.input_ids.len() == b * t && batch.labels.len() == b * t, "batch is not {b}x{t}");
+        let w = &self.weights;
+        let mut cache = StageCache {
+            spec: spec.clone(),
+            batch: batch.clone(),
+            rope: rope::table(&self.config, dev, t)?,
+            balance_alpha: opts.balance_alpha,
+            blocks: Vec::with_capacity(spec.layers.len()),
+            block_dys: Vec::new(),
+            head: None,
+            head_dys: None,
+            d_embed: None,
+        };
+        let mut losses = LossParts::default();
+        let mut loads = Vec::new();
+        let ctx_owned_rope = cache.rope.clone();
+        let ctx = Ctx { dev, batch: b, seq: t, rope: &ctx_owned_rope, balance_alpha: opts.balance_alpha };
+
+        let mut x = if spec.embed {
+            w.embed_tokens.forward(dev, &batch.input_ids)
+        } else {
+            input.expect("stage_forward: a stage without the embedding needs an input")
+        };
+        for i in spec.layers.clone() {
+            let block = &w.layers[i];
+            let (y, c) = block.forward(&ctx, x);
+            loads.extend(block.load(&c));
+            losses.balance += block.balance_loss(&c);
+            cache.blocks.push(c);
+            x = y;
+        }
+        if !spec.head {
+            return Ok((StageOutput { hidden: Some(x), losses, loads, logits: None }, cache));
+        }
+
+        let targets = shifted_targets(&batch.labels, b, t, 1);
+        let mut main = loss::forward(dev, &w.norm, &w.lm_head, &x, &targets, 1.0, opts.keep_logits);
+        losses.ce = main.loss;
+        let logits = main.logits.take();
+        let mut head = HeadCache { h: x, main, mtp: Vec::new() };
+        let depth = if opts.mtp_lambda > 0.0 { w.mtp.len() } else { 0 };
+        for k in 0..depth {
+            let module = &w.mtp[k];
+            let ids = shifted_ids(&batch.input_ids, b, t, k + 1);
+            let emb = w.embed_tokens.forward(dev, &ids);
+            let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
+            let (h, mc) = module.forward(&ctx, prev, emb);
+            loads.extend(module.block.load(&mc.block));
+            losses.balance += module.block.balance_loss(&mc.block);
+            let targets = shifted_targets(&batch.labels, b, t, k + 2);
+            let l = loss::forward(dev, &module.shared_head_norm, &w.lm_head, &h, &targets, opts.mtp_lambda / depth as f32, false);
+            losses.mtp_per_depth.push(l.loss);
+            head.mtp.push(MtpStep { ids, cache: mc, h, loss: l });
+        }
+        if depth > 0 {
+            losses.mtp = opts.mtp_lambda / depth as f32 * losses.mtp_per_depth.iter().sum::<f32>();
+        }
+        cache.head = Some(head);
+        Ok((StageOutput { hidden: None, losses, loads, logits }, cache))
+    }
+
+    /// B of one stage: `d_out` is the gradient of this stage's hidden output (`None` on the head
+    /// stage, whose gradient starts at the loss). Returns the gradient of the stage's input
+    /// (`None` for the stage with the embedding).
+    pub fn stage_backward_input(&self, dev: &dyn Device, cache: &mut StageCache, d_out: Option<Tensor>) -> Option<Tensor> {
+        let w = &self.weights;
+        let ctx = cache.ctx(dev);
+        let mut head_dys = None;
+        let mut d = match &cache.head {
+            Some(head) => {
+                let (mut dh, main) = loss::backward_input(dev, &w.norm, &w.lm_head, &head.h, &head.main);
+                let mut mtp_dys = Vec::with_capacity(head.mtp.len());
+                let mut carry: Option<Tensor> = None;
+                for k in (0..head.mtp.len()).rev() {
+                    let (module, step) = (&w.mtp[k], &head.mtp[k]);
+                    let (mut dh_k, ldys) = loss::backward_input(dev, &module.shared_head_norm, &w.lm_head, &step.h, &step.loss);
+                    if let Some(c) = carry.take() {
+                        dev.add_assign(&mut dh_k, &c);
+                    }
+                    let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
+                    let (d_prev, d_emb, mdys) = module.backward_input(&ctx, prev, &step.cache, &dh_k);
+                    mtp_dys.push((mdys, ldys, d_emb));
+                    carry = Some(d_prev);
+                }
+                mtp_dys.reverse();
+                if let Some(c) = carry {
+                    dev.add_assign(&mut dh, &c);
+                }
+                head_dys = Some(HeadDys { main, mtp: mtp_dys });
+                dh
+            }
+            None => d_out.expect("stage_backward_input: a stage without the head needs the output gradient"),
+        };
+        let mut block_dys = Vec::with_capacity(cache.blocks.len());
+        for (i, c) in cache.spec.layers.clone().zip(cache.blocks.iter()).rev() {
+            let (dx, dys) = w.layers[i].backward_input(&ctx, c, &d);
+            block_dys.push(Some(dys));
+            d = dx;
+        }
+        block_dys.reverse();
+        cache.block_dys = block_dys;
+        cache.head_dys = head_dys;
+        if cache.spec.embed {
+            cache.d_embed = Some(d);
+            None
+        } else {
+            Some(d)
+        }
+    }
+
+    /// W of one stage: accumulates its weight gradients into `grads`. Needs the cache after B.
+    pub fn stage_backward_weight(&self, dev: &dyn Device, cache: StageCache, grads: &mut Weights) {
+        let w = &self.weights;
+        let ctx = cache.ctx(dev);
+        for ((i, c), dys) in cache.spec.layers.clone().zip(&cache.blocks).zip(&cache.block_dys) {
+            let dys = dys.as_ref().expect("stage_backward_weight before stage_backward_input");
+            w.layers[i].backward_weight(&ctx, c, dys, &mut grads.layers[i]);
+        }
+        if let (Some(head), Some(hd)) = (&cache.head, &cache.head_dys) {
+            loss::backward_weight(dev, &w.norm, &w.lm_head, &head.h, &head.main, &hd.main, &mut grads.norm, &mut grads.lm_head);
+            for (k, (step, (mdys, ldys, d_emb))) in head.mtp.iter().zip(&hd.mtp).enumerate() {
+                let module = &w.mtp[k];
+                let g = &mut grads.mtp[k];
+                loss::backward_weight(dev, &module.shared_head_norm, &w.lm_head, &step.h, &step.loss, ldys, &mut g.shared_head_norm, &mut grads.lm_head);
+                let g = &mut grads.mtp[k];
+                let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
+                module.backward_weight(&ctx, prev, &step.cache, mdys, g);
+                w.embed_tokens.backward_weight(dev, &step.ids, d_emb, &mut grads.embed_tokens);
+            }
+        }
+        if let Some(d) = &cache.d_embed {
+            w.embed_tokens.backward_weight(dev, &cache.batch.input_ids, d, &mut grads.embed_tokens);
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Tests of the value ranges and cross-field rules in `validate.rs`, one case per rule.
+
+use super::tests::{parse, problems};
+use super::*;
+
+/// `(file, expected key, expected line)`: each file breaks exactly one rule.
+const CASES: &[(&str, &str, usize)] = &[
+    // [job]
+    ("[job]\nname = \" \"\n", "job.name", 2),
+    (
+        "[job]\nsteps = 0\n[optimizer]\nwarmup_steps = 0\n",
+        "job.steps",
+        2,
+    ),
+    ("[job]\nout_dir = \"\"\n", "job.out_dir", 2),
+    // [model]: sizes, divisibility, routing bounds
+    ("[model]\nhidden_size = 0\n", "model.hidden_size", 2),
+    (
+        "[model]\nqk_rope_head_dim = 7\n",
+        "model.qk_rope_head_dim",
+        2,
+    ),
+    (
+        "[model]\nfirst_k_dense_replace = 3\n",
+        "model.first_k_dense_replace",
+        2,
+    ),
+    ("[model]\nn_group = 3\n", "model.n_group", 2),
+    (
+        "[model]\nn_routed_experts = 8\nn_group = 8\ntopk_group = 2\n",
+        "model.n_routed_experts",
+        2,
+    ),
+    ("[model]\n\ntopk_group = 3\n", "model.topk_group", 3),
+    (
+        "[model]\nnum_experts_per_tok = 5\n",
+        "model.num_experts_per_tok",
+        2,
+    ),
+    ("[model]\nrms_norm_eps = 0.0\n", "model.rms_norm_eps", 2),
+    ("[model]\nmtp_lambda = -0.1\n", "model.mtp_lambda", 2),
+    ("[model]\ninit_std = nan\n", "model.init_std", 2),
+    ("[model]\nhf_dir = \"\"\n", "model.hf_dir", 2),
+    (
+        "[model.rope_scaling]\nfactor = 0.5\n",
+        "model.rope_scaling.factor",
+        2,
+    ),
+    (
+        "[model.rope_scaling]\nbeta_fast = 1.0\n",
+        "model.rope_scaling.beta_fast",
+        2,
+    ),
+    (
+        "[model.rope_scaling]\noriginal_max_position_embeddings = 512\n",
+        "model.rope_scaling.original_max_position_embeddings",
+        2,
+    ),
+    // [parallel]
+    ("[parallel]\npp = 0\n", "parallel.pp", 2),
+    ("[parallel]\ndp = 2\n", "parallel.dp", 2),
+    ("[cluster]\nhosts = 2\n", "cluster.hosts", 2),
+    (
+        "[parallel]\nep = 3\n[cluster]\nranks_per_host = 3\n",
+        "parallel.ep",
+        2,
+    ),
+    (
+        "[parallel]\npp = 4\nmicro_batches = 4\n[cluster]\nranks_per_host = 4\n",
+        "parallel.pp",
+        2,
+    ),
+    (
+        "[parallel]\npp = 2\nschedule = \"dualpipev\"\nmicro_batches = 4\n[cluster]\nranks_per_host = 2\n",
+        "parallel.pp",
+        2,
+    ),
+    (
+        "[parallel]\npp = 3\nschedule = \"dualpipe\"\nmicro_batches = 6\n[cluster]\nranks_per_host = 3\n[data]\nbatch_size = 6\n",
+        "parallel.pp",
+        2,
+    ),
+    (
+        "[parallel]\npp = 2\nschedule = \"dualpipe\"\nmicro_batches = 2\n[cluster]\nranks_per_host = 2\n",
+        "parallel.micro_batches",
+        4,
+    ),
+    (
+        "[parallel]\npp = 2\nschedule = \"zb1p\"\n[cluster]\nranks_per_host = 2\n",
+        "parallel.pp",
+        2,
+    ),
+    (
+        "[parallel]\nmicro_batches = 3\n",
+        "parallel.micro_batches",
+        2,
+    ),
+    (
+        "[data]\nbatch_size = 7\n[parallel]\nmicro_batches = 2\n",
+        "data.batch_size",
+        2,
+    ),
+    // [cluster]
+    ("[cluster]\nfabric = \"sim\"\n", "cluster.fabric", 2),
+    ("[cluster]\ndevice = \"sim\"\n", "cluster.device", 2),
+    ("[cluster]\nfabric = \"quic\"\n", "cluster.fabric", 2),
+    ("[cluster]\npeers = [\"a:1\"]\n", "cluster.peers", 2),
+    (
+        "[cluster]\nfabric = \"quic\"\npeers = [\"a:1\", \"b:2\"]\n",
+        "cluster.peers",
+        3,
+    ),
+    (
+        "[cluster]\nfabric = \"quic\"\npeers = [\"nohost\"]\n",
+        "cluster.peers",
+        3,
+    ),
+    (
+        "[cluster]\nlisten = \"localhost:80\"\n",
+        "cluster.listen",
+        2,
+    ),
+    ("[cluster]\ncpu_threads = 0\n", "cluster.cpu_threads", 2),
+    ("[cluster.sim]\nlink_gbps = 0\n", "cluster.sim.link_gbps", 2),
+    (
+        "[cluster.sim]\nlink_latency_us = -1\n",
+        "cluster.sim.link_latency_us",
+        2,
+    ),
+    // [supervision]
+    ("[supervision]\nwithin_s = 0\n", "supervision.within_s", 2),
+    (
+        "[supervision]\nbackoff_ms = 6000\n",
+        "supervision.backoff_ms",
+        2,
+    ),
+    (
+        "[supervision]\nheartbeat_ms = 40000\n",
+        "supervision.heartbeat_ms",
+        2,
+    ),
+    (
+        "[supervision]\npeer_timeout_ms = 500\n",
+        "supervision.peer_timeout_ms",
+        2,
+    ),
+    (
+        "[supervision]\nshutdown_timeout_ms = 0\n",
+        "supervision.shutdown_timeout_ms",
+        2,
+    ),
+    // [checkpoint]
+    ("[checkpoint]\nkeep = 0\n", "checkpoint.keep", 2),
+    ("[checkpoint]\nreplicas = 2\n", "checkpoint.replicas", 2),
+    ("[checkpoint]\ndir = \"\"\n", "checkpoint.dir", 2),
+    // [sentinel]
+    (
+        "[sentinel]\nloss_spike_factor = 1.0\n",
+        "sentinel.loss_spike_factor",
+        2,
+    ),
+    (
+        "[sentinel]\ngrad_norm_max = 0\n",
+        "sentinel.grad_norm_max",
+        2,
+    ),
+    ("[sentinel]\nwindow = 0\n", "sentinel.window", 2),
+    // [data]
+    ("[data]\nseq_len = 512\n", "data.seq_len", 2),
+    (
+        "[model]\nmax_position_embeddings = 32\n",
+        "model.max_position_embeddings",
+        2,
+    ),
+    ("[data]\nsource = \"\"\n", "data.source", 2),
+    ("[model]\nvocab_size = 100\n", "model.vocab_size", 2),
+    // [optimizer]
+    ("[optimizer]\nlr = -1\n", "optimizer.lr", 2),
+    (
+        "[optimizer]\nlr = 1e-4\nmin_lr = 1e-3\n",
+        "optimizer.min_lr",
+        3,
+    ),
+    (
+        "[optimizer]\nwarmup_steps = 500\n",
+        "optimizer.warmup_steps",
+        2,
+    ),
+    ("[optimizer]\nbeta2 = 1.0\n", "optimizer.beta2", 2),
+    ("[optimizer]\neps = 0\n", "optimizer.eps", 2),
+    ("[optimizer]\ngrad_clip = -1\n", "optimizer.grad_clip", 2),
+    (
+        "[optimizer]\nweight_decay = inf\n",
+        "optimizer.weight_decay",
+        2,
+    ),
+    // [metrics]
+    (
+        "[metrics]\nprometheus = \"nowhere\"\n",
+        "metrics.prometheus",
+        2,
+    ),
+    ("[metrics]\nlog_every = 0\n", "metrics.log_every", 2),
+];
+
+#[test]
+fn config_each_rule_blames_its_key_and_line() {
+    for (src, key, line) in CASES {
+        let got = problems(src);
+        assert_eq!(got.len(), 1, "{src}\n{got:?}");
+        let (got_key, got_line, _) = &got[0];
+        assert_eq!(got_key, key, "{src}");
+        assert_eq!(got_line, line, "{src}");
+    }
+}
+
+#[test]
+fn config_a_rule_blames_the_key_the_file_wrote() {
+    // peer_timeout_ms is absent: the rule falls back to heartbeat_ms, which is present.
+    assert_eq!(
+        problems("[supervision]\n\nheartbeat_ms = 40000\n"),
+        [("supervision.heartbeat_ms".to_owned(), 3, 1)]
+    );
+    // min_lr absent, lr present.
+    assert_eq!(
+        problems("[optimizer]\nlr = 1e-4\n"),
+        [("optimizer.lr".to_owned(), 2, 1)]
+    );
+    // Only the schedule is written: dualpipe with the default pp = 1 (odd) and micro_batches.
+    let got = problems("[parallel]\nschedule = \"dualpipe\"\n");
+    assert_eq!(
+        got,
+        [
+            ("parallel.schedule".to_owned(), 2, 1),
+            ("parallel.schedule".to_owned(), 2, 1)
+        ]
+    );
+}
+
+#[test]
+fn config_rejected_keys_do_not_trigger_rules_twice() {
+    // pp has the wrong type: the dualpipe rules that read pp are skipped.
+    assert_eq!(
+        problems(
+            "[parallel]\npp = \"3\"\nschedule = \"dualpipe\"\nmicro_batches = 6\n[data]\nbatch_size = 12\n"
+        ),
+        [("parallel.pp".to_owned(), 2, 6)]
+    );
+    // A whole section of the wrong type: rules reading it are skipped.
+    assert_eq!(
+        problems("cluster = 1\n[parallel]\ndp = 2\n"),
+        [("cluster".to_owned(), 1, 11)]
+    );
+}
+
+#[test]
+fn config_validate_in_code_reports_every_problem_without_positions() {
+    let mut c = Config::default();
+    c.parallel.pp = 0;
+    c.optimizer.lr = -1.0;
+    c.cluster.device = DeviceKind::Sim;
+    let err = c.validate().expect_err("invalid");
+    assert_eq!(
+        err.keys(),
+        ["cluster.fabric", "optimizer.lr", "parallel.pp"]
+    );
+    assert!(err.iter().all(|p| p.line == 0 && p.column == 0));
+    assert!(
+        err.to_string()
+            .starts_with("<config>:0:0: cluster.fabric: device = \"sim\" and fabric")
+    );
+}
+
+#[test]
+fn config_valid_layouts_pass() {
+    for src in [
+        "[parallel]\npp = 2\nschedule = \"gpipe\"\n[cluster]\nranks_per_host = 2\n",
+        "[parallel]\npp = 2\nschedule = \"dualpipev\"\nmicro_batches = 4\n[model]\nnum_hidden_layers = 3\n[cluster]\nranks_per_host = 2\n",
+        "[parallel]\ndp = 2\nep = 2\nmicro_batches = 2\n[cluster]\nhosts = 2\nranks_per_host = 2\n",
+        "[cluster]\ndevice = \"sim\"\nfabric = \"sim\"\n",
+        "[cluster]\ndevice = \"cuda\"\n",
+        "[cluster]\nfabric = \"quic\"\npeers = [\"[::1]:4000\"]\n",
+        "[model]\nq_lora_rank = 0\nnum_nextn_predict_layers = 0\nfirst_k_dense_replace = 2\n",
+        "[metrics]\nprometheus = \"0.0.0.0:9100\"\n",
+        "[sentinel]\ngrad_norm_max = inf\n",
+        "[checkpoint]\ninterval = 0\nmode = \"sync\"\n",
+        "[data]\nformat = \"u16\"\nsource = \"tokens.bin\"\nseq_len = 256\n",
+    ] {
+        parse(src).validate().expect("valid");
+    }
+}

@@ -1,0 +1,137 @@
+//! The fabric seam: tagged point-to-point messages between ranks.
+//!
+//! A [`Fabric`] is one rank's endpoint. Messages are matched by (source rank, [`Tag`]) and are
+//! FIFO per (source, destination, tag). Tensors travel as typed buffers ([`Payload`]) that an
+//! in-process fabric moves without copying; a network fabric frames them as bytes. Every receive
+//! has a deadline, and a peer known to have failed makes a receive from it fail at once, so a
+//! collective built on the fabric never hangs on a dead rank.
+//!
+//! Implementations sit side by side: [`inproc`] (channels, zero-copy) and [`sim`] (the in-process
+//! fabric behind modelled links with latency, bandwidth and contention on virtual time).
+
+pub mod inproc;
+pub mod sim;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::clock::BoxFuture;
+
+/// A rank's index in the job, `0..world`.
+pub type Rank = usize;
+
+/// What a message is about: a channel (one per communicator or subsystem) and a tag within it
+/// (e.g. a collective's sequence number and step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Tag {
+    pub channel: u32,
+    pub tag: u64,
+}
+
+impl Tag {
+    pub const fn new(channel: u32, tag: u64) -> Self {
+        Self { channel, tag }
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.channel, self.tag)
+    }
+}
+
+/// A message body. Buffers are owned, so an in-process send moves them (no copy).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// f32 tensor data.
+    F32(Vec<f32>),
+    /// bf16 tensor data as raw bits.
+    Bf16(Vec<u16>),
+    /// Opaque bytes (encoded control messages, serialized state).
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    /// Size of the body in bytes.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Payload::F32(v) => v.len() * 4,
+            Payload::Bf16(v) => v.len() * 2,
+            Payload::Bytes(v) => v.len(),
+        }
+    }
+
+    /// The f32 buffer, or an error naming what arrived instead.
+    pub fn into_f32(self) -> Result<Vec<f32>, FabricError> {
+        match self {
+            Payload::F32(v) => Ok(v),
+            other => Err(FabricError::WrongPayload {
+                expected: "f32",
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// The bytes buffer, or an error naming what arrived instead.
+    pub fn into_bytes(self) -> Result<Vec<u8>, FabricError> {
+        match self {
+            Payload::Bytes(v) => Ok(v),
+            other => Err(FabricError::WrongPayload {
+                expected: "bytes",
+                got: other.kind(),
+            }),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Payload::F32(_) => "f32",
+            Payload::Bf16(_) => "bf16",
+            Payload::Bytes(_) => "bytes",
+        }
+    }
+}
+
+/// Why a fabric operation failed. Every variant names the peer involved.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FabricError {
+    #[error("rank {rank} is outside the job of {world} ranks")]
+    NoSuchRank { rank: Rank, world: usize },
+    #[error("receive from rank {src} (tag {tag}) timed out after {after:?}")]
+    Timeout {
+        src: Rank,
+        tag: Tag,
+        after: Duration,
+    },
+    #[error("rank {rank} has failed: {why}")]
+    PeerFailed { rank: Rank, why: String },
+    #[error("the fabric is shut down")]
+    Closed,
+    #[error("expected a {expected} payload, got {got}")]
+    WrongPayload {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("transport error with rank {rank}: {why}")]
+    Transport { rank: Rank, why: String },
+}
+
+/// One rank's endpoint on the fabric.
+pub trait Fabric: Send + Sync + std::fmt::Debug {
+    /// This endpoint's rank.
+    fn rank(&self) -> Rank;
+    /// Number of ranks in the job.
+    fn world(&self) -> usize;
+    /// Send `payload` to `dst` under `tag`. Completes when the fabric has taken the message
+    /// (in-process: at once; simulated: after the modelled transfer).
+    fn send(&self, dst: Rank, tag: Tag, payload: Payload)
+    -> BoxFuture<'_, Result<(), FabricError>>;
+    /// Receive the next message from `src` under `tag`, waiting at most `deadline`.
+    fn recv(
+        &self,
+        src: Rank,
+        tag: Tag,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<Payload, FabricError>>;
+}

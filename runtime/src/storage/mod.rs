@@ -1,0 +1,51 @@
+//! The storage seam: named blobs under a root, the only door to files for checkpoints and run
+//! outputs (`metrics.jsonl`, `events.jsonl`, `summary.json`).
+//!
+//! Paths are relative, `/`-separated keys below the storage's root. `put` is atomic (write to a
+//! temporary name, fsync, rename, fsync the directory), so a reader never sees half a file;
+//! `append` is for line-oriented logs. Implementations side by side: [`local`] (the filesystem)
+//! and [`sim`] (in memory, with modelled bandwidth on virtual time and injectable faults).
+
+pub mod local;
+pub mod sim;
+
+pub use crate::clock::BoxFuture;
+
+/// Why a storage operation failed; every variant names the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StorageError {
+    #[error("{key}: not found")]
+    NotFound { key: String },
+    #[error("{key}: invalid key (must be relative, without `..`)")]
+    BadKey { key: String },
+    #[error("{key}: {why}")]
+    Io { key: String, why: String },
+    #[error("{key}: injected fault")]
+    Fault { key: String },
+}
+
+/// A place to keep bytes.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Write `bytes` under `key` atomically and durably (replacing any old value).
+    fn put(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// Append `bytes` to `key` (created if missing).
+    fn append(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// Read the whole value of `key`.
+    fn get(&self, key: &str) -> BoxFuture<'_, Result<Vec<u8>, StorageError>>;
+    /// Keys directly below `prefix` (one level, sorted); empty if there is none.
+    fn list(&self, prefix: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
+    /// Remove `key` and everything below it; removing nothing is not an error.
+    fn remove(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>>;
+}
+
+/// Check that a key stays below the root.
+pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
+    let bad =
+        key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c == ".." || c.is_empty());
+    if bad {
+        return Err(StorageError::BadKey {
+            key: key.to_string(),
+        });
+    }
+    Ok(())
+}

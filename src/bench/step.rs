@@ -1,0 +1,85 @@
+//! `flotilla bench step`: training-step throughput of a model on the CPU (tokens/s, achieved
+//! GFLOP/s, peak memory) beside the raw GEMM rate of the same GEMM crate and thread pool on the
+//! step's own GEMM shapes, measured in the same run.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use flotilla_actors::trainer::Trainer;
+use flotilla_model::device::{Mat, MatMut};
+use flotilla_model::flops::{step_flops, step_gemm_shapes};
+use flotilla_model::{CpuDevice, Device};
+use flotilla_runtime::config::Config;
+use serde_json::json;
+
+use super::Report;
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Run `warmup` then `steps` timed training steps of `cfg`'s model, then the GEMM baseline.
+pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
+    let mut report = Report::default();
+    let mut trainer = Trainer::new(cfg).context("building the trainer")?;
+    let mcfg = trainer.model().config.clone();
+    let mtp = trainer.model().mtp_depth();
+    let (batch, seq) = (cfg.data.batch_size, cfg.data.seq_len);
+    for _ in 0..warmup {
+        trainer.step()?;
+    }
+    let t = Instant::now();
+    let mut tokens = 0usize;
+    for _ in 0..steps {
+        tokens += trainer.step()?.tokens;
+    }
+    let step_secs = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let flops = step_flops(&mcfg, batch, seq, mtp);
+    let step_gflops = flops.total() / step_secs / 1e9;
+    let tokens_per_s = tokens as f64 / (step_secs * steps.max(1) as f64);
+    report.push(json!({
+        "bench": "train_step", "batch": batch, "seq": seq, "steps": steps,
+        "step_ms": step_secs * 1e3, "tokens_per_s": tokens_per_s,
+        "gemm_flops_per_step": flops.total(), "achieved_gflops": step_gflops,
+    }));
+    drop(trainer);
+
+    // Baseline: every GEMM of the step, on the same crate and thread count, nothing else.
+    let threads = cfg
+        .cluster
+        .cpu_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let dev = CpuDevice::new(threads);
+    let shapes = step_gemm_shapes(&mcfg, batch, seq, mtp);
+    let mut total_flops = 0.0;
+    let mut total_secs = 0.0;
+    for s in &shapes {
+        let a = dev.upload(&[s.m, s.k], &vec![0.5; s.m * s.k]);
+        let b = dev.upload(&[s.k, s.n], &vec![0.25; s.k * s.n]);
+        let mut c = dev.zeros(&[s.m, s.n]);
+        dev.gemm(MatMut::all(&mut c), Mat::all(&a), Mat::all(&b), false);
+        let reps = s.count.max(1) * 3;
+        let t = Instant::now();
+        for _ in 0..reps {
+            dev.gemm(MatMut::all(&mut c), Mat::all(&a), Mat::all(&b), false);
+        }
+        total_secs += t.elapsed().as_secs_f64();
+        total_flops += 2.0 * (s.m * s.n * s.k * reps) as f64;
+    }
+    let gemm_gflops = total_flops / total_secs.max(1e-12) / 1e9;
+    report.push(json!({
+        "bench": "raw_gemm_same_shapes", "shapes": shapes.len(), "threads": threads,
+        "gflops": gemm_gflops,
+    }));
+    let rss = peak_rss_mib();
+    report.push(json!({"summary": {
+        "step_over_gemm": step_gflops / gemm_gflops,
+        "tokens_per_s": tokens_per_s,
+        "peak_rss_mib": rss,
+    }}));
+    Ok(report)
+}

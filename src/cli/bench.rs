@@ -1,0 +1,79 @@
+//! `flotilla bench ...`: parse the benchmark flags and print the report.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use crate::bench::actors::{self, ActorBenchArgs};
+use crate::bench::step;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Actor messaging (msgs/s, call latency p50/p99) and in-process fabric bandwidth vs memcpy.
+    Actors(ActorsArgs),
+    /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes.
+    Step(StepArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    /// Print JSON lines (the last is the summary).
+    #[arg(long)]
+    json: bool,
+    /// Job config whose model and batch to measure (the built-in default when absent).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ActorsArgs {
+    /// Print JSON lines (the last is the summary).
+    #[arg(long)]
+    json: bool,
+    /// Messages in the throughput test.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: usize,
+    /// Round trips in the latency test.
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: usize,
+    /// Tensor size for the fabric test, MiB.
+    #[arg(long, default_value_t = 64)]
+    tensor_mib: usize,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
+    match cmd {
+        BenchCmd::Actors(a) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            let args = ActorBenchArgs {
+                messages: a.messages,
+                round_trips: a.round_trips,
+                tensor_mib: a.tensor_mib,
+                ..ActorBenchArgs::default()
+            };
+            let report = rt.block_on(actors::run(&args))?;
+            report.print(a.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Step(a) => {
+            let cfg = match &a.config {
+                Some(p) => {
+                    flotilla_runtime::config::Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+                None => flotilla_runtime::config::Config::default(),
+            };
+            step::run(&cfg, a.warmup, a.steps)?.print(a.json);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

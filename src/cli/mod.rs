@@ -1,0 +1,72 @@
+//! Command-line parsing (clap) and dispatch to one module per command family.
+
+mod bench;
+mod config;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Flotilla: train DeepSeek-V3-style MoE models as a tree of supervised actors.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; with none, `train` on the built-in default.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model (the built-in default when no config is given).
+    Train(train::TrainArgs),
+    /// Check or print job config files.
+    #[command(subcommand)]
+    Config(config::ConfigCmd),
+    /// Benchmarks; each prints JSON lines with a same-run baseline and a final summary line.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+/// Parse the command line and run it; errors are printed and turn into exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli
+        .command
+        .unwrap_or(Command::Train(train::TrainArgs::default()))
+    {
+        Command::Train(t) => train::run(t),
+        Command::Config(c) => config::run(c),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A second initialisation (tests) is harmless.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

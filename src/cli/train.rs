@@ -1,0 +1,102 @@
+//! `flotilla train`: run a training job in this process, with a progress bar.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flotilla_actors::StepRecord;
+use flotilla_runtime::clock::RealClock;
+use flotilla_runtime::config::Config;
+use flotilla_runtime::storage::local::LocalStorage;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args, Default)]
+pub struct TrainArgs {
+    /// Job config (TOML); the built-in default when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Optimizer steps (overrides `job.steps`).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Output directory for metrics.jsonl, events.jsonl, summary.json (overrides `job.out_dir`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress bar (the summary is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Load the config named on the command line (or the default) and apply the overrides.
+fn job_config(args: &TrainArgs) -> Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Config::default(),
+    };
+    if let Some(steps) = args.steps {
+        cfg.job.steps = steps;
+    }
+    if let Some(out) = &args.out {
+        cfg.job.out_dir = out.clone();
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        cfg.world_size() == 1,
+        "this build trains on one rank; [cluster] asks for {} ranks (pipeline and expert \
+         parallel layouts arrive with the pipeline executor)",
+        cfg.world_size()
+    );
+    Ok(cfg)
+}
+
+pub fn run(args: TrainArgs) -> Result<ExitCode> {
+    let cfg = job_config(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let out_dir = cfg.job.out_dir.clone();
+    let steps = cfg.job.steps;
+    let summary = rt.block_on(async {
+        if let Some(addr) = &cfg.metrics.prometheus {
+            flotilla_runtime::metrics::install_prometheus(addr)?;
+        }
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .context("progress bar template")?,
+        );
+        let mut on_step = |r: &StepRecord| {
+            bar.set_message(format!(
+                "loss {:.4}  {:.0} tok/s  lr {:.2e}",
+                r.stats.loss, r.tokens_per_s, r.stats.lr
+            ));
+            bar.inc(1);
+        };
+        let storage = Arc::new(LocalStorage::new(out_dir.clone()));
+        let s = flotilla_actors::train(cfg, storage, Arc::new(RealClock), &mut on_step).await;
+        bar.finish();
+        s.map_err(anyhow::Error::from)
+    })?;
+    println!(
+        "trained {} steps: loss {:.4} -> {:.4} (mean of last 10: {:.4}), {:.0} tokens/s, params_sha256 {}",
+        summary.steps,
+        summary.first_loss,
+        summary.final_loss,
+        summary.final_loss_avg10,
+        summary.tokens_per_s,
+        summary.params_sha256
+    );
+    println!(
+        "wrote {}/{{metrics.jsonl,events.jsonl,summary.json}}",
+        out_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
