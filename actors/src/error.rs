@@ -17,6 +17,8 @@ pub enum JobError {
     Supervision(#[from] flotilla_runtime::supervision::SupervisorError),
     #[error("rank {rank} failed at step {step}: {why}")]
     RankFailed { rank: usize, step: u64, why: String },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     #[error("step {step}: {why}")]
     Diverged { step: u64, why: String },
 }

@@ -3,9 +3,10 @@
 //! The tree is the controller's root supervisor (`one_for_all`, since training is a collective
 //! act) with the rank actors under it. The driver asks every rank for a step, waits with a
 //! deadline (`supervision.peer_timeout_ms`), and turns a failed or silent rank into a
-//! [`JobError::RankFailed`] naming the rank and step, never a hang. Rolling back to a snapshot
-//! and replaying needs the checkpoint engine; until it lands, a failed rank ends the job with
-//! its report (and the files written so far).
+//! [`JobError::RankFailed`] naming the rank and step, never a hang. Every `checkpoint.interval`
+//! steps the ranks' state is checkpointed ([`crate::checkpoints`]), and [`train_from`] resumes a
+//! job from a checkpoint. Rolling back in-flight on a failure is not done yet: a failed rank ends
+//! the job with its report (and the files and checkpoints written so far).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use flotilla_runtime::supervision::{
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
 
+use crate::checkpoints::{self, Checkpointer, ResumeFrom};
 use crate::error::JobError;
 use crate::rank::{RankActor, RankArgs, RankMsg};
 use crate::run_log::RunLog;
@@ -67,9 +69,25 @@ pub async fn train(
     clock: Arc<dyn Clock>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
+    train_from(cfg, storage, clock, None, on_step).await
+}
+
+/// [`train`], resuming from a checkpoint when `resume` names one: the ranks are restored before
+/// the first step, and training continues at the checkpoint's step up to `cfg.job.steps` (the
+/// run's `metrics.jsonl` and `events.jsonl` are then appended to, not replaced).
+pub async fn train_from(
+    cfg: Config,
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    resume: Option<ResumeFrom>,
+    on_step: &mut (dyn FnMut(&StepRecord) + Send),
+) -> Result<Summary, JobError> {
     let cfg = Arc::new(cfg);
+    let engine = checkpoints::engine_for(&cfg, &storage)?;
     let log = RunLog::new(storage);
-    log.start().await?;
+    if resume.is_none() {
+        log.start().await?;
+    }
 
     let s = &cfg.supervision;
     let policy = SupervisorPolicy::from_numbers(
@@ -114,7 +132,7 @@ pub async fn train(
         }
     });
 
-    let result = drive(&cfg, &sup, clock.as_ref(), &log, on_step).await;
+    let result = drive(&cfg, &sup, clock.as_ref(), &log, engine, resume, on_step).await;
     let stop = sup
         .stop(Duration::from_millis(
             cfg.supervision.shutdown_timeout_ms.max(1),
@@ -138,7 +156,7 @@ async fn rank0(
     })
 }
 
-async fn call_rank<T: Send + 'static>(
+pub(crate) async fn call_rank<T: Send + 'static>(
     rank: &ActorRef<RankMsg>,
     clock: &dyn Clock,
     deadline: Duration,
@@ -156,19 +174,68 @@ async fn call_rank<T: Send + 'static>(
     }
 }
 
+/// Restore the rank from the checkpoint `from` names; returns the step to continue at.
+async fn resume_rank(
+    cfg: &Config,
+    rank: &ActorRef<RankMsg>,
+    clock: &dyn Clock,
+    log: &RunLog,
+    engine: &flotilla_ckpt::CheckpointEngine,
+    from: &ResumeFrom,
+) -> Result<u64, JobError> {
+    let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
+    let mut loaded = checkpoints::load(cfg, engine, from).await?;
+    for why in &loaded.fallbacks {
+        checkpoint_event(log, format!("fallback: {why}")).await?;
+    }
+    let step = loaded.step;
+    let snap = loaded
+        .snapshots
+        .pop()
+        .ok_or_else(|| JobError::Checkpoint(format!("step {step} holds no snapshot")))?;
+    call_rank(rank, clock, deadline, step, |r| {
+        RankMsg::Restore(Box::new(snap), r)
+    })
+    .await?
+    .map_err(|why| JobError::RankFailed {
+        rank: 0,
+        step,
+        why: format!("restore: {why}"),
+    })?;
+    checkpoint_event(log, format!("resumed at step {step}")).await?;
+    Ok(step)
+}
+
+/// A line of `events.jsonl` about checkpoints.
+async fn checkpoint_event(log: &RunLog, event: String) -> Result<(), JobError> {
+    let line = EventLine {
+        supervisor: "controller".into(),
+        child: "checkpoint".into(),
+        event,
+    };
+    Ok(log.event(&line).await?)
+}
+
 async fn drive(
     cfg: &Config,
     sup: &flotilla_runtime::supervision::SupervisorHandle,
     clock: &dyn Clock,
     log: &RunLog,
+    engine: flotilla_ckpt::CheckpointEngine,
+    resume: Option<ResumeFrom>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
     let rank = rank0(sup).await?;
     let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
+    let first = match &resume {
+        Some(from) => resume_rank(cfg, &rank, clock, log, &engine, from).await?,
+        None => 0,
+    };
+    let mut ckpt = Checkpointer::new(cfg, engine);
     let started = clock.now();
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
     let mut tokens = 0u64;
-    for step in 0..cfg.job.steps {
+    for step in first..cfg.job.steps {
         let t0 = clock.now();
         let stats = call_rank(&rank, clock, deadline, step, RankMsg::Step)
             .await?
@@ -192,6 +259,12 @@ async fn drive(
             log.metric(&rec).await?;
         }
         on_step(&rec);
+        if let Some(ck) = ckpt.as_mut().filter(|c| c.due(step + 1)) {
+            checkpoints::checkpoint(ck, &rank, clock, deadline, step + 1).await?;
+        }
+    }
+    if let Some(ck) = ckpt.as_mut() {
+        ck.finish().await?;
     }
     let sha = call_rank(&rank, clock, deadline, cfg.job.steps, RankMsg::ParamsSha256).await?;
     let seconds = clock.elapsed(started).as_secs_f64();
@@ -214,4 +287,62 @@ async fn drive(
     };
     log.summary(&summary).await?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_runtime::clock::RealClock;
+    use flotilla_runtime::storage::sim::SimStorage;
+
+    fn tiny() -> Config {
+        let mut c = Config::default();
+        c.job.steps = 3;
+        c.optimizer.warmup_steps = 1;
+        c.data.batch_size = 2;
+        c.data.seq_len = 16;
+        c.cluster.cpu_threads = Some(1);
+        c
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_job_writes_its_files() {
+        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let mut seen = Vec::new();
+        let s = train(
+            tiny(),
+            storage.clone(),
+            Arc::new(RealClock),
+            &mut |r: &StepRecord| seen.push(r.stats.step),
+        )
+        .await
+        .expect("job runs");
+        assert_eq!(seen, vec![0, 1, 2]);
+        assert_eq!(s.steps, 3);
+        let metrics = storage.get("metrics.jsonl").await.expect("metrics");
+        assert_eq!(metrics.iter().filter(|&&b| b == b'\n').count(), 3);
+        let summary = storage.get("summary.json").await.expect("summary");
+        assert!(String::from_utf8_lossy(&summary).contains(&s.params_sha256));
+        let events = String::from_utf8_lossy(&storage.get("events.jsonl").await.expect("events"))
+            .into_owned();
+        assert!(
+            events.contains("rank-0") && events.contains("Started"),
+            "{events}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rank_that_cannot_start_is_reported_not_hung() {
+        let mut c = tiny();
+        c.data.source = "/no/such/tokens.bin".into();
+        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let err = train(c, storage, Arc::new(RealClock), &mut |_: &StepRecord| {})
+            .await
+            .expect_err("the job must fail");
+        let text = err.to_string();
+        assert!(
+            text.contains("rank-0") && text.contains("/no/such/tokens.bin"),
+            "{text}"
+        );
+    }
 }

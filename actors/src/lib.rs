@@ -2,12 +2,15 @@
 //! its own thread), the trainer it drives, the job driver under the controller's supervisor, and
 //! the run's files.
 
+pub mod checkpoints;
 pub mod error;
 pub mod job;
 pub mod model_config;
 pub mod rank;
 pub mod run_log;
+pub mod schedule;
 pub mod trainer;
 
+pub use checkpoints::ResumeFrom;
 pub use error::JobError;
-pub use job::{StepRecord, Summary, train};
+pub use job::{StepRecord, Summary, train, train_from};

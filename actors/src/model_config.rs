@@ -83,7 +83,7 @@ mod tests {
         assert_eq!(m.hidden_size, c.model.hidden_size);
         assert_eq!(m.n_routed_experts, c.model.n_routed_experts);
         assert_eq!(m.num_nextn_predict_layers, c.model.num_nextn_predict_layers);
-        assert!((m.mtp_lambda() as f64 - c.model.mtp_lambda).abs() < 1e-9);
+        assert!((m.mtp_lambda() as f64 - c.model.mtp_lambda).abs() < 1e-6);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::sync::mpsc;
 
+use flotilla_ckpt::Snapshot;
 use flotilla_runtime::config::Config;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -21,11 +22,17 @@ pub enum RankMsg {
     Step(RpcReplyPort<Result<StepStats, String>>),
     /// SHA-256 of the rank's parameters.
     ParamsSha256(RpcReplyPort<String>),
+    /// A copy of the rank's whole training state, taken between steps.
+    Snapshot(RpcReplyPort<Result<Snapshot, String>>),
+    /// Replace the rank's training state with a snapshot's.
+    Restore(Box<Snapshot>, RpcReplyPort<Result<(), String>>),
 }
 
 enum Work {
     Step(RpcReplyPort<Result<StepStats, String>>),
     Sha(RpcReplyPort<String>),
+    Snapshot(RpcReplyPort<Result<Snapshot, String>>),
+    Restore(Box<Snapshot>, RpcReplyPort<Result<(), String>>),
 }
 
 /// Start arguments: which rank, and the job's config.
@@ -80,6 +87,8 @@ impl Actor for RankActor {
         let work = match msg {
             RankMsg::Step(reply) => Work::Step(reply),
             RankMsg::ParamsSha256(reply) => Work::Sha(reply),
+            RankMsg::Snapshot(reply) => Work::Snapshot(reply),
+            RankMsg::Restore(snap, reply) => Work::Restore(snap, reply),
         };
         st.work
             .send(work)
@@ -110,6 +119,12 @@ fn compute_loop(
             }
             Work::Sha(reply) => {
                 let _ = reply.send(trainer.params_sha256());
+            }
+            Work::Snapshot(reply) => {
+                let _ = reply.send(trainer.snapshot().map_err(|e| e.to_string()));
+            }
+            Work::Restore(snap, reply) => {
+                let _ = reply.send(trainer.restore(&snap).map_err(|e| e.to_string()));
             }
         }
     }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use flotilla_ckpt::{Layout, Snapshot, SnapshotMeta};
 use flotilla_model::data::{self, DataLoader, LoaderConfig, TokenDataset, TokenFormat};
 use flotilla_model::optim::{self, AdamW, AdamWConfig, LrSchedule, ParamRef};
 use flotilla_model::params::{Kind, Params};
@@ -46,6 +47,8 @@ pub struct Trainer {
     opts: StepOptions,
     grad_clip: f64,
     step: u64,
+    /// Who this trainer is, for its snapshots.
+    meta: SnapshotMeta,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -133,6 +136,16 @@ impl Trainer {
             opts,
             grad_clip: o.grad_clip,
             step: 0,
+            meta: SnapshotMeta {
+                rank: 0,
+                layout: Layout {
+                    world_size: cfg.world_size(),
+                    pp: cfg.parallel.pp,
+                    ep: cfg.parallel.ep,
+                    dp: cfg.parallel.dp,
+                },
+                config_hash: cfg.hash_hex(),
+            },
         })
     }
 
@@ -146,6 +159,108 @@ impl Trainer {
         self.model
             .params_sha256(self.dev.as_ref())
             .unwrap_or_else(|| "shape-only".to_string())
+    }
+
+    /// Optimizer steps taken so far (the index of the next step).
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// A copy of the whole training state in host memory: every named tensor (router biases
+    /// included), AdamW's state, the step and schedule position, and the data cursor. The
+    /// trainer draws no random numbers while training, so there is no RNG state to keep.
+    pub fn snapshot(&self) -> Result<Snapshot, JobError> {
+        let bad = |e: flotilla_ckpt::SnapshotError| JobError::Checkpoint(e.to_string());
+        let mut s = Snapshot::new(self.meta.clone(), self.step);
+        s.schedule_step = self.step;
+        for (name, t) in self.model.named() {
+            let data = match t.host() {
+                Some(h) => h.to_vec(),
+                None => self.dev.download(t).ok_or_else(|| {
+                    JobError::Checkpoint(format!("{name}: the device holds no values"))
+                })?,
+            };
+            s.add_param(&name, t.shape(), data).map_err(bad)?;
+        }
+        s.set_optimizer(self.opt.export_state()).map_err(bad)?;
+        s.set_data_cursor(&self.loader.cursor());
+        Ok(s)
+    }
+
+    /// Continue from `snap` (taken by [`Trainer::snapshot`] of a trainer with the same model
+    /// and layout): the next steps are bit-identical to those the snapshotted trainer would
+    /// have taken. Checks everything first and changes nothing when it fails.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<(), JobError> {
+        let bad = |why: String| Err(JobError::Checkpoint(why));
+        if snap.meta.layout != self.meta.layout {
+            return bad(format!(
+                "the snapshot's layout {:?} differs from this job's {:?} (resharding is not \
+                 supported yet)",
+                snap.meta.layout, self.meta.layout
+            ));
+        }
+        if snap.meta.config_hash != self.meta.config_hash {
+            tracing::warn!(
+                "restoring a snapshot of config {} into config {}",
+                snap.meta.config_hash,
+                self.meta.config_hash
+            );
+        }
+        let named = self.model.named();
+        if named.len() != snap.params.len() {
+            return bad(format!(
+                "the snapshot holds {} tensors, the model {}",
+                snap.params.len(),
+                named.len()
+            ));
+        }
+        for (name, t) in &named {
+            match snap.params.get(name) {
+                Some(v) if v.shape() == t.shape() => {}
+                Some(v) => {
+                    return bad(format!(
+                        "{name}: shape {:?} in the snapshot, {:?} in the model",
+                        v.shape(),
+                        t.shape()
+                    ));
+                }
+                None => return bad(format!("{name}: not in the snapshot")),
+            }
+        }
+        for (name, m) in &snap.moments {
+            let numel = named.get(name).map(|t| t.numel());
+            if numel != Some(m.exp_avg.data().len()) {
+                return bad(format!(
+                    "{name}: optimizer state of {} values for a parameter of {numel:?}",
+                    m.exp_avg.data().len()
+                ));
+            }
+        }
+        drop(named);
+        let cursor = snap
+            .data_cursor()
+            .map_err(|e| JobError::Checkpoint(e.to_string()))?;
+        let loader = DataLoader::resume(
+            Arc::clone(self.loader.dataset()),
+            *self.loader.config(),
+            cursor,
+        )
+        .map_err(|e| JobError::Checkpoint(format!("data cursor: {e}")))?;
+        self.opt
+            .import_state(snap.optimizer_state())
+            .map_err(|e| JobError::Checkpoint(e.to_string()))?;
+        let dev = self.dev.as_ref();
+        self.model.weights_visit_mut(&mut |name, t| {
+            if let Some(v) = snap.params.get(name) {
+                match t.host_mut() {
+                    Some(h) => h.copy_from_slice(v.data()),
+                    None => *t = dev.upload(v.shape(), v.data()),
+                }
+            }
+        });
+        self.loader = loader;
+        self.step = snap.step;
+        Ok(())
     }
 
     /// Run one optimizer step.

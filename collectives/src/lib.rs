@@ -1,1 +1,134 @@
-//! placeholder
+//! Collective communication over the fabric seam: communicators and their algorithms.
+//!
+//! A [`Communicator`] is one rank's handle on a group of ranks (the whole job, or a pipeline /
+//! expert / data-parallel group given as global ranks) over an `Arc<dyn Fabric>`. Its collectives
+//! work on owned `Vec<f32>` buffers, moved through the fabric where possible:
+//!
+//! - [`Communicator::all_reduce`] with [`ReduceOp`] `Sum | Avg | Max` and [`Algo`]
+//!   `Ring | Tree | Auto` ([`ring`]: reduce-scatter + all-gather over n uneven chunks;
+//!   [`tree`]: double binary tree, each tree carrying half of the buffer),
+//! - [`Communicator::reduce_scatter`], [`Communicator::all_gather`], [`Communicator::broadcast`],
+//!   [`Communicator::all_to_all_v`] (uneven and empty per-peer parts), [`Communicator::barrier`],
+//! - point-to-point [`Communicator::send`] / [`Communicator::recv`] ([`p2p`]),
+//! - [`HfReduce`]: the hierarchical all-reduce of Fire-Flyer AI-HPC ([`hfreduce`]): ranks of a
+//!   host reduce in shared host memory ([`HostReducer`]), host leaders all-reduce over a
+//!   communicator, chunk-pipelined.
+//!
+//! Failures never hang: every receive has the configured deadline, and a rank that gives up on
+//! an operation tells every peer why, so the whole group fails together, naming the rank at fault
+//! ([`CommError::culprit`]).
+
+pub mod all_to_all;
+pub mod communicator;
+pub mod error;
+pub mod hfreduce;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod p2p;
+pub mod ring;
+pub mod tree;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_faults;
+#[cfg(test)]
+mod tests_hfreduce;
+
+use std::time::Duration;
+
+pub use communicator::Communicator;
+pub use error::CommError;
+pub use hfreduce::{HfReduce, HostReducer};
+pub use flotilla_runtime::fabric::Rank;
+
+/// How elements are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the group size.
+    Avg,
+    Max,
+}
+
+impl ReduceOp {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            ReduceOp::Sum => 0,
+            ReduceOp::Avg => 1,
+            ReduceOp::Max => 2,
+        }
+    }
+
+    /// Fold `other` into `acc` element-wise (`Avg` sums; [`ReduceOp::finish`] divides).
+    pub(crate) fn combine(self, acc: &mut [f32], other: &[f32]) {
+        match self {
+            ReduceOp::Sum | ReduceOp::Avg => {
+                for (a, b) in acc.iter_mut().zip(other) {
+                    *a += *b;
+                }
+            }
+            ReduceOp::Max => {
+                for (a, b) in acc.iter_mut().zip(other) {
+                    *a = a.max(*b);
+                }
+            }
+        }
+    }
+
+    /// Turn a fully combined buffer into the result (`Avg`: divide by the group size).
+    pub(crate) fn finish(self, buf: &mut [f32], group: usize) {
+        if self == ReduceOp::Avg {
+            let n = group as f32;
+            for x in buf.iter_mut() {
+                *x /= n;
+            }
+        }
+    }
+}
+
+/// Which all-reduce algorithm to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algo {
+    /// Reduce-scatter + all-gather around a ring: bandwidth-optimal, 2(n−1) latency steps.
+    Ring,
+    /// Double binary tree: 2·log2(n) latency steps, for small messages.
+    Tree,
+    /// Tree below [`CommConfig::tree_threshold_bytes`], ring at or above it.
+    Auto,
+}
+
+/// Deadlines and algorithm choice of a communicator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommConfig {
+    /// How long one receive waits for a peer.
+    pub deadline: Duration,
+    /// After a deadline passes, how long to wait for a sign of life (a peer that is itself
+    /// stuck says so) before blaming the silent peer. Errors come within `deadline + grace`.
+    pub grace: Duration,
+    /// `Auto` all-reduces of fewer bytes than this use the tree.
+    pub tree_threshold_bytes: usize,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        Self::with_deadline(Duration::from_secs(30))
+    }
+}
+
+impl CommConfig {
+    /// A configuration with `deadline`, a grace of a tenth of it, and the 64 KiB tree threshold.
+    pub fn with_deadline(deadline: Duration) -> Self {
+        CommConfig {
+            deadline,
+            grace: deadline / 10,
+            tree_threshold_bytes: 64 * 1024,
+        }
+    }
+
+    /// From the job config: a peer silent for `peer_timeout_ms` is declared dead.
+    pub fn from_supervision(s: &flotilla_runtime::config::SupervisionConfig) -> Self {
+        Self::with_deadline(s.peer_timeout())
+    }
+}

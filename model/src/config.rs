@@ -18,7 +18,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, why: why.into() }
+    ConfigError::Invalid {
+        field,
+        why: why.into(),
+    }
 }
 
 /// HF `rope_parameters` (5.x) or `rope_scaling` (4.x): the RoPE variant and its parameters.
@@ -217,29 +220,45 @@ impl ModelConfig {
 
     /// Checks the constraints the implementation relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let nz = |v: usize, f: &'static str| if v == 0 { Err(invalid(f, "must be > 0")) } else { Ok(()) };
+        let nz = |v: usize, f: &'static str| {
+            if v == 0 {
+                Err(invalid(f, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
         nz(self.vocab_size, "vocab_size")?;
         nz(self.hidden_size, "hidden_size")?;
         nz(self.num_attention_heads, "num_attention_heads")?;
         nz(self.kv_lora_rank, "kv_lora_rank")?;
         nz(self.n_group, "n_group")?;
         if self.hidden_act != "silu" {
-            return Err(invalid("hidden_act", format!("only \"silu\" is supported, got {:?}", self.hidden_act)));
+            return Err(invalid(
+                "hidden_act",
+                format!("only \"silu\" is supported, got {:?}", self.hidden_act),
+            ));
         }
         if self.tie_word_embeddings {
-            return Err(invalid("tie_word_embeddings", "tied embeddings are not supported"));
+            return Err(invalid(
+                "tie_word_embeddings",
+                "tied embeddings are not supported",
+            ));
         }
-        if self.qk_rope_head_dim == 0 || self.qk_rope_head_dim % 2 != 0 {
+        if self.qk_rope_head_dim == 0 || !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(invalid("qk_rope_head_dim", "must be even and > 0"));
         }
         if let Some(kv) = self.num_key_value_heads
             && kv != self.num_attention_heads
         {
-            return Err(invalid("num_key_value_heads", "MLA needs num_key_value_heads == num_attention_heads"));
+            return Err(invalid(
+                "num_key_value_heads",
+                "MLA needs num_key_value_heads == num_attention_heads",
+            ));
         }
-        if self.first_k_dense_replace < self.num_hidden_layers || self.num_nextn_predict_layers > 0 {
+        if self.first_k_dense_replace < self.num_hidden_layers || self.num_nextn_predict_layers > 0
+        {
             nz(self.n_routed_experts, "n_routed_experts")?;
-            if self.n_routed_experts % self.n_group != 0 {
+            if !self.n_routed_experts.is_multiple_of(self.n_group) {
                 return Err(invalid("n_group", "must divide n_routed_experts"));
             }
             if self.topk_group == 0 || self.topk_group > self.n_group {
@@ -247,7 +266,10 @@ impl ModelConfig {
             }
             let reachable = self.topk_group * (self.n_routed_experts / self.n_group);
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > reachable {
-                return Err(invalid("num_experts_per_tok", format!("must be in 1..={reachable} (experts in the kept groups)")));
+                return Err(invalid(
+                    "num_experts_per_tok",
+                    format!("must be in 1..={reachable} (experts in the kept groups)"),
+                ));
             }
         }
         self.rope()?;
@@ -257,15 +279,25 @@ impl ModelConfig {
     /// The RoPE variant (5.x `rope_parameters` first, then 4.x `rope_theta` + `rope_scaling`).
     pub fn rope(&self) -> Result<Rope, ConfigError> {
         let p = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
-        let theta = p.and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
-        let kind = p.and_then(|p| p.rope_type.clone().or(p.type_.clone())).unwrap_or_else(|| "default".into());
+        let theta = p
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
+        let kind = p
+            .and_then(|p| p.rope_type.clone().or(p.type_.clone()))
+            .unwrap_or_else(|| "default".into());
         match (kind.as_str(), p) {
             ("default", _) | (_, None) => Ok(Rope::Default { theta }),
             ("yarn", Some(p)) => {
-                let original = p
-                    .original_max_position_embeddings
-                    .ok_or_else(|| invalid("rope_parameters", "yarn needs original_max_position_embeddings"))?;
-                let factor = p.factor.unwrap_or(self.max_position_embeddings as f64 / original as f64);
+                let original = p.original_max_position_embeddings.ok_or_else(|| {
+                    invalid(
+                        "rope_parameters",
+                        "yarn needs original_max_position_embeddings",
+                    )
+                })?;
+                let factor = p
+                    .factor
+                    .unwrap_or(self.max_position_embeddings as f64 / original as f64);
                 Ok(Rope::Yarn {
                     theta,
                     factor,
@@ -278,7 +310,10 @@ impl ModelConfig {
                     truncate: p.truncate.unwrap_or(true),
                 })
             }
-            (other, _) => Err(invalid("rope_parameters", format!("rope_type {other:?} is not supported (default, yarn)"))),
+            (other, _) => Err(invalid(
+                "rope_parameters",
+                format!("rope_type {other:?} is not supported (default, yarn)"),
+            )),
         }
     }
 
@@ -294,7 +329,11 @@ impl ModelConfig {
 
     /// Balance-loss weight α in effect (0 when switched off).
     pub fn balance_alpha(&self) -> f32 {
-        if self.seq_aux == Some(false) { 0.0 } else { self.aux_loss_alpha.unwrap_or(1e-4) as f32 }
+        if self.seq_aux == Some(false) {
+            0.0
+        } else {
+            self.aux_loss_alpha.unwrap_or(1e-4) as f32
+        }
     }
 
     /// Bias update speed γ.

@@ -56,17 +56,40 @@ impl Shapes {
         if rows == 0 || count == 0 {
             return;
         }
-        self.forward.push(GemmShape { m: rows, n: output, k: input, count });
-        self.backward.push(GemmShape { m: rows, n: input, k: output, count });
-        self.backward.push(GemmShape { m: output, n: input, k: rows, count });
+        self.forward.push(GemmShape {
+            m: rows,
+            n: output,
+            k: input,
+            count,
+        });
+        self.backward.push(GemmShape {
+            m: rows,
+            n: input,
+            k: output,
+            count,
+        });
+        self.backward.push(GemmShape {
+            m: output,
+            n: input,
+            k: rows,
+            count,
+        });
     }
 
     fn attention(&mut self, cfg: &ModelConfig, batch: usize, seq: usize) {
         let (t, c) = (seq, batch * cfg.num_attention_heads);
         let (nope, rope, v) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
         let g = |m, n, k| GemmShape { m, n, k, count: c };
-        self.forward.extend([g(t, t, nope), g(t, t, rope), g(t, v, t)]);
-        self.backward.extend([g(t, t, v), g(t, v, t), g(t, nope, t), g(t, rope, t), g(t, nope, t), g(t, rope, t)]);
+        self.forward
+            .extend([g(t, t, nope), g(t, t, rope), g(t, v, t)]);
+        self.backward.extend([
+            g(t, t, v),
+            g(t, v, t),
+            g(t, nope, t),
+            g(t, rope, t),
+            g(t, nope, t),
+            g(t, rope, t),
+        ]);
     }
 
     fn block(&mut self, cfg: &ModelConfig, layer: usize, batch: usize, seq: usize) {
@@ -79,7 +102,12 @@ impl Shapes {
             None => self.linear(n, d, h * cfg.qk_head_dim(), 1),
         }
         self.linear(n, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 1);
-        self.linear(n, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), 1);
+        self.linear(
+            n,
+            cfg.kv_lora_rank,
+            h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            1,
+        );
         self.attention(cfg, batch, seq);
         self.linear(n, h * cfg.v_head_dim, d, 1);
         if cfg.is_moe_layer(layer) {
@@ -118,7 +146,12 @@ fn shapes(cfg: &ModelConfig, batch: usize, seq: usize, mtp_depth: usize) -> Shap
 
 /// Every GEMM of one training step (forward, B and W) for `batch × seq` tokens with `mtp_depth`
 /// MTP modules, for measuring the raw GEMM rate on the model's own shapes.
-pub fn step_gemm_shapes(cfg: &ModelConfig, batch: usize, seq: usize, mtp_depth: usize) -> Vec<GemmShape> {
+pub fn step_gemm_shapes(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    mtp_depth: usize,
+) -> Vec<GemmShape> {
     let s = shapes(cfg, batch, seq, mtp_depth);
     s.forward.into_iter().chain(s.backward).collect()
 }

@@ -87,7 +87,12 @@ impl Batch {
     /// A batch whose labels are its inputs (the usual causal-LM setup; the model shifts them).
     pub fn causal(input_ids: Vec<u32>, batch: usize, seq: usize) -> Batch {
         let labels = input_ids.iter().map(|&t| t as i64).collect();
-        Batch { input_ids, labels, batch, seq }
+        Batch {
+            input_ids,
+            labels,
+            batch,
+            seq,
+        }
     }
 }
 
@@ -105,12 +110,20 @@ pub struct StepOptions {
 impl StepOptions {
     /// The config's α and λ, no logits.
     pub fn from_config(cfg: &ModelConfig) -> StepOptions {
-        StepOptions { balance_alpha: cfg.balance_alpha(), mtp_lambda: cfg.mtp_lambda(), keep_logits: false }
+        StepOptions {
+            balance_alpha: cfg.balance_alpha(),
+            mtp_lambda: cfg.mtp_lambda(),
+            keep_logits: false,
+        }
     }
 
     /// Plain HF causal-LM semantics (no balance loss, no MTP), logits kept: for parity tests.
     pub fn hf_parity() -> StepOptions {
-        StepOptions { balance_alpha: 0.0, mtp_lambda: 0.0, keep_logits: true }
+        StepOptions {
+            balance_alpha: 0.0,
+            mtp_lambda: 0.0,
+            keep_logits: true,
+        }
     }
 }
 
@@ -169,13 +182,34 @@ impl DeepSeekV3 {
         let std = cfg.initializer_range;
         let n = cfg.num_hidden_layers;
         let weights = Weights {
-            embed_tokens: Embedding::init(dev, "model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size, std, seed),
-            layers: (0..n).map(|i| Block::init(dev, cfg, &format!("model.layers.{i}."), i, seed)).collect(),
+            embed_tokens: Embedding::init(
+                dev,
+                "model.embed_tokens.weight",
+                cfg.vocab_size,
+                cfg.hidden_size,
+                std,
+                seed,
+            ),
+            layers: (0..n)
+                .map(|i| Block::init(dev, cfg, &format!("model.layers.{i}."), i, seed))
+                .collect(),
             norm: RmsNorm::init(dev, cfg.hidden_size, cfg.rms_norm_eps as f32),
-            lm_head: Linear::init(dev, "lm_head.weight", cfg.vocab_size, cfg.hidden_size, std, seed),
-            mtp: (0..cfg.num_nextn_predict_layers).map(|k| MtpLayer::init(dev, cfg, n + k, seed)).collect(),
+            lm_head: Linear::init(
+                dev,
+                "lm_head.weight",
+                cfg.vocab_size,
+                cfg.hidden_size,
+                std,
+                seed,
+            ),
+            mtp: (0..cfg.num_nextn_predict_layers)
+                .map(|k| MtpLayer::init(dev, cfg, n + k, seed))
+                .collect(),
         };
-        Ok(DeepSeekV3 { config: cfg.clone(), weights })
+        Ok(DeepSeekV3 {
+            config: cfg.clone(),
+            weights,
+        })
     }
 
     /// Number of MTP modules present.
@@ -193,6 +227,11 @@ impl DeepSeekV3 {
         crate::params::named(&self.weights)
     }
 
+    /// Visits every tensor (weights and buffers) by HF name, mutably.
+    pub fn weights_visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        self.weights.visit_mut("", &mut |n, t, _| f(n, t));
+    }
+
     /// [`crate::params::params_sha256`] of the weights.
     pub fn params_sha256(&self, dev: &dyn Device) -> Option<String> {
         crate::params::params_sha256(&self.weights, dev)
@@ -208,17 +247,38 @@ impl DeepSeekV3 {
         grads: &mut Weights,
     ) -> Result<StepOutput, ConfigError> {
         let spec = StageSpec::whole(&self.config);
-        let (out, mut cache) = self.stage_forward(dev, &spec, batch, None, opts)?;
-        self.stage_backward_input(dev, &mut cache, None);
-        self.stage_backward_weight(dev, cache, grads);
-        Ok(StepOutput { losses: out.losses, logits: out.logits, loads: out.loads })
+        let mut result = None;
+        // On the device's threads, so that the stages' `Device::join`s cost next to nothing.
+        dev.on_device_threads(&mut || {
+            result = Some(self.stage_forward(dev, &spec, batch, None, opts).map(
+                |(out, mut cache)| {
+                    self.stage_backward_input(dev, &mut cache, None);
+                    self.stage_backward_weight(dev, cache, grads);
+                    StepOutput {
+                        losses: out.losses,
+                        logits: out.logits,
+                        loads: out.loads,
+                    }
+                },
+            ));
+        });
+        result.expect("the step ran")
     }
 
     /// Forward only (losses, optional logits, loads); no gradients.
-    pub fn forward(&self, dev: &dyn Device, batch: &Batch, opts: &StepOptions) -> Result<StepOutput, ConfigError> {
+    pub fn forward(
+        &self,
+        dev: &dyn Device,
+        batch: &Batch,
+        opts: &StepOptions,
+    ) -> Result<StepOutput, ConfigError> {
         let spec = StageSpec::whole(&self.config);
         let (out, _cache) = self.stage_forward(dev, &spec, batch, None, opts)?;
-        Ok(StepOutput { losses: out.losses, logits: out.logits, loads: out.loads })
+        Ok(StepOutput {
+            losses: out.losses,
+            logits: out.logits,
+            loads: out.loads,
+        })
     }
 
     /// Auxiliary-loss-free balancing: moves every MoE layer's router bias by
@@ -226,17 +286,21 @@ impl DeepSeekV3 {
     pub fn update_biases(&mut self, dev: &dyn Device, loads: &[ExpertLoad], gamma: f32) {
         let n = self.weights.layers.len();
         for load in loads {
-            let block = if load.layer < n { self.weights.layers.get_mut(load.layer) } else { self.weights.mtp.get_mut(load.layer - n).map(|m| &mut m.block) };
-            if let Some(Block { mlp: crate::layers::block::Ffn::Moe(moe), .. }) = block {
+            let block = if load.layer < n {
+                self.weights.layers.get_mut(load.layer)
+            } else {
+                self.weights
+                    .mtp
+                    .get_mut(load.layer - n)
+                    .map(|m| &mut m.block)
+            };
+            if let Some(Block {
+                mlp: crate::layers::block::Ffn::Moe(moe),
+                ..
+            }) = block
+            {
                 moe.gate.update_bias(dev, &load.counts, gamma);
             }
         }
-    }
-}
-
-impl DeepSeekV3 {
-    /// Visits every tensor (weights and buffers) by HF name, mutably.
-    pub fn weights_visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
-        self.weights.visit_mut("", &mut |n, t, _| f(n, t));
     }
 }

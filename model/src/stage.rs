@@ -39,7 +39,11 @@ pub struct StageSpec {
 impl StageSpec {
     /// The whole model as one stage.
     pub fn whole(cfg: &ModelConfig) -> StageSpec {
-        StageSpec { embed: true, layers: 0..cfg.num_hidden_layers, head: true }
+        StageSpec {
+            embed: true,
+            layers: 0..cfg.num_hidden_layers,
+            head: true,
+        }
     }
 
     /// `stages` contiguous stages with layers spread as evenly as possible (earlier stages get
@@ -51,7 +55,11 @@ impl StageSpec {
         (0..stages)
             .map(|s| {
                 let len = n / stages + usize::from(s < n % stages);
-                let spec = StageSpec { embed: s == 0, layers: start..start + len, head: s + 1 == stages };
+                let spec = StageSpec {
+                    embed: s == 0,
+                    layers: start..start + len,
+                    head: s + 1 == stages,
+                };
                 start += len;
                 spec
             })
@@ -113,7 +121,13 @@ pub struct StageCache {
 
 impl StageCache {
     fn ctx<'a>(&'a self, dev: &'a dyn Device) -> Ctx<'a> {
-        Ctx { dev, batch: self.batch.batch, seq: self.batch.seq, rope: &self.rope, balance_alpha: self.balance_alpha }
+        Ctx {
+            dev,
+            batch: self.batch.batch,
+            seq: self.batch.seq,
+            rope: &self.rope,
+            balance_alpha: self.balance_alpha,
+        }
     }
 }
 
@@ -141,23 +155,22 @@ impl DeepSeekV3 {
         opts: &StepOptions,
     ) -> Result<(StageOutput, StageCache), ConfigError> {
         let (b, t) = (batch.batch, batch.seq);
-        assert!(batch.input_ids.len() == b * t && batch.labels.len() == b * t, "batch is not {b}x{t}");
+        assert!(
+            batch.input_ids.len() == b * t && batch.labels.len() == b * t,
+            "batch is not {b}x{t}"
+        );
         let w = &self.weights;
-        let mut cache = StageCache {
-            spec: spec.clone(),
-            batch: batch.clone(),
-            rope: rope::table(&self.config, dev, t)?,
+        let rope_table = rope::table(&self.config, dev, t)?;
+        let ctx = Ctx {
+            dev,
+            batch: b,
+            seq: t,
+            rope: &rope_table,
             balance_alpha: opts.balance_alpha,
-            blocks: Vec::with_capacity(spec.layers.len()),
-            block_dys: Vec::new(),
-            head: None,
-            head_dys: None,
-            d_embed: None,
         };
         let mut losses = LossParts::default();
         let mut loads = Vec::new();
-        let ctx_owned_rope = cache.rope.clone();
-        let ctx = Ctx { dev, batch: b, seq: t, rope: &ctx_owned_rope, balance_alpha: opts.balance_alpha };
+        let mut blocks = Vec::with_capacity(spec.layers.len());
 
         let mut x = if spec.embed {
             w.embed_tokens.forward(dev, &batch.input_ids)
@@ -169,62 +182,152 @@ impl DeepSeekV3 {
             let (y, c) = block.forward(&ctx, x);
             loads.extend(block.load(&c));
             losses.balance += block.balance_loss(&c);
-            cache.blocks.push(c);
+            blocks.push(c);
             x = y;
         }
+        let mut cache = StageCache {
+            spec: spec.clone(),
+            batch: batch.clone(),
+            rope: dev.empty(&[0]),
+            balance_alpha: opts.balance_alpha,
+            blocks,
+            block_dys: Vec::new(),
+            head: None,
+            head_dys: None,
+            d_embed: None,
+        };
         if !spec.head {
-            return Ok((StageOutput { hidden: Some(x), losses, loads, logits: None }, cache));
+            cache.rope = rope_table;
+            return Ok((
+                StageOutput {
+                    hidden: Some(x),
+                    losses,
+                    loads,
+                    logits: None,
+                },
+                cache,
+            ));
         }
 
-        let targets = shifted_targets(&batch.labels, b, t, 1);
-        let mut main = loss::forward(dev, &w.norm, &w.lm_head, &x, &targets, 1.0, opts.keep_logits);
+        let depth = if opts.mtp_lambda > 0.0 {
+            w.mtp.len()
+        } else {
+            0
+        };
+        // The main loss and the MTP modules both only read `x`: the device runs them side by side.
+        let mut main = None;
+        let mut main_loss = || {
+            let targets = shifted_targets(&batch.labels, b, t, 1);
+            main = Some(loss::forward(
+                dev,
+                &w.norm,
+                &w.lm_head,
+                &x,
+                &targets,
+                1.0,
+                opts.keep_logits,
+            ));
+        };
+        let mut mtp: Vec<MtpStep> = Vec::with_capacity(depth);
+        let (mut mtp_loads, mut mtp_balance, mut mtp_per_depth) = (Vec::new(), 0.0f32, Vec::new());
+        let mut mtp_modules = || {
+            for k in 0..depth {
+                let module = &w.mtp[k];
+                let ids = shifted_ids(&batch.input_ids, b, t, k + 1);
+                let emb = w.embed_tokens.forward(dev, &ids);
+                let prev = if k == 0 { &x } else { &mtp[k - 1].h };
+                let (h, mc) = module.forward(&ctx, prev, emb);
+                mtp_loads.extend(module.block.load(&mc.block));
+                mtp_balance += module.block.balance_loss(&mc.block);
+                let targets = shifted_targets(&batch.labels, b, t, k + 2);
+                let l = loss::forward(
+                    dev,
+                    &module.shared_head_norm,
+                    &w.lm_head,
+                    &h,
+                    &targets,
+                    opts.mtp_lambda / depth as f32,
+                    false,
+                );
+                mtp_per_depth.push(l.loss);
+                mtp.push(MtpStep {
+                    ids,
+                    cache: mc,
+                    h,
+                    loss: l,
+                });
+            }
+        };
+        dev.join(&mut main_loss, &mut mtp_modules);
+        let mut main = main.expect("the main loss ran");
         losses.ce = main.loss;
         let logits = main.logits.take();
-        let mut head = HeadCache { h: x, main, mtp: Vec::new() };
-        let depth = if opts.mtp_lambda > 0.0 { w.mtp.len() } else { 0 };
-        for k in 0..depth {
-            let module = &w.mtp[k];
-            let ids = shifted_ids(&batch.input_ids, b, t, k + 1);
-            let emb = w.embed_tokens.forward(dev, &ids);
-            let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
-            let (h, mc) = module.forward(&ctx, prev, emb);
-            loads.extend(module.block.load(&mc.block));
-            losses.balance += module.block.balance_loss(&mc.block);
-            let targets = shifted_targets(&batch.labels, b, t, k + 2);
-            let l = loss::forward(dev, &module.shared_head_norm, &w.lm_head, &h, &targets, opts.mtp_lambda / depth as f32, false);
-            losses.mtp_per_depth.push(l.loss);
-            head.mtp.push(MtpStep { ids, cache: mc, h, loss: l });
-        }
+        loads.extend(mtp_loads);
+        losses.balance += mtp_balance;
+        losses.mtp_per_depth = mtp_per_depth;
+        let head = HeadCache { h: x, main, mtp };
         if depth > 0 {
             losses.mtp = opts.mtp_lambda / depth as f32 * losses.mtp_per_depth.iter().sum::<f32>();
         }
         cache.head = Some(head);
-        Ok((StageOutput { hidden: None, losses, loads, logits }, cache))
+        cache.rope = rope_table;
+        Ok((
+            StageOutput {
+                hidden: None,
+                losses,
+                loads,
+                logits,
+            },
+            cache,
+        ))
     }
 
     /// B of one stage: `d_out` is the gradient of this stage's hidden output (`None` on the head
     /// stage, whose gradient starts at the loss). Returns the gradient of the stage's input
     /// (`None` for the stage with the embedding).
-    pub fn stage_backward_input(&self, dev: &dyn Device, cache: &mut StageCache, d_out: Option<Tensor>) -> Option<Tensor> {
+    pub fn stage_backward_input(
+        &self,
+        dev: &dyn Device,
+        cache: &mut StageCache,
+        d_out: Option<Tensor>,
+    ) -> Option<Tensor> {
         let w = &self.weights;
         let ctx = cache.ctx(dev);
         let mut head_dys = None;
         let mut d = match &cache.head {
             Some(head) => {
-                let (mut dh, main) = loss::backward_input(dev, &w.norm, &w.lm_head, &head.h, &head.main);
+                // The main loss's B and the MTP modules' B are independent until their input
+                // gradients are summed: the device runs them side by side.
+                let mut main_b = None;
+                let mut main_backward = || {
+                    main_b = Some(loss::backward_input(
+                        dev, &w.norm, &w.lm_head, &head.h, &head.main,
+                    ));
+                };
                 let mut mtp_dys = Vec::with_capacity(head.mtp.len());
                 let mut carry: Option<Tensor> = None;
-                for k in (0..head.mtp.len()).rev() {
-                    let (module, step) = (&w.mtp[k], &head.mtp[k]);
-                    let (mut dh_k, ldys) = loss::backward_input(dev, &module.shared_head_norm, &w.lm_head, &step.h, &step.loss);
-                    if let Some(c) = carry.take() {
-                        dev.add_assign(&mut dh_k, &c);
+                let mut mtp_backward = || {
+                    for k in (0..head.mtp.len()).rev() {
+                        let (module, step) = (&w.mtp[k], &head.mtp[k]);
+                        let (mut dh_k, ldys) = loss::backward_input(
+                            dev,
+                            &module.shared_head_norm,
+                            &w.lm_head,
+                            &step.h,
+                            &step.loss,
+                        );
+                        if let Some(c) = carry.take() {
+                            dev.add_assign(&mut dh_k, &c);
+                        }
+                        let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
+                        let (d_prev, d_emb, mdys) =
+                            module.backward_input(&ctx, prev, &step.cache, &dh_k);
+                        mtp_dys.push((mdys, ldys, d_emb));
+                        carry = Some(d_prev);
                     }
-                    let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
-                    let (d_prev, d_emb, mdys) = module.backward_input(&ctx, prev, &step.cache, &dh_k);
-                    mtp_dys.push((mdys, ldys, d_emb));
-                    carry = Some(d_prev);
-                }
+                };
+                dev.join(&mut main_backward, &mut mtp_backward);
+                let (mut dh, main) = main_b.expect("the main loss's B ran");
                 mtp_dys.reverse();
                 if let Some(c) = carry {
                     dev.add_assign(&mut dh, &c);
@@ -232,7 +335,8 @@ impl DeepSeekV3 {
                 head_dys = Some(HeadDys { main, mtp: mtp_dys });
                 dh
             }
-            None => d_out.expect("stage_backward_input: a stage without the head needs the output gradient"),
+            None => d_out
+                .expect("stage_backward_input: a stage without the head needs the output gradient"),
         };
         let mut block_dys = Vec::with_capacity(cache.blocks.len());
         for (i, c) in cache.spec.layers.clone().zip(cache.blocks.iter()).rev() {
@@ -255,24 +359,59 @@ impl DeepSeekV3 {
     pub fn stage_backward_weight(&self, dev: &dyn Device, cache: StageCache, grads: &mut Weights) {
         let w = &self.weights;
         let ctx = cache.ctx(dev);
-        for ((i, c), dys) in cache.spec.layers.clone().zip(&cache.blocks).zip(&cache.block_dys) {
-            let dys = dys.as_ref().expect("stage_backward_weight before stage_backward_input");
-            w.layers[i].backward_weight(&ctx, c, dys, &mut grads.layers[i]);
-        }
-        if let (Some(head), Some(hd)) = (&cache.head, &cache.head_dys) {
-            loss::backward_weight(dev, &w.norm, &w.lm_head, &head.h, &head.main, &hd.main, &mut grads.norm, &mut grads.lm_head);
-            for (k, (step, (mdys, ldys, d_emb))) in head.mtp.iter().zip(&hd.mtp).enumerate() {
-                let module = &w.mtp[k];
-                let g = &mut grads.mtp[k];
-                loss::backward_weight(dev, &module.shared_head_norm, &w.lm_head, &step.h, &step.loss, ldys, &mut g.shared_head_norm, &mut grads.lm_head);
-                let g = &mut grads.mtp[k];
-                let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
-                module.backward_weight(&ctx, prev, &step.cache, mdys, g);
-                w.embed_tokens.backward_weight(dev, &step.ids, d_emb, &mut grads.embed_tokens);
+        let Weights {
+            embed_tokens: g_embed,
+            layers: g_layers,
+            norm: g_norm,
+            lm_head: g_lm_head,
+            mtp: g_mtp,
+        } = grads;
+        // The decoder layers' W and the head's (lm_head, MTP modules) touch disjoint gradients
+        // and are of similar size on the default model: the device runs them side by side. Each
+        // gradient is still accumulated in the same order as one after the other would.
+        let mut layers_w = || {
+            for ((i, c), dys) in cache
+                .spec
+                .layers
+                .clone()
+                .zip(&cache.blocks)
+                .zip(&cache.block_dys)
+            {
+                let dys = dys
+                    .as_ref()
+                    .expect("stage_backward_weight before stage_backward_input");
+                w.layers[i].backward_weight(&ctx, c, dys, &mut g_layers[i]);
             }
-        }
+        };
+        let mut head_w = || {
+            if let (Some(head), Some(hd)) = (&cache.head, &cache.head_dys) {
+                loss::backward_weight(
+                    dev, &w.norm, &w.lm_head, &head.h, &head.main, &hd.main, g_norm, g_lm_head,
+                );
+                for (k, (step, (mdys, ldys, d_emb))) in head.mtp.iter().zip(&hd.mtp).enumerate() {
+                    let module = &w.mtp[k];
+                    let g = &mut g_mtp[k];
+                    loss::backward_weight(
+                        dev,
+                        &module.shared_head_norm,
+                        &w.lm_head,
+                        &step.h,
+                        &step.loss,
+                        ldys,
+                        &mut g.shared_head_norm,
+                        g_lm_head,
+                    );
+                    let prev = if k == 0 { &head.h } else { &head.mtp[k - 1].h };
+                    module.backward_weight(&ctx, prev, &step.cache, mdys, g);
+                    w.embed_tokens
+                        .backward_weight(dev, &step.ids, d_emb, g_embed);
+                }
+            }
+        };
+        dev.join(&mut layers_w, &mut head_w);
         if let Some(d) = &cache.d_embed {
-            w.embed_tokens.backward_weight(dev, &cache.batch.input_ids, d, &mut grads.embed_tokens);
+            w.embed_tokens
+                .backward_weight(dev, &cache.batch.input_ids, d, g_embed);
         }
     }
 }

@@ -6,12 +6,43 @@
 //! only device implementations (and the HF edge, the tests) read values.
 
 use std::fmt;
+use std::sync::Arc;
+
+use crate::device::pool::BufferPool;
+
+/// Host values, optionally owned by a device's [`BufferPool`] (returned there when dropped).
+pub(crate) struct HostBuf {
+    data: Vec<f32>,
+    pool: Option<Arc<BufferPool>>,
+}
+
+impl Clone for HostBuf {
+    fn clone(&self) -> HostBuf {
+        let mut data = match &self.pool {
+            Some(p) => p.take(self.data.len()),
+            None => vec![0.0; self.data.len()],
+        };
+        data.copy_from_slice(&self.data);
+        HostBuf {
+            data,
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.put(std::mem::take(&mut self.data));
+        }
+    }
+}
 
 /// Where a tensor's values live.
 #[derive(Clone)]
 pub(crate) enum Storage {
     /// f32 values in host memory (the CPU device).
-    Host(Vec<f32>),
+    Host(HostBuf),
     /// No values at all: the simulated device tracks shapes and costs only.
     ShapeOnly,
     // A CUDA device adds `Cuda(cudarc::driver::CudaSlice<f32>)` here behind the `cuda` feature;
@@ -39,13 +70,36 @@ impl Tensor {
     /// A host tensor holding `data` (panics if `data.len()` is not the product of `shape`).
     pub fn from_host(shape: &[usize], data: Vec<f32>) -> Tensor {
         let n: usize = shape.iter().product();
-        assert_eq!(n, data.len(), "Tensor::from_host: shape {shape:?} needs {n} values, got {}", data.len());
-        Tensor { shape: shape.to_vec(), storage: Storage::Host(data) }
+        assert_eq!(
+            n,
+            data.len(),
+            "Tensor::from_host: shape {shape:?} needs {n} values, got {}",
+            data.len()
+        );
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Host(HostBuf { data, pool: None }),
+        }
+    }
+
+    /// A host tensor whose buffer returns to `pool` when dropped.
+    pub(crate) fn from_pool(shape: &[usize], data: Vec<f32>, pool: &Arc<BufferPool>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Host(HostBuf {
+                data,
+                pool: Some(pool.clone()),
+            }),
+        }
     }
 
     /// A tensor that has a shape and no values (the simulated device's tensors).
     pub fn shape_only(shape: &[usize]) -> Tensor {
-        Tensor { shape: shape.to_vec(), storage: Storage::ShapeOnly }
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::ShapeOnly,
+        }
     }
 
     /// The dimensions, outermost first.
@@ -66,7 +120,7 @@ impl Tensor {
     /// Product of all dimensions but the last.
     pub fn rows(&self) -> usize {
         let c = self.cols();
-        if c == 0 { 0 } else { self.numel() / c }
+        self.numel().checked_div(c).unwrap_or(0)
     }
 
     /// The same values under another shape with the same number of elements.
@@ -85,7 +139,7 @@ impl Tensor {
     /// The values, when they live in host memory.
     pub fn host(&self) -> Option<&[f32]> {
         match &self.storage {
-            Storage::Host(v) => Some(v),
+            Storage::Host(v) => Some(&v.data),
             Storage::ShapeOnly => None,
         }
     }
@@ -93,18 +147,20 @@ impl Tensor {
     /// The values, mutably, when they live in host memory.
     pub fn host_mut(&mut self) -> Option<&mut [f32]> {
         match &mut self.storage {
-            Storage::Host(v) => Some(v),
+            Storage::Host(v) => Some(&mut v.data),
             Storage::ShapeOnly => None,
         }
     }
 
     /// Host values for a device kernel; a tensor from another device here is a programming error.
     pub(crate) fn h(&self) -> &[f32] {
-        self.host().expect("CPU kernel given a tensor that is not in host memory")
+        self.host()
+            .expect("CPU kernel given a tensor that is not in host memory")
     }
 
     /// Mutable host values for a device kernel (see [`Tensor::h`]).
     pub(crate) fn hm(&mut self) -> &mut [f32] {
-        self.host_mut().expect("CPU kernel given a tensor that is not in host memory")
+        self.host_mut()
+            .expect("CPU kernel given a tensor that is not in host memory")
     }
 }

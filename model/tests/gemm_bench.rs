@@ -36,7 +36,10 @@ fn time(mut f: impl FnMut()) -> f64 {
 fn shapes() -> Vec<GemmShape> {
     let mut merged: Vec<GemmShape> = Vec::new();
     for s in step_gemm_shapes(&ModelConfig::tiny(), 8, 64, 1) {
-        match merged.iter_mut().find(|m| (m.m, m.n, m.k) == (s.m, s.n, s.k)) {
+        match merged
+            .iter_mut()
+            .find(|m| (m.m, m.n, m.k) == (s.m, s.n, s.k))
+        {
             Some(m) => m.count += s.count,
             None => merged.push(s),
         }
@@ -52,26 +55,75 @@ fn rand(n: usize, seed: u64) -> Vec<f32> {
 #[ignore]
 fn compare_gemm_crates() {
     for threads in [2, 1] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
         let (mut tg, mut tm, mut tf, mut fl) = (0.0, 0.0, 0.0, 0.0);
         // matrixmultiply reads its thread count from the environment once, at first use.
-        println!("threads = {threads} (matrixmultiply: MATMUL_NUM_THREADS={:?})", std::env::var("MATMUL_NUM_THREADS").ok());
+        println!(
+            "threads = {threads} (matrixmultiply: MATMUL_NUM_THREADS={:?})",
+            std::env::var("MATMUL_NUM_THREADS").ok()
+        );
         for s in shapes() {
             let (m, n, k) = (s.m, s.n, s.k);
             let (a, b) = (rand(m * k, 1), rand(k * n, 2));
             let mut c = vec![0.0f32; m * n];
-            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            let par = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
             // SAFETY: contiguous row-major buffers of the stated sizes.
             let t_gemm = pool.install(|| {
                 time(|| unsafe {
-                    gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), 1, n as isize, 0.0, 1.0, false, false, false, par)
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
                 })
             });
             // SAFETY: as above.
             let t_mm = time(|| unsafe {
-                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(), n as isize, 1)
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                )
             });
-            let fpar = if threads > 1 { faer::Par::rayon(threads) } else { faer::Par::Seq };
+            let fpar = if threads > 1 {
+                faer::Par::rayon(threads)
+            } else {
+                faer::Par::Seq
+            };
             let t_faer = pool.install(|| {
                 let av = faer::MatRef::from_row_major_slice(&a, m, k);
                 let bv = faer::MatRef::from_row_major_slice(&b, k, n);
@@ -94,24 +146,40 @@ fn compare_gemm_crates() {
                 f / t_faer / 1e9
             );
         }
-        println!("  step-weighted: gemm {:.1}  matrixmultiply {:.1}  faer {:.1} GFLOP/s", fl / tg / 1e9, fl / tm / 1e9, fl / tf / 1e9);
+        println!(
+            "  step-weighted: gemm {:.1}  matrixmultiply {:.1}  faer {:.1} GFLOP/s",
+            fl / tg / 1e9,
+            fl / tm / 1e9,
+            fl / tf / 1e9
+        );
     }
 }
 
 #[test]
 #[ignore]
 fn training_step_vs_raw_gemm() {
-    let threads = std::env::var("FLOTILLA_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let threads = std::env::var("FLOTILLA_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let dev = CpuDevice::new(threads);
     let cfg = ModelConfig::tiny();
     let model = DeepSeekV3::init(&cfg, &dev, 1).expect("init");
     let (b, t) = (8, 64);
-    let batch = Batch::causal((0..b * t).map(|i| ((i * 31 + i / 7) % 256) as u32).collect(), b, t);
+    let batch = Batch::causal(
+        (0..b * t)
+            .map(|i| ((i * 31 + i / 7) % 256) as u32)
+            .collect(),
+        b,
+        t,
+    );
     let opts = StepOptions::from_config(&cfg);
     let mut grads = model.zero_grads(&dev);
     let step = || {
         let mut g = model.zero_grads(&dev);
-        model.forward_backward(&dev, &batch, &opts, &mut g).expect("step");
+        model
+            .forward_backward(&dev, &batch, &opts, &mut g)
+            .expect("step");
     };
     let _ = model.forward_backward(&dev, &batch, &opts, &mut grads);
     let step_s = time(step);
@@ -130,17 +198,28 @@ fn training_step_vs_raw_gemm() {
         let a = Tensor::from_host(&[s.m, s.k], rand(s.m * s.k, 3));
         let bt = Tensor::from_host(&[s.k, s.n], rand(s.k * s.n, 4));
         let mut c = dev.zeros(&[s.m, s.n]);
-        raw_s += s.count as f64 * time(|| dev.gemm(MatMut::all(&mut c), Mat::all(&a), Mat::all(&bt), false));
+        raw_s += s.count as f64
+            * time(|| dev.gemm(MatMut::all(&mut c), Mat::all(&a), Mat::all(&bt), false));
     }
     let achieved = flops / step_s / 1e9;
     let raw = flops / raw_s / 1e9;
-    println!("default model, batch {b}x{t}, {threads} threads: {:.1} MFLOP/step", flops / 1e6);
-    println!("  step {:.2} ms -> {achieved:.1} GFLOP/s; raw GEMM on the same shapes {raw:.1} GFLOP/s; ratio {:.0}%", step_s * 1e3, 100.0 * achieved / raw);
+    println!(
+        "default model, batch {b}x{t}, {threads} threads: {:.1} MFLOP/step",
+        flops / 1e6
+    );
+    println!(
+        "  step {:.2} ms -> {achieved:.1} GFLOP/s; raw GEMM on the same shapes {raw:.1} GFLOP/s; ratio {:.0}%",
+        step_s * 1e3,
+        100.0 * achieved / raw
+    );
     println!(
         "  device-measured per step: {} ops, {:.2} ms in ops, of which GEMM {:.2} ms",
         cost.ops,
         1e3 * cost.seconds,
         1e3 * cost.gemm_seconds
     );
-    assert!(achieved >= 0.5 * raw, "training step reaches {achieved:.1} GFLOP/s, below half the raw GEMM rate {raw:.1}");
+    assert!(
+        achieved >= 0.5 * raw,
+        "training step reaches {achieved:.1} GFLOP/s, below half the raw GEMM rate {raw:.1}"
+    );
 }

@@ -10,7 +10,12 @@ use flotilla_model::{Batch, CpuDevice, Device, StepOptions};
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
     if den == 0.0 { num } else { num / den }
 }
@@ -44,7 +49,8 @@ fn check_set(dir: &Path) -> Result<String, String> {
     let dev = CpuDevice::new(2);
     let model = hf::load(dir, &dev).map_err(|e| e.to_string())?;
     let io = hf::read_safetensors(&dir.join("io.safetensors")).map_err(|e| e.to_string())?;
-    let grads_ref = hf::read_safetensors(&dir.join("grads.safetensors")).map_err(|e| e.to_string())?;
+    let grads_ref =
+        hf::read_safetensors(&dir.join("grads.safetensors")).map_err(|e| e.to_string())?;
     let ids = &io["input_ids"];
     let (b, t) = (ids.shape[0], ids.shape[1]);
     let batch = Batch {
@@ -54,8 +60,12 @@ fn check_set(dir: &Path) -> Result<String, String> {
         seq: t,
     };
     let mut grads = model.zero_grads(&dev);
-    let out = model.forward_backward(&dev, &batch, &StepOptions::hf_parity(), &mut grads).map_err(|e| e.to_string())?;
-    let logits = dev.download(out.logits.as_ref().ok_or("no logits")?).ok_or("no values")?;
+    let out = model
+        .forward_backward(&dev, &batch, &StepOptions::hf_parity(), &mut grads)
+        .map_err(|e| e.to_string())?;
+    let logits = dev
+        .download(out.logits.as_ref().ok_or("no logits")?)
+        .ok_or("no values")?;
     let e_logits = rel(&logits, f32s(&io["logits"]));
     let e_loss = rel(&[out.losses.ce], f32s(&io["loss"]));
     let mut failures = Vec::new();
@@ -63,7 +73,11 @@ fn check_set(dir: &Path) -> Result<String, String> {
         failures.push(format!("logits rel err {e_logits:.2e}"));
     }
     if e_loss > 1e-4 {
-        failures.push(format!("loss rel err {e_loss:.2e} ({} vs {:?})", out.losses.ce, f32s(&io["loss"])));
+        failures.push(format!(
+            "loss rel err {e_loss:.2e} ({} vs {:?})",
+            out.losses.ce,
+            f32s(&io["loss"])
+        ));
     }
     let ours = grads.trainable();
     let mut worst = (0.0f64, String::new());
@@ -92,7 +106,11 @@ fn check_set(dir: &Path) -> Result<String, String> {
         worst.1,
         grads_ref.len()
     );
-    if failures.is_empty() { Ok(summary) } else { Err(format!("{summary}\n  {}", failures.join("\n  "))) }
+    if failures.is_empty() {
+        Ok(summary)
+    } else {
+        Err(format!("{summary}\n  {}", failures.join("\n  ")))
+    }
 }
 
 #[test]
@@ -109,5 +127,9 @@ fn golden_parity_with_hf_transformers() {
             }
         }
     }
-    assert!(errors.is_empty(), "golden parity failed:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "golden parity failed:\n{}",
+        errors.join("\n")
+    );
 }

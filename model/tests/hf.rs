@@ -22,7 +22,11 @@ fn tensor_bytes(dir: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, V
     let mut out = std::collections::BTreeMap::new();
     for e in std::fs::read_dir(dir).expect("dir") {
         let p = e.expect("entry").path();
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
         if !(name.starts_with("model") && name.ends_with(".safetensors")) {
             continue;
         }
@@ -59,8 +63,20 @@ fn model_with_mtp_round_trips_through_shards() {
     hf::save(&model, &dev, &a, Some(100_000)).expect("save sharded");
     assert!(a.join("model.safetensors.index.json").exists());
     let files = tensor_bytes(&a);
-    for key in ["model.layers.2.enorm.weight", "model.layers.2.hnorm.weight", "model.layers.2.eh_proj.weight", "model.layers.2.shared_head.norm.weight", "model.layers.2.shared_head.head.weight", "model.layers.2.embed_tokens.weight", "model.layers.2.mlp.experts.7.down_proj.weight", "model.layers.2.self_attn.kv_b_proj.weight"] {
-        assert!(files.contains_key(key), "{key} missing from the saved checkpoint");
+    for key in [
+        "model.layers.2.enorm.weight",
+        "model.layers.2.hnorm.weight",
+        "model.layers.2.eh_proj.weight",
+        "model.layers.2.shared_head.norm.weight",
+        "model.layers.2.shared_head.head.weight",
+        "model.layers.2.embed_tokens.weight",
+        "model.layers.2.mlp.experts.7.down_proj.weight",
+        "model.layers.2.self_attn.kv_b_proj.weight",
+    ] {
+        assert!(
+            files.contains_key(key),
+            "{key} missing from the saved checkpoint"
+        );
     }
     let loaded = hf::load(&a, &dev).expect("load sharded");
     assert_eq!(loaded.mtp_depth(), 1);
@@ -81,14 +97,26 @@ fn copy_golden(name: &str) -> PathBuf {
 }
 
 /// Rewrites model.safetensors with `edit` applied to the tensor map.
-fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+fn rewrite(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
     let bytes = std::fs::read(dir.join("model.safetensors")).expect("read");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
-    let mut ts: Vec<_> = st.tensors().into_iter().map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut ts: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut ts);
     let views: Vec<_> = ts
         .iter()
-        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("view")))
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("view"),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write");
 }
@@ -98,9 +126,15 @@ fn broken_checkpoints_give_errors_naming_file_and_key() {
     let dev = CpuDevice::new(1);
 
     let d = copy_golden("missing");
-    rewrite(&d, |ts| ts.retain(|t| t.0 != "model.layers.1.mlp.experts.3.up_proj.weight"));
+    rewrite(&d, |ts| {
+        ts.retain(|t| t.0 != "model.layers.1.mlp.experts.3.up_proj.weight")
+    });
     match hf::load(&d, &dev) {
-        Err(e @ HfError::Missing { .. }) => assert!(e.to_string().contains("model.layers.1.mlp.experts.3.up_proj.weight"), "{e}"),
+        Err(e @ HfError::Missing { .. }) => assert!(
+            e.to_string()
+                .contains("model.layers.1.mlp.experts.3.up_proj.weight"),
+            "{e}"
+        ),
         other => panic!("expected Missing, got {other:?}"),
     }
 
@@ -111,7 +145,12 @@ fn broken_checkpoints_give_errors_naming_file_and_key() {
         }
     });
     let e = hf::load(&d, &dev).expect_err("misshapen");
-    assert!(matches!(e, HfError::Shape { .. }) && e.to_string().contains("model.norm.weight") && e.to_string().contains("model.safetensors"), "{e}");
+    assert!(
+        matches!(e, HfError::Shape { .. })
+            && e.to_string().contains("model.norm.weight")
+            && e.to_string().contains("model.safetensors"),
+        "{e}"
+    );
 
     let d = copy_golden("dtype");
     rewrite(&d, |ts| {
@@ -120,12 +159,25 @@ fn broken_checkpoints_give_errors_naming_file_and_key() {
         }
     });
     let e = hf::load(&d, &dev).expect_err("wrong dtype");
-    assert!(matches!(e, HfError::Dtype { .. }) && e.to_string().contains("lm_head.weight"), "{e}");
+    assert!(
+        matches!(e, HfError::Dtype { .. }) && e.to_string().contains("lm_head.weight"),
+        "{e}"
+    );
 
     let d = copy_golden("extra");
-    rewrite(&d, |ts| ts.push(("model.layers.0.mlp.bogus.weight".into(), safetensors::Dtype::F32, vec![1], vec![0; 4])));
+    rewrite(&d, |ts| {
+        ts.push((
+            "model.layers.0.mlp.bogus.weight".into(),
+            safetensors::Dtype::F32,
+            vec![1],
+            vec![0; 4],
+        ))
+    });
     let e = hf::load(&d, &dev).expect_err("unexpected key");
-    assert!(matches!(e, HfError::Unexpected { .. }) && e.to_string().contains("bogus"), "{e}");
+    assert!(
+        matches!(e, HfError::Unexpected { .. }) && e.to_string().contains("bogus"),
+        "{e}"
+    );
 
     let d = copy_golden("json");
     std::fs::write(d.join("config.json"), "{ \"hidden_size\": 64, ").expect("write");
@@ -133,7 +185,9 @@ fn broken_checkpoints_give_errors_naming_file_and_key() {
     assert!(e.to_string().contains("config.json"), "{e}");
 
     let d = copy_golden("config");
-    let text = std::fs::read_to_string(d.join("config.json")).expect("read").replace("\"n_group\": 2", "\"n_group\": 3");
+    let text = std::fs::read_to_string(d.join("config.json"))
+        .expect("read")
+        .replace("\"n_group\": 2", "\"n_group\": 3");
     std::fs::write(d.join("config.json"), text).expect("write");
     let e = hf::load(&d, &dev).expect_err("invalid config");
     assert!(e.to_string().contains("n_group"), "{e}");
@@ -146,7 +200,9 @@ fn broken_checkpoints_give_errors_naming_file_and_key() {
     let e = hf::load(&scratch("empty"), &dev).expect_err("no files");
     assert!(matches!(e, HfError::Io { .. }), "{e}");
 
-    for name in ["missing", "shape", "dtype", "extra", "json", "config", "notst", "empty"] {
+    for name in [
+        "missing", "shape", "dtype", "extra", "json", "config", "notst", "empty",
+    ] {
         let _ = std::fs::remove_dir_all(scratch(name));
     }
 }

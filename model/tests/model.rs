@@ -5,15 +5,31 @@ use flotilla_model::layers::Ctx;
 use flotilla_model::layers::loss::{self, shifted_targets};
 use flotilla_model::layers::rope;
 use flotilla_model::params::Params;
-use flotilla_model::{Batch, CpuDevice, DeepSeekV3, Device, ModelConfig, StageSpec, StepOptions, Weights};
+use flotilla_model::{
+    Batch, CpuDevice, DeepSeekV3, Device, ModelConfig, StageSpec, StepOptions, Weights,
+};
 
 fn batch(b: usize, t: usize, seed: u32) -> Batch {
-    Batch::causal((0..b * t).map(|i| ((i as u32).wrapping_mul(2654435761u32).wrapping_add(seed.wrapping_mul(40503)) >> 13) % 256).collect(), b, t)
+    Batch::causal(
+        (0..b * t)
+            .map(|i| {
+                ((i as u32)
+                    .wrapping_mul(2654435761u32)
+                    .wrapping_add(seed.wrapping_mul(40503))
+                    >> 13)
+                    % 256
+            })
+            .collect(),
+        b,
+        t,
+    )
 }
 
 fn values(dev: &CpuDevice, w: &Weights) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
-    w.visit("", &mut |n, t, _| out.push((n.to_string(), dev.download(t).unwrap_or_default())));
+    w.visit("", &mut |n, t, _| {
+        out.push((n.to_string(), dev.download(t).unwrap_or_default()))
+    });
     out
 }
 
@@ -23,9 +39,15 @@ fn pipeline_stages_reproduce_the_whole_model_step() {
     let cfg = ModelConfig::tiny();
     let model = DeepSeekV3::init(&cfg, &dev, 3).expect("init");
     let b = batch(2, 16, 1);
-    let opts = StepOptions { balance_alpha: 0.01, mtp_lambda: 0.3, keep_logits: false };
+    let opts = StepOptions {
+        balance_alpha: 0.01,
+        mtp_lambda: 0.3,
+        keep_logits: false,
+    };
     let mut whole = model.zero_grads(&dev);
-    let reference = model.forward_backward(&dev, &b, &opts, &mut whole).expect("step");
+    let reference = model
+        .forward_backward(&dev, &b, &opts, &mut whole)
+        .expect("step");
     assert!(reference.losses.mtp > 0.0 && reference.losses.balance > 0.0);
 
     for n_stages in [2, 3] {
@@ -35,7 +57,9 @@ fn pipeline_stages_reproduce_the_whole_model_step() {
         let mut losses = flotilla_model::LossParts::default();
         let mut hidden = None;
         for spec in &specs {
-            let (out, cache) = model.stage_forward(&dev, spec, &b, hidden.take(), &opts).expect("forward");
+            let (out, cache) = model
+                .stage_forward(&dev, spec, &b, hidden.take(), &opts)
+                .expect("forward");
             losses.merge(&out.losses);
             hidden = out.hidden;
             caches.push(cache);
@@ -50,7 +74,11 @@ fn pipeline_stages_reproduce_the_whole_model_step() {
             model.stage_backward_weight(&dev, cache, &mut grads);
         }
         assert_eq!(losses, reference.losses, "{n_stages} stages");
-        assert_eq!(values(&dev, &grads), values(&dev, &whole), "{n_stages} stages");
+        assert_eq!(
+            values(&dev, &grads),
+            values(&dev, &whole),
+            "{n_stages} stages"
+        );
     }
 }
 
@@ -63,21 +91,41 @@ fn mtp_loss_follows_the_report() {
     let model = DeepSeekV3::init(&cfg, &dev, 5).expect("init");
     let (bs, t) = (2, 12);
     let b = batch(bs, t, 9);
-    let opts = StepOptions { balance_alpha: 0.0, mtp_lambda: 0.5, keep_logits: false };
+    let opts = StepOptions {
+        balance_alpha: 0.0,
+        mtp_lambda: 0.5,
+        keep_logits: false,
+    };
     let out = model.forward(&dev, &b, &opts).expect("forward");
 
     let w = &model.weights;
     let table = rope::table(&cfg, &dev, t).expect("rope");
-    let ctx = Ctx { dev: &dev, batch: bs, seq: t, rope: &table, balance_alpha: 0.0 };
+    let ctx = Ctx {
+        dev: &dev,
+        batch: bs,
+        seq: t,
+        rope: &table,
+        balance_alpha: 0.0,
+    };
     let mut h = w.embed_tokens.forward(&dev, &b.input_ids);
     for block in &w.layers {
         h = block.forward(&ctx, h).0;
     }
-    let next: Vec<u32> = (0..bs * t).map(|i| if i % t + 1 < t { b.input_ids[i + 1] } else { 0 }).collect();
+    let next: Vec<u32> = (0..bs * t)
+        .map(|i| if i % t + 1 < t { b.input_ids[i + 1] } else { 0 })
+        .collect();
     let m = &w.mtp[0];
     let (h1, _) = m.forward(&ctx, &h, w.embed_tokens.forward(&dev, &next));
     let targets = shifted_targets(&b.labels, bs, t, 2);
-    let l1 = loss::forward(&dev, &m.shared_head_norm, &w.lm_head, &h1, &targets, 1.0, false);
+    let l1 = loss::forward(
+        &dev,
+        &m.shared_head_norm,
+        &w.lm_head,
+        &h1,
+        &targets,
+        1.0,
+        false,
+    );
     assert_eq!(l1.count, bs * (t - 2));
     assert!((out.losses.mtp_per_depth[0] - l1.loss).abs() < 1e-6);
     assert!((out.losses.mtp - 0.5 * l1.loss).abs() < 1e-6);
@@ -87,9 +135,15 @@ fn mtp_loss_follows_the_report() {
 fn init_is_deterministic_in_the_seed() {
     let dev = CpuDevice::new(1);
     let cfg = ModelConfig::tiny();
-    let a = DeepSeekV3::init(&cfg, &dev, 42).expect("init").params_sha256(&dev);
-    let b = DeepSeekV3::init(&cfg, &dev, 42).expect("init").params_sha256(&dev);
-    let c = DeepSeekV3::init(&cfg, &dev, 43).expect("init").params_sha256(&dev);
+    let a = DeepSeekV3::init(&cfg, &dev, 42)
+        .expect("init")
+        .params_sha256(&dev);
+    let b = DeepSeekV3::init(&cfg, &dev, 42)
+        .expect("init")
+        .params_sha256(&dev);
+    let c = DeepSeekV3::init(&cfg, &dev, 43)
+        .expect("init")
+        .params_sha256(&dev);
     assert!(a.is_some());
     assert_eq!(a, b);
     assert_ne!(a, c);
@@ -98,7 +152,10 @@ fn init_is_deterministic_in_the_seed() {
 #[test]
 fn config_round_trips_through_json() {
     let cfg = ModelConfig::tiny();
-    assert_eq!(ModelConfig::from_json(&cfg.to_json().expect("json")).expect("parse"), cfg);
+    assert_eq!(
+        ModelConfig::from_json(&cfg.to_json().expect("json")).expect("parse"),
+        cfg
+    );
     let err = ModelConfig::from_json("{\"hidden_size\": 4}").expect_err("incomplete");
     assert!(err.to_string().contains("missing field"), "{err}");
 }
@@ -114,7 +171,9 @@ fn a_few_sgd_steps_reduce_the_loss_and_the_bias_update_applies() {
     let mut last = 0.0;
     for _ in 0..8 {
         let mut g = model.zero_grads(&dev);
-        let out = model.forward_backward(&dev, &b, &opts, &mut g).expect("step");
+        let out = model
+            .forward_backward(&dev, &b, &opts, &mut g)
+            .expect("step");
         first.get_or_insert(out.losses.ce);
         last = out.losses.ce;
         let grads = g.trainable();
@@ -128,6 +187,9 @@ fn a_few_sgd_steps_reduce_the_loss_and_the_bias_update_applies() {
     }
     let first = first.unwrap_or(0.0);
     assert!(last < first - 0.1, "loss should fall: {first} -> {last}");
-    let bias = model.named()["model.layers.1.mlp.gate.e_score_correction_bias"].host().unwrap_or(&[]).to_vec();
+    let bias = model.named()["model.layers.1.mlp.gate.e_score_correction_bias"]
+        .host()
+        .unwrap_or(&[])
+        .to_vec();
     assert!(bias.iter().any(|&x| x != 0.0), "biases moved");
 }

@@ -2,6 +2,8 @@
 //! same run; the last line is `{"summary": {...}}`.
 
 pub mod actors;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod step;
 
 use serde_json::Value;

@@ -14,6 +14,30 @@ pub enum BenchCmd {
     Actors(ActorsArgs),
     /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes.
     Step(StepArgs),
+    /// NCCL all-reduce / all-to-all bus bandwidth between this host's GPUs (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Nccl(NcclArgs),
+}
+
+#[cfg(feature = "cuda")]
+#[derive(Debug, Args)]
+pub struct NcclArgs {
+    /// Print JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// GPUs to use (all when absent).
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// One process per GPU instead of one thread per GPU.
+    #[arg(long)]
+    procs: bool,
+    /// Internal: run as worker rank R of a `--procs` run.
+    #[arg(long, hide = true, requires_all = ["world", "nccl_id"])]
+    worker_rank: Option<usize>,
+    #[arg(long, hide = true)]
+    world: Option<usize>,
+    #[arg(long, hide = true)]
+    nccl_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +87,15 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             };
             let report = rt.block_on(actors::run(&args))?;
             report.print(a.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "cuda")]
+        BenchCmd::Nccl(a) => {
+            if let (Some(r), Some(w), Some(id)) = (a.worker_rank, a.world, a.nccl_id.as_deref()) {
+                crate::bench::nccl::run_worker(r, w, id)?;
+            } else {
+                crate::bench::nccl::run(a.gpus, a.procs)?.print(a.json);
+            }
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Step(a) => {

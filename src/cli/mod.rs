@@ -1,7 +1,10 @@
 //! Command-line parsing (clap) and dispatch to one module per command family.
 
 mod bench;
+mod ckpt;
 mod config;
+mod model;
+mod schedule;
 mod train;
 
 use std::process::ExitCode;
@@ -24,6 +27,14 @@ enum Command {
     /// Check or print job config files.
     #[command(subcommand)]
     Config(config::ConfigCmd),
+    /// Pipeline schedules (GPipe, 1F1B, ZB1P, DualPipe, DualPipeV): actions, bubbles, timeline SVG.
+    Schedule(schedule::ScheduleArgs),
+    /// Inspect or verify checkpoints.
+    #[command(subcommand)]
+    Ckpt(ckpt::CkptCmd),
+    /// Model tools: HF-layout weights in, logits / loss / gradients out.
+    #[command(subcommand)]
+    Model(model::ModelCmd),
     /// Benchmarks; each prints JSON lines with a same-run baseline and a final summary line.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -40,14 +51,33 @@ pub fn main() -> ExitCode {
         Command::Train(t) => train::run(t),
         Command::Config(c) => config::run(c),
         Command::Bench(b) => bench::run(b),
+        Command::Model(m) => model::run(m),
+        Command::Schedule(s) => schedule::run(s),
+        Command::Ckpt(c) => ckpt::run(c),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, leaving out a cause whose text the previous message already holds
+/// (thiserror variants often print their source themselves).
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn init_tracing() {

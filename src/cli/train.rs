@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use flotilla_actors::StepRecord;
+use flotilla_actors::{ResumeFrom, StepRecord};
 use flotilla_runtime::clock::RealClock;
 use flotilla_runtime::config::Config;
 use flotilla_runtime::storage::local::LocalStorage;
@@ -23,6 +23,10 @@ pub struct TrainArgs {
     /// Output directory for metrics.jsonl, events.jsonl, summary.json (overrides `job.out_dir`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Resume from a checkpoint: `latest` (of the job's `checkpoint.dir`), a step number, or a
+    /// path (a `step-…` directory or a checkpoint root).
+    #[arg(long)]
+    pub resume: Option<String>,
     /// No progress bar (the summary is still printed).
     #[arg(long)]
     pub quiet: bool,
@@ -52,6 +56,11 @@ fn job_config(args: &TrainArgs) -> Result<Config> {
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = job_config(&args)?;
+    let resume = args.resume.as_deref().map(|r| match (r, r.parse::<u64>()) {
+        ("latest", _) => ResumeFrom::Latest,
+        (_, Ok(step)) => ResumeFrom::Step(step),
+        (path, Err(_)) => ResumeFrom::Path(PathBuf::from(path)),
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,7 +90,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             bar.inc(1);
         };
         let storage = Arc::new(LocalStorage::new(out_dir.clone()));
-        let s = flotilla_actors::train(cfg, storage, Arc::new(RealClock), &mut on_step).await;
+        let s =
+            flotilla_actors::train_from(cfg, storage, Arc::new(RealClock), resume, &mut on_step)
+                .await;
         bar.finish();
         s.map_err(anyhow::Error::from)
     })?;

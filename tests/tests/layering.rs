@@ -37,7 +37,6 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
             "flotilla-actors",
             "flotilla-model",
             "flotilla-sims",
-            "ractor",
         ],
     ),
     ("flotilla-ckpt", &["flotilla-actors", "flotilla-sims"]),

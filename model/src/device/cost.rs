@@ -20,13 +20,21 @@ const F32: f64 = 4.0;
 pub fn gemm(m: usize, n: usize, k: usize, accumulate: bool) -> Work {
     let (m, n, k) = (m as f64, n as f64, k as f64);
     let c_traffic = if accumulate { 2.0 } else { 1.0 };
-    Work { flops: 2.0 * m * n * k, bytes: F32 * (m * k + k * n + c_traffic * m * n), gemm: true }
+    Work {
+        flops: 2.0 * m * n * k,
+        bytes: F32 * (m * k + k * n + c_traffic * m * n),
+        gemm: true,
+    }
 }
 
 /// An element-wise or row-wise kernel over `elems` elements doing `flops_per` FLOPs each and
 /// touching `passes` arrays of that size.
 pub fn elementwise(elems: usize, flops_per: f64, passes: f64) -> Work {
-    Work { flops: elems as f64 * flops_per, bytes: F32 * elems as f64 * passes, gemm: false }
+    Work {
+        flops: elems as f64 * flops_per,
+        bytes: F32 * elems as f64 * passes,
+        gemm: false,
+    }
 }
 
 /// A pure copy / gather / scatter of `elems` elements.

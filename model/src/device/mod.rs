@@ -18,9 +18,12 @@
 
 pub mod attention;
 pub mod cost;
-pub mod kernels;
 pub mod cpu;
+pub mod gemm;
+pub mod kernels;
+pub mod pool;
 pub mod sim;
+pub mod vmath;
 
 use std::fmt;
 use std::ops::Range;
@@ -67,11 +70,19 @@ pub struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// The whole tensor as a matrix.
     pub fn all(t: &'a Tensor) -> Mat<'a> {
-        Mat { t, rows: 0..t.rows(), trans: false }
+        Mat {
+            t,
+            rows: 0..t.rows(),
+            trans: false,
+        }
     }
     /// Rows `r` of the tensor.
     pub fn rows(t: &'a Tensor, r: Range<usize>) -> Mat<'a> {
-        Mat { t, rows: r, trans: false }
+        Mat {
+            t,
+            rows: r,
+            trans: false,
+        }
     }
     /// The transpose of this view.
     pub fn t(mut self) -> Mat<'a> {
@@ -163,10 +174,28 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Drains the cost accumulated since the last call.
     fn take_cost(&self) -> Cost;
 
+    /// Runs two independent pieces of work that issue operations on this device (e.g. the W
+    /// passes of different layers): concurrently where the device can (the CPU device on its
+    /// threads), else `a` then `b`. Each must leave the other's outputs alone; the cost
+    /// accumulated meanwhile counts the wall-clock time of the pair, not the sum.
+    fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
+        a();
+        b();
+    }
+
+    /// Runs `f` (which issues operations on this device) on the device's own host threads, where
+    /// it has some, so that the [`Device::join`]s inside are cheap; else on the calling thread.
+    fn on_device_threads(&self, f: &mut (dyn FnMut() + Send)) {
+        f();
+    }
+
     // ---- memory -------------------------------------------------------------------------------
 
     /// A tensor of zeros.
     fn zeros(&self, shape: &[usize]) -> Tensor;
+    /// A tensor whose contents are unspecified: the caller overwrites every element (e.g. a GEMM
+    /// output). On the CPU a recycled buffer; on CUDA an allocation without a memset.
+    fn empty(&self, shape: &[usize]) -> Tensor;
     /// A tensor holding host values `data` (the simulator keeps only the shape).
     fn upload(&self, shape: &[usize], data: &[f32]) -> Tensor;
     /// The values of a tensor in host memory; `None` on a device that holds no values.
@@ -219,7 +248,13 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Causal MLA attention. `q`: `[n, H*(nope+rope)]` (rope part rotated), `kv`: `[n, H*(nope+v)]`
     /// (k_nope then v per head), `k_pe`: `[n, rope]` (rotated, shared by all heads).
     /// Returns `(out [n, H*v], probs [B, H, T, T])`.
-    fn attention_forward(&self, q: &Tensor, kv: &Tensor, k_pe: &Tensor, s: AttnShape) -> (Tensor, Tensor);
+    fn attention_forward(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        k_pe: &Tensor,
+        s: AttnShape,
+    ) -> (Tensor, Tensor);
     /// Gradients `(dq, dkv, dk_pe)` of attention from `dout`.
     fn attention_backward(
         &self,
@@ -233,11 +268,23 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Sigmoid router with bias-adjusted, group-limited top-k selection (DeepSeek-V3 / HF semantics).
     fn router_forward(&self, logits: &Tensor, bias: &Tensor, spec: RouterSpec) -> RouterOut;
     /// Gradient of the combine weights with respect to the router logits, `[n, n_experts]`.
-    fn router_backward(&self, scores: &Tensor, topk: &[u32], dweights: &Tensor, spec: RouterSpec) -> Tensor;
+    fn router_backward(
+        &self,
+        scores: &Tensor,
+        topk: &[u32],
+        dweights: &Tensor,
+        spec: RouterSpec,
+    ) -> Tensor;
     /// Sequence-wise balance loss `α Σ_i f_i P_i` averaged over sequences of `seq_len` tokens
     /// (DeepSeek-V3 report eq. 17-20): returns the loss and its gradient w.r.t. the router logits.
-    fn balance_loss(&self, scores: &Tensor, topk: &[u32], spec: RouterSpec, seq_len: usize, alpha: f32)
-    -> (f32, Tensor);
+    fn balance_loss(
+        &self,
+        scores: &Tensor,
+        topk: &[u32],
+        spec: RouterSpec,
+        seq_len: usize,
+        alpha: f32,
+    ) -> (f32, Tensor);
     /// Fused softmax cross-entropy: returns `(Σ loss over targets ≥ 0, dlogits)` where
     /// `dlogits = grad_scale · (softmax − onehot)` on rows with a target and 0 elsewhere.
     fn cross_entropy(&self, logits: &Tensor, targets: &[i64], grad_scale: f32) -> (f32, Tensor);

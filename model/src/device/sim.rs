@@ -28,7 +28,12 @@ impl SimProfile {
     /// Roughly an NVIDIA H200 in bf16 with a realistic efficiency (dense GEMM ~600 TFLOP/s achieved,
     /// 60 TFLOP/s vector, 4.0 TB/s achieved HBM bandwidth, 4 µs per launch).
     pub fn h200() -> SimProfile {
-        SimProfile { gemm_flops_per_s: 600e12, vector_flops_per_s: 60e12, bytes_per_s: 4.0e12, launch_s: 4e-6 }
+        SimProfile {
+            gemm_flops_per_s: 600e12,
+            vector_flops_per_s: 60e12,
+            bytes_per_s: 4.0e12,
+            launch_s: 4e-6,
+        }
     }
 }
 
@@ -46,7 +51,10 @@ impl std::fmt::Debug for SimDevice {
 
 impl SimDevice {
     pub fn new(profile: SimProfile) -> SimDevice {
-        SimDevice { profile, cost: Mutex::new(Cost::default()) }
+        SimDevice {
+            profile,
+            cost: Mutex::new(Cost::default()),
+        }
     }
 
     pub fn profile(&self) -> &SimProfile {
@@ -55,7 +63,11 @@ impl SimDevice {
 
     fn charge(&self, w: Work) {
         let p = &self.profile;
-        let rate = if w.gemm { p.gemm_flops_per_s } else { p.vector_flops_per_s };
+        let rate = if w.gemm {
+            p.gemm_flops_per_s
+        } else {
+            p.vector_flops_per_s
+        };
         let secs = p.launch_s + (w.flops / rate).max(w.bytes / p.bytes_per_s);
         let mut c = self.cost.lock().unwrap_or_else(|e| e.into_inner());
         c.add(&Cost {
@@ -86,8 +98,16 @@ impl Device for SimDevice {
         so(shape)
     }
 
+    fn empty(&self, shape: &[usize]) -> Tensor {
+        so(shape)
+    }
+
     fn upload(&self, shape: &[usize], data: &[f32]) -> Tensor {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "upload {shape:?}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "upload {shape:?}"
+        );
         self.charge(cost::copy(data.len()));
         so(shape)
     }
@@ -104,7 +124,13 @@ impl Device for SimDevice {
     fn gemm(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
         let (m, k) = a.dims();
         let (k2, n) = b.dims();
-        assert_eq!(k, k2, "gemm: inner dimensions {:?} vs {:?}", a.dims(), b.dims());
+        assert_eq!(
+            k,
+            k2,
+            "gemm: inner dimensions {:?} vs {:?}",
+            a.dims(),
+            b.dims()
+        );
         assert_eq!((c.rows.len(), c.t.cols()), (m, n), "gemm: output shape");
         self.charge(cost::gemm(m, n, k, accumulate));
     }
@@ -121,7 +147,10 @@ impl Device for SimDevice {
     }
 
     fn write_cols(&self, dst: &mut Tensor, col0: usize, src: &Tensor) {
-        assert!(dst.rows() == src.rows() && col0 + src.cols() <= dst.cols(), "write_cols");
+        assert!(
+            dst.rows() == src.rows() && col0 + src.cols() <= dst.cols(),
+            "write_cols"
+        );
         self.charge(cost::copy(src.numel()));
     }
 
@@ -131,7 +160,10 @@ impl Device for SimDevice {
     }
 
     fn scatter_add_rows(&self, dst: &mut Tensor, src: &Tensor, index: &[u32]) {
-        assert!(src.cols() == dst.cols() && src.rows() == index.len(), "scatter_add_rows");
+        assert!(
+            src.cols() == dst.cols() && src.rows() == index.len(),
+            "scatter_add_rows"
+        );
         self.charge(cost::elementwise(src.numel(), 1.0, 3.0));
     }
 
@@ -160,7 +192,13 @@ impl Device for SimDevice {
         (so(x.shape()), so(&[x.rows(), 1]))
     }
 
-    fn rmsnorm_backward_input(&self, x: &Tensor, _w: &Tensor, _rstd: &Tensor, _dy: &Tensor) -> Tensor {
+    fn rmsnorm_backward_input(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        _rstd: &Tensor,
+        _dy: &Tensor,
+    ) -> Tensor {
         self.charge(cost::elementwise(x.numel(), 8.0, 3.0));
         so(x.shape())
     }
@@ -181,33 +219,75 @@ impl Device for SimDevice {
     }
 
     fn rope(&self, x: &mut Tensor, _table: &Tensor, spec: RopeSpec, _inverse: bool) {
-        self.charge(cost::elementwise(x.rows() * spec.heads * spec.dim, 3.0, 2.0));
+        self.charge(cost::elementwise(
+            x.rows() * spec.heads * spec.dim,
+            3.0,
+            2.0,
+        ));
     }
 
-    fn attention_forward(&self, _q: &Tensor, _kv: &Tensor, _k_pe: &Tensor, s: AttnShape) -> (Tensor, Tensor) {
+    fn attention_forward(
+        &self,
+        _q: &Tensor,
+        _kv: &Tensor,
+        _k_pe: &Tensor,
+        s: AttnShape,
+    ) -> (Tensor, Tensor) {
         self.charge(cost::attention_forward(&s));
-        (so(&[s.batch * s.seq, s.heads * s.v]), so(&[s.batch, s.heads, s.seq, s.seq]))
+        (
+            so(&[s.batch * s.seq, s.heads * s.v]),
+            so(&[s.batch, s.heads, s.seq, s.seq]),
+        )
     }
 
-    fn attention_backward(&self, q: &Tensor, kv: &Tensor, k_pe: &Tensor, _p: &Tensor, _dout: &Tensor, s: AttnShape) -> (Tensor, Tensor, Tensor) {
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        k_pe: &Tensor,
+        _p: &Tensor,
+        _dout: &Tensor,
+        s: AttnShape,
+    ) -> (Tensor, Tensor, Tensor) {
         self.charge(cost::attention_backward(&s));
         (so(q.shape()), so(kv.shape()), so(k_pe.shape()))
     }
 
     fn router_forward(&self, logits: &Tensor, _bias: &Tensor, spec: RouterSpec) -> RouterOut {
         let n = logits.rows();
-        self.charge(cost::elementwise(logits.numel(), 8.0 + spec.top_k as f64, 2.0));
+        self.charge(cost::elementwise(
+            logits.numel(),
+            8.0 + spec.top_k as f64,
+            2.0,
+        ));
         let k = spec.top_k;
         let topk = (0..n * k).map(|i| (i % spec.n_experts) as u32).collect();
-        RouterOut { scores: so(logits.shape()), topk, weights: so(&[n * k, 1]) }
+        RouterOut {
+            scores: so(logits.shape()),
+            topk,
+            weights: so(&[n * k, 1]),
+        }
     }
 
-    fn router_backward(&self, scores: &Tensor, _topk: &[u32], _dw: &Tensor, _spec: RouterSpec) -> Tensor {
+    fn router_backward(
+        &self,
+        scores: &Tensor,
+        _topk: &[u32],
+        _dw: &Tensor,
+        _spec: RouterSpec,
+    ) -> Tensor {
         self.charge(cost::elementwise(scores.numel(), 2.0, 2.0));
         so(scores.shape())
     }
 
-    fn balance_loss(&self, scores: &Tensor, _topk: &[u32], _spec: RouterSpec, _seq: usize, _alpha: f32) -> (f32, Tensor) {
+    fn balance_loss(
+        &self,
+        scores: &Tensor,
+        _topk: &[u32],
+        _spec: RouterSpec,
+        _seq: usize,
+        _alpha: f32,
+    ) -> (f32, Tensor) {
         self.charge(cost::elementwise(scores.numel(), 10.0, 3.0));
         (0.0, so(scores.shape()))
     }

@@ -68,12 +68,31 @@ pub struct BlockDys {
 impl Block {
     /// Layer `layer` (an index ≥ `num_hidden_layers` is an MTP module's block); `prefix` e.g.
     /// `"model.layers.3."`.
-    pub fn init(dev: &dyn Device, cfg: &ModelConfig, prefix: &str, layer: usize, seed: u64) -> Block {
+    pub fn init(
+        dev: &dyn Device,
+        cfg: &ModelConfig,
+        prefix: &str,
+        layer: usize,
+        seed: u64,
+    ) -> Block {
         let eps = cfg.rms_norm_eps as f32;
         let mlp = if cfg.is_moe_layer(layer) {
-            Ffn::Moe(Box::new(Moe::init(dev, cfg, &format!("{prefix}mlp."), layer, seed)))
+            Ffn::Moe(Box::new(Moe::init(
+                dev,
+                cfg,
+                &format!("{prefix}mlp."),
+                layer,
+                seed,
+            )))
         } else {
-            Ffn::Dense(Mlp::init(dev, &format!("{prefix}mlp."), cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range, seed))
+            Ffn::Dense(Mlp::init(
+                dev,
+                &format!("{prefix}mlp."),
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.initializer_range,
+                seed,
+            ))
         };
         Block {
             input_layernorm: RmsNorm::init(dev, cfg.hidden_size, eps),
@@ -100,7 +119,19 @@ impl Block {
             }
         };
         dev.add_assign(&mut out, &h);
-        (out, BlockCache { x, norm1, y1, attn, h, norm2, y2, ffn })
+        (
+            out,
+            BlockCache {
+                x,
+                norm1,
+                y1,
+                attn,
+                h,
+                norm2,
+                y2,
+                ffn,
+            },
+        )
     }
 
     /// Router load of this layer's forward (`None` for a dense layer).
@@ -120,7 +151,12 @@ impl Block {
     }
 
     /// B: `dx` from `d_out`.
-    pub fn backward_input(&self, ctx: &Ctx<'_>, c: &BlockCache, d_out: &Tensor) -> (Tensor, BlockDys) {
+    pub fn backward_input(
+        &self,
+        ctx: &Ctx<'_>,
+        c: &BlockCache,
+        d_out: &Tensor,
+    ) -> (Tensor, BlockDys) {
         let dev = ctx.dev;
         let (dy2, ffn) = match (&self.mlp, &c.ffn) {
             (Ffn::Dense(m), FfnCache::Dense(mc)) => {
@@ -133,42 +169,70 @@ impl Block {
             }
             _ => unreachable!("block cache does not match the layer"),
         };
-        let mut dh = self.post_attention_layernorm.backward_input(dev, &c.h, &c.norm2, &dy2);
+        let mut dh = self
+            .post_attention_layernorm
+            .backward_input(dev, &c.h, &c.norm2, &dy2);
         dev.add_assign(&mut dh, d_out);
         let (dy1, attn) = self.self_attn.backward_input(ctx, &c.attn, &dh);
-        let mut dx = self.input_layernorm.backward_input(dev, &c.x, &c.norm1, &dy1);
+        let mut dx = self
+            .input_layernorm
+            .backward_input(dev, &c.x, &c.norm1, &dy1);
         dev.add_assign(&mut dx, &dh);
-        (dx, BlockDys { dy1, attn, dy2, ffn })
+        (
+            dx,
+            BlockDys {
+                dy1,
+                attn,
+                dy2,
+                ffn,
+            },
+        )
     }
 
     /// W: accumulates the layer's weight gradients into `g`.
     pub fn backward_weight(&self, ctx: &Ctx<'_>, c: &BlockCache, dys: &BlockDys, g: &mut Block) {
         let dev = ctx.dev;
         match (&self.mlp, &mut g.mlp, &c.ffn, &dys.ffn) {
-            (Ffn::Dense(m), Ffn::Dense(gm), FfnCache::Dense(mc), FfnDys::Dense(d)) => m.backward_weight(dev, &c.y2, mc, d, gm),
-            (Ffn::Moe(m), Ffn::Moe(gm), FfnCache::Moe(mc), FfnDys::Moe(d)) => m.backward_weight(ctx, &c.y2, mc, d, gm),
+            (Ffn::Dense(m), Ffn::Dense(gm), FfnCache::Dense(mc), FfnDys::Dense(d)) => {
+                m.backward_weight(dev, &c.y2, mc, d, gm)
+            }
+            (Ffn::Moe(m), Ffn::Moe(gm), FfnCache::Moe(mc), FfnDys::Moe(d)) => {
+                m.backward_weight(ctx, &c.y2, mc, d, gm)
+            }
             _ => unreachable!("block gradients do not match the layer"),
         }
-        self.post_attention_layernorm.backward_weight(dev, &c.h, &c.norm2, &dys.dy2, &mut g.post_attention_layernorm);
-        self.self_attn.backward_weight(ctx, &c.y1, &c.attn, &dys.attn, &mut g.self_attn);
-        self.input_layernorm.backward_weight(dev, &c.x, &c.norm1, &dys.dy1, &mut g.input_layernorm);
+        self.post_attention_layernorm.backward_weight(
+            dev,
+            &c.h,
+            &c.norm2,
+            &dys.dy2,
+            &mut g.post_attention_layernorm,
+        );
+        self.self_attn
+            .backward_weight(ctx, &c.y1, &c.attn, &dys.attn, &mut g.self_attn);
+        self.input_layernorm
+            .backward_weight(dev, &c.x, &c.norm1, &dys.dy1, &mut g.input_layernorm);
     }
 }
 
 impl Params for Block {
     fn visit<'a>(&'a self, p: &str, f: &mut dyn FnMut(&str, &'a Tensor, Kind)) {
-        self.input_layernorm.visit(&format!("{p}input_layernorm."), f);
+        self.input_layernorm
+            .visit(&format!("{p}input_layernorm."), f);
         self.self_attn.visit(&format!("{p}self_attn."), f);
-        self.post_attention_layernorm.visit(&format!("{p}post_attention_layernorm."), f);
+        self.post_attention_layernorm
+            .visit(&format!("{p}post_attention_layernorm."), f);
         match &self.mlp {
             Ffn::Dense(m) => m.visit(&format!("{p}mlp."), f),
             Ffn::Moe(m) => m.visit(&format!("{p}mlp."), f),
         }
     }
     fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor, Kind)) {
-        self.input_layernorm.visit_mut(&format!("{p}input_layernorm."), f);
+        self.input_layernorm
+            .visit_mut(&format!("{p}input_layernorm."), f);
         self.self_attn.visit_mut(&format!("{p}self_attn."), f);
-        self.post_attention_layernorm.visit_mut(&format!("{p}post_attention_layernorm."), f);
+        self.post_attention_layernorm
+            .visit_mut(&format!("{p}post_attention_layernorm."), f);
         match &mut self.mlp {
             Ffn::Dense(m) => m.visit_mut(&format!("{p}mlp."), f),
             Ffn::Moe(m) => m.visit_mut(&format!("{p}mlp."), f),
@@ -187,7 +251,13 @@ mod tests {
         let cfg = small_config();
         let (b, t) = (2, 4);
         let rope = rope_table(&cfg, &d, t);
-        let ctx = Ctx { dev: &d, batch: b, seq: t, rope: &rope, balance_alpha: 0.0 };
+        let ctx = Ctx {
+            dev: &d,
+            batch: b,
+            seq: t,
+            rope: &rope,
+            balance_alpha: 0.0,
+        };
         let x = randn(&[b * t, cfg.hidden_size], 1, 1.0);
         let block = Block::init(&d, &cfg, "l.", layer, 4);
         let r = randn(&[b * t, cfg.hidden_size], 3, 1.0);
@@ -198,9 +268,30 @@ mod tests {
         let mut st = (block, x);
         let loss = |s: &(Block, Tensor)| project(&s.0.forward(&ctx, s.1.clone()).0, &r);
         check("block dx", &mut st, |s| &mut s.1, loss, &dx, 40);
-        check("block input_layernorm", &mut st, |s| &mut s.0.input_layernorm.weight, loss, &g.input_layernorm.weight, 16);
-        check("block post_attention_layernorm", &mut st, |s| &mut s.0.post_attention_layernorm.weight, loss, &g.post_attention_layernorm.weight, 16);
-        check("block o_proj", &mut st, |s| &mut s.0.self_attn.o_proj.weight, loss, &g.self_attn.o_proj.weight, 20);
+        check(
+            "block input_layernorm",
+            &mut st,
+            |s| &mut s.0.input_layernorm.weight,
+            loss,
+            &g.input_layernorm.weight,
+            16,
+        );
+        check(
+            "block post_attention_layernorm",
+            &mut st,
+            |s| &mut s.0.post_attention_layernorm.weight,
+            loss,
+            &g.post_attention_layernorm.weight,
+            16,
+        );
+        check(
+            "block o_proj",
+            &mut st,
+            |s| &mut s.0.self_attn.o_proj.weight,
+            loss,
+            &g.self_attn.o_proj.weight,
+            20,
+        );
     }
 
     #[test]

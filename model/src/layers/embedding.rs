@@ -12,9 +12,18 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn init(dev: &dyn Device, name: &str, vocab: usize, dim: usize, std: f64, seed: u64) -> Embedding {
+    pub fn init(
+        dev: &dyn Device,
+        name: &str,
+        vocab: usize,
+        dim: usize,
+        std: f64,
+        seed: u64,
+    ) -> Embedding {
         let w = Rng::for_name(seed, name).normal_vec(vocab * dim, std);
-        Embedding { weight: dev.upload(&[vocab, dim], &w) }
+        Embedding {
+            weight: dev.upload(&[vocab, dim], &w),
+        }
     }
 
     pub fn forward(&self, dev: &dyn Device, ids: &[u32]) -> Tensor {
@@ -22,7 +31,13 @@ impl Embedding {
     }
 
     /// W: `dtable[ids[r]] += dy[r]`.
-    pub fn backward_weight(&self, dev: &dyn Device, ids: &[u32], dy: &Tensor, grad: &mut Embedding) {
+    pub fn backward_weight(
+        &self,
+        dev: &dyn Device,
+        ids: &[u32],
+        dy: &Tensor,
+        grad: &mut Embedding,
+    ) {
         dev.embedding_backward(ids, dy, &mut grad.weight)
     }
 }
@@ -45,12 +60,23 @@ mod tests {
     fn embedding_backward_matches_finite_differences() {
         let d = dev();
         let ids = [3u32, 1, 3, 0, 2];
-        let emb = Embedding { weight: randn(&[4, 6], 1, 1.0) };
+        let emb = Embedding {
+            weight: randn(&[4, 6], 1, 1.0),
+        };
         let r = randn(&[5, 6], 2, 1.0);
-        let mut g = Embedding { weight: d.zeros(&[4, 6]) };
+        let mut g = Embedding {
+            weight: d.zeros(&[4, 6]),
+        };
         emb.backward_weight(&d, &ids, &r, &mut g);
         let mut st = emb;
         let loss = |s: &Embedding| project(&s.forward(&d, &ids), &r);
-        check("embedding dW", &mut st, |s| &mut s.weight, loss, &g.weight, 24);
+        check(
+            "embedding dW",
+            &mut st,
+            |s| &mut s.weight,
+            loss,
+            &g.weight,
+            24,
+        );
     }
 }

@@ -20,12 +20,19 @@ pub fn dev() -> CpuDevice {
 
 /// A host tensor of N(0, std²) values.
 pub fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
-    Tensor::from_host(shape, Rng::new(seed).normal_vec(shape.iter().product(), std))
+    Tensor::from_host(
+        shape,
+        Rng::new(seed).normal_vec(shape.iter().product(), std),
+    )
 }
 
 /// `Σ y ⊙ r` in f64.
 pub fn project(y: &Tensor, r: &Tensor) -> f64 {
-    y.h().iter().zip(r.h()).map(|(a, b)| *a as f64 * *b as f64).sum()
+    y.h()
+        .iter()
+        .zip(r.h())
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum()
 }
 
 /// A small config for layer tests (tiny model, fewer heads / narrower).
@@ -48,11 +55,22 @@ pub fn small_config() -> ModelConfig {
 /// Checks `analytic` (the gradient of `loss` w.r.t. the tensor `get(state)`) on up to `samples`
 /// components by central differences. A `loss` that returns NaN marks a perturbation that changed a
 /// discrete decision (e.g. which experts the router chose); such components are skipped. Panics with a report when the relative error exceeds TOL.
-pub fn check<T>(label: &str, state: &mut T, get: fn(&mut T) -> &mut Tensor, loss: impl Fn(&T) -> f64, analytic: &Tensor, samples: usize) {
+pub fn check<T>(
+    label: &str,
+    state: &mut T,
+    get: fn(&mut T) -> &mut Tensor,
+    loss: impl Fn(&T) -> f64,
+    analytic: &Tensor,
+    samples: usize,
+) {
     let ana = analytic.h().to_vec();
     let n = ana.len();
     let step = (n / samples.max(1)).max(1);
-    let idx: Vec<usize> = (0..n).step_by(step).take(samples).map(|i| (i * 7 + 3) % n).collect();
+    let idx: Vec<usize> = (0..n)
+        .step_by(step)
+        .take(samples)
+        .map(|i| (i * 7 + 3) % n)
+        .collect();
     let (mut num2, mut den2) = (0.0f64, 0.0f64);
     let mut worst = (0usize, 0.0f64, 0.0f64);
     for &i in &idx {
@@ -82,7 +100,10 @@ pub fn check<T>(label: &str, state: &mut T, get: fn(&mut T) -> &mut Tensor, loss
         worst.2,
         ana[worst.0]
     );
-    assert!(den2 > 0.0, "{label}: analytic gradient is zero on every sampled component");
+    assert!(
+        den2 > 0.0,
+        "{label}: analytic gradient is zero on every sampled component"
+    );
 }
 
 /// A zeroed host tensor shaped like `t`.

@@ -15,9 +15,18 @@ pub struct Linear {
 
 impl Linear {
     /// `W ~ N(0, std²)` from the named stream of `seed`.
-    pub fn init(dev: &dyn Device, name: &str, out_f: usize, in_f: usize, std: f64, seed: u64) -> Linear {
+    pub fn init(
+        dev: &dyn Device,
+        name: &str,
+        out_f: usize,
+        in_f: usize,
+        std: f64,
+        seed: u64,
+    ) -> Linear {
         let w = Rng::for_name(seed, name).normal_vec(out_f * in_f, std);
-        Linear { weight: dev.upload(&[out_f, in_f], &w) }
+        Linear {
+            weight: dev.upload(&[out_f, in_f], &w),
+        }
     }
 
     pub fn out_features(&self) -> usize {
@@ -26,36 +35,80 @@ impl Linear {
 
     /// `y = x Wᵀ`.
     pub fn forward(&self, dev: &dyn Device, x: &Tensor) -> Tensor {
-        let mut y = dev.zeros(&[x.rows(), self.out_features()]);
-        dev.gemm(MatMut::all(&mut y), Mat::all(x), Mat::all(&self.weight).t(), false);
+        let mut y = dev.empty(&[x.rows(), self.out_features()]);
+        dev.gemm(
+            MatMut::all(&mut y),
+            Mat::all(x),
+            Mat::all(&self.weight).t(),
+            false,
+        );
         y
     }
 
     /// `y[rows] = x[rows] Wᵀ` (one expert's slice of a dispatched batch).
     pub fn forward_rows(&self, dev: &dyn Device, x: &Tensor, rows: Range<usize>, y: &mut Tensor) {
-        dev.gemm(MatMut::rows(y, rows.clone()), Mat::rows(x, rows), Mat::all(&self.weight).t(), false);
+        dev.gemm(
+            MatMut::rows(y, rows.clone()),
+            Mat::rows(x, rows),
+            Mat::all(&self.weight).t(),
+            false,
+        );
     }
 
     /// B: `dx = dy W`.
     pub fn backward_input(&self, dev: &dyn Device, dy: &Tensor) -> Tensor {
-        let mut dx = dev.zeros(&[dy.rows(), self.weight.cols()]);
-        dev.gemm(MatMut::all(&mut dx), Mat::all(dy), Mat::all(&self.weight), false);
+        let mut dx = dev.empty(&[dy.rows(), self.weight.cols()]);
+        dev.gemm(
+            MatMut::all(&mut dx),
+            Mat::all(dy),
+            Mat::all(&self.weight),
+            false,
+        );
         dx
     }
 
     /// B on a row range: `dx[rows] (+)= dy[rows] W`.
-    pub fn backward_input_rows(&self, dev: &dyn Device, dy: &Tensor, rows: Range<usize>, dx: &mut Tensor, accumulate: bool) {
-        dev.gemm(MatMut::rows(dx, rows.clone()), Mat::rows(dy, rows), Mat::all(&self.weight), accumulate);
+    pub fn backward_input_rows(
+        &self,
+        dev: &dyn Device,
+        dy: &Tensor,
+        rows: Range<usize>,
+        dx: &mut Tensor,
+        accumulate: bool,
+    ) {
+        dev.gemm(
+            MatMut::rows(dx, rows.clone()),
+            Mat::rows(dy, rows),
+            Mat::all(&self.weight),
+            accumulate,
+        );
     }
 
     /// W: `dW += dyᵀ x`.
     pub fn backward_weight(&self, dev: &dyn Device, x: &Tensor, dy: &Tensor, grad: &mut Linear) {
-        dev.gemm(MatMut::all(&mut grad.weight), Mat::all(dy).t(), Mat::all(x), true);
+        dev.gemm(
+            MatMut::all(&mut grad.weight),
+            Mat::all(dy).t(),
+            Mat::all(x),
+            true,
+        );
     }
 
     /// W on a row range: `dW += dy[rows]ᵀ x[rows]`.
-    pub fn backward_weight_rows(&self, dev: &dyn Device, x: &Tensor, dy: &Tensor, rows: Range<usize>, grad: &mut Linear) {
-        dev.gemm(MatMut::all(&mut grad.weight), Mat::rows(dy, rows.clone()).t(), Mat::rows(x, rows), true);
+    pub fn backward_weight_rows(
+        &self,
+        dev: &dyn Device,
+        x: &Tensor,
+        dy: &Tensor,
+        rows: Range<usize>,
+        grad: &mut Linear,
+    ) {
+        dev.gemm(
+            MatMut::all(&mut grad.weight),
+            Mat::rows(dy, rows.clone()).t(),
+            Mat::rows(x, rows),
+            true,
+        );
     }
 }
 
@@ -77,14 +130,25 @@ mod tests {
     fn linear_backward_matches_finite_differences() {
         let d = dev();
         let x = randn(&[6, 5], 1, 1.0);
-        let lin = Linear { weight: randn(&[4, 5], 2, 0.5) };
+        let lin = Linear {
+            weight: randn(&[4, 5], 2, 0.5),
+        };
         let r = randn(&[6, 4], 3, 1.0);
         let dx = lin.backward_input(&d, &r);
-        let mut g = Linear { weight: d.zeros(&[4, 5]) };
+        let mut g = Linear {
+            weight: d.zeros(&[4, 5]),
+        };
         lin.backward_weight(&d, &x, &r, &mut g);
         let mut st = (lin, x);
         let loss = |s: &(Linear, Tensor)| project(&s.0.forward(&d, &s.1), &r);
         check("linear dx", &mut st, |s| &mut s.1, loss, &dx, 30);
-        check("linear dW", &mut st, |s| &mut s.0.weight, loss, &g.weight, 20);
+        check(
+            "linear dW",
+            &mut st,
+            |s| &mut s.0.weight,
+            loss,
+            &g.weight,
+            20,
+        );
     }
 }

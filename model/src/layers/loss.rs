@@ -57,14 +57,31 @@ pub fn forward(
     let (y, nc) = norm.forward(dev, h);
     let logits = lm_head.forward(dev, &y);
     let count = targets.iter().filter(|&&t| t >= 0).count();
-    let scale = if count > 0 { weight / count as f32 } else { 0.0 };
+    let scale = if count > 0 {
+        weight / count as f32
+    } else {
+        0.0
+    };
     let (sum, d_logits) = dev.cross_entropy(&logits, targets, scale);
     let loss = if count > 0 { sum / count as f32 } else { 0.0 };
-    LmLossCache { y, norm: nc, d_logits, logits: keep_logits.then_some(logits), loss, count }
+    LmLossCache {
+        y,
+        norm: nc,
+        d_logits,
+        logits: keep_logits.then_some(logits),
+        loss,
+        count,
+    }
 }
 
 /// B: gradient of `weight · loss` w.r.t. `h`.
-pub fn backward_input(dev: &dyn Device, norm: &RmsNorm, lm_head: &Linear, h: &Tensor, c: &LmLossCache) -> (Tensor, LmLossDys) {
+pub fn backward_input(
+    dev: &dyn Device,
+    norm: &RmsNorm,
+    lm_head: &Linear,
+    h: &Tensor,
+    c: &LmLossCache,
+) -> (Tensor, LmLossDys) {
     let d_y = lm_head.backward_input(dev, &c.d_logits);
     let dh = norm.backward_input(dev, h, &c.norm, &d_y);
     (dh, LmLossDys { d_y })
@@ -93,27 +110,59 @@ mod tests {
 
     #[test]
     fn shifting_follows_hf() {
-        assert_eq!(shifted_targets(&[1, 2, 3, 4, 5, 6], 2, 3, 1), vec![2, 3, IGNORE, 5, 6, IGNORE]);
-        assert_eq!(shifted_targets(&[1, 2, 3], 1, 3, 2), vec![3, IGNORE, IGNORE]);
+        assert_eq!(
+            shifted_targets(&[1, 2, 3, 4, 5, 6], 2, 3, 1),
+            vec![2, 3, IGNORE, 5, 6, IGNORE]
+        );
+        assert_eq!(
+            shifted_targets(&[1, 2, 3], 1, 3, 2),
+            vec![3, IGNORE, IGNORE]
+        );
     }
 
     #[test]
     fn loss_head_backward_matches_finite_differences() {
         let d = dev();
         let h = randn(&[6, 8], 1, 1.0);
-        let norm = RmsNorm { weight: randn(&[8], 2, 1.0), eps: 1e-6 };
-        let head = Linear { weight: randn(&[11, 8], 3, 0.5) };
+        let norm = RmsNorm {
+            weight: randn(&[8], 2, 1.0),
+            eps: 1e-6,
+        };
+        let head = Linear {
+            weight: randn(&[11, 8], 3, 0.5),
+        };
         let targets = [3i64, IGNORE, 0, 10, 7, IGNORE];
         let c = forward(&d, &norm, &head, &h, &targets, 1.0, false);
         assert_eq!(c.count, 4);
         let (dh, dys) = backward_input(&d, &norm, &head, &h, &c);
-        let mut gn = RmsNorm { weight: d.zeros(&[8]), eps: 1e-6 };
-        let mut gh = Linear { weight: d.zeros(&[11, 8]) };
+        let mut gn = RmsNorm {
+            weight: d.zeros(&[8]),
+            eps: 1e-6,
+        };
+        let mut gh = Linear {
+            weight: d.zeros(&[11, 8]),
+        };
         backward_weight(&d, &norm, &head, &h, &c, &dys, &mut gn, &mut gh);
         let mut st = (norm, head, h);
-        let loss = |s: &(RmsNorm, Linear, Tensor)| forward(&d, &s.0, &s.1, &s.2, &targets, 1.0, false).loss as f64;
+        let loss = |s: &(RmsNorm, Linear, Tensor)| {
+            forward(&d, &s.0, &s.1, &s.2, &targets, 1.0, false).loss as f64
+        };
         check("loss dh", &mut st, |s| &mut s.2, loss, &dh, 48);
-        check("loss norm", &mut st, |s| &mut s.0.weight, loss, &gn.weight, 8);
-        check("loss lm_head", &mut st, |s| &mut s.1.weight, loss, &gh.weight, 40);
+        check(
+            "loss norm",
+            &mut st,
+            |s| &mut s.0.weight,
+            loss,
+            &gn.weight,
+            8,
+        );
+        check(
+            "loss lm_head",
+            &mut st,
+            |s| &mut s.1.weight,
+            loss,
+            &gh.weight,
+            40,
+        );
     }
 }

@@ -35,9 +35,22 @@ pub struct MlpDys {
 }
 
 impl Mlp {
-    pub fn init(dev: &dyn Device, prefix: &str, hidden: usize, width: usize, std: f64, seed: u64) -> Mlp {
-        let lin = |name: &str, o, i| Linear::init(dev, &format!("{prefix}{name}.weight"), o, i, std, seed);
-        Mlp { gate_proj: lin("gate_proj", width, hidden), up_proj: lin("up_proj", width, hidden), down_proj: lin("down_proj", hidden, width) }
+    pub fn init(
+        dev: &dyn Device,
+        prefix: &str,
+        hidden: usize,
+        width: usize,
+        std: f64,
+        seed: u64,
+    ) -> Mlp {
+        let lin = |name: &str, o, i| {
+            Linear::init(dev, &format!("{prefix}{name}.weight"), o, i, std, seed)
+        };
+        Mlp {
+            gate_proj: lin("gate_proj", width, hidden),
+            up_proj: lin("up_proj", width, hidden),
+            down_proj: lin("down_proj", hidden, width),
+        }
     }
 
     pub fn width(&self) -> usize {
@@ -58,18 +71,42 @@ impl Mlp {
         let (dg, du) = dev.swiglu_backward(&c.g, &c.u, &dh);
         let mut dx = self.gate_proj.backward_input(dev, &dg);
         dev.add_assign(&mut dx, &self.up_proj.backward_input(dev, &du));
-        (dx, MlpDys { dy: dev.copy(dy), dg, du })
+        (
+            dx,
+            MlpDys {
+                dy: dev.copy(dy),
+                dg,
+                du,
+            },
+        )
     }
 
     /// W: accumulates the three weight gradients.
-    pub fn backward_weight(&self, dev: &dyn Device, x: &Tensor, c: &MlpCache, dys: &MlpDys, g: &mut Mlp) {
-        self.down_proj.backward_weight(dev, &c.h, &dys.dy, &mut g.down_proj);
-        self.gate_proj.backward_weight(dev, x, &dys.dg, &mut g.gate_proj);
-        self.up_proj.backward_weight(dev, x, &dys.du, &mut g.up_proj);
+    pub fn backward_weight(
+        &self,
+        dev: &dyn Device,
+        x: &Tensor,
+        c: &MlpCache,
+        dys: &MlpDys,
+        g: &mut Mlp,
+    ) {
+        self.down_proj
+            .backward_weight(dev, &c.h, &dys.dy, &mut g.down_proj);
+        self.gate_proj
+            .backward_weight(dev, x, &dys.dg, &mut g.gate_proj);
+        self.up_proj
+            .backward_weight(dev, x, &dys.du, &mut g.up_proj);
     }
 
     /// Gate and up projections of rows `r` of a dispatched batch into `g`, `u`.
-    pub fn forward_gate_up_rows(&self, dev: &dyn Device, x: &Tensor, r: Range<usize>, g: &mut Tensor, u: &mut Tensor) {
+    pub fn forward_gate_up_rows(
+        &self,
+        dev: &dyn Device,
+        x: &Tensor,
+        r: Range<usize>,
+        g: &mut Tensor,
+        u: &mut Tensor,
+    ) {
         self.gate_proj.forward_rows(dev, x, r.clone(), g);
         self.up_proj.forward_rows(dev, x, r, u);
     }
@@ -107,8 +144,29 @@ mod tests {
         let mut st = (mlp, x);
         let loss = |s: &(Mlp, Tensor)| project(&s.0.forward(&d, &s.1).0, &r);
         check("mlp dx", &mut st, |s| &mut s.1, loss, &dx, 30);
-        check("mlp d gate", &mut st, |s| &mut s.0.gate_proj.weight, loss, &g.gate_proj.weight, 20);
-        check("mlp d up", &mut st, |s| &mut s.0.up_proj.weight, loss, &g.up_proj.weight, 20);
-        check("mlp d down", &mut st, |s| &mut s.0.down_proj.weight, loss, &g.down_proj.weight, 20);
+        check(
+            "mlp d gate",
+            &mut st,
+            |s| &mut s.0.gate_proj.weight,
+            loss,
+            &g.gate_proj.weight,
+            20,
+        );
+        check(
+            "mlp d up",
+            &mut st,
+            |s| &mut s.0.up_proj.weight,
+            loss,
+            &g.up_proj.weight,
+            20,
+        );
+        check(
+            "mlp d down",
+            &mut st,
+            |s| &mut s.0.down_proj.weight,
+            loss,
+            &g.down_proj.weight,
+            20,
+        );
     }
 }

@@ -34,7 +34,7 @@ pub struct Ctx<'a> {
     pub batch: usize,
     /// Tokens per sequence.
     pub seq: usize,
-    /// RoPE cos/sin table for positions `0..seq` (see [`rope::RopeTable`]).
+    /// RoPE cos/sin table for positions `0..seq` (see [`rope::table`]).
     pub rope: &'a Tensor,
     /// Sequence-wise balance-loss weight α (0: off).
     pub balance_alpha: f32,

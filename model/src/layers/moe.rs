@@ -34,7 +34,10 @@ pub struct DispatchPlan {
 impl DispatchPlan {
     /// Rows sent to each expert.
     pub fn counts(&self) -> Vec<u64> {
-        self.offsets.windows(2).map(|w| (w[1] - w[0]) as u64).collect()
+        self.offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u64)
+            .collect()
     }
 
     pub fn rows(&self, e: usize) -> std::ops::Range<usize> {
@@ -60,7 +63,11 @@ pub fn plan_dispatch(topk: &[u32], n_experts: usize, top_k: usize) -> DispatchPl
         token_of_row[r] = (slot / top_k) as u32;
         slot_of_row[r] = slot as u32;
     }
-    DispatchPlan { offsets, token_of_row, slot_of_row }
+    DispatchPlan {
+        offsets,
+        token_of_row,
+        slot_of_row,
+    }
 }
 
 /// Tokens → expert-grouped rows: `xe[r] = x[token_of_row[r]]`.
@@ -70,7 +77,13 @@ pub fn dispatch(dev: &dyn Device, x: &Tensor, plan: &DispatchPlan) -> Tensor {
 
 /// Expert-grouped rows → tokens: `y[t] = Σ_{r: token(r)=t} w_perm[r] · ye[r]`, with `w_perm` the
 /// combine weights in row order (`[rows, 1]`).
-pub fn combine(dev: &dyn Device, ye: &Tensor, w_perm: &Tensor, plan: &DispatchPlan, n_tokens: usize) -> Tensor {
+pub fn combine(
+    dev: &dyn Device,
+    ye: &Tensor,
+    w_perm: &Tensor,
+    plan: &DispatchPlan,
+    n_tokens: usize,
+) -> Tensor {
     let mut weighted = dev.copy(ye);
     dev.scale_rows(&mut weighted, w_perm);
     let mut y = dev.zeros(&[n_tokens, ye.cols()]);
@@ -79,7 +92,13 @@ pub fn combine(dev: &dyn Device, ye: &Tensor, w_perm: &Tensor, plan: &DispatchPl
 }
 
 /// Backward of [`combine`]: returns `(d_ye, d_w_perm)`.
-pub fn combine_backward(dev: &dyn Device, dy: &Tensor, ye: &Tensor, w_perm: &Tensor, plan: &DispatchPlan) -> (Tensor, Tensor) {
+pub fn combine_backward(
+    dev: &dyn Device,
+    dy: &Tensor,
+    ye: &Tensor,
+    w_perm: &Tensor,
+    plan: &DispatchPlan,
+) -> (Tensor, Tensor) {
     let mut d_ye = dev.gather_rows(dy, &plan.token_of_row);
     let d_w = dev.rows_dot(&d_ye, ye);
     dev.scale_rows(&mut d_ye, w_perm);
@@ -87,7 +106,12 @@ pub fn combine_backward(dev: &dyn Device, dy: &Tensor, ye: &Tensor, w_perm: &Ten
 }
 
 /// Backward of [`dispatch`]: `dx[t] = Σ_{r: token(r)=t} d_xe[r]`.
-pub fn dispatch_backward(dev: &dyn Device, d_xe: &Tensor, plan: &DispatchPlan, n_tokens: usize) -> Tensor {
+pub fn dispatch_backward(
+    dev: &dyn Device,
+    d_xe: &Tensor,
+    plan: &DispatchPlan,
+    n_tokens: usize,
+) -> Tensor {
     let mut dx = dev.zeros(&[n_tokens, d_xe.cols()]);
     dev.scatter_add_rows(&mut dx, d_xe, &plan.token_of_row);
     dx
@@ -126,11 +150,24 @@ pub struct MoeDys {
 
 impl Moe {
     pub fn init(dev: &dyn Device, cfg: &ModelConfig, prefix: &str, layer: usize, seed: u64) -> Moe {
-        let (d, w, std) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.initializer_range);
+        let (d, w, std) = (
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            cfg.initializer_range,
+        );
         Moe {
-            experts: (0..cfg.n_routed_experts).map(|j| Mlp::init(dev, &format!("{prefix}experts.{j}."), d, w, std, seed)).collect(),
+            experts: (0..cfg.n_routed_experts)
+                .map(|j| Mlp::init(dev, &format!("{prefix}experts.{j}."), d, w, std, seed))
+                .collect(),
             gate: Router::init(dev, cfg, &format!("{prefix}gate."), seed),
-            shared_experts: Mlp::init(dev, &format!("{prefix}shared_experts."), d, w * cfg.n_shared_experts, std, seed),
+            shared_experts: Mlp::init(
+                dev,
+                &format!("{prefix}shared_experts."),
+                d,
+                w * cfg.n_shared_experts,
+                std,
+                seed,
+            ),
             layer,
         }
     }
@@ -138,76 +175,150 @@ impl Moe {
     pub fn forward(&self, ctx: &Ctx<'_>, x: &Tensor) -> (Tensor, MoeCache) {
         let dev = ctx.dev;
         let n = x.rows();
-        let (weights, router) = self.gate.forward(ctx, x);
-        let plan = plan_dispatch(&router.topk, self.experts.len(), self.gate.spec.top_k);
-        let xe = dispatch(dev, x, &plan);
+        // The routed experts and the shared expert are independent until their outputs are
+        // summed: the device runs them side by side.
+        let mut routed_out = None;
+        let mut routed = || {
+            let (weights, router) = self.gate.forward(ctx, x);
+            let plan = plan_dispatch(&router.topk, self.experts.len(), self.gate.spec.top_k);
+            let xe = dispatch(dev, x, &plan);
 
-        let rows = xe.rows();
-        let width = self.experts.first().map_or(0, Mlp::width);
-        let (mut g, mut u) = (dev.zeros(&[rows, width]), dev.zeros(&[rows, width]));
-        for (e, expert) in self.experts.iter().enumerate() {
-            expert.forward_gate_up_rows(dev, &xe, plan.rows(e), &mut g, &mut u);
-        }
-        let h = dev.swiglu_forward(&g, &u);
-        let mut ye = dev.zeros(&[rows, x.cols()]);
-        for (e, expert) in self.experts.iter().enumerate() {
-            expert.down_proj.forward_rows(dev, &h, plan.rows(e), &mut ye);
-        }
+            let rows = xe.rows();
+            let width = self.experts.first().map_or(0, Mlp::width);
+            // Every row belongs to exactly one expert, so the per-expert GEMMs overwrite these fully.
+            let (mut g, mut u) = (dev.empty(&[rows, width]), dev.empty(&[rows, width]));
+            for (e, expert) in self.experts.iter().enumerate() {
+                expert.forward_gate_up_rows(dev, &xe, plan.rows(e), &mut g, &mut u);
+            }
+            let h = dev.swiglu_forward(&g, &u);
+            let mut ye = dev.empty(&[rows, x.cols()]);
+            for (e, expert) in self.experts.iter().enumerate() {
+                expert
+                    .down_proj
+                    .forward_rows(dev, &h, plan.rows(e), &mut ye);
+            }
 
-        let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
-        let mut y = combine(dev, &ye, &w_perm, &plan, n);
-        let (ys, shared) = self.shared_experts.forward(dev, x);
+            let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
+            let y = combine(dev, &ye, &w_perm, &plan, n);
+            routed_out = Some((y, router, plan, xe, MlpCache { g, u, h }, ye, w_perm));
+        };
+        let mut shared_out = None;
+        let mut shared = || shared_out = Some(self.shared_experts.forward(dev, x));
+        dev.join(&mut routed, &mut shared);
+        let (mut y, router, plan, xe, experts, ye, w_perm) =
+            routed_out.expect("the routed experts ran");
+        let (ys, shared) = shared_out.expect("the shared expert ran");
         dev.add_assign(&mut y, &ys);
-        (y, MoeCache { router, plan, xe, experts: MlpCache { g, u, h }, ye, w_perm, shared })
+        (
+            y,
+            MoeCache {
+                router,
+                plan,
+                xe,
+                experts,
+                ye,
+                w_perm,
+                shared,
+            },
+        )
     }
 
     /// Tokens each expert received in this forward.
     pub fn load(&self, c: &MoeCache) -> ExpertLoad {
-        ExpertLoad { layer: self.layer, counts: c.plan.counts() }
+        ExpertLoad {
+            layer: self.layer,
+            counts: c.plan.counts(),
+        }
     }
 
     /// B: `dx` from `dy`.
     pub fn backward_input(&self, ctx: &Ctx<'_>, c: &MoeCache, dy: &Tensor) -> (Tensor, MoeDys) {
         let dev = ctx.dev;
         let n = dy.rows();
-        let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
+        // As in forward: the routed experts' B beside the shared expert's.
+        let mut routed_out = None;
+        let mut routed = || {
+            let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
 
-        let mut d_h = dev.zeros(c.experts.h.shape());
-        for (e, expert) in self.experts.iter().enumerate() {
-            expert.down_proj.backward_input_rows(dev, &d_ye, c.plan.rows(e), &mut d_h, false);
-        }
-        let (d_g, d_u) = dev.swiglu_backward(&c.experts.g, &c.experts.u, &d_h);
-        let mut d_xe = dev.zeros(c.xe.shape());
-        for (e, expert) in self.experts.iter().enumerate() {
-            expert.gate_proj.backward_input_rows(dev, &d_g, c.plan.rows(e), &mut d_xe, false);
-            expert.up_proj.backward_input_rows(dev, &d_u, c.plan.rows(e), &mut d_xe, true);
-        }
-        let mut dx = dispatch_backward(dev, &d_xe, &c.plan, n);
+            let mut d_h = dev.empty(c.experts.h.shape());
+            for (e, expert) in self.experts.iter().enumerate() {
+                expert
+                    .down_proj
+                    .backward_input_rows(dev, &d_ye, c.plan.rows(e), &mut d_h, false);
+            }
+            let (d_g, d_u) = dev.swiglu_backward(&c.experts.g, &c.experts.u, &d_h);
+            let mut d_xe = dev.empty(c.xe.shape());
+            for (e, expert) in self.experts.iter().enumerate() {
+                expert
+                    .gate_proj
+                    .backward_input_rows(dev, &d_g, c.plan.rows(e), &mut d_xe, false);
+                expert
+                    .up_proj
+                    .backward_input_rows(dev, &d_u, c.plan.rows(e), &mut d_xe, true);
+            }
+            let mut dx = dispatch_backward(dev, &d_xe, &c.plan, n);
 
-        let mut d_weights = dev.zeros(&[c.router.topk.len(), 1]);
-        dev.scatter_add_rows(&mut d_weights, &d_w_perm, &c.plan.slot_of_row);
-        let (dx_router, router) = self.gate.backward_input(ctx, &c.router, &d_weights);
-        dev.add_assign(&mut dx, &dx_router);
-
-        let (dx_shared, shared) = self.shared_experts.backward_input(dev, &c.shared, dy);
+            let mut d_weights = dev.zeros(&[c.router.topk.len(), 1]);
+            dev.scatter_add_rows(&mut d_weights, &d_w_perm, &c.plan.slot_of_row);
+            let (dx_router, router) = self.gate.backward_input(ctx, &c.router, &d_weights);
+            dev.add_assign(&mut dx, &dx_router);
+            routed_out = Some((dx, d_ye, d_g, d_u, router));
+        };
+        let mut shared_out = None;
+        let mut shared =
+            || shared_out = Some(self.shared_experts.backward_input(dev, &c.shared, dy));
+        dev.join(&mut routed, &mut shared);
+        let (mut dx, d_ye, d_g, d_u, router) = routed_out.expect("the routed experts' B ran");
+        let (dx_shared, shared) = shared_out.expect("the shared expert's B ran");
         dev.add_assign(&mut dx, &dx_shared);
-        (dx, MoeDys { d_ye, d_g, d_u, router, shared })
+        (
+            dx,
+            MoeDys {
+                d_ye,
+                d_g,
+                d_u,
+                router,
+                shared,
+            },
+        )
     }
 
     /// W: expert, router and shared-expert weight gradients.
-    pub fn backward_weight(&self, ctx: &Ctx<'_>, x: &Tensor, c: &MoeCache, dys: &MoeDys, g: &mut Moe) {
+    pub fn backward_weight(
+        &self,
+        ctx: &Ctx<'_>,
+        x: &Tensor,
+        c: &MoeCache,
+        dys: &MoeDys,
+        g: &mut Moe,
+    ) {
         let dev = ctx.dev;
         for (e, (expert, ge)) in self.experts.iter().zip(g.experts.iter_mut()).enumerate() {
             let r = c.plan.rows(e);
             if r.is_empty() {
                 continue;
             }
-            expert.down_proj.backward_weight_rows(dev, &c.experts.h, &dys.d_ye, r.clone(), &mut ge.down_proj);
-            expert.gate_proj.backward_weight_rows(dev, &c.xe, &dys.d_g, r.clone(), &mut ge.gate_proj);
-            expert.up_proj.backward_weight_rows(dev, &c.xe, &dys.d_u, r, &mut ge.up_proj);
+            expert.down_proj.backward_weight_rows(
+                dev,
+                &c.experts.h,
+                &dys.d_ye,
+                r.clone(),
+                &mut ge.down_proj,
+            );
+            expert.gate_proj.backward_weight_rows(
+                dev,
+                &c.xe,
+                &dys.d_g,
+                r.clone(),
+                &mut ge.gate_proj,
+            );
+            expert
+                .up_proj
+                .backward_weight_rows(dev, &c.xe, &dys.d_u, r, &mut ge.up_proj);
         }
         self.gate.backward_weight(ctx, x, &dys.router, &mut g.gate);
-        self.shared_experts.backward_weight(dev, x, &c.shared, &dys.shared, &mut g.shared_experts);
+        self.shared_experts
+            .backward_weight(dev, x, &c.shared, &dys.shared, &mut g.shared_experts);
     }
 }
 
@@ -224,7 +335,8 @@ impl Params for Moe {
             e.visit_mut(&format!("{p}experts.{j}."), f);
         }
         self.gate.visit_mut(&format!("{p}gate."), f);
-        self.shared_experts.visit_mut(&format!("{p}shared_experts."), f);
+        self.shared_experts
+            .visit_mut(&format!("{p}shared_experts."), f);
     }
 }
 
@@ -254,7 +366,13 @@ mod tests {
         cfg.n_shared_experts = 2;
         let (b, t) = (2, 6);
         let rope = rope_table(&cfg, &d, t);
-        let ctx = Ctx { dev: &d, batch: b, seq: t, rope: &rope, balance_alpha: 0.3 };
+        let ctx = Ctx {
+            dev: &d,
+            batch: b,
+            seq: t,
+            rope: &rope,
+            balance_alpha: 0.3,
+        };
         let x = randn(&[b * t, cfg.hidden_size], 1, 1.0);
         let mut moe = Moe::init(&d, &cfg, "m.", 1, 9);
         moe.gate.e_score_correction_bias = randn(&[8], 4, 0.05);
@@ -275,10 +393,38 @@ mod tests {
             project(&y, &r) + c.router.balance_loss as f64
         };
         check("moe dx", &mut st, |s| &mut s.1, loss, &dx, 40);
-        check("moe router W_gate", &mut st, |s| &mut s.0.gate.gate.weight, loss, &g.gate.gate.weight, 40);
-        check("moe shared up", &mut st, |s| &mut s.0.shared_experts.up_proj.weight, loss, &g.shared_experts.up_proj.weight, 20);
+        check(
+            "moe router W_gate",
+            &mut st,
+            |s| &mut s.0.gate.gate.weight,
+            loss,
+            &g.gate.gate.weight,
+            40,
+        );
+        check(
+            "moe shared up",
+            &mut st,
+            |s| &mut s.0.shared_experts.up_proj.weight,
+            loss,
+            &g.shared_experts.up_proj.weight,
+            20,
+        );
         let e = busy;
-        check("moe expert gate", &mut st, |s| &mut s.0.experts[s.2].gate_proj.weight, loss, &g.experts[e].gate_proj.weight, 20);
-        check("moe expert down", &mut st, |s| &mut s.0.experts[s.2].down_proj.weight, loss, &g.experts[e].down_proj.weight, 20);
+        check(
+            "moe expert gate",
+            &mut st,
+            |s| &mut s.0.experts[s.2].gate_proj.weight,
+            loss,
+            &g.experts[e].gate_proj.weight,
+            20,
+        );
+        check(
+            "moe expert down",
+            &mut st,
+            |s| &mut s.0.experts[s.2].down_proj.weight,
+            loss,
+            &g.experts[e].down_proj.weight,
+            20,
+        );
     }
 }

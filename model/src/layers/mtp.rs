@@ -56,7 +56,14 @@ impl MtpLayer {
         MtpLayer {
             enorm: RmsNorm::init(dev, d, eps),
             hnorm: RmsNorm::init(dev, d, eps),
-            eh_proj: Linear::init(dev, &format!("{prefix}eh_proj.weight"), d, 2 * d, cfg.initializer_range, seed),
+            eh_proj: Linear::init(
+                dev,
+                &format!("{prefix}eh_proj.weight"),
+                d,
+                2 * d,
+                cfg.initializer_range,
+                seed,
+            ),
             block: Block::init(dev, cfg, &prefix, layer, seed),
             shared_head_norm: RmsNorm::init(dev, d, eps),
         }
@@ -68,16 +75,31 @@ impl MtpLayer {
         let d = emb.cols();
         let (e_n, e_norm) = self.enorm.forward(dev, &emb);
         let (h_n, h_norm) = self.hnorm.forward(dev, h_prev);
-        let mut cat = dev.zeros(&[emb.rows(), 2 * d]);
+        let mut cat = dev.empty(&[emb.rows(), 2 * d]);
         dev.write_cols(&mut cat, 0, &e_n);
         dev.write_cols(&mut cat, d, &h_n);
         let z = self.eh_proj.forward(dev, &cat);
         let (h, block) = self.block.forward(ctx, z);
-        (h, MtpCache { emb, e_norm, h_norm, cat, block })
+        (
+            h,
+            MtpCache {
+                emb,
+                e_norm,
+                h_norm,
+                cat,
+                block,
+            },
+        )
     }
 
     /// B: returns `(d h_prev, d emb)`.
-    pub fn backward_input(&self, ctx: &Ctx<'_>, h_prev: &Tensor, c: &MtpCache, dh: &Tensor) -> (Tensor, Tensor, MtpDys) {
+    pub fn backward_input(
+        &self,
+        ctx: &Ctx<'_>,
+        h_prev: &Tensor,
+        c: &MtpCache,
+        dh: &Tensor,
+    ) -> (Tensor, Tensor, MtpDys) {
         let dev = ctx.dev;
         let d = c.emb.cols();
         let (d_z, block) = self.block.backward_input(ctx, &c.block, dh);
@@ -86,16 +108,36 @@ impl MtpLayer {
         let d_cat_h = dev.slice_cols(&d_cat, d..2 * d);
         let d_emb = self.enorm.backward_input(dev, &c.emb, &c.e_norm, &d_cat_e);
         let d_prev = self.hnorm.backward_input(dev, h_prev, &c.h_norm, &d_cat_h);
-        (d_prev, d_emb, MtpDys { d_cat_e, d_cat_h, d_z, block })
+        (
+            d_prev,
+            d_emb,
+            MtpDys {
+                d_cat_e,
+                d_cat_h,
+                d_z,
+                block,
+            },
+        )
     }
 
     /// W: weight gradients of the module (not of the shared embedding / head).
-    pub fn backward_weight(&self, ctx: &Ctx<'_>, h_prev: &Tensor, c: &MtpCache, dys: &MtpDys, g: &mut MtpLayer) {
+    pub fn backward_weight(
+        &self,
+        ctx: &Ctx<'_>,
+        h_prev: &Tensor,
+        c: &MtpCache,
+        dys: &MtpDys,
+        g: &mut MtpLayer,
+    ) {
         let dev = ctx.dev;
-        self.block.backward_weight(ctx, &c.block, &dys.block, &mut g.block);
-        self.eh_proj.backward_weight(dev, &c.cat, &dys.d_z, &mut g.eh_proj);
-        self.enorm.backward_weight(dev, &c.emb, &c.e_norm, &dys.d_cat_e, &mut g.enorm);
-        self.hnorm.backward_weight(dev, h_prev, &c.h_norm, &dys.d_cat_h, &mut g.hnorm);
+        self.block
+            .backward_weight(ctx, &c.block, &dys.block, &mut g.block);
+        self.eh_proj
+            .backward_weight(dev, &c.cat, &dys.d_z, &mut g.eh_proj);
+        self.enorm
+            .backward_weight(dev, &c.emb, &c.e_norm, &dys.d_cat_e, &mut g.enorm);
+        self.hnorm
+            .backward_weight(dev, h_prev, &c.h_norm, &dys.d_cat_h, &mut g.hnorm);
     }
 }
 
@@ -104,14 +146,16 @@ impl Params for MtpLayer {
         self.enorm.visit(&format!("{p}enorm."), f);
         self.hnorm.visit(&format!("{p}hnorm."), f);
         self.eh_proj.visit(&format!("{p}eh_proj."), f);
-        self.shared_head_norm.visit(&format!("{p}shared_head.norm."), f);
+        self.shared_head_norm
+            .visit(&format!("{p}shared_head.norm."), f);
         self.block.visit(p, f);
     }
     fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor, Kind)) {
         self.enorm.visit_mut(&format!("{p}enorm."), f);
         self.hnorm.visit_mut(&format!("{p}hnorm."), f);
         self.eh_proj.visit_mut(&format!("{p}eh_proj."), f);
-        self.shared_head_norm.visit_mut(&format!("{p}shared_head.norm."), f);
+        self.shared_head_norm
+            .visit_mut(&format!("{p}shared_head.norm."), f);
         self.block.visit_mut(p, f);
     }
 }
@@ -128,7 +172,13 @@ mod tests {
         let cfg = small_config();
         let (b, t) = (2, 4);
         let rope = rope_table(&cfg, &d, t);
-        let ctx = Ctx { dev: &d, batch: b, seq: t, rope: &rope, balance_alpha: 0.0 };
+        let ctx = Ctx {
+            dev: &d,
+            batch: b,
+            seq: t,
+            rope: &rope,
+            balance_alpha: 0.0,
+        };
         let h = randn(&[b * t, cfg.hidden_size], 1, 1.0);
         let emb = randn(&[b * t, cfg.hidden_size], 2, 1.0);
         let m = MtpLayer::init(&d, &cfg, 2, 6);
@@ -138,11 +188,33 @@ mod tests {
         let mut g = zeros_like(&m, &d);
         m.backward_weight(&ctx, &h, &c, &dys, &mut g);
         let mut st = (m, h, emb);
-        let loss = |s: &(MtpLayer, Tensor, Tensor)| project(&s.0.forward(&ctx, &s.1, s.2.clone()).0, &r);
+        let loss =
+            |s: &(MtpLayer, Tensor, Tensor)| project(&s.0.forward(&ctx, &s.1, s.2.clone()).0, &r);
         check("mtp d h_prev", &mut st, |s| &mut s.1, loss, &dh, 30);
         check("mtp d emb", &mut st, |s| &mut s.2, loss, &demb, 30);
-        check("mtp eh_proj", &mut st, |s| &mut s.0.eh_proj.weight, loss, &g.eh_proj.weight, 30);
-        check("mtp enorm", &mut st, |s| &mut s.0.enorm.weight, loss, &g.enorm.weight, 16);
-        check("mtp hnorm", &mut st, |s| &mut s.0.hnorm.weight, loss, &g.hnorm.weight, 16);
+        check(
+            "mtp eh_proj",
+            &mut st,
+            |s| &mut s.0.eh_proj.weight,
+            loss,
+            &g.eh_proj.weight,
+            30,
+        );
+        check(
+            "mtp enorm",
+            &mut st,
+            |s| &mut s.0.enorm.weight,
+            loss,
+            &g.enorm.weight,
+            16,
+        );
+        check(
+            "mtp hnorm",
+            &mut st,
+            |s| &mut s.0.hnorm.weight,
+            loss,
+            &g.hnorm.weight,
+            16,
+        );
     }
 }

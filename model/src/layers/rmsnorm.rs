@@ -19,7 +19,10 @@ pub struct RmsNormCache {
 impl RmsNorm {
     /// Weight 1 (HF init).
     pub fn init(dev: &dyn Device, dim: usize, eps: f32) -> RmsNorm {
-        RmsNorm { weight: dev.upload(&[dim], &vec![1.0; dim]), eps }
+        RmsNorm {
+            weight: dev.upload(&[dim], &vec![1.0; dim]),
+            eps,
+        }
     }
 
     pub fn forward(&self, dev: &dyn Device, x: &Tensor) -> (Tensor, RmsNormCache) {
@@ -28,12 +31,25 @@ impl RmsNorm {
     }
 
     /// B: `dx` from `dy`.
-    pub fn backward_input(&self, dev: &dyn Device, x: &Tensor, cache: &RmsNormCache, dy: &Tensor) -> Tensor {
+    pub fn backward_input(
+        &self,
+        dev: &dyn Device,
+        x: &Tensor,
+        cache: &RmsNormCache,
+        dy: &Tensor,
+    ) -> Tensor {
         dev.rmsnorm_backward_input(x, &self.weight, &cache.rstd, dy)
     }
 
     /// W: `dw += Σ dy ⊙ x̂`.
-    pub fn backward_weight(&self, dev: &dyn Device, x: &Tensor, cache: &RmsNormCache, dy: &Tensor, grad: &mut RmsNorm) {
+    pub fn backward_weight(
+        &self,
+        dev: &dyn Device,
+        x: &Tensor,
+        cache: &RmsNormCache,
+        dy: &Tensor,
+        grad: &mut RmsNorm,
+    ) {
         dev.rmsnorm_backward_weight(x, &cache.rstd, dy, &mut grad.weight)
     }
 }
@@ -56,15 +72,28 @@ mod tests {
     fn rmsnorm_backward_matches_finite_differences() {
         let d = dev();
         let x = randn(&[5, 8], 1, 1.0);
-        let norm = RmsNorm { weight: randn(&[8], 2, 1.0), eps: 1e-6 };
+        let norm = RmsNorm {
+            weight: randn(&[8], 2, 1.0),
+            eps: 1e-6,
+        };
         let r = randn(&[5, 8], 3, 1.0);
         let (_, c) = norm.forward(&d, &x);
         let dx = norm.backward_input(&d, &x, &c, &r);
-        let mut g = RmsNorm { weight: d.zeros(&[8]), eps: 1e-6 };
+        let mut g = RmsNorm {
+            weight: d.zeros(&[8]),
+            eps: 1e-6,
+        };
         norm.backward_weight(&d, &x, &c, &r, &mut g);
         let mut st = (norm, x);
         let loss = |s: &(RmsNorm, Tensor)| project(&s.0.forward(&d, &s.1).0, &r);
         check("rmsnorm dx", &mut st, |s| &mut s.1, loss, &dx, 40);
-        check("rmsnorm dw", &mut st, |s| &mut s.0.weight, loss, &g.weight, 8);
+        check(
+            "rmsnorm dw",
+            &mut st,
+            |s| &mut s.0.weight,
+            loss,
+            &g.weight,
+            8,
+        );
     }
 }

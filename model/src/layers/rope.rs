@@ -12,7 +12,11 @@ use crate::tensor::Tensor;
 
 /// HF `yarn_get_mscale`.
 pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 /// Inverse frequencies (`dim/2` of them) and the attention factor applied to cos/sin.
@@ -20,7 +24,9 @@ pub fn inv_freq(cfg: &ModelConfig) -> Result<(Vec<f32>, f32), ConfigError> {
     let dim = cfg.qk_rope_head_dim;
     let half = dim / 2;
     let pos_freqs = |theta: f64| -> Vec<f32> {
-        (0..half).map(|i| (theta as f32).powf((2 * i) as f32 / dim as f32)).collect()
+        (0..half)
+            .map(|i| (theta as f32).powf((2 * i) as f32 / dim as f32))
+            .collect()
     };
     match cfg.rope()? {
         Rope::Default { theta } => Ok((pos_freqs(theta).iter().map(|p| 1.0 / p).collect(), 1.0)),
@@ -38,12 +44,15 @@ pub fn inv_freq(cfg: &ModelConfig) -> Result<(Vec<f32>, f32), ConfigError> {
             let attention = match attention_factor {
                 Some(a) => a,
                 None => match (mscale, mscale_all_dim) {
-                    (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => yarn_get_mscale(factor, m) / yarn_get_mscale(factor, ma),
+                    (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                        yarn_get_mscale(factor, m) / yarn_get_mscale(factor, ma)
+                    }
                     _ => yarn_get_mscale(factor, 1.0),
                 },
             };
             let correction_dim = |rot: f64| {
-                dim as f64 * (orig as f64 / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+                dim as f64 * (orig as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * theta.ln())
             };
             let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
             if truncate {
@@ -58,7 +67,8 @@ pub fn inv_freq(cfg: &ModelConfig) -> Result<(Vec<f32>, f32), ConfigError> {
             let pf = pos_freqs(theta);
             let inv = (0..half)
                 .map(|i| {
-                    let ramp = (((i as f32) - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                    let ramp =
+                        (((i as f32) - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
                     let extrap_factor = 1.0 - ramp;
                     let extrap = 1.0 / pf[i];
                     let interp = 1.0 / (factor as f32 * pf[i]);
@@ -74,7 +84,11 @@ pub fn inv_freq(cfg: &ModelConfig) -> Result<(Vec<f32>, f32), ConfigError> {
 /// is set (`mscale = yarn_get_mscale(factor, mscale_all_dim)`), as HF `DeepseekV3Attention` does.
 pub fn softmax_scale(cfg: &ModelConfig) -> Result<f32, ConfigError> {
     let mut s = (cfg.qk_head_dim() as f64).powf(-0.5);
-    if let Rope::Yarn { factor, mscale_all_dim: Some(ma), .. } = cfg.rope()?
+    if let Rope::Yarn {
+        factor,
+        mscale_all_dim: Some(ma),
+        ..
+    } = cfg.rope()?
         && ma != 0.0
     {
         let m = yarn_get_mscale(factor, ma);

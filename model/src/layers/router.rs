@@ -41,10 +41,22 @@ pub struct RouterDys {
 }
 
 impl Router {
-    pub fn init(dev: &dyn crate::device::Device, cfg: &ModelConfig, prefix: &str, seed: u64) -> Router {
+    pub fn init(
+        dev: &dyn crate::device::Device,
+        cfg: &ModelConfig,
+        prefix: &str,
+        seed: u64,
+    ) -> Router {
         let e = cfg.n_routed_experts;
         Router {
-            gate: Linear::init(dev, &format!("{prefix}weight"), e, cfg.hidden_size, cfg.initializer_range, seed),
+            gate: Linear::init(
+                dev,
+                &format!("{prefix}weight"),
+                e,
+                cfg.hidden_size,
+                cfg.initializer_range,
+                seed,
+            ),
             e_score_correction_bias: dev.zeros(&[e]),
             spec: RouterSpec {
                 n_experts: e,
@@ -63,27 +75,50 @@ impl Router {
         let logits = self.gate.forward(dev, x);
         let out = dev.router_forward(&logits, &self.e_score_correction_bias, self.spec);
         let (balance_loss, d_balance) = if ctx.balance_alpha > 0.0 {
-            let (l, d) = dev.balance_loss(&out.scores, &out.topk, self.spec, ctx.seq, ctx.balance_alpha);
+            let (l, d) = dev.balance_loss(
+                &out.scores,
+                &out.topk,
+                self.spec,
+                ctx.seq,
+                ctx.balance_alpha,
+            );
             (l, Some(d))
         } else {
             (0.0, None)
         };
-        (out.weights, RouterCache { scores: out.scores, topk: out.topk, d_balance, balance_loss })
+        (
+            out.weights,
+            RouterCache {
+                scores: out.scores,
+                topk: out.topk,
+                d_balance,
+                balance_loss,
+            },
+        )
     }
 
     /// B: from the combine-weight gradient `[n·k, 1]` to `dx` (the balance-loss gradient is added).
-    pub fn backward_input(&self, ctx: &Ctx<'_>, c: &RouterCache, d_weights: &Tensor) -> (Tensor, RouterDys) {
+    pub fn backward_input(
+        &self,
+        ctx: &Ctx<'_>,
+        c: &RouterCache,
+        d_weights: &Tensor,
+    ) -> (Tensor, RouterDys) {
         let dev = ctx.dev;
         let mut d_logits = dev.router_backward(&c.scores, &c.topk, d_weights, self.spec);
         if let Some(db) = &c.d_balance {
             dev.add_assign(&mut d_logits, db);
         }
-        (self.gate.backward_input(dev, &d_logits), RouterDys { d_logits })
+        (
+            self.gate.backward_input(dev, &d_logits),
+            RouterDys { d_logits },
+        )
     }
 
     /// W: `dW_gate += d_logitsᵀ x`.
     pub fn backward_weight(&self, ctx: &Ctx<'_>, x: &Tensor, dys: &RouterDys, g: &mut Router) {
-        self.gate.backward_weight(ctx.dev, x, &dys.d_logits, &mut g.gate);
+        self.gate
+            .backward_weight(ctx.dev, x, &dys.d_logits, &mut g.gate);
     }
 
     /// Moves the bias by [`bias_update`] for the given per-expert loads.
@@ -127,7 +162,11 @@ impl ExpertLoad {
     pub fn max_over_mean(&self) -> f32 {
         let max = self.counts.iter().copied().max().unwrap_or(0) as f64;
         let mean = self.counts.iter().sum::<u64>() as f64 / self.counts.len().max(1) as f64;
-        if mean == 0.0 { 1.0 } else { (max / mean) as f32 }
+        if mean == 0.0 {
+            1.0
+        } else {
+            (max / mean) as f32
+        }
     }
 
     /// Adds another batch's counts (same layer).
@@ -141,11 +180,19 @@ impl ExpertLoad {
 impl Params for Router {
     fn visit<'a>(&'a self, p: &str, f: &mut dyn FnMut(&str, &'a Tensor, Kind)) {
         self.gate.visit(p, f);
-        f(&format!("{p}e_score_correction_bias"), &self.e_score_correction_bias, Kind::Buffer);
+        f(
+            &format!("{p}e_score_correction_bias"),
+            &self.e_score_correction_bias,
+            Kind::Buffer,
+        );
     }
     fn visit_mut(&mut self, p: &str, f: &mut dyn FnMut(&str, &mut Tensor, Kind)) {
         self.gate.visit_mut(p, f);
-        f(&format!("{p}e_score_correction_bias"), &mut self.e_score_correction_bias, Kind::Buffer);
+        f(
+            &format!("{p}e_score_correction_bias"),
+            &mut self.e_score_correction_bias,
+            Kind::Buffer,
+        );
     }
 }
 
@@ -168,7 +215,13 @@ mod tests {
         let rope = rope_table(&cfg, &d, t);
         for (alpha, norm) in [(0.0, true), (0.5, true), (0.5, false)] {
             cfg.norm_topk_prob = norm;
-            let ctx = Ctx { dev: &d, batch: b, seq: t, rope: &rope, balance_alpha: alpha };
+            let ctx = Ctx {
+                dev: &d,
+                batch: b,
+                seq: t,
+                rope: &rope,
+                balance_alpha: alpha,
+            };
             let mut router = Router::init(&d, &cfg, "g.", 3);
             router.e_score_correction_bias = randn(&[6], 8, 0.05);
             let x = randn(&[b * t, cfg.hidden_size], 1, 1.0);
@@ -189,7 +242,14 @@ mod tests {
             };
             let label = format!("router (alpha {alpha}, norm {norm})");
             check(&format!("{label} dx"), &mut st, |s| &mut s.1, loss, &dx, 40);
-            check(&format!("{label} dW"), &mut st, |s| &mut s.0.gate.weight, loss, &g.gate.weight, 40);
+            check(
+                &format!("{label} dW"),
+                &mut st,
+                |s| &mut s.0.gate.weight,
+                loss,
+                &g.gate.weight,
+                40,
+            );
         }
     }
 
@@ -208,21 +268,39 @@ mod tests {
         cfg.num_experts_per_tok = 2;
         let (b, t) = (4, 32);
         let rope = rope_table(&cfg, &d, t);
-        let ctx = Ctx { dev: &d, batch: b, seq: t, rope: &rope, balance_alpha: 0.0 };
+        let ctx = Ctx {
+            dev: &d,
+            batch: b,
+            seq: t,
+            rope: &rope,
+            balance_alpha: 0.0,
+        };
         let mut router = Router::init(&d, &cfg, "g.", 11);
         // Tokens share a common direction, and experts 0 and 1 are aligned with it: they win.
         let mut x = randn(&[b * t, cfg.hidden_size], 1, 0.3);
-        x.hm().chunks_exact_mut(cfg.hidden_size).for_each(|row| row[0] += 1.0);
+        x.hm()
+            .chunks_exact_mut(cfg.hidden_size)
+            .for_each(|row| row[0] += 1.0);
         let w = router.gate.weight.hm();
         w[0] = 2.0;
         w[cfg.hidden_size] = 1.5;
         let imbalance = |r: &Router| {
             let (_, c) = r.forward(&ctx, &x);
             let counts = plan_dispatch(&c.topk, 8, 2).counts();
-            (ExpertLoad { layer: 0, counts: counts.clone() }.max_over_mean(), counts)
+            (
+                ExpertLoad {
+                    layer: 0,
+                    counts: counts.clone(),
+                }
+                .max_over_mean(),
+                counts,
+            )
         };
         let (first, _) = imbalance(&router);
-        assert!(first > 2.0, "the router should start unbalanced, max/mean {first}");
+        assert!(
+            first > 2.0,
+            "the router should start unbalanced, max/mean {first}"
+        );
         let mut history = vec![first];
         for _ in 0..60 {
             let (_, counts) = imbalance(&router);
@@ -231,6 +309,9 @@ mod tests {
         }
         let last = *history.last().unwrap_or(&first);
         assert!(last < 1.3, "max/mean load should approach 1: {history:?}");
-        assert!(history[20] < first && last <= history[20], "load imbalance should fall: {history:?}");
+        assert!(
+            history[20] < first && last <= history[20],
+            "load imbalance should fall: {history:?}"
+        );
     }
 }

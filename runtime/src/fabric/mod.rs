@@ -6,10 +6,12 @@
 //! has a deadline, and a peer known to have failed makes a receive from it fail at once, so a
 //! collective built on the fabric never hangs on a dead rank.
 //!
-//! Implementations sit side by side: [`inproc`] (channels, zero-copy) and [`sim`] (the in-process
+//! Implementations sit side by side: [`inproc`] (channels, zero-copy), [`quic`] (ranks in other
+//! processes or hosts, over QUIC with mutual TLS from a per-job CA) and [`sim`] (the in-process
 //! fabric behind modelled links with latency, bandwidth and contention on virtual time).
 
 pub mod inproc;
+pub mod quic;
 pub mod sim;
 
 use std::time::Duration;

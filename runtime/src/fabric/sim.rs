@@ -197,7 +197,8 @@ mod tests {
         let eps = n.endpoints();
         let t0 = Instant::now();
         let mut hs = Vec::new();
-        for e in eps.iter().skip(1).cloned() {
+        for e in &eps[1..] {
+            let e = e.clone();
             hs.push(tokio::spawn(async move {
                 e.send(0, Tag::new(0, 0), Payload::Bytes(vec![0; 1_000_000]))
                     .await

@@ -1,0 +1,206 @@
+//! The job's checkpoint schedule: after every `checkpoint.interval` steps, take a snapshot from
+//! each rank (on its compute thread) and hand it to the [`CheckpointEngine`], blocking
+//! (`mode = "sync"`) or in the background (`mode = "async"`, where training stalls only for the
+//! snapshot copy); and, before the first step, restore the ranks from a checkpoint to resume.
+//!
+//! Checkpoints live under `checkpoint.dir`: a relative directory is a key prefix of the run's
+//! storage (so it follows the run to `job.out_dir`, or into simulated storage); an absolute one
+//! is a local directory of its own.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_ckpt::{CheckpointEngine, Loaded, SaveHandle, Snapshot, Which};
+use flotilla_runtime::clock::Clock;
+use flotilla_runtime::config::{CheckpointMode, Config};
+use flotilla_runtime::metrics as names;
+use flotilla_runtime::storage::Storage;
+use flotilla_runtime::storage::local::LocalStorage;
+use ractor::ActorRef;
+
+use crate::error::JobError;
+use crate::rank::RankMsg;
+
+/// Where a resumed job takes its state from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// The newest sound checkpoint of this job's `checkpoint.dir` (going back past damaged ones).
+    Latest,
+    /// That step of this job's `checkpoint.dir`.
+    Step(u64),
+    /// A local directory: a step directory (`…/step-00000042`), or a checkpoint root (its
+    /// newest sound checkpoint).
+    Path(PathBuf),
+}
+
+fn ckpt_err(e: flotilla_ckpt::CkptError) -> JobError {
+    JobError::Checkpoint(e.to_string())
+}
+
+/// `checkpoint.dir` as a storage key prefix, when it is relative.
+fn relative_key(dir: &Path) -> Result<String, JobError> {
+    let mut parts = Vec::new();
+    for c in dir.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            _ => {
+                return Err(JobError::Config(format!(
+                    "checkpoint.dir `{}` must stay inside job.out_dir",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err(JobError::Config("checkpoint.dir is empty".into()));
+    }
+    Ok(parts.join("/"))
+}
+
+/// The engine over this job's `checkpoint.dir`.
+pub fn engine_for(
+    cfg: &Config,
+    run_storage: &Arc<dyn Storage>,
+) -> Result<CheckpointEngine, JobError> {
+    let c = &cfg.checkpoint;
+    if c.dir.is_absolute() {
+        Ok(CheckpointEngine::new(
+            Arc::new(LocalStorage::new(c.dir.clone())),
+            c.keep,
+        ))
+    } else {
+        Ok(CheckpointEngine::with_root(
+            Arc::clone(run_storage),
+            &relative_key(&c.dir)?,
+            c.keep,
+        ))
+    }
+}
+
+/// Load the checkpoint `from` names (every rank's snapshot, in rank order).
+pub async fn load(
+    cfg: &Config,
+    engine: &CheckpointEngine,
+    from: &ResumeFrom,
+) -> Result<Loaded, JobError> {
+    let verify = cfg.checkpoint.verify_on_load;
+    let loaded = match from {
+        ResumeFrom::Latest => engine.load_latest_valid(verify).await,
+        ResumeFrom::Step(s) => engine.load(Which::Step(*s), verify).await,
+        ResumeFrom::Path(p) => {
+            let step = p
+                .file_name()
+                .and_then(|n| flotilla_ckpt::format::parse_step_dir(&n.to_string_lossy()));
+            match (step, p.parent()) {
+                (Some(s), Some(parent)) => {
+                    let e = CheckpointEngine::new(Arc::new(LocalStorage::new(parent)), 1);
+                    e.load(Which::Step(s), verify).await
+                }
+                _ => {
+                    let e = CheckpointEngine::new(Arc::new(LocalStorage::new(p.clone())), 1);
+                    e.load_latest_valid(verify).await
+                }
+            }
+        }
+    };
+    let loaded = loaded.map_err(ckpt_err)?;
+    if loaded.snapshots.len() != cfg.world_size() {
+        return Err(JobError::Checkpoint(format!(
+            "step {} holds {} ranks, this job has {}",
+            loaded.step,
+            loaded.snapshots.len(),
+            cfg.world_size()
+        )));
+    }
+    Ok(loaded)
+}
+
+/// Checkpoints taken while the job runs.
+#[derive(Debug)]
+pub struct Checkpointer {
+    engine: CheckpointEngine,
+    interval: u64,
+    mode: CheckpointMode,
+    pending: Option<SaveHandle>,
+}
+
+impl Checkpointer {
+    /// `None` when `checkpoint.interval` is 0.
+    pub fn new(cfg: &Config, engine: CheckpointEngine) -> Option<Self> {
+        cfg.checkpoint.enabled().then(|| Self {
+            engine,
+            interval: cfg.checkpoint.interval,
+            mode: cfg.checkpoint.mode,
+            pending: None,
+        })
+    }
+
+    /// Whether a checkpoint is due once `done` steps have been taken.
+    pub fn due(&self, done: u64) -> bool {
+        done > 0 && done.is_multiple_of(self.interval)
+    }
+
+    /// Save the state the rank took (`snapshot`, the stall already paid by the caller).
+    pub async fn save(&mut self, snap: Snapshot) -> Result<(), JobError> {
+        // At most one background save in flight: a slow disk slows training down rather than
+        // piling snapshots up in memory.
+        self.finish().await?;
+        match self.mode {
+            CheckpointMode::Sync => {
+                self.engine.save_sync(vec![snap]).await.map_err(ckpt_err)?;
+            }
+            CheckpointMode::Async => {
+                self.pending = Some(self.engine.save_async(vec![snap]).map_err(ckpt_err)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait for the background save in flight, if any.
+    pub async fn finish(&mut self) -> Result<(), JobError> {
+        if let Some(h) = self.pending.take() {
+            h.wait().await.map_err(ckpt_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Ask the rank for a snapshot and save it; the stall (snapshot, plus the write in sync mode) is
+/// recorded as `CHECKPOINT_STALL_SECONDS`.
+pub async fn checkpoint(
+    ck: &mut Checkpointer,
+    rank: &ActorRef<RankMsg>,
+    clock: &dyn Clock,
+    deadline: Duration,
+    done: u64,
+) -> Result<(), JobError> {
+    let t0 = clock.now();
+    let snap = crate::job::call_rank(rank, clock, deadline, done, RankMsg::Snapshot)
+        .await?
+        .map_err(|why| JobError::RankFailed {
+            rank: 0,
+            step: done,
+            why: format!("snapshot: {why}"),
+        })?;
+    ck.save(snap).await?;
+    metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_dirs_become_keys_and_may_not_escape() {
+        assert_eq!(
+            relative_key(Path::new("checkpoints")).ok(),
+            Some("checkpoints".into())
+        );
+        assert_eq!(relative_key(Path::new("./a/b/")).ok(), Some("a/b".into()));
+        assert!(relative_key(Path::new("../x")).is_err());
+        assert!(relative_key(Path::new(".")).is_err());
+    }
+}

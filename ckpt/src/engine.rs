@@ -1,0 +1,531 @@
+//! The checkpoint engine: persists rank snapshots through the storage seam, in the foreground
+//! ([`CheckpointEngine::save_sync`]) or in a background task ([`CheckpointEngine::save_async`],
+//! TRANSOM's asynchronous checkpointing: training stalls only for the in-memory snapshot), and
+//! loads them back, checking completeness and checksums and falling back to an older committed
+//! checkpoint when the newest is damaged.
+//!
+//! A save writes every rank's shard (`Storage::put` is atomic and durable), then the manifest,
+//! whose presence commits the step, then the `latest` pointer; then retention removes all but the
+//! last `keep` committed steps (never the one just committed) and leftovers of unfinished saves.
+//! Saves are serialised by a commit lock, so background saves commit in the order they began.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use flotilla_runtime::storage::{Storage, StorageError};
+use tokio::sync::Mutex;
+
+use crate::format::{
+    self, LATEST, MANIFEST, decode_shard, encode_shard, parse_step_dir, sha256_hex, shard_name,
+    shard_tensors, step_dir,
+};
+use crate::manifest::{FileEntry, Manifest, TensorPiece};
+use crate::snapshot::Snapshot;
+use crate::verify::{check_bytes, compare_state, expected_tensors, missing_ranks};
+
+/// Why a checkpoint operation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CkptError {
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("{key}: {why}")]
+    Corrupt { key: String, why: String },
+    #[error("cannot save: {0}")]
+    BadSnapshots(String),
+    #[error("no usable checkpoint under `{root}`{}", tried_text(.tried))]
+    NoCheckpoint { root: String, tried: Vec<String> },
+    #[error("checkpoint task: {0}")]
+    Task(String),
+}
+
+fn tried_text(tried: &[String]) -> String {
+    if tried.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", tried.join("; "))
+    }
+}
+
+/// Which checkpoint to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// The one the `latest` pointer names (or the newest committed one).
+    Latest,
+    Step(u64),
+}
+
+/// A loaded checkpoint: one snapshot per rank (in rank order) and its manifest.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub step: u64,
+    pub manifest: Manifest,
+    pub snapshots: Vec<Snapshot>,
+    /// Newer checkpoints that were passed over, each with why (empty when none was).
+    pub fallbacks: Vec<String>,
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveReport {
+    pub step: u64,
+    /// Bytes of the shard files.
+    pub bytes: u64,
+    pub files: usize,
+    /// Steps that retention removed.
+    pub removed: Vec<u64>,
+}
+
+/// A background save in flight.
+#[derive(Debug)]
+pub struct SaveHandle {
+    step: u64,
+    join: tokio::task::JoinHandle<Result<SaveReport, CkptError>>,
+}
+
+impl SaveHandle {
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+
+    /// Wait until the checkpoint is committed (or failed).
+    pub async fn wait(self) -> Result<SaveReport, CkptError> {
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => Err(CkptError::Task(e.to_string())),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    storage: Arc<dyn Storage>,
+    root: String,
+    keep: usize,
+    commit: Mutex<()>,
+}
+
+/// Saves, loads, verifies and prunes checkpoints under one root of a [`Storage`].
+#[derive(Debug, Clone)]
+pub struct CheckpointEngine {
+    inner: Arc<Inner>,
+}
+
+/// Checks that `snaps` are one step's state of ranks `0..n`; returns the step.
+fn check_snapshots(snaps: &[Snapshot]) -> Result<u64, CkptError> {
+    let bad = |m: String| Err(CkptError::BadSnapshots(m));
+    let Some(first) = snaps.first() else {
+        return bad("no snapshots".into());
+    };
+    let mut ranks = BTreeSet::new();
+    for s in snaps {
+        if s.step != first.step {
+            return bad(format!(
+                "rank {} is at step {}, rank {} at step {}",
+                s.meta.rank, s.step, first.meta.rank, first.step
+            ));
+        }
+        if s.meta.layout != first.meta.layout || s.meta.config_hash != first.meta.config_hash {
+            return bad(format!(
+                "rank {} has another layout or config than rank {}",
+                s.meta.rank, first.meta.rank
+            ));
+        }
+        if !ranks.insert(s.meta.rank) {
+            return bad(format!("rank {} appears twice", s.meta.rank));
+        }
+    }
+    if ranks.len() != first.meta.layout.world_size || ranks.last() != Some(&(ranks.len() - 1)) {
+        return bad(format!(
+            "ranks {ranks:?} do not cover the world of {} ranks",
+            first.meta.layout.world_size
+        ));
+    }
+    Ok(first.step)
+}
+
+impl CheckpointEngine {
+    /// An engine over `storage`'s root that keeps the last `keep` (at least 1) checkpoints.
+    pub fn new(storage: Arc<dyn Storage>, keep: usize) -> Self {
+        Self::with_root(storage, "", keep)
+    }
+
+    /// The same, with checkpoints under the key prefix `root` (`a/b`) of `storage`.
+    pub fn with_root(storage: Arc<dyn Storage>, root: &str, keep: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                storage,
+                root: root.trim_matches('/').to_string(),
+                keep: keep.max(1),
+                commit: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The key prefix checkpoints live under (empty: the storage's root).
+    pub fn root(&self) -> &str {
+        &self.inner.root
+    }
+
+    pub(crate) fn key(&self, rel: &str) -> String {
+        if self.inner.root.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.inner.root)
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &dyn Storage {
+        self.inner.storage.as_ref()
+    }
+
+    /// Persist one step's snapshots (every rank's) and wait until they are committed.
+    pub async fn save_sync(&self, snaps: Vec<Snapshot>) -> Result<SaveReport, CkptError> {
+        check_snapshots(&snaps)?;
+        self.persist(snaps).await
+    }
+
+    /// Persist in a background task and return at once; the snapshots are moved, not copied.
+    /// Must be called inside a tokio runtime.
+    pub fn save_async(&self, snaps: Vec<Snapshot>) -> Result<SaveHandle, CkptError> {
+        let step = check_snapshots(&snaps)?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|e| CkptError::Task(format!("no tokio runtime: {e}")))?;
+        let me = self.clone();
+        let join = rt.spawn(async move { me.persist(snaps).await });
+        Ok(SaveHandle { step, join })
+    }
+
+    async fn persist(&self, snaps: Vec<Snapshot>) -> Result<SaveReport, CkptError> {
+        let _commit = self.inner.commit.lock().await;
+        let Some(first) = snaps.first() else {
+            return Err(CkptError::BadSnapshots("no snapshots".into()));
+        };
+        let (step, layout, config_hash) = (
+            first.step,
+            first.meta.layout.clone(),
+            first.meta.config_hash.clone(),
+        );
+        let dir = step_dir(step);
+        // Saving a step again: uncommit the old one first so that no manifest ever describes a
+        // mix of old and new shards.
+        let manifest_key = self.key(&format!("{dir}/{MANIFEST}"));
+        self.storage().remove(&manifest_key).await?;
+        let mut files = BTreeMap::new();
+        let mut tensors: BTreeMap<String, Vec<TensorPiece>> = BTreeMap::new();
+        for s in snaps {
+            let name = shard_name(s.meta.rank);
+            let key = self.key(&format!("{dir}/{name}"));
+            // Encoding and hashing are CPU work: off the async threads. Each snapshot is freed
+            // as soon as its shard is encoded.
+            let Encoded {
+                bytes,
+                entry,
+                pieces,
+            } = blocking(move || encode_piece(s))
+                .await?
+                .map_err(|e| CkptError::Corrupt {
+                    key: key.clone(),
+                    why: e.to_string(),
+                })?;
+            for (global, piece) in pieces {
+                tensors.entry(global).or_default().push(piece);
+            }
+            self.storage().put(&key, bytes).await?;
+            files.insert(name, entry);
+        }
+        let manifest = Manifest {
+            format_version: format::FORMAT_VERSION,
+            step,
+            config_hash,
+            layout,
+            tensors,
+            files,
+            checksum: String::new(),
+        };
+        let bytes = manifest.encode().map_err(|e| CkptError::Corrupt {
+            key: manifest_key.clone(),
+            why: e.to_string(),
+        })?;
+        self.storage().put(&manifest_key, bytes).await?;
+        self.storage()
+            .put(&self.key(LATEST), format!("{dir}\n").into_bytes())
+            .await?;
+        let removed = self.retain(step).await?;
+        tracing::debug!(step, bytes = manifest.total_bytes(), "checkpoint committed");
+        Ok(SaveReport {
+            step,
+            bytes: manifest.total_bytes(),
+            files: manifest.files.len(),
+            removed,
+        })
+    }
+
+    /// Step directories present (committed or not), ascending.
+    pub(crate) async fn step_dirs(&self) -> Result<Vec<u64>, CkptError> {
+        let names = self.storage().list(&self.inner.root).await?;
+        let mut steps: Vec<u64> = names.iter().filter_map(|n| parse_step_dir(n)).collect();
+        steps.sort_unstable();
+        Ok(steps)
+    }
+
+    pub(crate) async fn is_committed(&self, step: u64) -> Result<bool, CkptError> {
+        let files = self.storage().list(&self.key(&step_dir(step))).await?;
+        Ok(files.iter().any(|f| f == MANIFEST))
+    }
+
+    /// Committed steps (those with a manifest), ascending; their contents are not checked.
+    pub async fn steps(&self) -> Result<Vec<u64>, CkptError> {
+        let mut out = Vec::new();
+        for s in self.step_dirs().await? {
+            if self.is_committed(s).await? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keep the last `keep` committed steps up to `newest` (which is always kept); remove older
+    /// ones and the leftovers of unfinished saves before `newest`. Steps after `newest` (from a
+    /// timeline abandoned by a resume) are left alone.
+    async fn retain(&self, newest: u64) -> Result<Vec<u64>, CkptError> {
+        let mut committed = Vec::new();
+        let mut doomed = Vec::new();
+        for s in self.step_dirs().await? {
+            if s > newest {
+                continue;
+            }
+            if self.is_committed(s).await? {
+                committed.push(s);
+            } else if s < newest {
+                doomed.push(s);
+            }
+        }
+        let excess = committed.len().saturating_sub(self.inner.keep);
+        doomed.extend(committed.iter().take(excess).filter(|&&s| s != newest));
+        doomed.sort_unstable();
+        for &s in &doomed {
+            let dir = self.key(&step_dir(s));
+            // The manifest goes first: a crash halfway leaves an uncommitted directory, never a
+            // manifest whose shards are gone.
+            self.storage().remove(&format!("{dir}/{MANIFEST}")).await?;
+            self.storage().remove(&dir).await?;
+        }
+        Ok(doomed)
+    }
+
+    /// The step the `latest` pointer names, if it is readable.
+    pub(crate) async fn pointer(&self) -> Result<Result<Option<u64>, String>, CkptError> {
+        match self.storage().get(&self.key(LATEST)).await {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                Ok(parse_step_dir(text.trim())
+                    .map(Some)
+                    .ok_or_else(|| format!("`{LATEST}` is unreadable ({:?})", text.trim())))
+            }
+            Err(StorageError::NotFound { .. }) => Ok(Ok(None)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The newest committed step: the one `latest` names if it is committed, else the highest.
+    pub async fn latest(&self) -> Result<Option<u64>, CkptError> {
+        if let Ok(Some(p)) = self.pointer().await?
+            && self.is_committed(p).await?
+        {
+            return Ok(Some(p));
+        }
+        Ok(self.steps().await?.last().copied())
+    }
+
+    /// Load a checkpoint; fails, naming the file and the fault, if it is incomplete or damaged.
+    /// Sizes, headers and the manifest's own checksum are always checked; `verify` also checks
+    /// every shard's SHA-256 (which catches a flipped bit in tensor values).
+    pub async fn load(&self, which: Which, verify: bool) -> Result<Loaded, CkptError> {
+        let step = match which {
+            Which::Step(s) => s,
+            Which::Latest => self.latest().await?.ok_or_else(|| self.none(Vec::new()))?,
+        };
+        self.load_step(step, verify).await
+    }
+
+    fn none(&self, tried: Vec<String>) -> CkptError {
+        CkptError::NoCheckpoint {
+            root: self.inner.root.clone(),
+            tried,
+        }
+    }
+
+    /// Load the newest checkpoint that is sound, going back past damaged ones; each one passed
+    /// over is named with why in [`Loaded::fallbacks`].
+    pub async fn load_latest_valid(&self, verify: bool) -> Result<Loaded, CkptError> {
+        let committed = self.steps().await?;
+        let mut fallbacks = Vec::new();
+        let mut candidates: Vec<u64> = match self.pointer().await? {
+            Ok(Some(p)) => {
+                let mut c: Vec<u64> = committed.iter().copied().filter(|&s| s <= p).collect();
+                if c.last() != Some(&p) {
+                    fallbacks.push(format!(
+                        "`{LATEST}` names {}, which is not committed",
+                        step_dir(p)
+                    ));
+                }
+                c.dedup();
+                c
+            }
+            Ok(None) => committed,
+            Err(why) => {
+                fallbacks.push(why);
+                committed
+            }
+        };
+        candidates.reverse();
+        for s in candidates {
+            match self.load_step(s, verify).await {
+                Ok(mut loaded) => {
+                    for f in &fallbacks {
+                        tracing::warn!("checkpoint fallback: {f}");
+                    }
+                    loaded.fallbacks = fallbacks;
+                    return Ok(loaded);
+                }
+                Err(e) => fallbacks.push(format!("{} skipped: {e}", step_dir(s))),
+            }
+        }
+        Err(self.none(fallbacks))
+    }
+
+    pub(crate) async fn get_manifest(&self, step: u64) -> Result<Manifest, CkptError> {
+        let key = self.key(&format!("{}/{MANIFEST}", step_dir(step)));
+        let bytes = match self.storage().get(&key).await {
+            Ok(b) => b,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(CkptError::Corrupt {
+                    key,
+                    why: "missing: the step was never committed".into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let m = Manifest::decode(&bytes).map_err(|e| CkptError::Corrupt {
+            key: key.clone(),
+            why: e.to_string(),
+        })?;
+        if m.step != step {
+            return Err(CkptError::Corrupt {
+                key,
+                why: format!("describes step {}, not {step}", m.step),
+            });
+        }
+        Ok(m)
+    }
+
+    /// The manifest of `step`, checked (the shards are not read).
+    pub async fn manifest(&self, step: u64) -> Result<Manifest, CkptError> {
+        self.get_manifest(step).await
+    }
+
+    async fn load_step(&self, step: u64, verify: bool) -> Result<Loaded, CkptError> {
+        let manifest = self.get_manifest(step).await?;
+        let dir = step_dir(step);
+        if let Some(p) = missing_ranks(&manifest).into_iter().next() {
+            return Err(CkptError::Corrupt {
+                key: self.key(&format!("{dir}/{MANIFEST}")),
+                why: p,
+            });
+        }
+        let expected = expected_tensors(&manifest);
+        let mut snapshots = Vec::with_capacity(manifest.files.len());
+        for (name, entry) in &manifest.files {
+            let key = self.key(&format!("{dir}/{name}"));
+            let corrupt = |why: String| CkptError::Corrupt {
+                key: key.clone(),
+                why,
+            };
+            let bytes = match self.storage().get(&key).await {
+                Ok(b) => b,
+                Err(StorageError::NotFound { .. }) => return Err(corrupt("missing".into())),
+                Err(e) => return Err(e.into()),
+            };
+            let e = entry.clone();
+            let snap = blocking(move || match check_bytes(&bytes, &e, verify) {
+                Some(p) => Err(p),
+                None => decode_shard(&bytes).map_err(|e| e.to_string()),
+            })
+            .await?
+            .map_err(corrupt)?;
+            let got: BTreeMap<String, Vec<usize>> = shard_tensors(&snap)
+                .into_iter()
+                .map(|(k, t)| (k, t.shape().to_vec()))
+                .collect();
+            let problems = compare_state(
+                &manifest,
+                entry,
+                snap.step,
+                snap.meta.rank,
+                &snap.meta.config_hash,
+                expected.get(name.as_str()),
+                &got,
+            );
+            if let Some(p) = problems.into_iter().next() {
+                return Err(corrupt(p));
+            }
+            snapshots.push(snap);
+        }
+        snapshots.sort_by_key(|s| s.meta.rank);
+        Ok(Loaded {
+            step,
+            manifest,
+            snapshots,
+            fallbacks: Vec::new(),
+        })
+    }
+}
+
+/// Run CPU work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CkptError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CkptError::Task(e.to_string()))
+}
+
+/// A snapshot encoded: its shard's bytes, manifest entry, and tensors as manifest pieces.
+struct Encoded {
+    bytes: Vec<u8>,
+    entry: FileEntry,
+    pieces: Vec<(String, TensorPiece)>,
+}
+
+fn encode_piece(s: Snapshot) -> Result<Encoded, format::FormatError> {
+    let name = shard_name(s.meta.rank);
+    let bytes = encode_shard(&s)?;
+    let pieces = shard_tensors(&s)
+        .into_iter()
+        .map(|(key, t)| {
+            let piece = TensorPiece {
+                shard: name.clone(),
+                key: key.clone(),
+                dtype: "F32".into(),
+                shape: t.shape().to_vec(),
+                offset: vec![0; t.shape().len()],
+                global_shape: t.shape().to_vec(),
+            };
+            (key, piece)
+        })
+        .collect();
+    let entry = FileEntry {
+        rank: s.meta.rank,
+        bytes: bytes.len() as u64,
+        sha256: sha256_hex(&bytes),
+    };
+    Ok(Encoded {
+        bytes,
+        entry,
+        pieces,
+    })
+}

@@ -1,0 +1,220 @@
+//! Mutual TLS for the QUIC fabric: a per-job certificate authority and per-rank certificates.
+//!
+//! The controller generates a [`JobCa`] when the job starts and issues each rank a
+//! [`RankIdentity`]: a certificate for the DNS name `rank-<r>.flotilla` signed by the job CA, its
+//! key, and the CA certificate. Both sides of a connection present their certificate and verify
+//! the other's chains to the job CA (TLS 1.3 only, ring crypto), so a peer of another job or
+//! without a certificate is refused during the handshake. The dialler also checks that the
+//! listener's certificate names the rank it dialled (TLS server-name verification); the listener
+//! checks that the dialler's certificate names the rank its hello claims
+//! ([`cert_names_rank`]).
+
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use super::QuicError;
+use crate::fabric::Rank;
+
+/// ALPN protocol id of the fabric.
+pub const ALPN: &[u8] = b"flotilla-fabric/1";
+
+/// The DNS name in the certificate of `rank`.
+pub fn rank_name(rank: Rank) -> String {
+    format!("rank-{rank}.flotilla")
+}
+
+/// A per-job certificate authority (its key never leaves the controller).
+pub struct JobCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for JobCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobCa").finish_non_exhaustive()
+    }
+}
+
+fn cert_err(e: rcgen::Error) -> QuicError {
+    QuicError::Cert(e.to_string())
+}
+
+impl JobCa {
+    /// A fresh CA with a new ECDSA P-256 key.
+    pub fn generate() -> Result<Self, QuicError> {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "flotilla job CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(cert_err)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA certificate (DER), which every rank trusts.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    /// Issue the certificate and key of `rank`.
+    pub fn issue(&self, rank: Rank) -> Result<RankIdentity, QuicError> {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let name = rank_name(rank);
+        let mut params = CertificateParams::new(vec![name.clone()]).map_err(cert_err)?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(cert_err)?;
+        Ok(RankIdentity {
+            rank,
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            ca: self.cert_der(),
+        })
+    }
+}
+
+/// What one rank needs to join the mesh: its certificate and key, and the job CA to trust.
+pub struct RankIdentity {
+    pub rank: Rank,
+    pub cert: CertificateDer<'static>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+    pub ca: CertificateDer<'static>,
+}
+
+impl Clone for RankIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            rank: self.rank,
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            ca: self.ca.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RankIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankIdentity")
+            .field("rank", &self.rank)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_err(e: impl std::fmt::Display) -> QuicError {
+    QuicError::Tls(e.to_string())
+}
+
+impl RankIdentity {
+    fn roots(&self) -> Result<Arc<RootCertStore>, QuicError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(tls_err)?;
+        Ok(Arc::new(roots))
+    }
+
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert.clone()]
+    }
+
+    /// The QUIC server side: present our certificate, require one from the job CA.
+    pub(crate) fn server_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, QuicError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
+            .build()
+            .map_err(tls_err)?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
+            .map_err(tls_err)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(transport);
+        Ok(cfg)
+    }
+
+    /// The QUIC client side: trust only the job CA, present our certificate.
+    pub(crate) fn client_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ClientConfig, QuicError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
+            .map_err(tls_err)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport);
+        Ok(cfg)
+    }
+}
+
+/// Whether a (verified) certificate carries the DNS subject-alternative name of `rank`.
+///
+/// The certificate has already been verified against the job CA, so only the job's controller
+/// could have put the name there; we look for the DER encoding of the dNSName entry
+/// (context tag `[2]`, short length, the name), which cannot match a longer name such as
+/// `rank-12.flotilla` for rank 2.
+pub fn cert_names_rank(der: &[u8], rank: Rank) -> bool {
+    let name = rank_name(rank);
+    let Ok(len) = u8::try_from(name.len()) else {
+        return false;
+    };
+    if len >= 0x80 {
+        return false;
+    }
+    let mut needle = vec![0x82, len];
+    needle.extend_from_slice(name.as_bytes());
+    der.windows(needle.len()).any(|w| w == needle.as_slice())
+}
+
+/// The leaf certificate the peer of `conn` presented, if any.
+pub fn peer_cert(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let id = conn.peer_identity()?;
+    let chain = id.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_name_their_rank_only() {
+        let ca = JobCa::generate().expect("ca");
+        let id = ca.issue(2).expect("issue");
+        assert!(cert_names_rank(&id.cert, 2));
+        assert!(!cert_names_rank(&id.cert, 12));
+        assert!(!cert_names_rank(&id.cert, 1));
+        let id12 = ca.issue(12).expect("issue");
+        assert!(!cert_names_rank(&id12.cert, 2));
+    }
+}
