@@ -124,6 +124,9 @@ pub struct Checkpointer {
     interval: u64,
     mode: CheckpointMode,
     pending: Option<SaveHandle>,
+    /// The model's HF `config.json` text, recorded in every checkpoint so that it can be
+    /// exported without the job config.
+    model_config: String,
 }
 
 impl Checkpointer {
@@ -134,6 +137,7 @@ impl Checkpointer {
             interval: cfg.checkpoint.interval,
             mode: cfg.checkpoint.mode,
             pending: None,
+            model_config: crate::model_config::hf_config_json(&cfg.model).to_string(),
         })
     }
 
@@ -143,7 +147,8 @@ impl Checkpointer {
     }
 
     /// Save the state the rank took (`snapshot`, the stall already paid by the caller).
-    pub async fn save(&mut self, snap: Snapshot) -> Result<(), JobError> {
+    pub async fn save(&mut self, mut snap: Snapshot) -> Result<(), JobError> {
+        snap.model_config = Some(self.model_config.clone());
         // At most one background save in flight: a slow disk slows training down rather than
         // piling snapshots up in memory.
         self.finish().await?;

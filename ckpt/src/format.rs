@@ -5,7 +5,8 @@
 //! Tensor keys: parameters and buffers under their HF names; AdamW's moments under
 //! `optim.exp_avg.{name}` and `optim.exp_avg_sq.{name}`. Metadata: `format = "pt"` (what
 //! `transformers` expects) and `flotilla` = the JSON of [`ShardState`] (step, schedule position,
-//! AdamW step counts, data cursor, RNG state, rank, layout, config hash).
+//! AdamW step counts, data cursor, RNG state, rank, layout, config hash, and the model's HF
+//! `config.json` text when the writer recorded it).
 //!
 //! Directory layout under the checkpoint root: `step-{:08}/rank-{r}.safetensors`,
 //! `step-{:08}/manifest.json` ([`crate::manifest`]), and a `latest` pointer file.
@@ -102,6 +103,9 @@ pub struct ShardState {
     pub data_cursor: String,
     /// RNG state, hex, if any.
     pub rng: Option<String>,
+    /// The model's HF `config.json` text; absent in shards written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_config: Option<String>,
 }
 
 impl ShardState {
@@ -122,7 +126,15 @@ impl View for F32View<'_> {
         self.0.shape()
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.0.data().iter().flat_map(|x| x.to_le_bytes()).collect())
+        // The values' own bytes are already little-endian here: no copy.
+        #[cfg(target_endian = "little")]
+        {
+            Cow::Borrowed(bytemuck::cast_slice(self.0.data()))
+        }
+        #[cfg(not(target_endian = "little"))]
+        {
+            Cow::Owned(self.0.data().iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
     }
     fn data_len(&self) -> usize {
         self.0.nbytes()
@@ -153,6 +165,7 @@ pub fn encode_shard(s: &Snapshot) -> Result<Vec<u8>, FormatError> {
         param_steps: s.moments.iter().map(|(n, m)| (n.clone(), m.step)).collect(),
         data_cursor: hex(&s.data_cursor),
         rng: s.rng.as_deref().map(hex),
+        model_config: s.model_config.clone(),
     };
     let json = serde_json::to_string(&state).map_err(|e| FormatError::Metadata(e.to_string()))?;
     let meta = HashMap::from([
@@ -226,6 +239,7 @@ pub fn decode_shard(bytes: &[u8]) -> Result<Snapshot, FormatError> {
     snap.optim_steps = state.optim_steps;
     snap.data_cursor = data_cursor;
     snap.rng = rng;
+    snap.model_config = state.model_config.clone();
     let mut avg = BTreeMap::new();
     let mut avg_sq = BTreeMap::new();
     for (key, view) in st.iter() {
@@ -278,5 +292,23 @@ mod tests {
         }
         assert_eq!(unhex(&hex(&[0, 1, 254, 255])), Some(vec![0, 1, 254, 255]));
         assert_eq!(unhex("abc"), None);
+    }
+
+    #[test]
+    fn the_model_config_round_trips_and_is_optional() {
+        let meta = SnapshotMeta {
+            rank: 0,
+            layout: Layout::single(),
+            config_hash: "h".into(),
+        };
+        let mut s = Snapshot::new(meta, 2);
+        s.add_param("w", &[2], vec![1.0, -2.0]).expect("param");
+        let old = encode_shard(&s).expect("encode");
+        let old_header = String::from_utf8_lossy(&old[..200]).into_owned();
+        assert!(!old_header.contains("model_config"), "{old_header}");
+        assert_eq!(decode_shard(&old).expect("decode"), s);
+        s.model_config = Some("{\"model_type\": \"deepseek_v3\"}".into());
+        let back = decode_shard(&encode_shard(&s).expect("encode")).expect("decode");
+        assert_eq!(back, s);
     }
 }

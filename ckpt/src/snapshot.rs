@@ -153,6 +153,9 @@ pub struct Snapshot {
     pub data_cursor: Vec<u8>,
     /// Opaque RNG state, for trainers that draw random numbers while training (none do yet).
     pub rng: Option<Vec<u8>>,
+    /// The model's HF `config.json` text, so that a checkpoint can be exported on its own
+    /// (`flotilla ckpt export`); `None` in checkpoints written before it was recorded.
+    pub model_config: Option<String>,
 }
 
 impl Snapshot {
@@ -167,6 +170,7 @@ impl Snapshot {
             moments: BTreeMap::new(),
             data_cursor: Vec::new(),
             rng: None,
+            model_config: None,
         }
     }
 

@@ -25,6 +25,7 @@ pub mod hfreduce;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod p2p;
+pub mod perf;
 pub mod ring;
 pub mod tree;
 mod wire;
@@ -40,8 +41,8 @@ use std::time::Duration;
 
 pub use communicator::Communicator;
 pub use error::CommError;
-pub use hfreduce::{HfReduce, HostReducer};
 pub use flotilla_runtime::fabric::Rank;
+pub use hfreduce::{HfReduce, HostReducer};
 
 /// How elements are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

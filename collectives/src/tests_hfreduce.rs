@@ -190,3 +190,22 @@ fn bad_arguments_are_refused() {
     assert!(HfReduce::new(Some(comm), Arc::clone(&host), 1, 2, 1024).is_err());
     assert!(HfReduce::new(None, host, 1, 2, 0).is_ok());
 }
+
+/// The leader's blocking stage drives the inter-host all-reduce through the runtime handle; this
+/// must also work on a current-thread runtime.
+#[tokio::test]
+async fn works_on_a_current_thread_runtime() {
+    let (_hub, _hosts, hfs) = job(2, 2, 4096, cfg());
+    let len = 100_000;
+    let tasks: Vec<_> = hfs
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut hf)| {
+            tokio::spawn(async move { hf.all_reduce(data(r, len), ReduceOp::Sum).await })
+        })
+        .collect();
+    let want = expected(4, len, ReduceOp::Sum);
+    for t in tasks {
+        assert!(t.await.expect("task").expect("all_reduce") == want);
+    }
+}

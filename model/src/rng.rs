@@ -1,16 +1,20 @@
-//! A small deterministic random source for parameter initialisation (SplitMix64 + Box-Muller).
-//!
-//! Deterministic across platforms and runs, so that a seed names an initial model exactly.
+//! A small deterministic random source for parameter initialisation: the data pipeline's
+//! SplitMix64 ([`crate::data::rng::SplitMix64`]) with a stream per parameter name and Box-Muller
+//! normals. Deterministic across platforms and runs, so that a seed names an initial model.
+
+use crate::data::rng::SplitMix64;
 
 /// SplitMix64 generator.
 #[derive(Clone, Debug)]
 pub struct Rng {
-    state: u64,
+    bits: SplitMix64,
 }
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng { state: seed }
+        Rng {
+            bits: SplitMix64::new(seed),
+        }
     }
 
     /// A generator for a named stream derived from `seed`, independent of the order in which
@@ -25,11 +29,7 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.bits.next_u64()
     }
 
     /// Uniform in (0, 1].

@@ -2,6 +2,8 @@
 //! same run; the last line is `{"summary": {...}}`.
 
 pub mod actors;
+pub mod ckpt;
+pub mod collectives;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod step;

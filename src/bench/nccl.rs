@@ -129,7 +129,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(anyhow!("--nccl-id must have an even number of hex digits"));
     }
     (0..s.len() / 2)

@@ -12,8 +12,12 @@ use crate::bench::step;
 pub enum BenchCmd {
     /// Actor messaging (msgs/s, call latency p50/p99) and in-process fabric bandwidth vs memcpy.
     Actors(ActorsArgs),
+    /// Checkpoint cost: async stall vs sync save, persist vs raw write+fsync, restore times.
+    Ckpt(CkptArgs),
     /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes.
     Step(StepArgs),
+    /// Collectives over the in-process or QUIC fabric (time, algbw, busbw) vs memcpy, bare quinn and TCP.
+    Collectives(crate::bench::collectives::CollectivesArgs),
     /// NCCL all-reduce / all-to-all bus bandwidth between this host's GPUs (feature `cuda`).
     #[cfg(feature = "cuda")]
     Nccl(NcclArgs),
@@ -38,6 +42,23 @@ pub struct NcclArgs {
     world: Option<usize>,
     #[arg(long, hide = true)]
     nccl_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CkptArgs {
+    /// Print JSON lines (the last is the summary).
+    #[arg(long)]
+    json: bool,
+    /// Size of the synthetic rank state (parameters and AdamW moments), MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: usize,
+    /// Rounds of (sync save, async save, raw write); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Directory for the checkpoint files and the raw-write baseline (the system temp dir when
+    /// absent); a fresh subdirectory is made and removed.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +117,21 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             } else {
                 crate::bench::nccl::run(a.gpus, a.procs)?.print(a.json);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Ckpt(a) => {
+            anyhow::ensure!(a.size_mib > 0, "--size-mib must be at least 1");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            let dir = a.dir.unwrap_or_else(std::env::temp_dir);
+            rt.block_on(crate::bench::ckpt::run(a.size_mib, a.reps, &dir))?
+                .print(a.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Collectives(a) => {
+            crate::bench::collectives::run(&a)?.print(a.json);
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Step(a) => {

@@ -1,6 +1,8 @@
-//! `flotilla ckpt inspect|verify`: look into checkpoints on the local filesystem. A path is a
-//! step directory (`…/checkpoints/step-00000042`) or a checkpoint root (`…/checkpoints`).
+//! `flotilla ckpt inspect|verify|export`: look into checkpoints on the local filesystem, and turn
+//! one into a HuggingFace DeepseekV3 folder. A path is a step directory
+//! (`…/checkpoints/step-00000042`) or a checkpoint root (`…/checkpoints`).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,7 +10,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use flotilla_ckpt::format::{self, read_shard_header, step_dir};
-use flotilla_ckpt::{CheckpointEngine, VerifyReport};
+use flotilla_ckpt::{CheckpointEngine, HostTensor, VerifyReport, Which};
+use flotilla_model::{CpuDevice, DeepSeekV3, Device, ModelConfig};
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::storage::local::LocalStorage;
 
@@ -25,6 +28,15 @@ pub enum CkptCmd {
         /// A step directory, or a checkpoint root (every step in it).
         path: PathBuf,
     },
+    /// Write a checkpoint's model as a HuggingFace DeepseekV3 folder (`config.json` +
+    /// `model.safetensors`, f32), loadable by `flotilla model` and Python `transformers`.
+    Export {
+        /// A step directory, or a checkpoint root (its newest sound checkpoint).
+        path: PathBuf,
+        /// The folder to write (created if needed).
+        #[arg(long)]
+        hf: PathBuf,
+    },
 }
 
 pub fn run(cmd: CkptCmd) -> Result<ExitCode> {
@@ -35,6 +47,7 @@ pub fn run(cmd: CkptCmd) -> Result<ExitCode> {
     match cmd {
         CkptCmd::Inspect { path } => rt.block_on(inspect(&path)),
         CkptCmd::Verify { path } => rt.block_on(verify(&path)),
+        CkptCmd::Export { path, hf } => rt.block_on(export(&path, &hf)),
     }
 }
 
@@ -134,5 +147,77 @@ async fn verify(path: &Path) -> Result<ExitCode> {
         eprintln!("{bad} problem(s) in {}", path.display());
         return Ok(ExitCode::from(1));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(path: &Path, out: &Path) -> Result<ExitCode> {
+    let (storage, step) = locate(path)?;
+    let engine = CheckpointEngine::new(storage, 1);
+    let loaded = match step {
+        Some(s) => engine.load(Which::Step(s), true).await?,
+        None => engine.load_latest_valid(true).await?,
+    };
+    for f in &loaded.fallbacks {
+        eprintln!("note: {f}");
+    }
+    let dir = step_dir(loaded.step);
+    let text = loaded
+        .snapshots
+        .iter()
+        .find_map(|s| s.model_config.clone())
+        .with_context(|| {
+            format!(
+                "{} ({dir}): the checkpoint records no model config (it was written by an older \
+                 flotilla); resume it with this build and checkpoint again to export it",
+                path.display()
+            )
+        })?;
+    let cfg = ModelConfig::from_json(&text)
+        .map_err(|e| anyhow::anyhow!("{dir}: the recorded model config: {e}"))?;
+    // Every rank's parameters; a tensor held by several ranks (a replica) is taken from the
+    // lowest. Pieces are whole tensors in this format version.
+    let mut params: BTreeMap<&str, &HostTensor> = BTreeMap::new();
+    for s in &loaded.snapshots {
+        for (name, t) in &s.params {
+            params.entry(name.as_str()).or_insert(t);
+        }
+    }
+    let dev = CpuDevice::new(1);
+    let mut model = DeepSeekV3::init(&cfg, &dev, 0)
+        .map_err(|e| anyhow::anyhow!("{dir}: the recorded model config: {e}"))?;
+    let mut problems = Vec::new();
+    let mut used = BTreeSet::new();
+    model.weights_visit_mut(&mut |key, t| match params.get(key) {
+        None => problems.push(format!("`{key}` is missing")),
+        Some(h) if h.shape() != t.shape() => problems.push(format!(
+            "`{key}` has shape {:?}, the model config says {:?}",
+            h.shape(),
+            t.shape()
+        )),
+        Some(h) => {
+            *t = dev.upload(h.shape(), h.data());
+            used.insert(key.to_string());
+        }
+    });
+    problems.extend(
+        params
+            .keys()
+            .filter(|k| !used.contains(**k))
+            .map(|k| format!("`{k}` is not a parameter of the model")),
+    );
+    if !problems.is_empty() {
+        bail!(
+            "{} ({dir}) does not fit its model config: {}",
+            path.display(),
+            problems.join("; ")
+        );
+    }
+    flotilla_model::hf::save(&model, &dev, out, None)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "exported {dir} ({} tensors) to {}/{{config.json,model.safetensors}}",
+        used.len(),
+        out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

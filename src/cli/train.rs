@@ -40,6 +40,13 @@ fn job_config(args: &TrainArgs) -> Result<Config> {
     };
     if let Some(steps) = args.steps {
         cfg.job.steps = steps;
+        if cfg.optimizer.warmup_steps > steps {
+            eprintln!(
+                "note: --steps {steps} is shorter than optimizer.warmup_steps = {}; warming up over all {steps} steps",
+                cfg.optimizer.warmup_steps
+            );
+            cfg.optimizer.warmup_steps = steps;
+        }
     }
     if let Some(out) = &args.out {
         cfg.job.out_dir = out.clone();

@@ -338,3 +338,281 @@ fn resume_from_a_checkpoint_matches_the_uninterrupted_run_and_shards_verify() {
         eprintln!("skipping the Python safetensors check: the library is not installed");
     }
 }
+
+/// Committed (manifest present) and uncommitted step directories under a checkpoint root.
+fn step_dirs(root: &Path) -> (Vec<u64>, Vec<u64>) {
+    let (mut done, mut partial) = (Vec::new(), Vec::new());
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return (done, partial);
+    };
+    for e in entries {
+        let e = e.expect("dir entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(step) = flotilla_ckpt::format::parse_step_dir(&name) else {
+            continue;
+        };
+        if e.path().join("manifest.json").is_file() {
+            done.push(step);
+        } else {
+            partial.push(step);
+        }
+    }
+    done.sort_unstable();
+    partial.sort_unstable();
+    (done, partial)
+}
+
+/// SIGKILL `flotilla train` (async checkpoints every step) at 20 seeded random moments, each
+/// time resuming from the newest checkpoint: the checkpoint `latest` names always verifies, the
+/// engine's latest-valid load always picks the committed step `latest` names (never a directory
+/// without a manifest, never falling back past a damaged one), and every resume succeeds.
+#[test]
+fn sigkill_during_async_checkpoints_never_leaves_a_partial_checkpoint_chosen() {
+    const KILLS: usize = 20;
+    let dir = tmp("crash");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        "[job]\nsteps = 1000000\n[optimizer]\nwarmup_steps = 1\n[data]\nbatch_size = 2\n\
+         seq_len = 16\n[cluster]\ncpu_threads = 1\n[checkpoint]\ninterval = 1\nkeep = 2\n\
+         mode = \"async\"\n",
+    )
+    .expect("write config");
+    let out = dir.join("out");
+    let ckpts = out.join("checkpoints");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // xorshift64*, seeded: the same kill moments on every run.
+    let mut state = 0x5eed_c0de_2026_u64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let (mut resumed, mut partial_seen) = (0, 0);
+    for kill in 0..KILLS {
+        let delay_ms = 50 + next() % 1450;
+        let resume = !step_dirs(&ckpts).0.is_empty();
+        let stderr = std::fs::File::create(dir.join(format!("stderr-{kill}.txt"))).expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        cmd.args(["train", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        if resume {
+            cmd.args(["--resume", "latest"]);
+            resumed += 1;
+        }
+        let mut child = cmd.spawn().expect("flotilla train starts");
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if let Some(status) = child.try_wait().expect("poll child") {
+            let err = std::fs::read_to_string(dir.join(format!("stderr-{kill}.txt")));
+            panic!("kill {kill}: train exited by itself ({status}) before the kill: {err:?}");
+        }
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+
+        let (done, partial) = step_dirs(&ckpts);
+        partial_seen += partial.len();
+        let Some(&newest) = done.last() else {
+            // Killed before the first commit: nothing may claim to be a checkpoint.
+            assert!(
+                !ckpts.join("latest").exists(),
+                "kill {kill} after {delay_ms} ms: `latest` without a committed step"
+            );
+            continue;
+        };
+        let latest = std::fs::read_to_string(ckpts.join("latest")).expect("`latest` pointer");
+        let latest_dir = ckpts.join(latest.trim());
+        let v = flotilla(&["ckpt", "verify", latest_dir.to_str().expect("utf-8")]);
+        assert!(
+            v.status.success(),
+            "kill {kill} after {delay_ms} ms: verify {}: {}{}",
+            latest_dir.display(),
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+        let storage = std::sync::Arc::new(flotilla_runtime::storage::local::LocalStorage::new(
+            ckpts.clone(),
+        ));
+        let engine = flotilla_ckpt::CheckpointEngine::new(storage, 2);
+        let loaded = rt
+            .block_on(engine.load_latest_valid(true))
+            .unwrap_or_else(|e| panic!("kill {kill} after {delay_ms} ms: {e}"));
+        assert!(
+            !partial.contains(&loaded.step),
+            "kill {kill}: picked the uncommitted step {}",
+            loaded.step
+        );
+        // `latest` is written after the manifest, so it names a committed step: the newest, or
+        // the one before when the kill fell between the manifest and the pointer.
+        let named = flotilla_ckpt::format::parse_step_dir(latest.trim()).expect("step dir name");
+        assert!(
+            done.contains(&named) && named + 1 >= newest,
+            "kill {kill}: `latest` names {named}, committed {done:?}"
+        );
+        assert_eq!(
+            (loaded.step, loaded.fallbacks.as_slice()),
+            (named, &[] as &[String]),
+            "kill {kill} after {delay_ms} ms: committed {done:?}, partial {partial:?}"
+        );
+    }
+    assert!(resumed > 0, "no kill landed after a commit");
+    eprintln!("{KILLS} kills, {resumed} resumes, {partial_seen} partial step dirs seen");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_checkpoint_exports_to_an_hf_folder_that_loads_back_bit_exactly() {
+    let root = tmp("export");
+    let cfg = ckpt_config(&root);
+    let run = root.join("run");
+    let train = flotilla(&[
+        "train",
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--quiet",
+        "--out",
+        run.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let ckpts = run.join("checkpoints");
+    let hf = root.join("hf");
+    let out = flotilla(&[
+        "ckpt",
+        "export",
+        ckpts.to_str().expect("utf-8"),
+        "--hf",
+        hf.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("step-00000006"));
+
+    // The exported folder loads with the HF loader and holds exactly the checkpoint's weights.
+    let storage = std::sync::Arc::new(flotilla_runtime::storage::local::LocalStorage::new(ckpts));
+    let engine = flotilla_ckpt::CheckpointEngine::new(storage, 2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let loaded = rt
+        .block_on(engine.load(flotilla_ckpt::Which::Step(6), true))
+        .expect("step 6 loads");
+    let snap = &loaded.snapshots[0];
+    let dev = flotilla_model::CpuDevice::new(1);
+    let model = flotilla_model::hf::load(&hf, &dev).expect("the export loads");
+    let named = model.named();
+    assert_eq!(named.len(), snap.params.len());
+    for (name, t) in &snap.params {
+        let got = flotilla_model::Device::download(&dev, named[name.as_str()]).expect("values");
+        assert!(
+            got.len() == t.data().len()
+                && got
+                    .iter()
+                    .zip(t.data())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name} differs"
+        );
+    }
+
+    // A step directory exports too; a folder that is no checkpoint is a clear error.
+    let step3 = run.join("checkpoints").join("step-00000003");
+    let hf3 = root.join("hf3");
+    let out3 = flotilla(&[
+        "ckpt",
+        "export",
+        step3.to_str().expect("utf-8"),
+        "--hf",
+        hf3.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out3.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out3.stderr)
+    );
+    let bad = flotilla(&[
+        "ckpt",
+        "export",
+        hf.to_str().expect("utf-8"),
+        "--hf",
+        root.join("nothing").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+
+    // Python's `safetensors` opens the export, when it is installed.
+    let has_python = Command::new("python3")
+        .args(["-c", "import safetensors.numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_python {
+        let script = "import sys; from safetensors.numpy import load_file; \
+                      t = load_file(sys.argv[1]); assert 'lm_head.weight' in t; print(len(t))";
+        let py = Command::new("python3")
+            .args([
+                "-c",
+                script,
+                hf.join("model.safetensors").to_str().expect("utf-8"),
+            ])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            py.status.success(),
+            "python safetensors could not open the export: {}",
+            String::from_utf8_lossy(&py.stderr)
+        );
+    } else {
+        eprintln!("skipping the Python safetensors check: the library is not installed");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn bench_ckpt_reports_stall_persist_and_restore() {
+    let dir = tmp("bench-ckpt");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let out = flotilla(&[
+        "bench",
+        "ckpt",
+        "--size-mib",
+        "8",
+        "--json",
+        "--dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
+    for k in [
+        "async_stall_over_sync_save",
+        "persist_over_raw_write",
+        "restore_peer_s",
+        "restore_storage_s",
+    ] {
+        assert!(
+            last["summary"][k].as_f64().is_some_and(|x| x > 0.0),
+            "{last}"
+        );
+    }
+    // The bench cleans up after itself.
+    assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

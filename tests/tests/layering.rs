@@ -33,11 +33,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ),
     (
         "flotilla-collectives",
-        &[
-            "flotilla-actors",
-            "flotilla-model",
-            "flotilla-sims",
-        ],
+        &["flotilla-actors", "flotilla-model", "flotilla-sims"],
     ),
     ("flotilla-ckpt", &["flotilla-actors", "flotilla-sims"]),
     ("flotilla-actors", &["flotilla-sims"]),

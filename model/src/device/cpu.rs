@@ -59,9 +59,8 @@ pub struct CpuDevice {
     threads: usize,
     pool: rayon::ThreadPool,
     buffers: Arc<BufferPool>,
-    cost: Mutex<Cost>,
-    /// Seconds and calls per operation name, for finding where a step's time goes.
-    profile: Mutex<BTreeMap<&'static str, (u64, f64)>>,
+    /// Cost and profile, under one lock (one lock per operation).
+    stats: Mutex<Stats>,
     /// Depth of the [`Device::join`]s in progress.
     joins: AtomicUsize,
 }
@@ -85,8 +84,7 @@ impl CpuDevice {
             threads,
             pool,
             buffers: Arc::new(BufferPool::new(DEFAULT_CACHE_BYTES)),
-            cost: Mutex::new(Cost::default()),
-            profile: Mutex::new(BTreeMap::new()),
+            stats: Mutex::new(Stats::default()),
             joins: AtomicUsize::new(0),
         }
     }
@@ -141,8 +139,12 @@ impl CpuDevice {
 
     /// Drains the per-operation profile: `(name, calls, seconds)` sorted by name.
     pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
-        let p = std::mem::take(&mut *self.profile.lock().unwrap_or_else(|e| e.into_inner()));
+        let p = std::mem::take(&mut self.stats().profile);
         p.into_iter().map(|(k, (n, s))| (k, n, s)).collect()
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f`, measures it, and records `work` with the measured time under `name`.
@@ -150,14 +152,11 @@ impl CpuDevice {
         let start = Instant::now();
         let r = f();
         let secs = start.elapsed().as_secs_f64();
-        {
-            let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
-            let e = p.entry(name).or_insert((0, 0.0));
-            e.0 += 1;
-            e.1 += secs;
-        }
-        let mut c = self.cost.lock().unwrap_or_else(|e| e.into_inner());
-        c.add(&Cost {
+        let mut st = self.stats();
+        let e = st.profile.entry(name).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += secs;
+        st.cost.add(&Cost {
             flops: work.flops,
             bytes: work.bytes,
             seconds: secs,
@@ -174,6 +173,14 @@ impl CpuDevice {
 const PAR_MIN_ELEMS: usize = 1 << 14;
 /// ...and over at least this many from any other thread.
 const PAR_MIN_ELEMS_OUTSIDE: usize = 1 << 17;
+
+/// What the device has accounted since it was last drained.
+#[derive(Debug, Default)]
+struct Stats {
+    cost: Cost,
+    /// Seconds and calls per operation name, for finding where a step's time goes.
+    profile: BTreeMap<&'static str, (u64, f64)>,
+}
 
 /// Default bound of the buffer cache (1 GiB).
 pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
@@ -192,7 +199,7 @@ impl Device for CpuDevice {
     }
 
     fn take_cost(&self) -> Cost {
-        std::mem::take(&mut *self.cost.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut self.stats().cost)
     }
 
     fn join(&self, a: &mut (dyn FnMut() + Send), b: &mut (dyn FnMut() + Send)) {
@@ -204,19 +211,18 @@ impl Device for CpuDevice {
         // The outermost join of a nest corrects the cost: its operations, on both threads,
         // summed their own times, and the whole nest took `wall`.
         let outer = self.joins.fetch_add(1, Ordering::SeqCst) == 0;
-        let before = self.cost.lock().unwrap_or_else(|e| e.into_inner()).seconds;
+        let before = self.stats().cost;
         let start = Instant::now();
         self.split2(a, b);
         let wall = start.elapsed().as_secs_f64();
         self.joins.fetch_sub(1, Ordering::SeqCst);
         if outer {
-            let mut c = self.cost.lock().unwrap_or_else(|e| e.into_inner());
-            let inside = c.seconds - before;
+            let c = &mut self.stats().cost;
+            let inside = c.seconds - before.seconds;
             if inside > wall {
-                let excess = inside - wall;
-                let gemm_share = (c.gemm_seconds / c.seconds.max(1e-30)).clamp(0.0, 1.0);
-                c.seconds -= excess;
-                c.gemm_seconds -= excess * gemm_share;
+                let gemm_inside = c.gemm_seconds - before.gemm_seconds;
+                c.seconds = before.seconds + wall;
+                c.gemm_seconds = before.gemm_seconds + gemm_inside * (wall / inside);
             }
         }
     }

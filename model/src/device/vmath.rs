@@ -1,5 +1,5 @@
 //! Vectorisable f32 math for the CPU kernels: a polynomial `exp`, sigmoid, and 8-lane reductions,
-//! plus [`simd_kernel!`], which compiles a kernel body twice (baseline x86-64 and AVX2) and picks
+//! plus `simd_kernel!`, which compiles a kernel body twice (baseline x86-64 and AVX2) and picks
 //! the AVX2 copy at run time when the CPU has it.
 //!
 //! Why (measured on the default model's training step, 2-core Xeon with AVX-512): libm's scalar

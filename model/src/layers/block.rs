@@ -192,26 +192,34 @@ impl Block {
     /// W: accumulates the layer's weight gradients into `g`.
     pub fn backward_weight(&self, ctx: &Ctx<'_>, c: &BlockCache, dys: &BlockDys, g: &mut Block) {
         let dev = ctx.dev;
-        match (&self.mlp, &mut g.mlp, &c.ffn, &dys.ffn) {
-            (Ffn::Dense(m), Ffn::Dense(gm), FfnCache::Dense(mc), FfnDys::Dense(d)) => {
-                m.backward_weight(dev, &c.y2, mc, d, gm)
+        let Block {
+            input_layernorm: g_in,
+            self_attn: g_attn,
+            post_attention_layernorm: g_post,
+            mlp: g_mlp,
+        } = g;
+        // The FFN's and the attention's W touch disjoint gradients: the device runs them side
+        // by side.
+        let mut ffn = || {
+            match (&self.mlp, &mut *g_mlp, &c.ffn, &dys.ffn) {
+                (Ffn::Dense(m), Ffn::Dense(gm), FfnCache::Dense(mc), FfnDys::Dense(d)) => {
+                    m.backward_weight(dev, &c.y2, mc, d, gm)
+                }
+                (Ffn::Moe(m), Ffn::Moe(gm), FfnCache::Moe(mc), FfnDys::Moe(d)) => {
+                    m.backward_weight(ctx, &c.y2, mc, d, gm)
+                }
+                _ => unreachable!("block gradients do not match the layer"),
             }
-            (Ffn::Moe(m), Ffn::Moe(gm), FfnCache::Moe(mc), FfnDys::Moe(d)) => {
-                m.backward_weight(ctx, &c.y2, mc, d, gm)
-            }
-            _ => unreachable!("block gradients do not match the layer"),
-        }
-        self.post_attention_layernorm.backward_weight(
-            dev,
-            &c.h,
-            &c.norm2,
-            &dys.dy2,
-            &mut g.post_attention_layernorm,
-        );
-        self.self_attn
-            .backward_weight(ctx, &c.y1, &c.attn, &dys.attn, &mut g.self_attn);
-        self.input_layernorm
-            .backward_weight(dev, &c.x, &c.norm1, &dys.dy1, &mut g.input_layernorm);
+            self.post_attention_layernorm
+                .backward_weight(dev, &c.h, &c.norm2, &dys.dy2, g_post);
+        };
+        let mut attn = || {
+            self.self_attn
+                .backward_weight(ctx, &c.y1, &c.attn, &dys.attn, g_attn);
+            self.input_layernorm
+                .backward_weight(dev, &c.x, &c.norm1, &dys.dy1, g_in);
+        };
+        dev.join(&mut ffn, &mut attn);
     }
 }
 
