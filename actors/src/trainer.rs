@@ -275,14 +275,15 @@ impl Trainer {
         let mut balance = 0.0f32;
         let mut tokens = 0usize;
         let mut loads: Vec<flotilla_model::layers::router::ExpertLoad> = Vec::new();
-        for mb in &sb.micro_batches {
+        for mb in sb.micro_batches {
+            tokens += mb.num_tokens();
+            // The loader's batch carries window ids too; the model needs only the tokens (moved).
             let batch = Batch {
-                input_ids: mb.input_ids.clone(),
-                labels: mb.labels.clone(),
+                input_ids: mb.input_ids,
+                labels: mb.labels,
                 batch: mb.batch,
                 seq: mb.seq,
             };
-            tokens += mb.num_tokens();
             let out = self
                 .model
                 .forward_backward(dev, &batch, &self.opts, &mut self.grads)
