@@ -17,7 +17,6 @@ use flotilla_runtime::config::{CheckpointMode, Config};
 use flotilla_runtime::metrics as names;
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::storage::local::LocalStorage;
-use ractor::ActorRef;
 
 use crate::error::JobError;
 use crate::rank::RankMsg;
@@ -147,17 +146,24 @@ impl Checkpointer {
     }
 
     /// Save the state the rank took (`snapshot`, the stall already paid by the caller).
-    pub async fn save(&mut self, mut snap: Snapshot) -> Result<(), JobError> {
-        snap.model_config = Some(self.model_config.clone());
+    pub async fn save(&mut self, snap: Snapshot) -> Result<(), JobError> {
+        self.save_all(vec![snap]).await
+    }
+
+    /// Save every rank's snapshot of one step as one checkpoint (a shard per rank).
+    pub async fn save_all(&mut self, mut snaps: Vec<Snapshot>) -> Result<(), JobError> {
+        for snap in &mut snaps {
+            snap.model_config = Some(self.model_config.clone());
+        }
         // At most one background save in flight: a slow disk slows training down rather than
         // piling snapshots up in memory.
         self.finish().await?;
         match self.mode {
             CheckpointMode::Sync => {
-                self.engine.save_sync(vec![snap]).await.map_err(ckpt_err)?;
+                self.engine.save_sync(snaps).await.map_err(ckpt_err)?;
             }
             CheckpointMode::Async => {
-                self.pending = Some(self.engine.save_async(vec![snap]).map_err(ckpt_err)?);
+                self.pending = Some(self.engine.save_async(snaps).map_err(ckpt_err)?);
             }
         }
         Ok(())
@@ -174,22 +180,18 @@ impl Checkpointer {
 
 /// Ask the rank for a snapshot and save it; the stall (snapshot, plus the write in sync mode) is
 /// recorded as `CHECKPOINT_STALL_SECONDS`.
-pub async fn checkpoint(
+pub(crate) async fn checkpoint(
     ck: &mut Checkpointer,
-    rank: &ActorRef<RankMsg>,
+    ranks: &crate::job::Ranks<'_>,
     clock: &dyn Clock,
     deadline: Duration,
     done: u64,
 ) -> Result<(), JobError> {
     let t0 = clock.now();
-    let snap = crate::job::call_rank(rank, clock, deadline, done, RankMsg::Snapshot)
-        .await?
-        .map_err(|why| JobError::RankFailed {
-            rank: 0,
-            step: done,
-            why: format!("snapshot: {why}"),
-        })?;
-    ck.save(snap).await?;
+    let snaps = ranks
+        .try_all(clock, deadline, done, "snapshot", RankMsg::Snapshot)
+        .await?;
+    ck.save_all(snaps).await?;
     metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
     Ok(())
 }

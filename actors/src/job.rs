@@ -11,8 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_ckpt::Snapshot;
 use flotilla_runtime::clock::{Clock, with_deadline};
 use flotilla_runtime::config::Config;
+use flotilla_runtime::fabric::Fabric;
+use flotilla_runtime::fabric::inproc::InprocHub;
 use flotilla_runtime::metrics as names;
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::supervision::{
@@ -98,25 +101,32 @@ pub async fn train_from(
     )?
     .with_strategy(Strategy::OneForAll);
     let (events_tx, mut events_rx) = event_channel();
-    let rank_cfg = Arc::clone(&cfg);
-    let spec = policy
-        .spec()?
-        .child(
-            ChildSpec::for_actor("rank-0", move || {
+    // A job of several ranks runs them all in this process over the in-process fabric.
+    let world = cfg.world_size();
+    let hub = (world > 1).then(|| InprocHub::new(world));
+    let mut spec = policy.spec()?;
+    for r in 0..world {
+        let rank_cfg = Arc::clone(&cfg);
+        let fabric: Option<Arc<dyn Fabric>> = hub
+            .as_ref()
+            .map(|h| Arc::new(h.endpoint(r)) as Arc<dyn Fabric>);
+        spec = spec.child(
+            ChildSpec::for_actor(&format!("rank-{r}"), move || {
                 (
                     RankActor,
                     RankArgs {
-                        rank: 0,
+                        rank: r,
                         config: Arc::clone(&rank_cfg),
+                        fabric: fabric.clone(),
                     },
                 )
             })
             // A failed step cannot be retried without a snapshot to roll back to.
             .with_restart(Restart::Temporary)
             .with_shutdown(policy.child_shutdown()),
-        )
-        .observer(events_tx)
-        .with_label("controller");
+        );
+    }
+    let spec = spec.observer(events_tx).with_label("controller");
     let (sup, sup_join) = Supervisor::spawn(None, spec, None).await?;
     let event_log = log.clone();
     let events = tokio::spawn(async move {
@@ -132,7 +142,20 @@ pub async fn train_from(
         }
     });
 
-    let result = drive(&cfg, &sup, clock.as_ref(), &log, engine, resume, on_step).await;
+    let result = drive(
+        &cfg,
+        &sup,
+        hub.as_deref(),
+        clock.as_ref(),
+        &log,
+        engine,
+        resume,
+        on_step,
+    )
+    .await;
+    if let Some(h) = &hub {
+        h.close();
+    }
     let stop = sup
         .stop(Duration::from_millis(
             cfg.supervision.shutdown_timeout_ms.max(1),
@@ -145,63 +168,210 @@ pub async fn train_from(
     Ok(summary)
 }
 
-async fn rank0(
-    sup: &flotilla_runtime::supervision::SupervisorHandle,
-) -> Result<ActorRef<RankMsg>, JobError> {
-    let info = sup.child("rank-0").await?;
-    info.cell.map(ActorRef::from).ok_or(JobError::RankFailed {
-        rank: 0,
-        step: 0,
-        why: "not running".into(),
-    })
+/// The job's rank actors, in rank order, and the in-process fabric between them (if several).
+pub(crate) struct Ranks<'a> {
+    pub(crate) refs: Vec<ActorRef<RankMsg>>,
+    hub: Option<&'a InprocHub>,
 }
 
-pub(crate) async fn call_rank<T: Send + 'static>(
-    rank: &ActorRef<RankMsg>,
-    clock: &dyn Clock,
-    deadline: Duration,
-    step: u64,
-    msg: impl FnOnce(RpcReplyPort<T>) -> RankMsg,
-) -> Result<T, JobError> {
-    let failed = |why: String| JobError::RankFailed { rank: 0, step, why };
-    let (tx, rx) = ractor::concurrency::oneshot();
-    rank.cast(msg(tx.into()))
-        .map_err(|e| failed(format!("cannot reach the rank: {e}")))?;
-    match with_deadline(clock, deadline, rx).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(_)) => Err(failed("the rank stopped without answering".into())),
-        Err(after) => Err(failed(format!("no answer within {after:?}"))),
+impl Ranks<'_> {
+    /// Ask every rank the same question and wait for every answer within `deadline`. Answers
+    /// are taken as they come: a rank that fails, stops or stays silent is marked failed on the
+    /// fabric at once, so that peers waiting on it fail now instead of at their own deadline,
+    /// and the first failure in time (the culprit, usually) is returned.
+    pub(crate) async fn call_all<T: Send + 'static>(
+        &self,
+        clock: &dyn Clock,
+        deadline: Duration,
+        step: u64,
+        msg: impl Fn(RpcReplyPort<T>) -> RankMsg,
+    ) -> Result<Vec<T>, JobError> {
+        let builders = self.refs.iter().map(|_| &msg).collect();
+        self.gather(clock, deadline, step, builders, |_| None).await
+    }
+
+    /// [`Ranks::call_all`] for questions answered with `Result<T, String>`: a rank's own error
+    /// becomes a [`JobError::RankFailed`] naming it (and marks it failed on the fabric).
+    pub(crate) async fn try_all<T: Send + 'static>(
+        &self,
+        clock: &dyn Clock,
+        deadline: Duration,
+        step: u64,
+        what: &str,
+        msg: impl Fn(RpcReplyPort<Result<T, String>>) -> RankMsg,
+    ) -> Result<Vec<T>, JobError> {
+        let builders = self.refs.iter().map(|_| &msg).collect();
+        self.try_each(clock, deadline, step, what, builders).await
+    }
+
+    /// [`Ranks::try_all`] with a message of its own for every rank (`msgs[r]` for rank `r`).
+    pub(crate) async fn try_each<
+        T: Send + 'static,
+        F: FnOnce(RpcReplyPort<Result<T, String>>) -> RankMsg,
+    >(
+        &self,
+        clock: &dyn Clock,
+        deadline: Duration,
+        step: u64,
+        what: &str,
+        msgs: Vec<F>,
+    ) -> Result<Vec<T>, JobError> {
+        let label = |why: &str| {
+            if what.is_empty() {
+                why.to_string()
+            } else {
+                format!("{what}: {why}")
+            }
+        };
+        let answers = self
+            .gather(clock, deadline, step, msgs, |a: &Result<T, String>| {
+                a.as_ref().err().map(|why| label(why))
+            })
+            .await?;
+        answers
+            .into_iter()
+            .enumerate()
+            .map(|(rank, a)| a.map_err(|why| JobError::RankFailed { rank, step, why }))
+            .collect()
+    }
+
+    async fn gather<T: Send + 'static, F: FnOnce(RpcReplyPort<T>) -> RankMsg>(
+        &self,
+        clock: &dyn Clock,
+        deadline: Duration,
+        step: u64,
+        msgs: Vec<F>,
+        failed: impl Fn(&T) -> Option<String>,
+    ) -> Result<Vec<T>, JobError> {
+        let n = self.refs.len();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for ((r, actor), msg) in self.refs.iter().enumerate().zip(msgs) {
+            let (reply, answer) = ractor::concurrency::oneshot();
+            actor
+                .cast(msg(reply.into()))
+                .map_err(|e| JobError::RankFailed {
+                    rank: r,
+                    step,
+                    why: format!("cannot reach the rank: {e}"),
+                })?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send((r, answer.await.ok()));
+            });
+        }
+        drop(tx);
+        let started = clock.now();
+        let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        let mut first_err = None;
+        let fail = |r: usize, why: String, first_err: &mut Option<JobError>| {
+            if let Some(h) = self.hub {
+                h.fail_rank(r, why.clone());
+            }
+            first_err.get_or_insert(JobError::RankFailed { rank: r, step, why });
+        };
+        for _ in 0..n {
+            let left = deadline.saturating_sub(clock.elapsed(started));
+            match with_deadline(clock, left, rx.recv()).await {
+                Ok(Some((r, Some(v)))) => {
+                    if let Some(why) = failed(&v) {
+                        fail(r, why, &mut first_err);
+                    }
+                    slots[r] = Some(v);
+                }
+                Ok(Some((r, None))) => fail(
+                    r,
+                    "the rank stopped without answering".into(),
+                    &mut first_err,
+                ),
+                Ok(None) => break,
+                Err(after) => {
+                    for (r, s) in slots.iter().enumerate() {
+                        if s.is_none() {
+                            fail(r, format!("no answer within {after:?}"), &mut first_err);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(r, s)| {
+                s.ok_or_else(|| JobError::RankFailed {
+                    rank: r,
+                    step,
+                    why: "no answer".into(),
+                })
+            })
+            .collect()
     }
 }
 
-/// Restore the rank from the checkpoint `from` names; returns the step to continue at.
-async fn resume_rank(
+async fn ranks<'a>(
+    sup: &flotilla_runtime::supervision::SupervisorHandle,
+    world: usize,
+    hub: Option<&'a InprocHub>,
+) -> Result<Ranks<'a>, JobError> {
+    let mut refs = Vec::with_capacity(world);
+    for r in 0..world {
+        let info = sup.child(&format!("rank-{r}")).await?;
+        refs.push(info.cell.map(ActorRef::from).ok_or(JobError::RankFailed {
+            rank: r,
+            step: 0,
+            why: "not running".into(),
+        })?);
+    }
+    Ok(Ranks { refs, hub })
+}
+
+/// Restore every rank from the checkpoint `from` names; returns the step to continue at.
+async fn resume_ranks(
     cfg: &Config,
-    rank: &ActorRef<RankMsg>,
+    ranks: &Ranks<'_>,
     clock: &dyn Clock,
     log: &RunLog,
     engine: &flotilla_ckpt::CheckpointEngine,
     from: &ResumeFrom,
 ) -> Result<u64, JobError> {
     let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
-    let mut loaded = checkpoints::load(cfg, engine, from).await?;
+    let loaded = checkpoints::load(cfg, engine, from).await?;
     for why in &loaded.fallbacks {
         checkpoint_event(log, format!("fallback: {why}")).await?;
     }
     let step = loaded.step;
-    let snap = loaded
-        .snapshots
-        .pop()
-        .ok_or_else(|| JobError::Checkpoint(format!("step {step} holds no snapshot")))?;
-    call_rank(rank, clock, deadline, step, |r| {
-        RankMsg::Restore(Box::new(snap), r)
-    })
-    .await?
-    .map_err(|why| JobError::RankFailed {
-        rank: 0,
-        step,
-        why: format!("restore: {why}"),
-    })?;
+    let mut by_rank: Vec<Option<Snapshot>> = (0..ranks.refs.len()).map(|_| None).collect();
+    for snap in loaded.snapshots {
+        let r = snap.meta.rank;
+        match by_rank.get_mut(r) {
+            Some(slot @ None) => *slot = Some(snap),
+            _ => {
+                return Err(JobError::Checkpoint(format!(
+                    "step {step}: a snapshot of rank {r} does not fit a job of {} ranks (or appears twice)",
+                    ranks.refs.len()
+                )));
+            }
+        }
+    }
+    let snaps: Vec<Snapshot> = by_rank
+        .into_iter()
+        .enumerate()
+        .map(|(r, s)| {
+            s.ok_or_else(|| {
+                JobError::Checkpoint(format!("step {step} holds no snapshot of rank {r}"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let msgs = snaps
+        .into_iter()
+        .map(|snap| move |reply| RankMsg::Restore(Box::new(snap), reply))
+        .collect();
+    ranks
+        .try_each(clock, deadline, step, "restore", msgs)
+        .await?;
     checkpoint_event(log, format!("resumed at step {step}")).await?;
     Ok(step)
 }
@@ -216,19 +386,21 @@ async fn checkpoint_event(log: &RunLog, event: String) -> Result<(), JobError> {
     Ok(log.event(&line).await?)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: &Config,
     sup: &flotilla_runtime::supervision::SupervisorHandle,
+    hub: Option<&InprocHub>,
     clock: &dyn Clock,
     log: &RunLog,
     engine: flotilla_ckpt::CheckpointEngine,
     resume: Option<ResumeFrom>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
-    let rank = rank0(sup).await?;
+    let ranks = ranks(sup, cfg.world_size(), hub).await?;
     let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
     let first = match &resume {
-        Some(from) => resume_rank(cfg, &rank, clock, log, &engine, from).await?,
+        Some(from) => resume_ranks(cfg, &ranks, clock, log, &engine, from).await?,
         None => 0,
     };
     let mut ckpt = Checkpointer::new(cfg, engine);
@@ -237,9 +409,15 @@ async fn drive(
     let mut tokens = 0u64;
     for step in first..cfg.job.steps {
         let t0 = clock.now();
-        let stats = call_rank(&rank, clock, deadline, step, RankMsg::Step)
-            .await?
-            .map_err(|why| JobError::RankFailed { rank: 0, step, why })?;
+        let all = ranks
+            .try_all(clock, deadline, step, "", RankMsg::Step)
+            .await?;
+        // Every rank reports the job-wide loss and norm; compute is summed over the ranks.
+        let flops: f64 = all.iter().map(|s| s.device_flops).sum();
+        let Some(mut stats) = all.into_iter().next() else {
+            return Err(JobError::Config("a job with no ranks".into()));
+        };
+        stats.device_flops = flops;
         let secs = clock.elapsed(t0).as_secs_f64().max(1e-9);
         tokens += stats.tokens as u64;
         losses.push(stats.loss);
@@ -260,13 +438,23 @@ async fn drive(
         }
         on_step(&rec);
         if let Some(ck) = ckpt.as_mut().filter(|c| c.due(step + 1)) {
-            checkpoints::checkpoint(ck, &rank, clock, deadline, step + 1).await?;
+            checkpoints::checkpoint(ck, &ranks, clock, deadline, step + 1).await?;
         }
     }
     if let Some(ck) = ckpt.as_mut() {
         ck.finish().await?;
     }
-    let sha = call_rank(&rank, clock, deadline, cfg.job.steps, RankMsg::ParamsSha256).await?;
+    let sha = if ranks.refs.len() == 1 {
+        let mut v = ranks
+            .call_all(clock, deadline, cfg.job.steps, RankMsg::ParamsSha256)
+            .await?;
+        v.pop().unwrap_or_default()
+    } else {
+        let parts = ranks
+            .call_all(clock, deadline, cfg.job.steps, RankMsg::CanonicalParams)
+            .await?;
+        crate::pipeline::job_params_sha256(parts)
+    };
     let seconds = clock.elapsed(started).as_secs_f64();
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = Summary {

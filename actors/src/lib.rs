@@ -3,10 +3,13 @@
 //! the run's files.
 
 pub mod checkpoints;
+pub mod comm;
 pub mod error;
 pub mod job;
 pub mod model_config;
+pub mod pipeline;
 pub mod rank;
+pub mod replicas;
 pub mod run_log;
 pub mod schedule;
 pub mod trainer;

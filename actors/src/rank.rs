@@ -1,5 +1,8 @@
 //! The rank actor: owns one rank's [`Trainer`] on a dedicated compute thread, so that the actor
-//! keeps answering supervision and control messages while a long step runs.
+//! keeps answering supervision and control messages while a long step runs. In a pipeline /
+//! expert / data-parallel job it is the rank's *stage actor*: its trainer holds the rank's stages
+//! and experts and runs the schedule's actions as activations and gradients arrive over the
+//! fabric (see [`crate::pipeline`]).
 //!
 //! A step request is handed to the thread with its reply port and the handler returns at once;
 //! the thread replies when the step is done. If the thread dies (a panic in compute), the reply
@@ -11,6 +14,7 @@ use std::sync::mpsc;
 
 use flotilla_ckpt::Snapshot;
 use flotilla_runtime::config::Config;
+use flotilla_runtime::fabric::Fabric;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::trainer::{StepStats, Trainer};
@@ -22,6 +26,8 @@ pub enum RankMsg {
     Step(RpcReplyPort<Result<StepStats, String>>),
     /// SHA-256 of the rank's parameters.
     ParamsSha256(RpcReplyPort<String>),
+    /// The tensors this rank is the lowest holder of (for the job's parameter hash).
+    CanonicalParams(RpcReplyPort<Vec<(String, Vec<f32>)>>),
     /// A copy of the rank's whole training state, taken between steps.
     Snapshot(RpcReplyPort<Result<Snapshot, String>>),
     /// Replace the rank's training state with a snapshot's.
@@ -31,15 +37,18 @@ pub enum RankMsg {
 enum Work {
     Step(RpcReplyPort<Result<StepStats, String>>),
     Sha(RpcReplyPort<String>),
+    Canonical(RpcReplyPort<Vec<(String, Vec<f32>)>>),
     Snapshot(RpcReplyPort<Result<Snapshot, String>>),
     Restore(Box<Snapshot>, RpcReplyPort<Result<(), String>>),
 }
 
-/// Start arguments: which rank, and the job's config.
+/// Start arguments: which rank, the job's config, and (in a job of several ranks) the rank's
+/// fabric endpoint.
 #[derive(Debug, Clone)]
 pub struct RankArgs {
     pub rank: usize,
     pub config: Arc<Config>,
+    pub fabric: Option<Arc<dyn Fabric>>,
 }
 
 /// The rank actor (its state is the channel to its compute thread).
@@ -65,9 +74,17 @@ impl Actor for RankActor {
         let (work, rx) = mpsc::channel::<Work>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let config = Arc::clone(&args.config);
+        let (rank, fabric) = (args.rank, args.fabric.clone());
+        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("rank-{}-compute", args.rank))
-            .spawn(move || compute_loop(&config, rx, ready_tx))?;
+            .spawn(move || {
+                let trainer = match fabric {
+                    None => Trainer::new(&config),
+                    Some(f) => crate::pipeline::new_rank(&config, rank, f, rt),
+                };
+                compute_loop(trainer, rx, ready_tx)
+            })?;
         match ready_rx.await {
             Ok(Ok(())) => Ok(RankState {
                 rank: args.rank,
@@ -87,6 +104,7 @@ impl Actor for RankActor {
         let work = match msg {
             RankMsg::Step(reply) => Work::Step(reply),
             RankMsg::ParamsSha256(reply) => Work::Sha(reply),
+            RankMsg::CanonicalParams(reply) => Work::Canonical(reply),
             RankMsg::Snapshot(reply) => Work::Snapshot(reply),
             RankMsg::Restore(snap, reply) => Work::Restore(snap, reply),
         };
@@ -97,11 +115,11 @@ impl Actor for RankActor {
 }
 
 fn compute_loop(
-    config: &Config,
+    trainer: Result<Trainer, crate::error::JobError>,
     rx: mpsc::Receiver<Work>,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
-    let mut trainer = match Trainer::new(config) {
+    let mut trainer = match trainer {
         Ok(t) => {
             let _ = ready.send(Ok(()));
             t
@@ -119,6 +137,9 @@ fn compute_loop(
             }
             Work::Sha(reply) => {
                 let _ = reply.send(trainer.params_sha256());
+            }
+            Work::Canonical(reply) => {
+                let _ = reply.send(trainer.canonical_params());
             }
             Work::Snapshot(reply) => {
                 let _ = reply.send(trainer.snapshot().map_err(|e| e.to_string()));

@@ -38,17 +38,20 @@ pub struct StepStats {
 
 /// A single-rank trainer.
 pub struct Trainer {
-    dev: Box<dyn Device>,
-    model: DeepSeekV3,
-    grads: Weights,
-    opt: AdamW,
-    schedule: LrSchedule,
-    loader: DataLoader,
-    opts: StepOptions,
-    grad_clip: f64,
-    step: u64,
+    pub(crate) dev: Box<dyn Device>,
+    pub(crate) model: DeepSeekV3,
+    pub(crate) grads: Weights,
+    pub(crate) opt: AdamW,
+    pub(crate) schedule: LrSchedule,
+    pub(crate) loader: DataLoader,
+    pub(crate) opts: StepOptions,
+    pub(crate) grad_clip: f64,
+    pub(crate) step: u64,
     /// Who this trainer is, for its snapshots.
-    meta: SnapshotMeta,
+    pub(crate) meta: SnapshotMeta,
+    /// The rank's place in a pipeline / expert / data-parallel job (`None`: the whole model
+    /// on one rank).
+    pub(crate) parallel: Option<crate::pipeline::RankParallel>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -88,6 +91,21 @@ impl Trainer {
     /// Build the model (random init from `job.seed`, or HF weights from `model.hf_dir`), the
     /// optimizer, the schedule and the data loader.
     pub fn new(cfg: &Config) -> Result<Trainer, JobError> {
+        let micro = cfg.data.batch_size / cfg.parallel.micro_batches.max(1);
+        Self::build(
+            cfg,
+            LoaderConfig::single(cfg.data.batch_size, micro.max(1)),
+            0,
+        )
+    }
+
+    /// A trainer whose data loader is `loader` (a data-parallel rank's slice) and whose
+    /// snapshots say `rank`.
+    pub(crate) fn build(
+        cfg: &Config,
+        loader: LoaderConfig,
+        rank: usize,
+    ) -> Result<Trainer, JobError> {
         let dev: Box<dyn Device> = Box::new(CpuDevice::new(cpu_threads(cfg)));
         let model = match &cfg.model.hf_dir {
             Some(dir) => flotilla_model::hf::load(dir, dev.as_ref())
@@ -117,10 +135,9 @@ impl Trainer {
             .validate()
             .map_err(|e| JobError::Optim(e.to_string()))?;
         let dataset = Arc::new(load_dataset(cfg)?);
-        let micro = cfg.data.batch_size / cfg.parallel.micro_batches.max(1);
         let loader = DataLoader::new(
             dataset,
-            LoaderConfig::single(cfg.data.batch_size, micro.max(1)),
+            loader,
             cfg.data.seed.unwrap_or(cfg.job.seed),
             cfg.data.shuffle,
         )
@@ -136,8 +153,9 @@ impl Trainer {
             opts,
             grad_clip: o.grad_clip,
             step: 0,
+            parallel: None,
             meta: SnapshotMeta {
-                rank: 0,
+                rank,
                 layout: Layout {
                     world_size: cfg.world_size(),
                     pp: cfg.parallel.pp,
@@ -173,7 +191,7 @@ impl Trainer {
         let bad = |e: flotilla_ckpt::SnapshotError| JobError::Checkpoint(e.to_string());
         let mut s = Snapshot::new(self.meta.clone(), self.step);
         s.schedule_step = self.step;
-        for (name, t) in self.model.named() {
+        for (name, t) in self.held_named() {
             let data = match t.host() {
                 Some(h) => h.to_vec(),
                 None => self.dev.download(t).ok_or_else(|| {
@@ -206,7 +224,7 @@ impl Trainer {
                 self.meta.config_hash
             );
         }
-        let named = self.model.named();
+        let named = self.held_named();
         if named.len() != snap.params.len() {
             return bad(format!(
                 "the snapshot holds {} tensors, the model {}",
@@ -263,8 +281,19 @@ impl Trainer {
         Ok(())
     }
 
+    /// The tensors this rank holds, by HF name (all of them on a single rank; a pipeline or
+    /// expert-parallel rank keeps shape-only placeholders for the rest).
+    pub(crate) fn held_named(&self) -> std::collections::BTreeMap<String, &Tensor> {
+        let mut named = self.model.named();
+        named.retain(|_, t| !t.is_shape_only());
+        named
+    }
+
     /// Run one optimizer step.
     pub fn step(&mut self) -> Result<StepStats, JobError> {
+        if self.parallel.is_some() {
+            return crate::pipeline::step::run(self);
+        }
         let dev = self.dev.as_ref();
         let _ = dev.take_cost();
         let sb = self.loader.next_step();
@@ -335,7 +364,7 @@ impl Trainer {
     }
 }
 
-fn zero(w: &mut Weights) {
+pub(crate) fn zero(w: &mut Weights) {
     w.visit_mut("", &mut |_, t, _| {
         if let Some(h) = t.host_mut() {
             h.fill(0.0);
@@ -353,10 +382,11 @@ fn scale(w: &mut Weights, s: f32) {
 
 /// Move the trainable tensors out (in visiting order), leaving shape-only placeholders, so the
 /// optimizer can hold them all mutably at once; [`put_back`] restores them in the same order.
+/// Tensors that are already shape-only (not held by this rank) are skipped.
 fn take_trainable(w: &mut Weights) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     w.visit_mut("", &mut |n, t, k| {
-        if k == Kind::Weight {
+        if k == Kind::Weight && !t.is_shape_only() {
             out.push((n.to_string(), std::mem::replace(t, Tensor::shape_only(&[]))));
         }
     });
@@ -364,12 +394,12 @@ fn take_trainable(w: &mut Weights) -> Vec<(String, Tensor)> {
 }
 
 fn put_back(w: &mut Weights, taken: Vec<(String, Tensor)>) {
-    let mut it = taken.into_iter();
-    w.visit_mut("", &mut |_, t, k| {
+    let mut back: std::collections::HashMap<String, Tensor> = taken.into_iter().collect();
+    w.visit_mut("", &mut |n, t, k| {
         if k == Kind::Weight
-            && let Some((_, back)) = it.next()
+            && let Some(v) = back.remove(n)
         {
-            *t = back;
+            *t = v;
         }
     });
 }
@@ -384,8 +414,22 @@ fn clip(grads: &mut Weights, max_norm: f64) -> Result<f64, JobError> {
     r
 }
 
+/// Clip this rank's trainable gradients given the job-wide `Σ g²`; returns the global norm.
+pub(crate) fn clip_with_sum_sq(
+    grads: &mut Weights,
+    total_sum_sq: f64,
+    max_norm: f64,
+) -> Result<f64, JobError> {
+    let mut taken = take_trainable(grads);
+    let mut slices: Vec<&mut [f32]> = taken.iter_mut().filter_map(|(_, t)| t.host_mut()).collect();
+    let r = optim::clip_grad_norm_from_sum_sq(&mut slices, total_sum_sq, max_norm)
+        .map_err(|e| JobError::Optim(e.to_string()));
+    put_back(grads, taken);
+    r
+}
+
 /// One AdamW update of every trainable weight (decay on matrices, not on norms).
-fn adamw_step(
+pub(crate) fn adamw_step(
     opt: &mut AdamW,
     lr: f64,
     weights: &mut Weights,

@@ -7,19 +7,23 @@
 //! A save writes every rank's shard (`Storage::put` is atomic and durable), then the manifest,
 //! whose presence commits the step, then the `latest` pointer; then retention removes all but the
 //! last `keep` committed steps (never the one just committed) and leftovers of unfinished saves.
-//! Saves are serialised by a commit lock, so background saves commit in the order they began.
+//! Saves are serialised by a commit lock, so background saves commit in the order they began. A
+//! background save runs retention (deleting old steps: a quarter of a second per GiB on some
+//! disks) in a task of its own that still holds the lock, so [`SaveHandle::wait_committed`] can
+//! return at the commit while the next save still starts after the pruning.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use flotilla_runtime::storage::local::LocalStorage;
 use flotilla_runtime::storage::{Storage, StorageError};
 use tokio::sync::Mutex;
 
 use crate::format::{
-    self, LATEST, MANIFEST, decode_shard, encode_shard, parse_step_dir, sha256_hex, shard_name,
-    shard_tensors, step_dir,
+    self, LATEST, MANIFEST, decode_shard, parse_step_dir, shard_name, shard_tensors, step_dir,
 };
-use crate::manifest::{FileEntry, Manifest, TensorPiece};
+use crate::manifest::{Manifest, TensorPiece};
 use crate::snapshot::Snapshot;
 use crate::verify::{check_bytes, compare_state, expected_tensors, missing_ranks};
 
@@ -75,11 +79,29 @@ pub struct SaveReport {
     pub removed: Vec<u64>,
 }
 
+/// What a persist hands back: the report, the snapshots (their buffers), and the retention
+/// task when it was deferred.
+type Persisted = (SaveReport, Vec<Snapshot>, Option<Retention>);
+
 /// A background save in flight.
 #[derive(Debug)]
 pub struct SaveHandle {
     step: u64,
-    join: tokio::task::JoinHandle<Result<SaveReport, CkptError>>,
+    join: tokio::task::JoinHandle<Result<Persisted, CkptError>>,
+}
+
+/// The retention (pruning of old steps) that follows a background save's commit.
+#[derive(Debug)]
+pub struct Retention(tokio::task::JoinHandle<Result<Vec<u64>, CkptError>>);
+
+impl Retention {
+    /// Wait for it; the steps it removed.
+    pub async fn wait(self) -> Result<Vec<u64>, CkptError> {
+        match self.0.await {
+            Ok(r) => r,
+            Err(e) => Err(CkptError::Task(e.to_string())),
+        }
+    }
 }
 
 impl SaveHandle {
@@ -91,8 +113,25 @@ impl SaveHandle {
         self.join.is_finished()
     }
 
-    /// Wait until the checkpoint is committed (or failed).
+    /// Wait until the checkpoint is committed and old steps are pruned (or either failed).
     pub async fn wait(self) -> Result<SaveReport, CkptError> {
+        Ok(self.wait_with_buffers().await?.0)
+    }
+
+    /// The same, and hand back the snapshots that were saved, so that the next checkpoint can
+    /// copy into their buffers ([`Snapshot::copy_from`]) instead of fresh memory.
+    pub async fn wait_with_buffers(self) -> Result<(SaveReport, Vec<Snapshot>), CkptError> {
+        let (mut report, snaps, retention) = self.wait_committed().await?;
+        if let Some(r) = retention {
+            report.removed = r.wait().await?;
+        }
+        Ok((report, snaps))
+    }
+
+    /// Wait only until the step is committed (durable, and named by `latest`); pruning old
+    /// steps goes on in the returned [`Retention`], which holds the commit lock, so the next
+    /// save starts after it. The report's `removed` is empty.
+    pub async fn wait_committed(self) -> Result<Persisted, CkptError> {
         match self.join.await {
             Ok(r) => r,
             Err(e) => Err(CkptError::Task(e.to_string())),
@@ -105,7 +144,11 @@ struct Inner {
     storage: Arc<dyn Storage>,
     root: String,
     keep: usize,
-    commit: Mutex<()>,
+    commit: Arc<Mutex<()>>,
+    /// The local directory behind `storage` when it is a [`LocalStorage`] made by
+    /// [`CheckpointEngine::local`]: shards are then written straight from the snapshots'
+    /// buffers ([`crate::shard_io::write_local`]) instead of being joined for `Storage::put`.
+    direct: Option<PathBuf>,
 }
 
 /// Saves, loads, verifies and prunes checkpoints under one root of a [`Storage`].
@@ -160,7 +203,24 @@ impl CheckpointEngine {
                 storage,
                 root: root.trim_matches('/').to_string(),
                 keep: keep.max(1),
-                commit: Mutex::new(()),
+                commit: Arc::new(Mutex::new(())),
+                direct: None,
+            }),
+        }
+    }
+
+    /// An engine over the local directory `dir` whose shards are written straight from the
+    /// snapshot buffers, hashed while they are written (everything else goes through a
+    /// [`LocalStorage`] on `dir`, as with [`CheckpointEngine::new`]).
+    pub fn local(dir: impl Into<PathBuf>, keep: usize) -> Self {
+        let dir = dir.into();
+        Self {
+            inner: Arc::new(Inner {
+                storage: Arc::new(LocalStorage::new(dir.clone())),
+                root: String::new(),
+                keep: keep.max(1),
+                commit: Arc::new(Mutex::new(())),
+                direct: Some(dir),
             }),
         }
     }
@@ -185,7 +245,8 @@ impl CheckpointEngine {
     /// Persist one step's snapshots (every rank's) and wait until they are committed.
     pub async fn save_sync(&self, snaps: Vec<Snapshot>) -> Result<SaveReport, CkptError> {
         check_snapshots(&snaps)?;
-        self.persist(snaps).await
+        let (report, _, _) = self.persist(snaps, false).await?;
+        Ok(report)
     }
 
     /// Persist in a background task and return at once; the snapshots are moved, not copied.
@@ -195,12 +256,18 @@ impl CheckpointEngine {
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|e| CkptError::Task(format!("no tokio runtime: {e}")))?;
         let me = self.clone();
-        let join = rt.spawn(async move { me.persist(snaps).await });
+        let join = rt.spawn(async move { me.persist(snaps, true).await });
         Ok(SaveHandle { step, join })
     }
 
-    async fn persist(&self, snaps: Vec<Snapshot>) -> Result<SaveReport, CkptError> {
-        let _commit = self.inner.commit.lock().await;
+    /// Write and commit one step; with `defer_retention`, return at the commit and prune in a
+    /// task that keeps the commit lock until it is done (its [`SaveReport::removed`] is empty).
+    async fn persist(
+        &self,
+        snaps: Vec<Snapshot>,
+        defer_retention: bool,
+    ) -> Result<Persisted, CkptError> {
+        let commit = Arc::clone(&self.inner.commit).lock_owned().await;
         let Some(first) = snaps.first() else {
             return Err(CkptError::BadSnapshots("no snapshots".into()));
         };
@@ -216,26 +283,37 @@ impl CheckpointEngine {
         self.storage().remove(&manifest_key).await?;
         let mut files = BTreeMap::new();
         let mut tensors: BTreeMap<String, Vec<TensorPiece>> = BTreeMap::new();
+        let mut back = Vec::with_capacity(snaps.len());
         for s in snaps {
             let name = shard_name(s.meta.rank);
             let key = self.key(&format!("{dir}/{name}"));
-            // Encoding and hashing are CPU work: off the async threads. Each snapshot is freed
-            // as soon as its shard is encoded.
-            let Encoded {
-                bytes,
-                entry,
-                pieces,
-            } = blocking(move || encode_piece(s))
-                .await?
-                .map_err(|e| CkptError::Corrupt {
-                    key: key.clone(),
-                    why: e.to_string(),
-                })?;
-            for (global, piece) in pieces {
+            let corrupt = |why: String| CkptError::Corrupt {
+                key: key.clone(),
+                why,
+            };
+            // Encoding, hashing and writing are CPU and disk work: off the async threads.
+            let (entry, s) = match &self.inner.direct {
+                Some(root) => {
+                    let path = root.join(&dir).join(&name);
+                    blocking(move || {
+                        let r = crate::shard_io::write_snapshot(&path, &s);
+                        (r, s)
+                    })
+                    .await?
+                }
+                None => {
+                    let (r, s) = blocking(move || (crate::shard_io::encode_hashed(&s), s)).await?;
+                    let (bytes, entry) = r.map_err(|e| corrupt(e.to_string()))?;
+                    self.storage().put(&key, bytes).await?;
+                    (Ok(entry), s)
+                }
+            };
+            let entry = entry.map_err(corrupt)?;
+            for (global, piece) in crate::shard_io::pieces(&s, &name) {
                 tensors.entry(global).or_default().push(piece);
             }
-            self.storage().put(&key, bytes).await?;
             files.insert(name, entry);
+            back.push(s);
         }
         let manifest = Manifest {
             format_version: format::FORMAT_VERSION,
@@ -254,14 +332,26 @@ impl CheckpointEngine {
         self.storage()
             .put(&self.key(LATEST), format!("{dir}\n").into_bytes())
             .await?;
-        let removed = self.retain(step).await?;
+        let (removed, retention) = if defer_retention {
+            let me = self.clone();
+            let task = tokio::spawn(async move {
+                let _commit = commit;
+                me.retain(step).await
+            });
+            (Vec::new(), Some(Retention(task)))
+        } else {
+            let removed = self.retain(step).await?;
+            drop(commit);
+            (removed, None)
+        };
         tracing::debug!(step, bytes = manifest.total_bytes(), "checkpoint committed");
-        Ok(SaveReport {
+        let report = SaveReport {
             step,
             bytes: manifest.total_bytes(),
             files: manifest.files.len(),
             removed,
-        })
+        };
+        Ok((report, back, retention))
     }
 
     /// Step directories present (committed or not), ascending.
@@ -492,40 +582,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| CkptError::Task(e.to_string()))
-}
-
-/// A snapshot encoded: its shard's bytes, manifest entry, and tensors as manifest pieces.
-struct Encoded {
-    bytes: Vec<u8>,
-    entry: FileEntry,
-    pieces: Vec<(String, TensorPiece)>,
-}
-
-fn encode_piece(s: Snapshot) -> Result<Encoded, format::FormatError> {
-    let name = shard_name(s.meta.rank);
-    let bytes = encode_shard(&s)?;
-    let pieces = shard_tensors(&s)
-        .into_iter()
-        .map(|(key, t)| {
-            let piece = TensorPiece {
-                shard: name.clone(),
-                key: key.clone(),
-                dtype: "F32".into(),
-                shape: t.shape().to_vec(),
-                offset: vec![0; t.shape().len()],
-                global_shape: t.shape().to_vec(),
-            };
-            (key, piece)
-        })
-        .collect();
-    let entry = FileEntry {
-        rank: s.meta.rank,
-        bytes: bytes.len() as u64,
-        sha256: sha256_hex(&bytes),
-    };
-    Ok(Encoded {
-        bytes,
-        entry,
-        pieces,
-    })
 }

@@ -11,11 +11,10 @@
 //! Directory layout under the checkpoint root: `step-{:08}/rank-{r}.safetensors`,
 //! `step-{:08}/manifest.json` ([`crate::manifest`]), and a `latest` pointer file.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use flotilla_model::data::DataCursor;
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -32,7 +31,7 @@ pub const LATEST: &str = "latest";
 /// Name of the manifest inside a step directory.
 pub const MANIFEST: &str = "manifest.json";
 /// The safetensors metadata key holding [`ShardState`].
-const META_KEY: &str = "flotilla";
+pub(crate) const META_KEY: &str = "flotilla";
 
 /// Why a shard could not be decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -72,11 +71,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -115,32 +114,6 @@ impl ShardState {
     }
 }
 
-/// A tensor as safetensors sees it: f32, little-endian.
-struct F32View<'a>(&'a HostTensor);
-
-impl View for F32View<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        self.0.shape()
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        // The values' own bytes are already little-endian here: no copy.
-        #[cfg(target_endian = "little")]
-        {
-            Cow::Borrowed(bytemuck::cast_slice(self.0.data()))
-        }
-        #[cfg(not(target_endian = "little"))]
-        {
-            Cow::Owned(self.0.data().iter().flat_map(|x| x.to_le_bytes()).collect())
-        }
-    }
-    fn data_len(&self) -> usize {
-        self.0.nbytes()
-    }
-}
-
 /// The tensors of a snapshot under their shard keys, in key order.
 pub fn shard_tensors(s: &Snapshot) -> BTreeMap<String, &HostTensor> {
     let mut out: BTreeMap<String, &HostTensor> =
@@ -152,28 +125,9 @@ pub fn shard_tensors(s: &Snapshot) -> BTreeMap<String, &HostTensor> {
     out
 }
 
-/// Encode one rank's snapshot as a safetensors shard.
+/// Encode one rank's snapshot as a safetensors shard ([`crate::shard_io::encode_shard`]).
 pub fn encode_shard(s: &Snapshot) -> Result<Vec<u8>, FormatError> {
-    let state = ShardState {
-        format_version: FORMAT_VERSION,
-        rank: s.meta.rank,
-        layout: s.meta.layout.clone(),
-        config_hash: s.meta.config_hash.clone(),
-        step: s.step,
-        schedule_step: s.schedule_step,
-        optim_steps: s.optim_steps,
-        param_steps: s.moments.iter().map(|(n, m)| (n.clone(), m.step)).collect(),
-        data_cursor: hex(&s.data_cursor),
-        rng: s.rng.as_deref().map(hex),
-        model_config: s.model_config.clone(),
-    };
-    let json = serde_json::to_string(&state).map_err(|e| FormatError::Metadata(e.to_string()))?;
-    let meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (META_KEY.to_string(), json),
-    ]);
-    let tensors = shard_tensors(s).into_iter().map(|(k, t)| (k, F32View(t)));
-    safetensors::serialize(tensors, Some(meta)).map_err(|e| FormatError::Safetensors(e.to_string()))
+    crate::shard_io::encode_shard(s)
 }
 
 /// A shard's header: its [`ShardState`] and each tensor's dtype and shape, by key.
@@ -195,7 +149,7 @@ pub fn read_shard_header(bytes: &[u8]) -> Result<ShardHeader, FormatError> {
     Ok(ShardHeader { state, tensors })
 }
 
-fn shard_state(bytes: &[u8]) -> Result<ShardState, FormatError> {
+pub(crate) fn shard_state(bytes: &[u8]) -> Result<ShardState, FormatError> {
     let (_, meta) =
         SafeTensors::read_metadata(bytes).map_err(|e| FormatError::Safetensors(e.to_string()))?;
     let json = meta

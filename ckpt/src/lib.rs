@@ -2,16 +2,28 @@
 //! on-storage form (a directory per step with one safetensors shard per rank and a self-checking
 //! JSON manifest, committed atomically), and the [`CheckpointEngine`] that saves in the
 //! foreground or the background, loads with verification, falls back past damaged checkpoints
-//! and applies retention. All file access goes through the storage seam
-//! (`flotilla_runtime::storage`).
+//! and applies retention; the peer replication of in-memory snapshots over the fabric
+//! ([`replica`]); restoring a rank from the fastest sound source ([`restore`]); and loading onto
+//! another DP/EP layout ([`reshard`]). File access goes through the storage seam
+//! (`flotilla_runtime::storage`), except the shard writes of [`CheckpointEngine::local`]
+//! ([`shard_io::write_local`]).
 
+pub mod copy;
 pub mod engine;
 pub mod format;
 pub mod manifest;
+pub mod replica;
+pub mod reshard;
+pub mod restore;
+pub mod shard_io;
 pub mod snapshot;
 pub mod verify;
 
-pub use engine::{CheckpointEngine, CkptError, Loaded, SaveHandle, SaveReport, Which};
+pub use engine::{CheckpointEngine, CkptError, Loaded, Retention, SaveHandle, SaveReport, Which};
 pub use manifest::Manifest;
+pub use replica::{
+    ReplicaError, ReplicaServer, ReplicaStore, fetch_replica, push_replica, replica_peers,
+};
+pub use restore::{OwnCopy, RestoreError, Restored, Restorer, Source};
 pub use snapshot::{HostTensor, Layout, Moments, Snapshot, SnapshotError, SnapshotMeta};
 pub use verify::VerifyReport;

@@ -9,14 +9,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use crate::communicator::Op;
+use crate::elem::Elem;
 use crate::error::CommError;
+use crate::op::Op;
 
 /// A boxed fallible future.
 type Fallible<'a, T> = Pin<Box<dyn Future<Output = Result<T, CommError>> + Send + 'a>>;
 
 /// One send (`None`) or receive (`Some((peer, part))`) of the exchange.
-type Part<'a> = Fallible<'a, Option<(usize, Vec<f32>)>>;
+type Part<'a, T> = Fallible<'a, Option<(usize, Vec<T>)>>;
 
 /// Run every future to completion, or stop at the first error (dropping the rest).
 async fn try_join_all<T>(futs: Vec<Fallible<'_, T>>) -> Result<Vec<T>, CommError> {
@@ -47,10 +48,10 @@ async fn try_join_all<T>(futs: Vec<Fallible<'_, T>>) -> Result<Vec<T>, CommError
 }
 
 /// All-to-all of `send` (one part per group rank); returns the part from each rank.
-pub(crate) async fn all_to_all_v(
+pub(crate) async fn all_to_all_v<T: Elem>(
     ctx: &Op,
-    send: Vec<Vec<f32>>,
-) -> Result<Vec<Vec<f32>>, CommError> {
+    send: Vec<Vec<T>>,
+) -> Result<Vec<Vec<T>>, CommError> {
     let (n, me) = (ctx.size(), ctx.me());
     if send.len() != n {
         return Err(ctx.invalid(format!(
@@ -58,8 +59,8 @@ pub(crate) async fn all_to_all_v(
             send.len()
         )));
     }
-    let mut recv: Vec<Vec<f32>> = (0..n).map(|_| Vec::new()).collect();
-    let mut futs: Vec<Part<'_>> = Vec::with_capacity(2 * n);
+    let mut recv: Vec<Vec<T>> = (0..n).map(|_| Vec::new()).collect();
+    let mut futs: Vec<Part<'_, T>> = Vec::with_capacity(2 * n);
     for (j, part) in send.into_iter().enumerate() {
         if j == me {
             recv[me] = part;

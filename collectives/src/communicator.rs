@@ -1,248 +1,17 @@
-//! The communicator: a group of ranks over the fabric, and the per-operation context that gives
-//! the algorithms tagged, framed, failure-aware sends and receives.
-//!
-//! Tags: every collective takes the next sequence number of its communicator and sends all its
-//! messages under `Tag { channel, tag: seq << 8 | lane }` (lanes separate concurrent streams of
-//! one operation, e.g. the two trees of a double binary tree). FIFO per (source, tag) orders the
-//! messages within a lane. Point-to-point messages use the top bit of the tag (see [`crate::p2p`]).
-//!
-//! Data frames are `Payload::F32` with a three-word trailer: the operation's kind (operation,
-//! algorithm, reduction, root) and the sender's total buffer length, so that a peer running a
-//! different operation or holding a buffer of another size is reported, naming it, instead of
-//! silently mixing data.
-//!
-//! Failure protocol: when a receive passes its deadline, the rank tells every peer that it is
-//! stuck and waits a grace period for the silent peer; a peer that is itself stuck answers with
-//! its own notice, so only the rank directly waiting on a stalled one blames it. A rank that
-//! fails an operation for any reason (dead peer, timeout, mismatch, abort received) sends every
-//! peer an abort naming the culprit, so the whole group errors out together.
+//! The communicator: one rank's handle on a group of ranks over the fabric, and its public
+//! collectives on f32 buffers (the bf16 ones are in [`crate::bf16`]). Each operation runs with a
+//! fresh `Op` context (tags, framing, failure protocol: see `op.rs`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
-use flotilla_runtime::fabric::{Fabric, FabricError, Payload, Rank, Tag};
+use flotilla_runtime::fabric::{Fabric, Rank};
 
+use crate::elem::{Elem, Pool};
 use crate::error::CommError;
-use crate::wire::{Control, TRAILER, frame, kind};
-use crate::{Algo, CommConfig, ReduceOp, all_to_all, ring, tree};
-
-/// The per-operation context handed to the algorithms.
-pub(crate) struct Op {
-    fabric: Arc<dyn Fabric>,
-    ranks: Arc<[Rank]>,
-    me: usize,
-    channel: u32,
-    seq: u64,
-    lanes: u8,
-    pub(crate) name: &'static str,
-    kind: u32,
-    deadline: Duration,
-    grace: Duration,
-    stuck_sent: AtomicBool,
-}
-
-impl Op {
-    /// Group size.
-    pub(crate) fn size(&self) -> usize {
-        self.ranks.len()
-    }
-
-    /// This rank's index in the group.
-    pub(crate) fn me(&self) -> usize {
-        self.me
-    }
-
-    /// The global rank of group index `i`.
-    pub(crate) fn global(&self, i: usize) -> Rank {
-        self.ranks[i]
-    }
-
-    fn tag(&self, lane: u8) -> Tag {
-        Tag::new(self.channel, (self.seq << 8) | u64::from(lane))
-    }
-
-    /// An error for a local argument problem.
-    pub(crate) fn invalid(&self, why: impl Into<String>) -> CommError {
-        CommError::InvalidArgument {
-            op: self.name,
-            why: why.into(),
-        }
-    }
-
-    /// Send `data` to group index `peer` on `lane`, framed with this rank's `total` length.
-    pub(crate) async fn send(
-        &self,
-        peer: usize,
-        lane: u8,
-        data: Vec<f32>,
-        total: usize,
-    ) -> Result<(), CommError> {
-        let dst = self.global(peer);
-        self.fabric
-            .send(dst, self.tag(lane), frame(data, self.kind, total))
-            .await
-            .map_err(|e| CommError::from_fabric(self.name, dst, e))
-    }
-
-    /// Receive the next frame from group index `peer` on `lane`. With `expect_total`, the
-    /// sender's total length must equal it.
-    pub(crate) async fn recv(
-        &self,
-        peer: usize,
-        lane: u8,
-        expect_total: Option<usize>,
-    ) -> Result<Vec<f32>, CommError> {
-        let src = self.global(peer);
-        let tag = self.tag(lane);
-        let msg = match self.fabric.recv(src, tag, self.deadline).await {
-            Ok(p) => p,
-            Err(FabricError::Timeout { .. }) => {
-                self.announce_stuck(src).await;
-                match self.fabric.recv(src, tag, self.grace).await {
-                    Ok(p @ Payload::Bytes(_)) => p,
-                    // Silent, or data arriving after we told everyone we were stuck.
-                    Ok(_) | Err(FabricError::Timeout { .. }) => {
-                        return Err(CommError::Timeout {
-                            op: self.name,
-                            rank: src,
-                            after: self.deadline + self.grace,
-                        });
-                    }
-                    Err(e) => return Err(CommError::from_fabric(self.name, src, e)),
-                }
-            }
-            Err(e) => return Err(CommError::from_fabric(self.name, src, e)),
-        };
-        match msg {
-            Payload::F32(v) => self.unframe(src, v, expect_total),
-            Payload::Bytes(b) => Err(self.control(src, tag, &b).await),
-            Payload::Bf16(_) => Err(self.bad(src, "a bf16 payload where f32 was expected")),
-        }
-    }
-
-    fn bad(&self, peer: Rank, why: impl Into<String>) -> CommError {
-        CommError::BadMessage {
-            op: self.name,
-            peer,
-            why: why.into(),
-        }
-    }
-
-    fn unframe(
-        &self,
-        src: Rank,
-        mut v: Vec<f32>,
-        expect_total: Option<usize>,
-    ) -> Result<Vec<f32>, CommError> {
-        let Some(body) = v.len().checked_sub(TRAILER) else {
-            return Err(self.bad(src, "frame shorter than its trailer"));
-        };
-        let t = &v[body..];
-        let kind = t[0].to_bits();
-        let total = (u64::from(t[2].to_bits()) << 32 | u64::from(t[1].to_bits())) as usize;
-        v.truncate(body);
-        if kind != self.kind {
-            return Err(CommError::OpMismatch {
-                op: self.name,
-                me: self.global(self.me),
-                peer: src,
-                ours: kind::name(self.kind),
-                theirs: kind::name(kind),
-            });
-        }
-        if let Some(ours) = expect_total
-            && ours != total
-        {
-            return Err(CommError::SizeMismatch {
-                op: self.name,
-                me: self.global(self.me),
-                peer: src,
-                ours,
-                theirs: total,
-            });
-        }
-        Ok(v)
-    }
-
-    /// Check that a received segment has the length this rank computed for it.
-    pub(crate) fn check_len(&self, peer: usize, got: &[f32], want: usize) -> Result<(), CommError> {
-        if got.len() == want {
-            Ok(())
-        } else {
-            Err(self.bad(
-                self.global(peer),
-                format!("segment of {} elements, expected {want}", got.len()),
-            ))
-        }
-    }
-
-    /// A control message arrived from `src` where data was expected: turn it into the error.
-    async fn control(&self, src: Rank, tag: Tag, b: &[u8]) -> CommError {
-        match Control::decode(b) {
-            Err(why) => self.bad(src, why),
-            Ok(Control::Abort { culprit, reason }) => self.aborted(src, culprit, reason),
-            Ok(Control::Stuck { waiting_on }) => {
-                // `src` is alive but stuck itself: tell our own waiters, then wait for its verdict.
-                self.announce_stuck(src).await;
-                match self.fabric.recv(src, tag, self.deadline).await {
-                    Ok(Payload::Bytes(b)) => match Control::decode(&b) {
-                        Ok(Control::Abort { culprit, reason }) => {
-                            self.aborted(src, culprit, reason)
-                        }
-                        Ok(Control::Stuck { .. }) => self.bad(src, "two stuck notices"),
-                        Err(why) => self.bad(src, why),
-                    },
-                    Ok(_) => self.bad(src, "data after a stuck notice"),
-                    Err(FabricError::Timeout { .. }) => CommError::Timeout {
-                        op: self.name,
-                        rank: waiting_on,
-                        after: self.deadline * 2,
-                    },
-                    Err(e) => CommError::from_fabric(self.name, src, e),
-                }
-            }
-        }
-    }
-
-    fn aborted(&self, by: Rank, culprit: Option<Rank>, reason: String) -> CommError {
-        CommError::Aborted {
-            op: self.name,
-            by,
-            culprit,
-            reason,
-        }
-    }
-
-    /// Send `msg` to every peer on every lane, ignoring failures (this is the failure path).
-    async fn tell_everyone(&self, msg: &Control) {
-        for peer in (0..self.size()).filter(|&p| p != self.me) {
-            for lane in 0..self.lanes {
-                let _ = self
-                    .fabric
-                    .send(self.global(peer), self.tag(lane), msg.encode())
-                    .await;
-            }
-        }
-    }
-
-    /// Tell every peer, once, that this rank is stuck waiting on `waiting_on`.
-    async fn announce_stuck(&self, waiting_on: Rank) {
-        if !self.stuck_sent.swap(true, Ordering::AcqRel) {
-            self.tell_everyone(&Control::Stuck { waiting_on }).await;
-        }
-    }
-
-    /// Tell every peer that this rank gives up on the operation, and why.
-    pub(crate) async fn abort(&self, err: &CommError) {
-        tracing::debug!(op = self.name, seq = self.seq, %err, "collective failed");
-        let msg = Control::Abort {
-            culprit: err.culprit(),
-            reason: err.reason(),
-        };
-        self.tell_everyone(&msg).await;
-    }
-}
+use crate::op::Op;
+use crate::wire::kind;
+use crate::{Algo, CommConfig, ReduceOp, all_to_all, ring, star, tree};
 
 /// One rank's handle on a group of ranks.
 #[derive(Debug)]
@@ -254,6 +23,8 @@ pub struct Communicator {
     seq: u64,
     cfg: CommConfig,
     poisoned: Option<CommError>,
+    /// Spare buffers carried from one operation to the next.
+    pool: Pool,
 }
 
 impl Communicator {
@@ -298,6 +69,7 @@ impl Communicator {
             seq: 0,
             cfg,
             poisoned: None,
+            pool: Pool::default(),
         })
     }
 
@@ -313,6 +85,7 @@ impl Communicator {
             seq: 0,
             cfg,
             poisoned: None,
+            pool: Pool::default(),
         }
     }
 
@@ -357,13 +130,25 @@ impl Communicator {
         )
     }
 
-    /// Which algorithm an all-reduce of `len` elements runs with `algo`.
+    /// Which algorithm an all-reduce of `len` elements (of 4 bytes; bf16 counts as f32 here)
+    /// runs with `algo`: `Auto` is the tree below [`CommConfig::tree_threshold_bytes`], the
+    /// star at or above [`CommConfig::star_threshold_bytes`] when the fabric is in-process
+    /// ([`CommConfig::in_process`]), and the ring otherwise.
     pub fn pick(&self, algo: Algo, len: usize) -> Algo {
+        let bytes = len.saturating_mul(4);
         match algo {
-            Algo::Auto if len * 4 < self.cfg.tree_threshold_bytes => Algo::Tree,
+            Algo::Auto if bytes < self.cfg.tree_threshold_bytes => Algo::Tree,
+            Algo::Auto if self.cfg.in_process && bytes >= self.cfg.star_threshold_bytes => {
+                Algo::Star
+            }
             Algo::Auto => Algo::Ring,
             other => other,
         }
+    }
+
+    /// Whether a reduce-scatter of `len` elements runs the star (else the ring).
+    fn star_reduce_scatter(&self, len: usize) -> bool {
+        self.cfg.in_process && len.saturating_mul(4) >= self.cfg.star_threshold_bytes
     }
 
     fn begin(&mut self, name: &'static str, kind: u32, lanes: u8) -> Result<Op, CommError> {
@@ -384,14 +169,16 @@ impl Communicator {
             deadline: self.cfg.deadline,
             grace: self.cfg.grace,
             stuck_sent: AtomicBool::new(false),
+            pool: Mutex::new(std::mem::take(&mut self.pool)),
         })
     }
 
-    async fn finish<T>(&mut self, op: &Op, r: Result<T, CommError>) -> Result<T, CommError> {
+    async fn finish<T>(&mut self, op: Op, r: Result<T, CommError>) -> Result<T, CommError> {
         if let Err(e) = &r {
             op.abort(e).await;
             self.poisoned = Some(e.clone());
         }
+        self.pool = op.pool.into_inner().unwrap_or_else(|p| p.into_inner());
         r
     }
 
@@ -409,6 +196,83 @@ impl Communicator {
         self.poisoned = Some(err.clone());
     }
 
+    pub(crate) async fn all_reduce_t<T: Elem>(
+        &mut self,
+        buf: Vec<T>,
+        op: ReduceOp,
+        algo: Algo,
+    ) -> Result<Vec<T>, CommError> {
+        let algo = self.pick(algo, buf.len());
+        let code = match algo {
+            Algo::Tree => kind::TREE_ALL_REDUCE,
+            Algo::Star => kind::STAR_ALL_REDUCE,
+            Algo::Ring | Algo::Auto => kind::RING_ALL_REDUCE,
+        };
+        let ctx = self.begin("all_reduce", kind::with(code, op.code() as usize), 2)?;
+        let r = match algo {
+            Algo::Tree => tree::all_reduce(&ctx, buf, op).await,
+            Algo::Star => star::all_reduce(&ctx, buf, op).await,
+            Algo::Ring | Algo::Auto => ring::all_reduce(&ctx, buf, op).await,
+        };
+        self.finish(ctx, r).await
+    }
+
+    pub(crate) async fn reduce_scatter_t<T: Elem>(
+        &mut self,
+        buf: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Vec<T>, CommError> {
+        let star = self.star_reduce_scatter(buf.len());
+        let code = if star {
+            kind::STAR_REDUCE_SCATTER
+        } else {
+            kind::REDUCE_SCATTER
+        };
+        let ctx = self.begin("reduce_scatter", kind::with(code, op.code() as usize), 1)?;
+        let r = if star && ctx.size() > 1 {
+            match ring::check_divisible(&ctx, buf.len()) {
+                Ok(()) => star::reduce_scatter(&ctx, buf, op).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            ring::reduce_scatter(&ctx, buf, op).await
+        };
+        self.finish(ctx, r).await
+    }
+
+    pub(crate) async fn all_gather_t<T: Elem>(
+        &mut self,
+        chunk: Vec<T>,
+        out: Option<Vec<T>>,
+    ) -> Result<Vec<T>, CommError> {
+        let ctx = self.begin("all_gather", kind::ALL_GATHER, 1)?;
+        let r = ring::all_gather(&ctx, chunk, out).await;
+        self.finish(ctx, r).await
+    }
+
+    pub(crate) async fn broadcast_t<T: Elem>(
+        &mut self,
+        buf: Vec<T>,
+        root: usize,
+    ) -> Result<Vec<T>, CommError> {
+        let ctx = self.begin("broadcast", kind::with(kind::BROADCAST, root), 1)?;
+        let r = if root < ctx.size() {
+            tree::broadcast(&ctx, buf, root).await
+        } else {
+            Err(ctx.invalid(format!("root {root} outside a group of {}", ctx.size())))
+        };
+        self.finish(ctx, r).await
+    }
+
+    pub(crate) async fn all_to_all_v_t<T: Elem>(
+        &mut self,
+        send: Vec<Vec<T>>,
+    ) -> Result<Vec<Vec<T>>, CommError> {
+        let ctx = self.begin("all_to_all_v", kind::ALL_TO_ALL_V, 1)?;
+        let r = all_to_all::all_to_all_v(&ctx, send).await;
+        self.finish(ctx, r).await
+    }
+
     /// Reduce `buf` element-wise across the group; every rank gets the result.
     pub async fn all_reduce(
         &mut self,
@@ -416,18 +280,7 @@ impl Communicator {
         op: ReduceOp,
         algo: Algo,
     ) -> Result<Vec<f32>, CommError> {
-        let algo = self.pick(algo, buf.len());
-        let code = match algo {
-            Algo::Tree => kind::TREE_ALL_REDUCE,
-            Algo::Ring | Algo::Auto => kind::RING_ALL_REDUCE,
-        };
-        let ctx = self.begin("all_reduce", kind::with(code, op.code() as usize), 2)?;
-        let r = if code == kind::TREE_ALL_REDUCE {
-            tree::all_reduce(&ctx, buf, op).await
-        } else {
-            ring::all_reduce(&ctx, buf, op).await
-        };
-        self.finish(&ctx, r).await
+        self.all_reduce_t(buf, op, algo).await
     }
 
     /// Reduce `buf` (length a multiple of the group size) and keep chunk `rank()` of the result.
@@ -436,43 +289,40 @@ impl Communicator {
         buf: Vec<f32>,
         op: ReduceOp,
     ) -> Result<Vec<f32>, CommError> {
-        let k = kind::with(kind::REDUCE_SCATTER, op.code() as usize);
-        let ctx = self.begin("reduce_scatter", k, 1)?;
-        let r = ring::reduce_scatter(&ctx, buf, op).await;
-        self.finish(&ctx, r).await
+        self.reduce_scatter_t(buf, op).await
     }
 
     /// Concatenate every rank's `chunk` (all of one length) in group order.
     pub async fn all_gather(&mut self, chunk: Vec<f32>) -> Result<Vec<f32>, CommError> {
-        let ctx = self.begin("all_gather", kind::ALL_GATHER, 1)?;
-        let r = ring::all_gather(&ctx, chunk).await;
-        self.finish(&ctx, r).await
+        self.all_gather_t(chunk, None).await
+    }
+
+    /// [`Communicator::all_gather`] into `out`'s allocation (its contents are replaced), so
+    /// that a caller gathering again and again allocates (and page-faults) nothing.
+    pub async fn all_gather_into(
+        &mut self,
+        chunk: Vec<f32>,
+        out: Vec<f32>,
+    ) -> Result<Vec<f32>, CommError> {
+        self.all_gather_t(chunk, Some(out)).await
     }
 
     /// Every rank gets group rank `root`'s `buf`; the other ranks pass a buffer of the same
     /// length (its contents are replaced).
     pub async fn broadcast(&mut self, buf: Vec<f32>, root: usize) -> Result<Vec<f32>, CommError> {
-        let ctx = self.begin("broadcast", kind::with(kind::BROADCAST, root), 1)?;
-        let r = if root < ctx.size() {
-            tree::broadcast(&ctx, buf, root).await
-        } else {
-            Err(ctx.invalid(format!("root {root} outside a group of {}", ctx.size())))
-        };
-        self.finish(&ctx, r).await
+        self.broadcast_t(buf, root).await
     }
 
     /// Send `send[j]` to group rank `j` and return what each rank sent here; parts may have any
     /// length, including zero. `send.len()` must be the group size.
     pub async fn all_to_all_v(&mut self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, CommError> {
-        let ctx = self.begin("all_to_all_v", kind::ALL_TO_ALL_V, 1)?;
-        let r = all_to_all::all_to_all_v(&ctx, send).await;
-        self.finish(&ctx, r).await
+        self.all_to_all_v_t(send).await
     }
 
     /// Wait until every rank of the group has entered the barrier.
     pub async fn barrier(&mut self) -> Result<(), CommError> {
         let ctx = self.begin("barrier", kind::BARRIER, 1)?;
         let r = tree::barrier(&ctx).await;
-        self.finish(&ctx, r).await
+        self.finish(ctx, r).await
     }
 }

@@ -35,14 +35,10 @@ use flotilla_runtime::topology::Topology;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::wire::TRAILER;
+use crate::kernels::{fused, reduce_chunk, run_parallel};
 use crate::{Algo, CommConfig, CommError, Communicator, ReduceOp};
 
 const OP: &str = "hfreduce";
-/// Elements per cache block of the reduction kernels (16 KiB of f32).
-const BLOCK: usize = 4096;
-/// Fewest elements worth a thread of their own.
-const MIN_PER_THREAD: usize = 1 << 16;
 /// Below this many elements (all local buffers together), a single-host reduction runs inline
 /// on the leader's task instead of on a blocking thread.
 const INLINE_ELEMS: usize = 1 << 16;
@@ -565,102 +561,6 @@ fn check(
         }
     }
     Ok(parts.into_iter().map(|p| p.0).collect())
-}
-
-/// Run `f` on every item, the items spread over at most `threads` crossbeam scoped threads (the
-/// calling thread takes the first share).
-fn run_parallel<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
-    let t = threads.clamp(1, items.len().max(1));
-    if t == 1 {
-        items.into_iter().for_each(f);
-        return;
-    }
-    let mut shares: Vec<Vec<T>> = (0..t).map(|_| Vec::new()).collect();
-    for (i, item) in items.into_iter().enumerate() {
-        shares[i % t].push(item);
-    }
-    let f = &f;
-    let r = crossbeam::thread::scope(|s| {
-        let mut it = shares.into_iter();
-        let first = it.next();
-        for share in it {
-            s.spawn(move |_| share.into_iter().for_each(f));
-        }
-        first.into_iter().flatten().for_each(f);
-    });
-    if let Err(p) = r {
-        std::panic::resume_unwind(p);
-    }
-}
-
-/// How many threads `len` elements are worth.
-fn threads_for(len: usize, threads: usize) -> usize {
-    threads.min(len.div_ceil(MIN_PER_THREAD)).max(1)
-}
-
-/// The single-host all-reduce: every block of every buffer is read once and written once.
-fn fused(bufs: &mut [Vec<f32>], op: ReduceOp, world: usize, threads: usize) {
-    let len = bufs.first().map_or(0, Vec::len);
-    let t = threads_for(len, threads);
-    let per = len.div_ceil(t).max(1);
-    let mut shares: Vec<Vec<&mut [f32]>> = (0..t).map(|_| Vec::new()).collect();
-    for b in bufs.iter_mut() {
-        for (share, part) in shares.iter_mut().zip(b.chunks_mut(per)) {
-            share.push(part);
-        }
-    }
-    run_parallel(shares, t, |mut share| fused_part(&mut share, op, world));
-}
-
-/// Reduce the equally long `parts` block by block and write the result into all of them.
-fn fused_part(parts: &mut [&mut [f32]], op: ReduceOp, world: usize) {
-    let Some((first, rest)) = parts.split_first_mut() else {
-        return;
-    };
-    let n = first.len();
-    let mut off = 0;
-    while off < n {
-        let end = (off + BLOCK).min(n);
-        let acc = &mut first[off..end];
-        for r in rest.iter() {
-            op.combine(acc, &r[off..end]);
-        }
-        op.finish(acc, world);
-        for r in rest.iter_mut() {
-            r[off..end].copy_from_slice(acc);
-        }
-        off = end;
-    }
-}
-
-/// The sum (or max) of the equally long `parts`, in a new buffer with room for a frame trailer.
-fn reduce_chunk(parts: &[&mut [f32]], op: ReduceOp, threads: usize) -> Vec<f32> {
-    let n = parts.first().map_or(0, |p| p.len());
-    let mut out = Vec::with_capacity(n + TRAILER);
-    out.resize(n, 0.0);
-    let t = threads_for(n, threads);
-    let per = n.div_ceil(t).max(1);
-    let shares: Vec<(usize, &mut [f32])> = out
-        .chunks_mut(per)
-        .enumerate()
-        .map(|(i, s)| (i * per, s))
-        .collect();
-    run_parallel(shares, t, |(lo, dst)| {
-        let mut off = 0;
-        while off < dst.len() {
-            let end = (off + BLOCK).min(dst.len());
-            let acc = &mut dst[off..end];
-            let range = lo + off..lo + end;
-            if let Some((first, rest)) = parts.split_first() {
-                acc.copy_from_slice(&first[range.clone()]);
-                for r in rest {
-                    op.combine(acc, &r[range.clone()]);
-                }
-            }
-            off = end;
-        }
-    });
-    out
 }
 
 /// The multi-host pipeline, run on a blocking thread of the leader.

@@ -2,11 +2,13 @@
 //!
 //! A [`Communicator`] is one rank's handle on a group of ranks (the whole job, or a pipeline /
 //! expert / data-parallel group given as global ranks) over an `Arc<dyn Fabric>`. Its collectives
-//! work on owned `Vec<f32>` buffers, moved through the fabric where possible:
+//! work on owned `Vec<f32>` buffers, or bf16 ones as raw bits `Vec<u16>` ([`bf16`]: the same
+//! operations with a `_bf16` suffix), moved through the fabric where possible:
 //!
 //! - [`Communicator::all_reduce`] with [`ReduceOp`] `Sum | Avg | Max` and [`Algo`]
-//!   `Ring | Tree | Auto` ([`ring`]: reduce-scatter + all-gather over n uneven chunks;
-//!   [`tree`]: double binary tree, each tree carrying half of the buffer),
+//!   `Ring | Tree | Star | Auto` ([`ring`]: reduce-scatter + all-gather over n uneven chunks;
+//!   [`tree`]: double binary tree, each tree carrying half of the buffer; [`star`]: for ranks
+//!   of one process, every buffer moved to rank 0, reduced there in place, moved back),
 //! - [`Communicator::reduce_scatter`], [`Communicator::all_gather`], [`Communicator::broadcast`],
 //!   [`Communicator::all_to_all_v`] (uneven and empty per-peer parts), [`Communicator::barrier`],
 //! - point-to-point [`Communicator::send`] / [`Communicator::recv`] ([`p2p`]),
@@ -19,19 +21,28 @@
 //! ([`CommError::culprit`]).
 
 pub mod all_to_all;
+pub mod bf16;
 pub mod communicator;
+pub mod elem;
 pub mod error;
 pub mod hfreduce;
+mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+#[cfg(feature = "cuda")]
+pub mod nccl_bufs;
+mod op;
 pub mod p2p;
 pub mod perf;
 pub mod ring;
+pub mod star;
 pub mod tree;
 mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bf16;
 #[cfg(test)]
 mod tests_faults;
 #[cfg(test)]
@@ -40,6 +51,7 @@ mod tests_hfreduce;
 use std::time::Duration;
 
 pub use communicator::Communicator;
+pub use elem::{from_bf16, to_bf16};
 pub use error::CommError;
 pub use flotilla_runtime::fabric::Rank;
 pub use hfreduce::{HfReduce, HostReducer};
@@ -96,7 +108,11 @@ pub enum Algo {
     Ring,
     /// Double binary tree: 2·log2(n) latency steps, for small messages.
     Tree,
-    /// Tree below [`CommConfig::tree_threshold_bytes`], ring at or above it.
+    /// Every buffer moved to group rank 0, reduced there in place on several threads, moved
+    /// back: the least memory traffic when all ranks share one process (in-process fabric).
+    Star,
+    /// Tree below [`CommConfig::tree_threshold_bytes`]; star at or above
+    /// [`CommConfig::star_threshold_bytes`] on an in-process fabric; ring otherwise.
     Auto,
 }
 
@@ -110,6 +126,12 @@ pub struct CommConfig {
     pub grace: Duration,
     /// `Auto` all-reduces of fewer bytes than this use the tree.
     pub tree_threshold_bytes: usize,
+    /// Every member's fabric endpoint lives in this process and moves buffers without copying
+    /// (the in-process fabric): large all-reduces and reduce-scatters then use [`Algo::Star`].
+    pub in_process: bool,
+    /// With `in_process`, all-reduces (`Auto`) and reduce-scatters of at least this many bytes
+    /// use the star.
+    pub star_threshold_bytes: usize,
 }
 
 impl Default for CommConfig {
@@ -119,13 +141,23 @@ impl Default for CommConfig {
 }
 
 impl CommConfig {
-    /// A configuration with `deadline`, a grace of a tenth of it, and the 64 KiB tree threshold.
+    /// A configuration with `deadline`, a grace of a tenth of it, the 64 KiB tree threshold,
+    /// not in-process (with a 4 MiB star threshold once [`CommConfig::in_process`] is set:
+    /// on the 2-core development machine the ring is faster at 1 MiB, the star at 4 MiB).
     pub fn with_deadline(deadline: Duration) -> Self {
         CommConfig {
             deadline,
             grace: deadline / 10,
             tree_threshold_bytes: 64 * 1024,
+            in_process: false,
+            star_threshold_bytes: 4 << 20,
         }
+    }
+
+    /// The same configuration for ranks that share this process over the in-process fabric.
+    pub fn in_process(mut self) -> Self {
+        self.in_process = true;
+        self
     }
 
     /// From the job config: a peer silent for `peer_timeout_ms` is declared dead.

@@ -10,7 +10,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+/// The CUDA types a caller needs to set up an [`NcclComm`], re-exported so that crates above
+/// this one need no cudarc dependency of their own.
+pub use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use cudarc::nccl::{NcclType, result, sys};
 
 use crate::ReduceOp;
@@ -27,6 +30,8 @@ pub enum NcclError {
     BadId(usize),
     #[error("nccl {op}: {why}")]
     Shape { op: &'static str, why: String },
+    #[error("nccl {op}: cuda: {why}")]
+    Cuda { op: &'static str, why: String },
 }
 
 fn check(

@@ -13,6 +13,7 @@ use std::time::Duration;
 use flotilla_runtime::fabric::{Fabric, Payload, Rank, Tag};
 
 use crate::communicator::Communicator;
+use crate::elem::Elem;
 use crate::error::CommError;
 
 const P2P_BIT: u64 = 1 << 63;
@@ -58,37 +59,38 @@ impl P2p {
         Tag::new(self.channel, P2P_BIT | u64::from(tag))
     }
 
-    /// Send `buf` to group rank `peer` under `tag`.
-    pub async fn send(&self, peer: usize, tag: u32, buf: Vec<f32>) -> Result<(), CommError> {
+    pub(crate) async fn send_t<T: Elem>(
+        &self,
+        peer: usize,
+        tag: u32,
+        buf: Vec<T>,
+    ) -> Result<(), CommError> {
         let dst = self.peer("send", peer)?;
         self.fabric
-            .send(dst, self.tag(tag), Payload::F32(buf))
+            .send(dst, self.tag(tag), T::wrap(buf))
             .await
             .map_err(|e| CommError::from_fabric("send", dst, e))
     }
 
-    /// Receive the next buffer from group rank `peer` under `tag`, within the deadline.
-    pub async fn recv(&self, peer: usize, tag: u32) -> Result<Vec<f32>, CommError> {
+    pub(crate) async fn recv_t<T: Elem>(&self, peer: usize, tag: u32) -> Result<Vec<T>, CommError> {
         let src = self.peer("recv", peer)?;
         match self.fabric.recv(src, self.tag(tag), self.deadline).await {
-            Ok(Payload::F32(v)) => Ok(v),
-            Ok(_) => Err(CommError::BadMessage {
+            Ok(p) => T::unwrap(p).map_err(|_: Payload| CommError::BadMessage {
                 op: "recv",
                 peer: src,
-                why: "expected an f32 payload".into(),
+                why: format!("expected a {} payload", T::NAME),
             }),
             Err(e) => Err(CommError::from_fabric("recv", src, e)),
         }
     }
 
-    /// Receive from `peer` under `tag` a buffer that must have `len` elements.
-    pub async fn recv_exact(
+    pub(crate) async fn recv_exact_t<T: Elem>(
         &self,
         peer: usize,
         tag: u32,
         len: usize,
-    ) -> Result<Vec<f32>, CommError> {
-        let v = self.recv(peer, tag).await?;
+    ) -> Result<Vec<T>, CommError> {
+        let v = self.recv_t::<T>(peer, tag).await?;
         if v.len() == len {
             Ok(v)
         } else {
@@ -100,6 +102,26 @@ impl P2p {
                 theirs: v.len(),
             })
         }
+    }
+
+    /// Send `buf` to group rank `peer` under `tag`.
+    pub async fn send(&self, peer: usize, tag: u32, buf: Vec<f32>) -> Result<(), CommError> {
+        self.send_t(peer, tag, buf).await
+    }
+
+    /// Receive the next buffer from group rank `peer` under `tag`, within the deadline.
+    pub async fn recv(&self, peer: usize, tag: u32) -> Result<Vec<f32>, CommError> {
+        self.recv_t(peer, tag).await
+    }
+
+    /// Receive from `peer` under `tag` a buffer that must have `len` elements.
+    pub async fn recv_exact(
+        &self,
+        peer: usize,
+        tag: u32,
+        len: usize,
+    ) -> Result<Vec<f32>, CommError> {
+        self.recv_exact_t(peer, tag, len).await
     }
 }
 

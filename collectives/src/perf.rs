@@ -6,7 +6,10 @@
 //! `busbw = algbw · 2(n−1)/n` for all-reduce and `algbw · (n−1)/n` for reduce-scatter,
 //! all-gather and all-to-all ([`Coll::bus_factor`]). The time of one repetition is the slowest
 //! rank's, from a common barrier to its completion; [`time_inproc`] gives the mean over the
-//! repetitions, after one untimed warm-up.
+//! repetitions, after one untimed warm-up. As in nccl-tests, buffers live across repetitions:
+//! the all-reduce and all-to-all buffers are carried on, the all-gather output is reused
+//! ([`Communicator::all_gather_into`]), and inputs that an operation consumes are prepared
+//! outside the timed region.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -32,9 +35,10 @@ pub enum Coll {
 
 impl Coll {
     /// Every collective the benchmark measures.
-    pub const ALL: [Coll; 6] = [
+    pub const ALL: [Coll; 7] = [
         Coll::AllReduce(Algo::Ring),
         Coll::AllReduce(Algo::Tree),
+        Coll::AllReduce(Algo::Star),
         Coll::HfReduce,
         Coll::ReduceScatter,
         Coll::AllGather,
@@ -55,8 +59,13 @@ impl Coll {
     pub fn algo(self) -> &'static str {
         match self {
             Coll::AllReduce(Algo::Tree) => "tree",
+            Coll::AllReduce(Algo::Star) => "star",
+            Coll::AllReduce(Algo::Auto) => "auto",
             Coll::HfReduce => "hfreduce",
-            Coll::AllReduce(_) | Coll::ReduceScatter | Coll::AllGather | Coll::AllToAll => "ring",
+            Coll::AllReduce(Algo::Ring)
+            | Coll::ReduceScatter
+            | Coll::AllGather
+            | Coll::AllToAll => "ring",
         }
     }
 
@@ -68,6 +77,16 @@ impl Coll {
             Coll::ReduceScatter | Coll::AllGather | Coll::AllToAll => (n - 1.0) / n,
         }
     }
+}
+
+/// The all-reduce that [`Communicator::pick`] runs (`Algo::Auto`) for `bytes` per rank on an
+/// in-process group of `n` ranks configured as [`time_inproc`] configures them: the entry of
+/// [`Coll::ALL`] whose measurement is what an in-process job gets.
+pub fn picked_inproc(n: usize, bytes: usize) -> Coll {
+    let hub = InprocHub::new(n.max(1));
+    let cfg = CommConfig::with_deadline(Duration::from_secs(1)).in_process();
+    let comm = Communicator::world(Arc::new(hub.endpoint(0)), 0, cfg);
+    Coll::AllReduce(comm.pick(Algo::Auto, bytes / 4))
 }
 
 /// Bandwidth of a plain single-threaded copy of `bytes` between two buffers already in memory,
@@ -100,6 +119,7 @@ fn rank_sets(
     fabrics: Vec<Arc<dyn Fabric>>,
     coll: Coll,
     hosts: usize,
+    in_process: bool,
 ) -> Result<Vec<RankSet>, CommError> {
     let n = fabrics.len();
     if n == 0 || hosts == 0 || !n.is_multiple_of(hosts) {
@@ -108,7 +128,8 @@ fn rank_sets(
             why: format!("{hosts} hosts do not divide {n} ranks"),
         });
     }
-    let cfg = CommConfig::with_deadline(Duration::from_secs(120));
+    let mut cfg = CommConfig::with_deadline(Duration::from_secs(120));
+    cfg.in_process = in_process;
     let per = n / hosts;
     let channel = NEXT_CHANNEL.fetch_add(2, Ordering::Relaxed);
     let leaders: Vec<usize> = (0..hosts).map(|h| h * per).collect();
@@ -145,8 +166,9 @@ fn rank_sets(
 
 /// Mean seconds per operation of `coll` over `n` in-process ranks (in `hosts` groups, for
 /// HFReduce) on `bytes` per rank (rounded up to a multiple of `4n`): the slowest rank of each
-/// of `reps` repetitions, after one untimed warm-up. Runs on the current tokio runtime (use a
-/// multi-threaded one).
+/// of `reps` repetitions, after one untimed warm-up. The communicators are configured
+/// [`CommConfig::in_process`], so the reduce-scatter (and `Auto`) run as they would in an
+/// in-process job. Runs on the current tokio runtime (use a multi-threaded one).
 pub async fn time_inproc(
     coll: Coll,
     n: usize,
@@ -158,15 +180,16 @@ pub async fn time_inproc(
     let fabrics = (0..n)
         .map(|r| Arc::new(hub.endpoint(r)) as Arc<dyn Fabric>)
         .collect();
-    time_over(fabrics, coll, hosts, bytes, reps).await
+    time_with(fabrics, coll, hosts, bytes, reps, true).await
 }
 
 /// Fabric channels of the next measurement (two per measurement, so that measurements sharing
 /// a fabric never share tags).
 static NEXT_CHANNEL: AtomicU32 = AtomicU32::new(1 << 20);
 
-/// [`time_inproc`] over any fabric: `fabrics[r]` is rank r's endpoint (all in this process).
-/// Each call uses two fresh fabric channels from 2^20 up.
+/// [`time_inproc`] over any fabric: `fabrics[r]` is rank r's endpoint (all in this process;
+/// the communicators are not configured in-process, as for a network fabric). Each call uses
+/// two fresh fabric channels from 2^20 up.
 pub async fn time_over(
     fabrics: Vec<Arc<dyn Fabric>>,
     coll: Coll,
@@ -174,10 +197,21 @@ pub async fn time_over(
     bytes: usize,
     reps: usize,
 ) -> Result<f64, CommError> {
+    time_with(fabrics, coll, hosts, bytes, reps, false).await
+}
+
+async fn time_with(
+    fabrics: Vec<Arc<dyn Fabric>>,
+    coll: Coll,
+    hosts: usize,
+    bytes: usize,
+    reps: usize,
+    in_process: bool,
+) -> Result<f64, CommError> {
     let n = fabrics.len();
     let reps = reps.max(1);
     let elems = (bytes / 4).div_ceil(n.max(1)) * n;
-    let tasks: Vec<_> = rank_sets(fabrics, coll, hosts)?
+    let tasks: Vec<_> = rank_sets(fabrics, coll, hosts, in_process)?
         .into_iter()
         .map(|rs| tokio::spawn(rank_loop(rs, coll, n, elems, reps)))
         .collect();
@@ -214,6 +248,7 @@ async fn rank_loop(
     // factor n per repetition and may reach infinity, which costs nothing extra.
     let mut buf = vec![1.0f32; elems];
     let mut parts: Vec<Vec<f32>> = (0..n).map(|_| vec![1.0f32; part]).collect();
+    let mut gathered = Vec::new();
     for i in 0..=reps {
         // Inputs that the operation consumes are prepared outside the timed region.
         let input = match coll {
@@ -241,13 +276,23 @@ async fn rank_loop(
                 Vec::new()
             }
             Coll::ReduceScatter => rs.comm.reduce_scatter(input, ReduceOp::Sum).await?,
-            Coll::AllGather => rs.comm.all_gather(input).await?,
+            Coll::AllGather => {
+                // As nccl-tests does, the output buffer is allocated once and reused.
+                gathered = rs
+                    .comm
+                    .all_gather_into(input, std::mem::take(&mut gathered))
+                    .await?;
+                Vec::new()
+            }
             Coll::AllToAll => {
                 parts = rs.comm.all_to_all_v(std::mem::take(&mut parts)).await?;
                 Vec::new()
             }
         };
         let dt = t.elapsed();
+        // No rank prepares its next input (or frees this output) while another is still in
+        // the timed region: that work would hold one of the runtime's threads.
+        rs.comm.barrier().await?;
         drop(out);
         if i > 0 {
             times.push(dt);
@@ -269,28 +314,52 @@ mod tests {
         assert!(time_inproc(Coll::HfReduce, 4, 3, 1024, 1).await.is_err());
         assert_eq!(Coll::AllReduce(Algo::Ring).bus_factor(4), 1.5);
         assert_eq!(Coll::AllGather.bus_factor(4), 0.75);
+        assert_eq!(picked_inproc(4, 64 << 20), Coll::AllReduce(Algo::Star));
+        assert_eq!(picked_inproc(4, 4 << 10), Coll::AllReduce(Algo::Tree));
+        assert!(Coll::ALL.contains(&picked_inproc(4, 64 << 20)));
     }
 
     /// `cargo test --release -p flotilla-collectives -- --ignored --nocapture inproc_64mib`:
-    /// the in-process all-reduce of 64 MiB over 4 ranks against memcpy.
+    /// every collective of 64 MiB over 4 in-process ranks against memcpy.
     #[tokio::test(flavor = "multi_thread")]
     #[ignore = "a measurement; run in release mode"]
-    async fn inproc_64mib_all_reduce_against_memcpy() {
+    async fn inproc_64mib_collectives_against_memcpy() {
         let bytes = 64 << 20;
         let memcpy = memcpy_gb_s(bytes, 10);
-        for coll in [
-            Coll::AllReduce(Algo::Ring),
-            Coll::AllReduce(Algo::Tree),
-            Coll::HfReduce,
-        ] {
+        let cfg = CommConfig::with_deadline(Duration::from_secs(1)).in_process();
+        let hub = InprocHub::new(4);
+        let comm = Communicator::world(Arc::new(hub.endpoint(0)), 0, cfg);
+        println!(
+            "Auto picks {:?} at 64 MiB",
+            comm.pick(Algo::Auto, bytes / 4)
+        );
+        for coll in Coll::ALL {
             let s = time_inproc(coll, 4, 1, bytes, 5).await.expect("timed");
             let busbw = bytes as f64 / s / 1e9 * coll.bus_factor(4);
             println!(
-                "{:9} {:.1} ms  busbw {busbw:.2} GB/s  memcpy {memcpy:.2} GB/s  ratio {:.3}",
+                "{:14} {:9} {:.1} ms  busbw {busbw:.2} GB/s  memcpy {memcpy:.2} GB/s  ratio {:.3}",
+                coll.op(),
                 coll.algo(),
                 s * 1e3,
                 busbw / memcpy
             );
+        }
+    }
+
+    /// `cargo test --release -p flotilla-collectives -- --ignored --nocapture inproc_crossover`:
+    /// where the star overtakes the tree and the ring in process (sets the star threshold).
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "a measurement; run in release mode"]
+    async fn inproc_crossover() {
+        for bytes in [64 << 10, 256 << 10, 1 << 20, 4 << 20] {
+            let mut line = format!("{:>8} KiB", bytes >> 10);
+            for algo in [Algo::Tree, Algo::Ring, Algo::Star] {
+                let s = time_inproc(Coll::AllReduce(algo), 4, 1, bytes, 20)
+                    .await
+                    .expect("timed");
+                line += &format!("  {algo:?} {:.0} us", s * 1e6);
+            }
+            println!("{line}");
         }
     }
 }

@@ -10,9 +10,9 @@
 use std::ops::Range;
 
 use crate::ReduceOp;
-use crate::communicator::Op;
+use crate::elem::Elem;
 use crate::error::CommError;
-use crate::wire::owned;
+use crate::op::Op;
 
 /// Chunk `i` of `n` over `len` elements: sizes differ by at most one, larger chunks first.
 pub fn chunk_range(len: usize, n: usize, i: usize) -> Range<usize> {
@@ -22,7 +22,7 @@ pub fn chunk_range(len: usize, n: usize, i: usize) -> Range<usize> {
 }
 
 /// One ring step: send `out` right, receive from the left (sender's total must be `total`).
-async fn step(ctx: &Op, out: Vec<f32>, total: usize) -> Result<Vec<f32>, CommError> {
+async fn step<T: Elem>(ctx: &Op, out: Vec<T>, total: usize) -> Result<Vec<T>, CommError> {
     let n = ctx.size();
     let right = (ctx.me() + 1) % n;
     let left = (ctx.me() + n - 1) % n;
@@ -35,28 +35,37 @@ async fn step(ctx: &Op, out: Vec<f32>, total: usize) -> Result<Vec<f32>, CommErr
 }
 
 /// Reduce-scatter `buf` around the ring (`buf` itself is left as it is); returns rank i's
-/// reduced chunk i, not yet finished (`Avg` still needs its division).
-async fn reduce_scatter_core(ctx: &Op, buf: &[f32], op: ReduceOp) -> Result<Vec<f32>, CommError> {
+/// reduced chunk i, not yet finished (`Avg` still needs its division). The first chunk sent is
+/// the only copy (into a pooled buffer); every received chunk has the local one folded into it
+/// and moves on as it is.
+async fn reduce_scatter_core<T: Elem>(
+    ctx: &Op,
+    buf: &[T],
+    op: ReduceOp,
+) -> Result<Vec<T>, CommError> {
     let (n, me, len) = (ctx.size(), ctx.me(), buf.len());
     let left = (me + n - 1) % n;
-    let mut out = owned(&buf[chunk_range(len, n, (me + n - 1) % n)]);
+    let first = &buf[chunk_range(len, n, (me + n - 1) % n)];
+    let mut out = ctx.take(chunk_range(len, n, 0).len());
+    out.extend_from_slice(first);
     for s in 0..n - 1 {
         let c = (me + 2 * n - s - 2) % n;
         let mut got = step(ctx, out, len).await?;
         let r = chunk_range(len, n, c);
         ctx.check_len(left, &got, r.len())?;
-        op.combine(&mut got, &buf[r]);
+        T::combine(op, &mut got, &buf[r]);
         out = got;
     }
     Ok(out)
 }
 
-/// All-gather around the ring: `buf` holds this rank's chunk `me` (per `ranges`), `mine` is a
-/// copy of it; fills in every other chunk. `total` is what frames carry.
-async fn all_gather_core(
+/// All-gather around the ring: `buf` holds this rank's chunk `me` (per `range`), `mine` is a
+/// copy of it; fills in every other chunk, each received chunk copied into place and moved on.
+/// The last chunk received goes to the pool. `total` is what frames carry.
+async fn all_gather_core<T: Elem>(
     ctx: &Op,
-    buf: &mut [f32],
-    mine: Vec<f32>,
+    buf: &mut [T],
+    mine: Vec<T>,
     total: usize,
     range: impl Fn(usize) -> Range<usize>,
 ) -> Result<(), CommError> {
@@ -71,60 +80,72 @@ async fn all_gather_core(
         buf[r].copy_from_slice(&got);
         out = got;
     }
+    ctx.give(out);
     Ok(())
 }
 
 /// Ring all-reduce of `buf` over the group.
-pub(crate) async fn all_reduce(
+pub(crate) async fn all_reduce<T: Elem>(
     ctx: &Op,
-    mut buf: Vec<f32>,
+    mut buf: Vec<T>,
     op: ReduceOp,
-) -> Result<Vec<f32>, CommError> {
+) -> Result<Vec<T>, CommError> {
     let (n, me, len) = (ctx.size(), ctx.me(), buf.len());
     if n == 1 {
-        op.finish(&mut buf, 1);
+        T::finish(op, &mut buf, 1);
         return Ok(buf);
     }
     let mut mine = reduce_scatter_core(ctx, &buf, op).await?;
-    op.finish(&mut mine, n);
+    T::finish(op, &mut mine, n);
     buf[chunk_range(len, n, me)].copy_from_slice(&mine);
     all_gather_core(ctx, &mut buf, mine, len, |c| chunk_range(len, n, c)).await?;
     Ok(buf)
 }
 
-/// Reduce `buf` (length a multiple of the group size) and return this rank's chunk.
-pub(crate) async fn reduce_scatter(
-    ctx: &Op,
-    mut buf: Vec<f32>,
-    op: ReduceOp,
-) -> Result<Vec<f32>, CommError> {
+/// Check that `len` splits into `n` equal chunks.
+pub(crate) fn check_divisible(ctx: &Op, len: usize) -> Result<(), CommError> {
     let n = ctx.size();
-    if !buf.len().is_multiple_of(n) {
-        return Err(ctx.invalid(format!(
-            "a buffer of {} elements does not split into {n} equal chunks",
-            buf.len()
-        )));
+    if len.is_multiple_of(n) {
+        Ok(())
+    } else {
+        Err(ctx.invalid(format!(
+            "a buffer of {len} elements does not split into {n} equal chunks"
+        )))
     }
+}
+
+/// Reduce `buf` (length a multiple of the group size) and return this rank's chunk.
+pub(crate) async fn reduce_scatter<T: Elem>(
+    ctx: &Op,
+    mut buf: Vec<T>,
+    op: ReduceOp,
+) -> Result<Vec<T>, CommError> {
+    let n = ctx.size();
+    check_divisible(ctx, buf.len())?;
     if n == 1 {
-        op.finish(&mut buf, 1);
+        T::finish(op, &mut buf, 1);
         return Ok(buf);
     }
     let mut mine = reduce_scatter_core(ctx, &buf, op).await?;
-    op.finish(&mut mine, n);
+    T::finish(op, &mut mine, n);
     Ok(mine)
 }
 
-/// Concatenate every rank's `chunk` in group order; all chunks must have one length.
-pub(crate) async fn all_gather(ctx: &Op, chunk: Vec<f32>) -> Result<Vec<f32>, CommError> {
+/// Concatenate every rank's `chunk` in group order into `out` (its allocation reused; `None`:
+/// a spare or new one); all chunks must have one length.
+pub(crate) async fn all_gather<T: Elem>(
+    ctx: &Op,
+    chunk: Vec<T>,
+    out: Option<Vec<T>>,
+) -> Result<Vec<T>, CommError> {
     let (n, me, c) = (ctx.size(), ctx.me(), chunk.len());
     if n == 1 {
         return Ok(chunk);
     }
-    let mut buf = vec![0.0; n * c];
+    let mut buf: Vec<T> = out.unwrap_or_else(|| ctx.take(n * c));
+    buf.resize(n * c, T::default());
     buf[me * c..(me + 1) * c].copy_from_slice(&chunk);
-    let mut mine = chunk;
-    mine.reserve_exact(3);
-    all_gather_core(ctx, &mut buf, mine, c, |i| i * c..(i + 1) * c).await?;
+    all_gather_core(ctx, &mut buf, chunk, c, |i| i * c..(i + 1) * c).await?;
     Ok(buf)
 }
 

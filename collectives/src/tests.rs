@@ -21,11 +21,20 @@ pub(crate) fn cfg() -> CommConfig {
 
 /// A hub of `n` ranks and a world communicator per rank on `channel`.
 pub(crate) fn world(n: usize, channel: u32) -> (Arc<InprocHub>, Vec<Communicator>) {
+    world_with(n, channel, cfg())
+}
+
+/// [`world`] with another configuration.
+pub(crate) fn world_with(
+    n: usize,
+    channel: u32,
+    cfg: CommConfig,
+) -> (Arc<InprocHub>, Vec<Communicator>) {
     let hub = InprocHub::new(n);
     let comms = hub
         .endpoints()
         .into_iter()
-        .map(|e| Communicator::world(Arc::new(e) as Arc<dyn Fabric>, channel, cfg()))
+        .map(|e| Communicator::world(Arc::new(e) as Arc<dyn Fabric>, channel, cfg.clone()))
         .collect();
     (hub, comms)
 }
@@ -67,7 +76,7 @@ pub(crate) fn expected(n: usize, len: usize, op: ReduceOp) -> Vec<f32> {
 }
 
 const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max];
-const ALGOS: [Algo; 3] = [Algo::Ring, Algo::Tree, Algo::Auto];
+const ALGOS: [Algo; 4] = [Algo::Ring, Algo::Tree, Algo::Star, Algo::Auto];
 
 fn lens(n: usize) -> Vec<usize> {
     vec![0, 1, n.saturating_sub(1), n + 3, 1000, 20_000]
@@ -111,12 +120,25 @@ async fn auto_picks_tree_below_the_threshold() {
     assert_eq!(c.pick(Algo::Auto, 16 * 1024 - 1), Algo::Tree);
     assert_eq!(c.pick(Algo::Auto, 16 * 1024), Algo::Ring);
     assert_eq!(c.pick(Algo::Ring, 1), Algo::Ring);
+    // In process, large all-reduces go through the star.
+    let hub = InprocHub::new(2);
+    let c = Communicator::world(Arc::new(hub.endpoint(0)), 1, cfg().in_process());
+    assert_eq!(c.pick(Algo::Auto, 16 * 1024), Algo::Ring);
+    assert_eq!(c.pick(Algo::Auto, (1 << 20) - 1), Algo::Ring);
+    assert_eq!(c.pick(Algo::Auto, 1 << 20), Algo::Star);
+    assert_eq!(c.pick(Algo::Auto, 16 * 1024 - 1), Algo::Tree);
+    assert_eq!(c.pick(Algo::Tree, 1 << 20), Algo::Tree);
 }
 
 #[tokio::test]
 async fn reduce_scatter_and_all_gather() {
-    for n in 1..=8 {
-        let (hub, comms) = world(n, 2);
+    // Not in process (ring), and in process with every size above the star threshold.
+    let star = CommConfig {
+        star_threshold_bytes: 0,
+        ..cfg().in_process()
+    };
+    for (n, cfg) in (1..=8).flat_map(|n| [(n, cfg()), (n, star.clone())]) {
+        let (hub, comms) = world_with(n, 2, cfg);
         let results = on_all(comms, move |mut c| async move {
             let mut out = Vec::new();
             for chunk in [0, 1, 5] {

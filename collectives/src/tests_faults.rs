@@ -13,6 +13,7 @@ use crate::{Algo, CommError, Communicator, ReduceOp};
 enum Kind {
     RingAllReduce,
     TreeAllReduce,
+    StarAllReduce,
     ReduceScatter,
     AllGather,
     Broadcast(usize),
@@ -20,9 +21,10 @@ enum Kind {
     Barrier,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::RingAllReduce,
     Kind::TreeAllReduce,
+    Kind::StarAllReduce,
     Kind::ReduceScatter,
     Kind::AllGather,
     Kind::AllToAll,
@@ -38,6 +40,10 @@ async fn run(c: &mut Communicator, kind: Kind, len: usize) -> Result<(), CommErr
         }
         Kind::TreeAllReduce => {
             c.all_reduce(data(me, len), ReduceOp::Sum, Algo::Tree)
+                .await?
+        }
+        Kind::StarAllReduce => {
+            c.all_reduce(data(me, len), ReduceOp::Sum, Algo::Star)
                 .await?
         }
         Kind::ReduceScatter => c.reduce_scatter(data(me, len * n), ReduceOp::Avg).await?,
@@ -114,7 +120,12 @@ async fn a_stalled_rank_is_named_after_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mismatched_lengths_are_reported_by_every_rank() {
-    for kind in [Kind::RingAllReduce, Kind::TreeAllReduce, Kind::AllGather] {
+    for kind in [
+        Kind::RingAllReduce,
+        Kind::TreeAllReduce,
+        Kind::StarAllReduce,
+        Kind::AllGather,
+    ] {
         let (_hub, comms) = world(4, 9);
         let start = std::time::Instant::now();
         let errs = on_all(comms, move |mut c| async move {

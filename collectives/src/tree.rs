@@ -9,9 +9,9 @@
 //! parent (no copy); only the fan-out to children copies.
 
 use crate::ReduceOp;
-use crate::communicator::Op;
+use crate::elem::Elem;
 use crate::error::CommError;
-use crate::wire::owned;
+use crate::op::Op;
 
 /// Which of the two trees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,19 +46,20 @@ pub fn children(n: usize, r: usize, which: Which) -> Vec<usize> {
 
 /// Reduce `acc` up a tree to its root, finish it there, and broadcast the result back down.
 /// `up` is this rank's parent and `down` its children (group indices).
-async fn reduce_and_broadcast(
+async fn reduce_and_broadcast<T: Elem>(
     ctx: &Op,
     lane: u8,
-    mut acc: Vec<f32>,
+    mut acc: Vec<T>,
     total: usize,
     up: Option<usize>,
     down: &[usize],
     op: ReduceOp,
-) -> Result<Vec<f32>, CommError> {
+) -> Result<Vec<T>, CommError> {
     for &c in down {
-        let got = ctx.recv(c, lane, Some(total)).await?;
+        let got: Vec<T> = ctx.recv(c, lane, Some(total)).await?;
         ctx.check_len(c, &got, acc.len())?;
-        op.combine(&mut acc, &got);
+        T::combine(op, &mut acc, &got);
+        ctx.give(got);
     }
     let len = acc.len();
     let result = match up {
@@ -69,25 +70,25 @@ async fn reduce_and_broadcast(
             got
         }
         None => {
-            op.finish(&mut acc, ctx.size());
+            T::finish(op, &mut acc, ctx.size());
             acc
         }
     };
     for &c in down {
-        ctx.send(c, lane, owned(&result), total).await?;
+        ctx.send(c, lane, ctx.copy(&result), total).await?;
     }
     Ok(result)
 }
 
 /// Double binary tree all-reduce.
-pub(crate) async fn all_reduce(
+pub(crate) async fn all_reduce<T: Elem>(
     ctx: &Op,
-    mut buf: Vec<f32>,
+    mut buf: Vec<T>,
     op: ReduceOp,
-) -> Result<Vec<f32>, CommError> {
+) -> Result<Vec<T>, CommError> {
     let (n, me, total) = (ctx.size(), ctx.me(), buf.len());
     if n == 1 {
-        op.finish(&mut buf, 1);
+        T::finish(op, &mut buf, 1);
         return Ok(buf);
     }
     let second = buf.split_off(total.div_ceil(2));
@@ -101,7 +102,11 @@ pub(crate) async fn all_reduce(
 }
 
 /// Broadcast group rank `root`'s buffer down tree A relabelled so that `root` is its root.
-pub(crate) async fn broadcast(ctx: &Op, buf: Vec<f32>, root: usize) -> Result<Vec<f32>, CommError> {
+pub(crate) async fn broadcast<T: Elem>(
+    ctx: &Op,
+    buf: Vec<T>,
+    root: usize,
+) -> Result<Vec<T>, CommError> {
     let (n, me, total) = (ctx.size(), ctx.me(), buf.len());
     let rel = (me + n - root) % n;
     let abs = |r: usize| (r + root) % n;
@@ -114,7 +119,7 @@ pub(crate) async fn broadcast(ctx: &Op, buf: Vec<f32>, root: usize) -> Result<Ve
         None => buf,
     };
     for c in children(n, rel, Which::A) {
-        ctx.send(abs(c), 0, owned(&result), total).await?;
+        ctx.send(abs(c), 0, ctx.copy(&result), total).await?;
     }
     Ok(result)
 }
@@ -123,7 +128,7 @@ pub(crate) async fn broadcast(ctx: &Op, buf: Vec<f32>, root: usize) -> Result<Ve
 pub(crate) async fn barrier(ctx: &Op) -> Result<(), CommError> {
     let (n, me) = (ctx.size(), ctx.me());
     let down = children(n, me, Which::A);
-    reduce_and_broadcast(
+    reduce_and_broadcast::<f32>(
         ctx,
         0,
         Vec::new(),

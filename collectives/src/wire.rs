@@ -1,7 +1,14 @@
 //! The wire format of collective messages: data frames with their trailer, control messages,
 //! and the operation kinds that frames carry.
+//!
+//! A data frame is the buffer with a trailer appended ([`Elem::TRAILER`] elements: the kind and
+//! the sender's total length) when the buffer has room for it or is small; a large buffer without
+//! spare capacity instead goes raw, right after a [`Control::Header`] carrying the same two
+//! values on the same tag, so that framing never reallocates (and copies) a large buffer.
 
 use flotilla_runtime::fabric::{Payload, Rank};
+
+use crate::elem::Elem;
 
 /// Kinds of operation, carried in every data frame.
 pub(crate) mod kind {
@@ -12,6 +19,8 @@ pub(crate) mod kind {
     pub const BROADCAST: u32 = 5;
     pub const ALL_TO_ALL_V: u32 = 6;
     pub const BARRIER: u32 = 7;
+    pub const STAR_ALL_REDUCE: u32 = 8;
+    pub const STAR_REDUCE_SCATTER: u32 = 9;
 
     /// An operation code with a parameter (reduction or root) in the upper 24 bits.
     pub fn with(code: u32, param: usize) -> u32 {
@@ -34,12 +43,15 @@ pub(crate) mod kind {
             BROADCAST => format!("broadcast(root {param})"),
             ALL_TO_ALL_V => "all_to_all_v".into(),
             BARRIER => "barrier".into(),
+            STAR_ALL_REDUCE => format!("star all_reduce({})", op(param)),
+            STAR_REDUCE_SCATTER => format!("star reduce_scatter({})", op(param)),
             other => format!("unknown operation {other}"),
         }
     }
 }
 
-/// A control message: a peer is stuck, or a peer aborts the operation.
+/// A control message: a peer is stuck, or a peer aborts the operation, or the header of the
+/// raw data message that follows.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Control {
     Stuck {
@@ -49,20 +61,31 @@ pub(crate) enum Control {
         culprit: Option<Rank>,
         reason: String,
     },
+    Header {
+        kind: u32,
+        total: u64,
+    },
 }
 
 impl Control {
     pub(crate) fn encode(&self) -> Payload {
+        let kind_bytes;
         let (code, rank, text) = match self {
-            Control::Stuck { waiting_on } => (1u8, *waiting_on as u64, ""),
-            Control::Abort { culprit, reason } => {
-                (2u8, culprit.map_or(u64::MAX, |r| r as u64), reason.as_str())
+            Control::Stuck { waiting_on } => (1u8, *waiting_on as u64, &[][..]),
+            Control::Abort { culprit, reason } => (
+                2u8,
+                culprit.map_or(u64::MAX, |r| r as u64),
+                reason.as_bytes(),
+            ),
+            Control::Header { kind, total } => {
+                kind_bytes = kind.to_le_bytes();
+                (3u8, *total, &kind_bytes[..])
             }
         };
         let mut b = Vec::with_capacity(9 + text.len());
         b.push(code);
         b.extend_from_slice(&rank.to_le_bytes());
-        b.extend_from_slice(text.as_bytes());
+        b.extend_from_slice(text);
         Payload::Bytes(b)
     }
 
@@ -73,6 +96,15 @@ impl Control {
             .and_then(|s| s.try_into().ok())
             .ok_or("truncated control message")?;
         let rank = u64::from_le_bytes(raw);
+        if *code == 3 {
+            let kind: [u8; 4] = rest[8..]
+                .try_into()
+                .map_err(|_| "a data header without its kind")?;
+            return Ok(Control::Header {
+                kind: u32::from_le_bytes(kind),
+                total: rank,
+            });
+        }
         let text = String::from_utf8_lossy(&rest[8..]).into_owned();
         match code {
             1 => Ok(Control::Stuck {
@@ -87,24 +119,27 @@ impl Control {
     }
 }
 
-pub(crate) const TRAILER: usize = 3;
+/// Buffers shorter than this get the trailer appended even without spare capacity (reallocating
+/// them costs little); longer ones without room go raw after a [`Control::Header`].
+const INLINE_MAX: usize = 1 << 14;
 
-/// A data frame: the payload followed by the kind and the sender's total length.
-pub(crate) fn frame(mut data: Vec<f32>, kind: u32, total: usize) -> Payload {
+/// Frame `data` as operation `kind` with the sender's `total` length: the header message to
+/// send first, if any, and the data message.
+pub(crate) fn frame<T: Elem>(
+    mut data: Vec<T>,
+    kind: u32,
+    total: usize,
+) -> (Option<Payload>, Payload) {
     let total = total as u64;
-    data.extend_from_slice(&[
-        f32::from_bits(kind),
-        f32::from_bits(total as u32),
-        f32::from_bits((total >> 32) as u32),
-    ]);
-    Payload::F32(data)
-}
-
-/// An owned copy of `s` with room for the frame trailer (so framing does not reallocate).
-pub(crate) fn owned(s: &[f32]) -> Vec<f32> {
-    let mut v = Vec::with_capacity(s.len() + TRAILER);
-    v.extend_from_slice(s);
-    v
+    if data.capacity() - data.len() >= T::TRAILER || data.len() < INLINE_MAX {
+        T::put_trailer(&mut data, kind, total);
+        (None, T::wrap(data))
+    } else {
+        (
+            Some(Control::Header { kind, total }.encode()),
+            T::wrap(data),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +158,10 @@ mod tests {
                 culprit: None,
                 reason: String::new(),
             },
+            Control::Header {
+                kind: 0xabcd_0102,
+                total: (5 << 32) | 9,
+            },
         ] {
             let Payload::Bytes(b) = c.encode() else {
                 panic!("control messages are bytes");
@@ -136,12 +175,22 @@ mod tests {
 
     #[test]
     fn frames_carry_kind_and_total() {
-        let Payload::F32(v) = frame(vec![1.0, 2.0], 0xabcd, (5usize << 32) | 9) else {
-            panic!("frames are f32");
+        let (None, Payload::F32(v)) = frame(vec![1.0f32, 2.0], 0xabcd, (5usize << 32) | 9) else {
+            panic!("small frames are one f32 message");
         };
-        assert_eq!(v.len(), 2 + TRAILER);
-        assert_eq!(v[2].to_bits(), 0xabcd);
-        assert_eq!(v[3].to_bits(), 9);
-        assert_eq!(v[4].to_bits(), 5);
+        assert_eq!(v.len(), 2 + <f32 as Elem>::TRAILER);
+        assert_eq!(f32::get_trailer(&v[2..]), (0xabcd, (5 << 32) | 9));
+        // A large full buffer is not reallocated: it goes raw after a header.
+        let big = vec![0u16; INLINE_MAX];
+        let ptr = big.as_ptr();
+        let (Some(Payload::Bytes(h)), Payload::Bf16(v)) = frame(big, 7, INLINE_MAX) else {
+            panic!("large full frames are a header and the raw data");
+        };
+        assert_eq!((v.as_ptr(), v.len()), (ptr, INLINE_MAX));
+        let header = Control::Header {
+            kind: 7,
+            total: INLINE_MAX as u64,
+        };
+        assert_eq!(Control::decode(&h), Ok(header));
     }
 }

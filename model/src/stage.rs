@@ -12,12 +12,17 @@
 //! stage_backward_weight()                  -> grads += ...   (W; can run later, for ZB/DualPipe)
 //! ```
 //! [`crate::model::DeepSeekV3::forward_backward`] is the single stage that holds everything.
+//!
+//! Under expert parallelism the MoE layers exchange rows with the EP group in forward and B:
+//! [`DeepSeekV3::stage_forward_ep`] and [`DeepSeekV3::stage_backward_input_ep`] take the group
+//! (every rank of the group runs the same stages in the same order); W needs no exchange.
 
 use std::ops::Range;
 
 use crate::config::{ConfigError, ModelConfig};
 use crate::device::Device;
 use crate::layers::block::{BlockCache, BlockDys};
+use crate::layers::expert_exchange::ExpertExchange;
 use crate::layers::loss::{self, LmLossCache, LmLossDys, shifted_targets};
 use crate::layers::mtp::{MtpCache, MtpDys};
 use crate::layers::router::ExpertLoad;
@@ -120,13 +125,14 @@ pub struct StageCache {
 }
 
 impl StageCache {
-    fn ctx<'a>(&'a self, dev: &'a dyn Device) -> Ctx<'a> {
+    fn ctx<'a>(&'a self, dev: &'a dyn Device, ep: Option<&'a dyn ExpertExchange>) -> Ctx<'a> {
         Ctx {
             dev,
             batch: self.batch.batch,
             seq: self.batch.seq,
             rope: &self.rope,
             balance_alpha: self.balance_alpha,
+            ep,
         }
     }
 }
@@ -154,6 +160,21 @@ impl DeepSeekV3 {
         input: Option<Tensor>,
         opts: &StepOptions,
     ) -> Result<(StageOutput, StageCache), ConfigError> {
+        self.stage_forward_ep(dev, spec, batch, input, opts, None)
+    }
+
+    /// [`DeepSeekV3::stage_forward`] with the MoE layers' routed experts spread over the EP group
+    /// `ep` (`None`, or a group of one: every expert local). This rank's model needs only its own
+    /// experts' tensors; the losses and loads are this rank's micro-batch's.
+    pub fn stage_forward_ep(
+        &self,
+        dev: &dyn Device,
+        spec: &StageSpec,
+        batch: &Batch,
+        input: Option<Tensor>,
+        opts: &StepOptions,
+        ep: Option<&dyn ExpertExchange>,
+    ) -> Result<(StageOutput, StageCache), ConfigError> {
         let (b, t) = (batch.batch, batch.seq);
         assert!(
             batch.input_ids.len() == b * t && batch.labels.len() == b * t,
@@ -167,6 +188,7 @@ impl DeepSeekV3 {
             seq: t,
             rope: &rope_table,
             balance_alpha: opts.balance_alpha,
+            ep,
         };
         let mut losses = LossParts::default();
         let mut loads = Vec::new();
@@ -291,8 +313,20 @@ impl DeepSeekV3 {
         cache: &mut StageCache,
         d_out: Option<Tensor>,
     ) -> Option<Tensor> {
+        self.stage_backward_input_ep(dev, cache, d_out, None)
+    }
+
+    /// [`DeepSeekV3::stage_backward_input`] under expert parallelism: `ep` must be the group the
+    /// forward ran with (the cache cannot hold it).
+    pub fn stage_backward_input_ep(
+        &self,
+        dev: &dyn Device,
+        cache: &mut StageCache,
+        d_out: Option<Tensor>,
+        ep: Option<&dyn ExpertExchange>,
+    ) -> Option<Tensor> {
         let w = &self.weights;
-        let ctx = cache.ctx(dev);
+        let ctx = cache.ctx(dev, ep);
         let mut head_dys = None;
         let mut d = match &cache.head {
             Some(head) => {
@@ -356,9 +390,10 @@ impl DeepSeekV3 {
     }
 
     /// W of one stage: accumulates its weight gradients into `grads`. Needs the cache after B.
+    /// Under EP it needs no exchange and touches only this rank's experts' gradients.
     pub fn stage_backward_weight(&self, dev: &dyn Device, cache: StageCache, grads: &mut Weights) {
         let w = &self.weights;
-        let ctx = cache.ctx(dev);
+        let ctx = cache.ctx(dev, None);
         let Weights {
             embed_tokens: g_embed,
             layers: g_layers,

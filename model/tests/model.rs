@@ -106,6 +106,7 @@ fn mtp_loss_follows_the_report() {
         seq: t,
         rope: &table,
         balance_alpha: 0.0,
+        ep: None,
     };
     let mut h = w.embed_tokens.forward(&dev, &b.input_ids);
     for block in &w.layers {

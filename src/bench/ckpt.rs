@@ -1,13 +1,17 @@
 //! `flotilla bench ckpt`: what a checkpoint costs training, on a synthetic rank state of N MiB
 //! (parameters and AdamW moments, a few MiB per tensor), measured in one run:
-//! - the training stall of an asynchronous checkpoint (host copy of the state + hand-off to
-//!   [`CheckpointEngine::save_async`]) beside a synchronous save of the same state;
-//! - the background persist's throughput (shard bytes / time until committed) beside a raw
-//!   sequential write + fsync of as many bytes in the same directory (plain `std::fs`: the
-//!   baseline sits outside the storage seam on purpose);
-//! - restore times: from the rank's own memory (a copy of the in-memory snapshot), from a peer
-//!   (the snapshot encoded, sent through the in-process fabric between two ranks and decoded)
-//!   and from storage (load with full verification).
+//! - the training stall of an asynchronous checkpoint: a copy of the live state into snapshot
+//!   buffers kept from the previous checkpoint ([`Snapshot::copy_from`], already-touched memory,
+//!   split across cores) and the hand-off to [`CheckpointEngine::save_async`]; beside it, a
+//!   synchronous save of the same state (the same copy, then training waits for the commit);
+//! - the background persist's throughput (shard bytes / time from hand-off to commit; the shard
+//!   is written straight from the snapshot buffers and hashed on a second thread; the pruning of
+//!   old steps that follows each commit is timed apart, `retention`) beside a raw
+//!   sequential write + fsync of the same bytes in the same directory, in the same write size
+//!   (plain `std::fs`: the baseline sits outside the storage seam on purpose);
+//! - restore times: from the rank's own memory (an [`OwnCopy`], hash-checked), from a peer (the
+//!   replica pushed to rank 1's [`ReplicaServer`] over the in-process fabric, fetched back and
+//!   checked against the source's SHA-256) and from storage (the rank's shard, verified).
 //!
 //! The saves and the raw write run in `--reps` interleaved rounds (a shared disk is noisy); each
 //! record gives the median and every run.
@@ -18,12 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use flotilla_ckpt::format::{decode_shard, encode_shard};
-use flotilla_ckpt::{CheckpointEngine, Layout, Snapshot, SnapshotMeta, Which};
+use flotilla_ckpt::format::encode_shard;
+use flotilla_ckpt::replica::{fetch_replica, push_replica};
+use flotilla_ckpt::shard_io::WRITE_CHUNK;
+use flotilla_ckpt::{CheckpointEngine, Layout, OwnCopy, ReplicaServer, Snapshot, SnapshotMeta};
 use flotilla_model::optim::{AdamWState, ParamState};
+use flotilla_runtime::fabric::Fabric;
 use flotilla_runtime::fabric::inproc::InprocHub;
-use flotilla_runtime::fabric::{Fabric, Payload, Tag};
-use flotilla_runtime::storage::local::LocalStorage;
 use serde_json::json;
 
 use super::Report;
@@ -82,7 +87,7 @@ fn raw_write(dir: &Path, bytes: &[u8]) -> Result<Duration> {
     let path = dir.join("raw-write.bin");
     let t = Instant::now();
     let mut f = std::fs::File::create(&path).with_context(|| path.display().to_string())?;
-    for chunk in bytes.chunks(8 << 20) {
+    for chunk in bytes.chunks(WRITE_CHUNK) {
         f.write_all(chunk)?;
     }
     f.sync_all()?;
@@ -121,14 +126,11 @@ async fn measure(size_mib: usize, reps: usize, work: &Path, report: &mut Report)
     // The live training state; each checkpoint copies it, as `Trainer::snapshot` does.
     let live = synthetic_snapshot(size_mib, 1)?;
     let state_bytes = live.nbytes() as u64;
-    let engine = CheckpointEngine::new(Arc::new(LocalStorage::new(work.join("ckpt"))), 2);
+    let engine = CheckpointEngine::local(work.join("ckpt"), 2);
 
-    // Where the persist's time goes before it writes: the shard's encoding and its SHA-256. The
-    // encoded bytes are also what the raw-write baseline writes.
+    // The shard's bytes (what the raw-write baseline writes) and the SHA-256 rate.
     let copy = live.clone();
-    let t = Instant::now();
     let (encoded, copy) = tokio::task::spawn_blocking(move || (encode_shard(&copy), copy)).await?;
-    let encode = t.elapsed();
     drop(copy);
     let encoded = encoded?;
     let shard_bytes = encoded.len() as u64;
@@ -137,35 +139,58 @@ async fn measure(size_mib: usize, reps: usize, work: &Path, report: &mut Report)
     let sha = t.elapsed();
     ensure!(digest.len() == 64);
     report.push(json!({
-        "bench": "persist_parts", "encode_s": encode.as_secs_f64(), "sha256_s": sha.as_secs_f64(),
-        "encode_gb_per_s": gb_per_s(shard_bytes, encode),
+        "bench": "persist_parts", "sha256_s": sha.as_secs_f64(),
         "sha256_gb_per_s": gb_per_s(shard_bytes, sha),
     }));
 
-    let (mut sync_t, mut stall_t, mut persist_t, mut raw_t) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Snapshot buffers, as a checkpointer keeps them between checkpoints (touched once here, as
+    // the first checkpoint of a job touches them).
+    let mut buffers = vec![live.clone()];
+    let (mut sync_t, mut stall_t, mut persist_t, mut raw_t, mut retention_t) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut step = 0;
     // Rounds of the three, interleaved, so that a slow moment of a shared disk hits all alike;
     // the medians are reported.
-    for _ in 0..reps.max(1) {
+    for round in 0..reps.max(1) {
+        // (d) Baseline first in odd rounds (after the saves in even ones), so that neither side
+        // always runs on the disk state the other leaves behind.
+        if round % 2 == 1 {
+            raw_t.push(raw_write(work, &encoded)?);
+        }
         // (b) Synchronous save: training waits for the copy and the whole persist.
         step += 1;
+        let mut buf = buffers.pop().context("no snapshot buffer")?;
         let t = Instant::now();
-        let mut copy = live.clone();
-        copy.step = step;
-        let sync = engine.save_sync(vec![copy]).await?;
+        buf.copy_from(&live);
+        buf.step = step;
+        let (sync, back, retention) = engine.save_async(vec![buf])?.wait_committed().await?;
         sync_t.push(t.elapsed());
+        buffers.extend(back);
+        // Pruning old steps follows the commit in both saves; it is timed on its own.
+        let t = Instant::now();
+        if let Some(r) = retention {
+            r.wait().await?;
+        }
+        retention_t.push(t.elapsed());
 
         // (a) + (c) Asynchronous save of the same state: training stalls for the copy and the
-        // hand-off; the background task encodes, persists and commits.
+        // hand-off; the background task writes, hashes and commits.
         step += 1;
+        let mut buf = buffers.pop().context("no snapshot buffer")?;
         let t = Instant::now();
-        let mut copy = live.clone();
-        copy.step = step;
-        let handle = engine.save_async(vec![copy])?;
-        stall_t.push(t.elapsed());
-        let saved = handle.wait().await?;
-        persist_t.push(t.elapsed());
+        buf.copy_from(&live);
+        buf.step = step;
+        let handle = engine.save_async(vec![buf])?;
+        let stall = t.elapsed();
+        stall_t.push(stall);
+        let (saved, back, retention) = handle.wait_committed().await?;
+        persist_t.push(t.elapsed() - stall);
+        buffers.extend(back);
+        let t = Instant::now();
+        if let Some(r) = retention {
+            r.wait().await?;
+        }
+        retention_t.push(t.elapsed());
         // The same shard but for the step number in its metadata.
         ensure!(
             saved.bytes.abs_diff(shard_bytes) < 32 && sync.bytes.abs_diff(shard_bytes) < 32,
@@ -173,9 +198,10 @@ async fn measure(size_mib: usize, reps: usize, work: &Path, report: &mut Report)
         );
 
         // (d) Baseline: the same shard bytes written sequentially with fsync, same directory.
-        raw_t.push(raw_write(work, &encoded)?);
+        if round % 2 == 0 {
+            raw_t.push(raw_write(work, &encoded)?);
+        }
     }
-    drop(encoded);
     let (sync_save, stall, persist, raw) = (
         median(&sync_t),
         median(&stall_t),
@@ -187,62 +213,65 @@ async fn measure(size_mib: usize, reps: usize, work: &Path, report: &mut Report)
         "seconds": sync_save.as_secs_f64(), "gb_per_s": gb_per_s(shard_bytes, sync_save),
         "runs_s": secs(&sync_t),
     }));
-    // What the stall could be: a copy of as many bytes between buffers already in memory (the
-    // snapshot copies into fresh allocations, so it also pays for their page faults).
-    let src = vec![1u8; state_bytes as usize];
-    let mut dst = vec![0u8; state_bytes as usize];
-    dst.copy_from_slice(&src);
-    let t = Instant::now();
-    dst.copy_from_slice(std::hint::black_box(&src));
-    std::hint::black_box(&mut dst);
-    let warm_copy = t.elapsed();
-    drop((src, dst));
     report.push(json!({
         "bench": "async_save", "stall_s": stall.as_secs_f64(),
-        "warm_memcpy_s": warm_copy.as_secs_f64(), "persist_s": persist.as_secs_f64(),
+        "stall_gb_per_s": gb_per_s(state_bytes, stall), "persist_s": persist.as_secs_f64(),
         "shard_bytes": shard_bytes, "persist_gb_per_s": gb_per_s(shard_bytes, persist),
         "stall_runs_s": secs(&stall_t), "persist_runs_s": secs(&persist_t),
+    }));
+    // Deleting the step that retention drops, after each commit (not in the times above).
+    report.push(json!({
+        "bench": "retention", "seconds": median(&retention_t).as_secs_f64(),
+        "runs_s": secs(&retention_t),
     }));
     report.push(json!({
         "bench": "raw_write_fsync", "bytes": shard_bytes, "seconds": raw.as_secs_f64(),
         "gb_per_s": gb_per_s(shard_bytes, raw), "runs_s": secs(&raw_t),
+        "write_chunk_bytes": WRITE_CHUNK,
     }));
+    drop(buffers);
 
-    // (e) Restores. Own memory: a copy of the snapshot kept in host memory.
+    // (e) Restores. Own memory: the rank's kept snapshot, checked against its SHA-256.
+    let own = OwnCopy::with_sha256(live.clone(), digest.clone());
     let t = Instant::now();
-    let own = std::hint::black_box(live.clone());
+    let back = tokio::task::block_in_place(|| own.verified()).map_err(anyhow::Error::msg)?;
     let restore_memory = t.elapsed();
-    drop(own);
+    ensure!(back == live, "the own copy differs from the state");
+    drop((own, back));
 
-    // A peer: rank 1 holds a replica; it encodes it, sends it over the fabric, rank 0 decodes.
+    // A peer: rank 0 pushes its replica to rank 1's replica service over the fabric; restoring
+    // fetches it back (the holder copies it out of its store), checks its SHA-256 and decodes.
     let hub = InprocHub::new(2);
     let eps = hub.endpoints();
-    let (me, peer) = (eps[0].clone(), eps[1].clone());
-    let replica = live.clone();
+    let me = eps[0].clone();
+    let deadline = Duration::from_secs(600);
+    let mut server = ReplicaServer::spawn(Arc::new(eps[1].clone()), vec![0], deadline);
+    push_replica(&me, &[1], 0, live.step, encoded).await?;
+    let t0 = Instant::now();
+    while server.store.read().await.get(0).is_none() {
+        ensure!(t0.elapsed() < deadline, "the replica never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t = Instant::now();
-    let sender = tokio::spawn(async move {
-        let bytes = tokio::task::spawn_blocking(move || encode_shard(&replica)).await??;
-        peer.send(0, Tag::new(0, 0), Payload::Bytes(bytes)).await?;
-        anyhow::Ok(())
-    });
-    let got = me.recv(1, Tag::new(0, 0), Duration::from_secs(600)).await?;
-    let bytes = got.into_bytes()?;
-    let from_peer = tokio::task::spawn_blocking(move || decode_shard(&bytes)).await??;
+    let from_peer = fetch_replica(&me, 1, 0, deadline).await?;
     let restore_peer = t.elapsed();
-    sender.await??;
-    ensure!(from_peer == live, "the peer's copy differs from the state");
+    server.shutdown();
+    drop(server);
+    ensure!(
+        me.rank() == 0 && from_peer == live,
+        "the peer's copy differs from the state"
+    );
     drop(from_peer);
 
-    // Storage: load the newest checkpoint, verifying every shard's SHA-256.
+    // Storage: the rank's shard of the newest checkpoint, verified against the manifest.
     let t = Instant::now();
-    let loaded = engine.load(Which::Latest, true).await?;
+    let mut back = engine.load_rank(None, 0).await?;
     let restore_storage = t.elapsed();
     ensure!(
-        loaded.step == step,
+        back.step == step,
         "loaded step {}, expected {step}",
-        loaded.step
+        back.step
     );
-    let mut back = loaded.snapshots.into_iter().next().context("no snapshot")?;
     back.step = live.step;
     ensure!(back == live, "the stored copy differs from the state");
     report.push(json!({
@@ -254,6 +283,7 @@ async fn measure(size_mib: usize, reps: usize, work: &Path, report: &mut Report)
     report.push(json!({"summary": {
         "async_stall_over_sync_save": stall.as_secs_f64() / sync_save.as_secs_f64(),
         "persist_over_raw_write": raw.as_secs_f64() / persist.as_secs_f64(),
+        "restore_memory_s": restore_memory.as_secs_f64(),
         "restore_peer_s": restore_peer.as_secs_f64(),
         "restore_storage_s": restore_storage.as_secs_f64(),
     }}));

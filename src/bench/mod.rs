@@ -6,6 +6,7 @@ pub mod ckpt;
 pub mod collectives;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod pipeline;
 pub mod step;
 
 use serde_json::Value;

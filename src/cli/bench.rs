@@ -16,11 +16,59 @@ pub enum BenchCmd {
     Ckpt(CkptArgs),
     /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes.
     Step(StepArgs),
-    /// Collectives over the in-process or QUIC fabric (time, algbw, busbw) vs memcpy, bare quinn and TCP.
+    /// Collectives over the in-process and QUIC fabrics (time, algbw, busbw) vs memcpy; QUIC vs bare quinn and TCP between two processes.
     Collectives(crate::bench::collectives::CollectivesArgs),
     /// NCCL all-reduce / all-to-all bus bandwidth between this host's GPUs (feature `cuda`).
     #[cfg(feature = "cuda")]
     Nccl(NcclArgs),
+    /// DualPipe's compute/all-to-all overlap on a modelled link vs compute and communication alone; 1F1B; peak activations.
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// Print JSON lines (the last is the summary).
+    #[arg(long)]
+    json: bool,
+    /// Pipeline ranks (even, for DualPipe).
+    #[arg(long, default_value_t = 2)]
+    pp: usize,
+    /// Expert-parallel ranks (at least 2: the all-to-all is what is measured).
+    #[arg(long, default_value_t = 2)]
+    ep: usize,
+    /// Micro-batches per step (even, at least 2·pp).
+    #[arg(long, default_value_t = 16)]
+    micro_batches: usize,
+    /// Global batch, sequences (divisible by ep · micro-batches).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Sequence length, tokens.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Decoder layers of the built-in model.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// The first layers with a dense FFN instead of MoE.
+    #[arg(long, default_value_t = 1)]
+    dense_layers: usize,
+    /// MTP modules.
+    #[arg(long, default_value_t = 1)]
+    mtp_depth: usize,
+    /// Untimed steps per run.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps per run (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// One-way latency of each modelled all-to-all message, microseconds.
+    #[arg(long, default_value_t = 10.0)]
+    latency_us: f64,
+    /// Modelled communication time as a multiple of compute (the link's bandwidth is set from it).
+    #[arg(long, default_value_t = 1.0)]
+    comm_over_compute: f64,
+    /// Do not pin rank r (and its F&B threads) to one core.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 #[cfg(feature = "cuda")]
@@ -132,6 +180,34 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
         }
         BenchCmd::Collectives(a) => {
             crate::bench::collectives::run(&a)?.print(a.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Pipeline(a) => {
+            anyhow::ensure!(
+                a.ep >= 2,
+                "--ep must be at least 2 (the all-to-all is what is measured)"
+            );
+            let args = crate::bench::pipeline::PipelineArgs {
+                pp: a.pp,
+                ep: a.ep,
+                micro_batches: a.micro_batches,
+                batch: a.batch,
+                seq: a.seq,
+                layers: a.layers,
+                dense_layers: a.dense_layers,
+                mtp_depth: a.mtp_depth,
+                warmup: a.warmup,
+                steps: a.steps,
+                latency_us: a.latency_us,
+                comm_over_compute: a.comm_over_compute,
+                pin: !a.no_pin,
+            };
+            let report = crate::bench::pipeline::run(&args)?;
+            if a.json {
+                report.print(true);
+            } else {
+                crate::bench::pipeline::print_table(&report);
+            }
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Step(a) => {

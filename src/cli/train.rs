@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use flotilla_actors::{ResumeFrom, StepRecord};
 use flotilla_runtime::clock::RealClock;
-use flotilla_runtime::config::Config;
+use flotilla_runtime::config::{Config, FabricKind};
 use flotilla_runtime::storage::local::LocalStorage;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -53,9 +53,10 @@ fn job_config(args: &TrainArgs) -> Result<Config> {
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     anyhow::ensure!(
-        cfg.world_size() == 1,
-        "this build trains on one rank; [cluster] asks for {} ranks (pipeline and expert \
-         parallel layouts arrive with the pipeline executor)",
+        cfg.world_size() == 1 || cfg.cluster.fabric == FabricKind::Inproc,
+        "cluster.fabric = \"{}\": `flotilla train` runs all {} ranks of a parallel job in this \
+         process over the in-process fabric; set cluster.fabric = \"inproc\"",
+        cfg.cluster.fabric,
         cfg.world_size()
     );
     Ok(cfg)

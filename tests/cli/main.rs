@@ -616,3 +616,91 @@ fn bench_ckpt_reports_stall_persist_and_restore() {
     assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_pipeline_reports_the_overlap_ratio_and_peak_activations() {
+    let out = flotilla(&[
+        "bench",
+        "pipeline",
+        "--json",
+        "--micro-batches",
+        "4",
+        "--batch",
+        "8",
+        "--seq",
+        "16",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
+    let s = &last["summary"];
+    for k in [
+        "dualpipe_step_over_max_compute_comm",
+        "compute_s",
+        "comm_s",
+        "step_overlap_s",
+    ] {
+        assert!(s[k].as_f64().is_some_and(|x| x > 0.0), "{last}");
+    }
+    // The report's table: 1F1B holds PP − r on pipeline rank r, DualPipe PP + 1 everywhere.
+    assert_eq!(
+        s["peak_activations_1f1b"],
+        serde_json::json!([2, 2, 1, 1]),
+        "{last}"
+    );
+    assert_eq!(
+        s["peak_activations_dualpipe"],
+        serde_json::json!([3, 3, 3, 3]),
+        "{last}"
+    );
+}
+
+/// `flotilla train` with pipeline, expert and data parallelism (eight ranks, DualPipe): it trains,
+/// checkpoints every rank, and a run resumed from the middle checkpoint ends with the same
+/// parameters as the uninterrupted one.
+#[test]
+fn parallel_training_checkpoints_and_resumes_bit_identically() {
+    let dir = tmp("parallel-train");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/dualpipe-pp2-ep2-dp2.toml");
+    let mut text = std::fs::read_to_string(&example).expect("example config");
+    text = text.replace("[job]\n", "[job]\nsteps = 12\n");
+    text.push_str(
+        "\n[optimizer]\nwarmup_steps = 2\n\n[checkpoint]\ninterval = 4\nmode = \"async\"\n",
+    );
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let cfg = dir.join("job.toml");
+    std::fs::write(&cfg, text).expect("write config");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--quiet",
+            "--out",
+            dir.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let out = flotilla(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary(&dir)
+    };
+    let full = run(&[]);
+    let first = full["first_loss"].as_f64().expect("first_loss");
+    let last = full["final_loss"].as_f64().expect("final_loss");
+    assert!(last < first, "loss {first} -> {last}");
+    let resumed = run(&["--resume", "8"]);
+    assert_eq!(full["params_sha256"], resumed["params_sha256"]);
+}

@@ -419,4 +419,4 @@ fn validate(kind: Kind, pp: usize, chunks: usize) -> Result<(), ScheduleError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

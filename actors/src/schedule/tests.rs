@@ -12,7 +12,7 @@ use super::*;
 const EPS: f64 = 1e-9;
 
 /// Costs in the report's notation: F, full backward B, its weight part W, overlapped F&B.
-fn report_costs(f: f64, full_b: f64, w: f64, fb: f64) -> Costs {
+pub(crate) fn report_costs(f: f64, full_b: f64, w: f64, fb: f64) -> Costs {
     Costs {
         f,
         b: full_b - w,
@@ -23,7 +23,7 @@ fn report_costs(f: f64, full_b: f64, w: f64, fb: f64) -> Costs {
 }
 
 /// Table 2's bubble for `kind` (1F1B, ZB1P, DualPipe) with `pp` ranks.
-fn table2(kind: Kind, pp: usize, c: &Costs) -> f64 {
+pub(crate) fn table2(kind: Kind, pp: usize, c: &Costs) -> f64 {
     let p = pp as f64;
     let full_b = c.full_backward();
     match kind {
@@ -166,7 +166,7 @@ fn schedule_checker_finds_deadlock_and_bad_lists() {
 
 /// Cost settings (report notation F, B, W, F&B) under which the formulas are exact: the report
 /// derives them with the forward equal to the backward for input (F = B − W), W ≤ F.
-fn exact_settings() -> Vec<Costs> {
+pub(crate) fn exact_settings() -> Vec<Costs> {
     vec![
         report_costs(1.0, 2.0, 1.0, 3.0), // no overlap gain: F&B = F + B
         report_costs(1.0, 2.0, 1.0, 2.0), // overlap hides a third

@@ -178,6 +178,7 @@ mod tests {
             seq: t,
             rope: &rope,
             balance_alpha: 0.0,
+            ep: None,
         };
         let h = randn(&[b * t, cfg.hidden_size], 1, 1.0);
         let emb = randn(&[b * t, cfg.hidden_size], 2, 1.0);

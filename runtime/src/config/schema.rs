@@ -510,7 +510,7 @@ static DATA: &[Field] = &[
     f(
         "batch_size",
         USIZE,
-        "Global sequences per step (divisible by dp * micro_batches).",
+        "Global sequences per step (divisible by dp * ep * micro_batches).",
     ),
     f("shuffle", Ty::Bool, "Shuffle sequence order each epoch."),
     opt("seed", U64, "Data-order seed (absent: job.seed)."),

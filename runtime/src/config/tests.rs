@@ -114,7 +114,12 @@ fn config_every_example_parses_and_validates() {
         (c.cluster.fabric, c.cluster.hosts, c.cluster.peers.len()),
         (FabricKind::Quic, 2, 2)
     );
-    assert_eq!(seen.len(), 6, "new example configs deserve a check here");
+    let c = get("dualpipe-pp2-ep2-dp2.toml");
+    assert_eq!(
+        (c.parallel.pp, c.parallel.ep, c.parallel.dp, c.world_size()),
+        (2, 2, 2, 8)
+    );
+    assert_eq!(seen.len(), 7, "new example configs deserve a check here");
 }
 
 #[test]

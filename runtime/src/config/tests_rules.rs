@@ -61,7 +61,7 @@ const CASES: &[(&str, &str, usize)] = &[
     ("[parallel]\ndp = 2\n", "parallel.dp", 2),
     ("[cluster]\nhosts = 2\n", "cluster.hosts", 2),
     (
-        "[parallel]\nep = 3\n[cluster]\nranks_per_host = 3\n",
+        "[parallel]\nep = 3\n[cluster]\nranks_per_host = 3\n[data]\nbatch_size = 6\n",
         "parallel.ep",
         2,
     ),
@@ -226,11 +226,13 @@ fn config_a_rule_blames_the_key_the_file_wrote() {
         problems("[optimizer]\nlr = 1e-4\n"),
         [("optimizer.lr".to_owned(), 2, 1)]
     );
-    // Only the schedule is written: dualpipe with the default pp = 1 (odd) and micro_batches.
+    // Only the schedule is written: dualpipe with the default pp = 1 (odd) and micro_batches
+    // = 1 (odd, and fewer than 2 * pp).
     let got = problems("[parallel]\nschedule = \"dualpipe\"\n");
     assert_eq!(
         got,
         [
+            ("parallel.schedule".to_owned(), 2, 1),
             ("parallel.schedule".to_owned(), 2, 1),
             ("parallel.schedule".to_owned(), 2, 1)
         ]

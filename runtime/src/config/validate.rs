@@ -343,6 +343,15 @@ fn parallel(cfg: &Config, c: &mut Checker<'_>) {
                     )
                 });
             }
+            if p.schedule == Schedule::DualPipe {
+                c.rule(&mb_keys, p.micro_batches.is_multiple_of(2), || {
+                    format!(
+                        "dualpipe feeds half the micro-batches from each end, so it needs an even \
+                         micro_batches, found {}",
+                        p.micro_batches
+                    )
+                });
+            }
             let need = p.pp.saturating_mul(2);
             c.rule(&mb_keys, p.micro_batches >= need, || {
                 format!(
@@ -361,15 +370,22 @@ fn parallel(cfg: &Config, c: &mut Checker<'_>) {
         }
         Schedule::GPipe => {}
     }
-    let per_step = p.dp.saturating_mul(p.micro_batches);
+    // Expert-parallel ranks train on different data (the attention is data-parallel over
+    // dp * ep ranks), so the global batch splits over dp * ep * micro_batches.
+    let per_step = p.dp.saturating_mul(p.ep).saturating_mul(p.micro_batches);
     let batch = cfg.data.batch_size;
     c.rule(
-        &["data.batch_size", "parallel.dp", "parallel.micro_batches"],
+        &[
+            "data.batch_size",
+            "parallel.dp",
+            "parallel.ep",
+            "parallel.micro_batches",
+        ],
         batch.is_multiple_of(per_step),
         || {
             format!(
-                "batch_size = {batch} is not divisible by dp * micro_batches = {} * {} = {per_step}",
-                p.dp, p.micro_batches
+                "batch_size = {batch} is not divisible by dp * ep * micro_batches = {} * {} * {} = {per_step}",
+                p.dp, p.ep, p.micro_batches
             )
         },
     );

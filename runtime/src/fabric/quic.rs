@@ -1,32 +1,43 @@
 //! The QUIC fabric: ranks in different processes or hosts joined by quinn with mutual TLS.
 //!
-//! Topology: one QUIC connection per pair of ranks (per peer rank rather than per peer host:
-//! ranks of one host each hold their own endpoint; multiplexing ranks of a host over one
-//! connection is left to the host agent). The lower rank dials the higher one; both then send
-//! over the same connection. Each direction uses a small fixed set of long-lived unidirectional
-//! streams ("lanes", [`QuicOptions::lanes`]); a (channel, tag) always maps to the same lane, so
-//! messages stay FIFO per (source, tag) while a bulk transfer on one tag does not stall every
-//! other tag. Frames are a 32-byte versioned header plus the body ([`frame`]).
+//! Topology: [`QuicOptions::connections`] QUIC connections per pair of ranks (per peer rank
+//! rather than per peer host: ranks of one host each hold their own endpoint). The lower rank
+//! dials the higher one; both then send over the same connections. quinn drives each
+//! connection (packetising, crypto) on one task, so several connections let a multi-threaded
+//! tokio runtime spread one peer's traffic over several cores; the fabric's I/O runs on the
+//! runtime that binds it.
+//!
+//! Each direction uses a fixed set of long-lived unidirectional streams ("lanes",
+//! [`QuicOptions::lanes`], spread round-robin over the connections). A (channel, tag) maps to one
+//! lane, so messages stay FIFO per (source, tag) while a bulk transfer on one tag does not stall
+//! every other tag. Messages of at least [`QuicOptions::stripe_bytes`] are striped: one piece on
+//! every lane, so over every connection ([`send`]); the receiver copies pieces straight into
+//! the message's buffer and delivers it from the tag's own lane ([`recv`]). Frames are a
+//! 56-byte versioned header plus the body ([`frame`]); tensor bodies go on the wire as their
+//! little-endian bytes, without per-element conversion.
 //!
 //! Receiving: a task per incoming lane reads frames and delivers them into a local
 //! [`InprocHub`], which does the (source, tag) matching, FIFO queuing and deadlines exactly like
-//! the in-process fabric. A malformed, truncated or oversized frame fails that peer (the
-//! connection is closed; receives from it fail with [`FabricError::PeerFailed`] whose reason
+//! the in-process fabric. A malformed, truncated or oversized frame fails that peer (its
+//! connections are closed; receives from it fail with [`FabricError::PeerFailed`] whose reason
 //! names the fault), as does a connection that closes or times out.
 //!
-//! Sending: a send completes when its frame is in quinn's send buffer (at most
+//! Sending: a send completes when its frames are in quinn's send buffers (at most
 //! [`QuicOptions::send_window`] unacknowledged bytes per connection), like a NIC's send
-//! completion. A send whose future is dropped after it took its lane still finishes its frame in
-//! the background, so a stream never carries half a frame. Receive windows are raised well above
-//! quinn's defaults for bulk transfer; received frames are drained into the hub at once.
+//! completion. A send whose future is dropped after it took its lanes still finishes its frames
+//! in the background, so a stream never carries half a frame. Receive windows and the UDP
+//! socket buffers are raised well above the defaults for bulk transfer.
 //!
 //! Security: [`tls::JobCa`] issues each rank a certificate; both sides verify the other chains
 //! to the job CA, and the listener checks that the dialler's certificate names the rank its
-//! hello claims.
+//! hello claims. [`launch`] starts ranks in child processes and ships them their identities.
 
 pub mod frame;
 mod handshake;
+pub mod launch;
 mod options;
+mod recv;
+mod send;
 pub mod tls;
 
 #[cfg(test)]
@@ -36,14 +47,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use quinn::{Connection, Endpoint, SendStream, VarInt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use self::frame::{HEADER_LEN, Header, Kind};
 use self::handshake::{accept_one, dial};
 pub use self::options::{QuicError, QuicOptions};
+use self::recv::{PeerRx, read_lane};
 pub use self::tls::{JobCa, RankIdentity};
 use super::inproc::{InprocFabric, InprocHub};
 use super::{BoxFuture, Fabric, FabricError, Payload, Rank, Tag};
@@ -56,13 +66,26 @@ const CODE_REFUSED: u32 = 2;
 /// An outgoing stream, opened on first use.
 type Lane = Arc<tokio::sync::Mutex<Option<SendStream>>>;
 
+/// The sending side of a peer whose connections are all up.
 struct PeerConn {
-    conn: Connection,
+    conns: Vec<Connection>,
     lanes: Vec<Lane>,
+    /// Taken while a striped send takes every lane; the last striped message's number.
+    stripe: tokio::sync::Mutex<u64>,
+}
+
+impl PeerConn {
+    /// The connection that carries lane `lane`.
+    fn conn_of(&self, lane: usize) -> Connection {
+        self.conns[lane % self.conns.len()].clone()
+    }
 }
 
 #[derive(Default)]
 struct PeerSlot {
+    /// The connections registered so far, by index.
+    pending: Vec<Option<Connection>>,
+    /// Set once every connection is up.
     conn: Option<Arc<PeerConn>>,
     failed: Option<String>,
 }
@@ -73,8 +96,13 @@ struct Shared {
     rank: Rank,
     world: usize,
     opts: QuicOptions,
+    /// Lanes per peer asked for (a peer's count is also a multiple of its connections).
+    lanes: usize,
+    /// Connections this rank opens to the peers it dials.
+    connections: usize,
     hub: Arc<InprocHub>,
     peers: Mutex<Vec<PeerSlot>>,
+    rx: Vec<Arc<PeerRx>>,
     /// Bumped whenever a peer joins or fails.
     changed: watch::Sender<u64>,
 }
@@ -93,7 +121,7 @@ impl Shared {
 
     /// Record `peer` as failed (the first reason wins) and wake receives waiting on it.
     fn fail_peer(&self, peer: Rank, why: String) {
-        let conn = {
+        let conns: Vec<Connection> = {
             let mut peers = self.lock();
             let Some(slot) = peers.get_mut(peer) else {
                 return;
@@ -104,16 +132,15 @@ impl Shared {
             tracing::warn!(rank = self.rank, peer, %why, "quic fabric: peer failed");
             slot.failed = Some(why.clone());
             self.hub.fail_rank(peer, why);
-            slot.conn.clone()
+            slot.pending.iter().flatten().cloned().collect()
         };
-        if let Some(c) = conn {
-            c.conn
-                .close(VarInt::from_u32(CODE_PROTOCOL), b"peer failed");
+        for c in conns {
+            c.close(VarInt::from_u32(CODE_PROTOCOL), b"peer failed");
         }
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// The connection to `peer`, or why there is none.
+    /// The connections to `peer`, or why there are none.
     fn peer(&self, peer: Rank) -> Result<Arc<PeerConn>, FabricError> {
         let peers = self.lock();
         let slot = &peers[peer];
@@ -128,21 +155,38 @@ impl Shared {
             .ok_or_else(|| self.transport(peer, "not connected"))
     }
 
-    /// Adopt an authenticated connection to `peer` and start reading from it.
-    fn register(self: &Arc<Self>, peer: Rank, conn: Connection) -> Result<(), FabricError> {
+    /// Adopt authenticated connection `index` to `peer` and start reading from it.
+    fn register(
+        self: &Arc<Self>,
+        peer: Rank,
+        index: usize,
+        count: usize,
+        conn: Connection,
+    ) -> Result<(), FabricError> {
         {
             let mut peers = self.lock();
             let slot = &mut peers[peer];
-            if slot.conn.is_some() || slot.failed.is_some() {
+            if slot.pending.is_empty() {
+                slot.pending.resize(count, None);
+            }
+            if slot.pending.len() != count {
+                conn.close(VarInt::from_u32(CODE_REFUSED), b"connection count changed");
+                return Err(self.transport(peer, "hellos disagree on the connection count"));
+            }
+            if slot.failed.is_some() || slot.pending[index].is_some() {
                 conn.close(VarInt::from_u32(CODE_REFUSED), b"duplicate connection");
                 return Err(self.transport(peer, "a second connection from this rank refused"));
             }
-            slot.conn = Some(Arc::new(PeerConn {
-                conn: conn.clone(),
-                lanes: (0..self.opts.lanes.max(1))
-                    .map(|_| Arc::new(tokio::sync::Mutex::new(None)))
-                    .collect(),
-            }));
+            slot.pending[index] = Some(conn.clone());
+            if slot.pending.iter().all(Option::is_some) {
+                slot.conn = Some(Arc::new(PeerConn {
+                    conns: slot.pending.iter().flatten().cloned().collect(),
+                    lanes: (0..options::lanes_for(self.lanes, count))
+                        .map(|_| Arc::new(tokio::sync::Mutex::new(None)))
+                        .collect(),
+                    stripe: tokio::sync::Mutex::new(0),
+                }));
+            }
         }
         self.changed.send_modify(|g| *g += 1);
         let shared = Arc::clone(self);
@@ -173,78 +217,21 @@ impl Shared {
     }
 }
 
-/// Read frames from one incoming lane of `peer` into the hub until the stream ends.
-async fn read_lane(shared: Arc<Shared>, peer: Rank, conn: Connection, mut s: RecvStream) {
-    let from_peer = shared.hub.endpoint(peer);
-    loop {
-        match read_frame(&mut s, peer, shared.opts.max_frame_bytes).await {
-            Ok(Some((tag, payload))) => {
-                if from_peer.send(shared.rank, tag, payload).await.is_err() {
-                    return; // the hub is closed: this fabric shut down
-                }
-            }
-            Ok(None) => return,
-            Err(why) => {
-                let _ = s.stop(VarInt::from_u32(CODE_PROTOCOL));
-                shared.fail_peer(peer, why);
-                conn.close(VarInt::from_u32(CODE_PROTOCOL), b"malformed frame");
-                return;
-            }
+/// A UDP socket on `addr` with the kernel buffers of `opts`.
+fn udp_socket(addr: SocketAddr, opts: &QuicOptions) -> std::io::Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    if opts.socket_buffer_bytes > 0 {
+        let state = quinn::udp::UdpSocketState::new((&sock).into())?;
+        // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+        let n = opts.socket_buffer_bytes;
+        if let Err(e) = state.set_recv_buffer_size((&sock).into(), n) {
+            tracing::debug!(%e, "quic fabric: cannot raise the UDP receive buffer");
+        }
+        if let Err(e) = state.set_send_buffer_size((&sock).into(), n) {
+            tracing::debug!(%e, "quic fabric: cannot raise the UDP send buffer");
         }
     }
-}
-
-/// The next data frame of a lane: `Ok(None)` when the stream ended cleanly (or was reset, or
-/// the connection went away, which the connection's task reports).
-async fn read_frame(
-    s: &mut RecvStream,
-    peer: Rank,
-    max: u64,
-) -> Result<Option<(Tag, Payload)>, String> {
-    use quinn::{ReadError, ReadExactError};
-    let quiet = |e: &ReadError| matches!(e, ReadError::Reset(_) | ReadError::ConnectionLost(_));
-    let mut head = [0u8; HEADER_LEN];
-    match s.read_exact(&mut head).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(n)) => {
-            return Err(format!(
-                "truncated frame header from rank {peer}: {n} of {HEADER_LEN} bytes"
-            ));
-        }
-        Err(ReadExactError::ReadError(e)) if quiet(&e) => return Ok(None),
-        Err(ReadExactError::ReadError(e)) => return Err(format!("read from rank {peer}: {e}")),
-    }
-    let h =
-        Header::decode(&head, max).map_err(|e| format!("malformed frame from rank {peer}: {e}"))?;
-    if h.kind != Kind::Data || h.src != peer {
-        return Err(format!(
-            "malformed frame from rank {peer}: {:?} frame claiming source rank {}",
-            h.kind, h.src
-        ));
-    }
-    // `h.len <= max`, which was accepted as a buffer size.
-    let mut body = vec![0u8; h.len as usize];
-    match s.read_exact(&mut body).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(n)) => {
-            return Err(format!(
-                "truncated frame from rank {peer} (tag {}): {n} of {} body bytes",
-                h.tag, h.len
-            ));
-        }
-        Err(ReadExactError::ReadError(e)) if quiet(&e) => return Ok(None),
-        Err(ReadExactError::ReadError(e)) => return Err(format!("read from rank {peer}: {e}")),
-    }
-    let payload = frame::decode_body(h.dtype, body)
-        .map_err(|e| format!("malformed frame from rank {peer}: {e}"))?;
-    Ok(Some((h.tag, payload)))
-}
-
-fn lane_of(tag: Tag, lanes: usize) -> usize {
-    let h = (u64::from(tag.channel).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ tag.tag)
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    ((h >> 32) % lanes.max(1) as u64) as usize
+    Ok(sock)
 }
 
 /// One rank's endpoint of the QUIC fabric. Dropping it closes every connection (peers see it
@@ -298,16 +285,28 @@ impl QuicFabric {
             addr: listen,
             why: why.to_string(),
         };
-        let mut endpoint =
-            Endpoint::server(id.server_config(transport.clone())?, listen).map_err(bind_err)?;
+        let socket = udp_socket(listen, &opts).map_err(bind_err)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let server = id.server_config(transport.clone())?;
+        let mut endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         endpoint.set_default_client_config(id.client_config(transport)?);
         let hub = InprocHub::new(world);
+        let (lanes, connections) = opts.shape();
         let shared = Arc::new(Shared {
             rank: id.rank,
             world,
             opts,
+            lanes,
+            connections,
             hub: Arc::clone(&hub),
             peers: Mutex::new((0..world).map(|_| PeerSlot::default()).collect()),
+            rx: (0..world).map(|_| Arc::new(PeerRx::default())).collect(),
             changed: watch::Sender::new(0),
         });
         let (ep, sh) = (endpoint.clone(), Arc::clone(&shared));
@@ -361,8 +360,11 @@ impl QuicFabric {
             }
             let deadline = tokio::time::Instant::now() + shared.opts.connect_timeout;
             let mut dials = tokio::task::JoinSet::new();
-            for (peer, &addr) in peers.iter().enumerate().skip(rank + 1) {
-                let d = dial(Arc::clone(&shared), endpoint.clone(), peer, addr);
+            let dials_of = |(peer, &addr): (Rank, &SocketAddr)| {
+                (0..shared.connections).map(move |i| (peer, addr, i))
+            };
+            for (peer, addr, i) in peers.iter().enumerate().skip(rank + 1).flat_map(dials_of) {
+                let d = dial(Arc::clone(&shared), endpoint.clone(), peer, addr, i);
                 dials.spawn(async move {
                     tokio::time::timeout_at(deadline, d)
                         .await
@@ -428,7 +430,8 @@ impl QuicFabric {
     }
 
     /// Finish every outgoing lane and wait (bounded by the connect timeout) until peers have
-    /// acknowledged all data, then close. Use before a process exits, so its last sends land.
+    /// acknowledged all data, then close and let the close reach the peers. Use before a
+    /// process exits, so its last sends land and peers see it leave at once.
     pub async fn shutdown(&self) {
         let conns: Vec<_> = self
             .shared
@@ -436,22 +439,31 @@ impl QuicFabric {
             .iter()
             .filter_map(|s| s.conn.clone())
             .collect();
-        let mut pending = Vec::new();
+        // Keep each finished stream alive until the peer acknowledged it (quinn stops tracking a
+        // dropped stream), and stop waiting when its connection goes away.
+        let mut finished = Vec::new();
         for pc in &conns {
-            for lane in &pc.lanes {
+            for (i, lane) in pc.lanes.iter().enumerate() {
                 if let Some(mut s) = lane.lock().await.take() {
                     let _ = s.finish();
-                    pending.push(s.stopped());
+                    finished.push((s, pc.conn_of(i)));
                 }
             }
         }
         let _ = tokio::time::timeout(self.shared.opts.connect_timeout, async {
-            for p in pending {
-                let _ = p.await;
+            for (s, conn) in &finished {
+                tokio::select! {
+                    _ = s.stopped() => {}
+                    _ = conn.closed() => {}
+                }
             }
         })
         .await;
         self.close();
+        // Let the endpoint send its CONNECTION_CLOSE before the process may exit, or peers
+        // would wait for their idle timeout.
+        let _ =
+            tokio::time::timeout(self.shared.opts.connect_timeout, self.endpoint.wait_idle()).await;
     }
 
     /// Close every connection now (unsent data is dropped) and fail local receives.
@@ -461,66 +473,13 @@ impl QuicFabric {
         self.shared.hub.close();
     }
 
-    /// The connection to `peer` (tests inject raw streams through it).
+    /// The first connection to `peer` (tests inject raw streams through it).
     #[cfg(test)]
     pub(crate) fn connection(&self, peer: Rank) -> Option<Connection> {
         self.shared.lock()[peer]
             .conn
             .as_ref()
-            .map(|c| c.conn.clone())
-    }
-
-    async fn send_to(&self, dst: Rank, tag: Tag, payload: Payload) -> Result<(), FabricError> {
-        let (rank, world) = (self.shared.rank, self.shared.world);
-        if dst >= world {
-            return Err(FabricError::NoSuchRank { rank: dst, world });
-        }
-        if dst == rank {
-            return self.local.send(dst, tag, payload).await;
-        }
-        let max = self.shared.opts.max_frame_bytes;
-        let len = payload.byte_len() as u64;
-        if len > max {
-            return Err(self.shared.transport(
-                dst,
-                format!("frame of {len} bytes exceeds the maximum of {max} bytes"),
-            ));
-        }
-        let pc = self.shared.peer(dst)?;
-        let header = Header::data(rank, tag, &payload).encode();
-        let body = frame::encode_body(payload);
-        // The lane is taken here, in call order (tokio's mutex is fair), so sends on one tag
-        // keep their order. The write runs in its own task: a caller that drops its send future
-        // mid-frame cannot leave half a frame on the stream (the frame still goes out).
-        let mut lane = Arc::clone(&pc.lanes[lane_of(tag, pc.lanes.len())])
-            .lock_owned()
-            .await;
-        let conn = pc.conn.clone();
-        let write = tokio::spawn(async move {
-            let mut s = match lane.take() {
-                Some(s) => s,
-                None => conn.open_uni().await?,
-            };
-            let mut chunks = [Bytes::copy_from_slice(&header), Bytes::from(body)];
-            s.write_all_chunks(&mut chunks).await?;
-            *lane = Some(s);
-            Ok::<_, quinn::WriteError>(())
-        });
-        match write.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(quinn::WriteError::ConnectionLost(e))) => Err(self.lost(dst, e)),
-            Ok(Err(e)) => Err(self.shared.transport(dst, e)),
-            Err(e) => Err(self.shared.transport(dst, format!("send task: {e}"))),
-        }
-    }
-
-    fn lost(&self, peer: Rank, e: quinn::ConnectionError) -> FabricError {
-        if e == quinn::ConnectionError::LocallyClosed {
-            return FabricError::Closed;
-        }
-        let why = format!("connection lost: {e}");
-        self.shared.fail_peer(peer, why.clone());
-        FabricError::PeerFailed { rank: peer, why }
+            .map(|c| c.conns[0].clone())
     }
 }
 

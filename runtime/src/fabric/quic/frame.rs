@@ -1,37 +1,50 @@
-//! Wire frames of the QUIC fabric: a fixed 32-byte versioned header, then the body.
+//! Wire frames of the QUIC fabric: a fixed 56-byte versioned header, then the body.
 //!
 //! Header layout (little-endian):
 //!
-//! | bytes  | field                                   |
-//! | ------ | --------------------------------------- |
-//! | 0..4   | magic `FLQF`                            |
-//! | 4      | version (1)                             |
-//! | 5      | kind: 1 hello, 2 data                   |
-//! | 6      | payload dtype: 1 f32, 2 bf16, 3 bytes   |
-//! | 7      | flags (0)                               |
-//! | 8..12  | source rank (u32)                       |
-//! | 12..16 | tag channel (u32)                       |
-//! | 16..24 | tag (u64)                               |
-//! | 24..32 | body length in bytes (u64)              |
+//! | bytes  | field                                                           |
+//! | ------ | --------------------------------------------------------------- |
+//! | 0..4   | magic `FLQF`                                                    |
+//! | 4      | version (2)                                                     |
+//! | 5      | kind: 1 hello, 2 data (a whole message), 3 piece (of a striped message) |
+//! | 6      | payload dtype: 1 f32, 2 bf16, 3 bytes                           |
+//! | 7      | flags (0)                                                       |
+//! | 8..12  | source rank (u32)                                               |
+//! | 12..16 | tag channel (u32)                                               |
+//! | 16..24 | tag (u64)                                                       |
+//! | 24..32 | body length of this frame in bytes (u64)                        |
+//! | 32..40 | message length in bytes (u64; equals the body length but for pieces) |
+//! | 40..48 | piece: byte offset of this body in the message (u64; else 0)    |
+//! | 48..56 | piece: the sender's striped-message sequence number (u64; else 0) |
+//!
+//! A hello's `channel` is the index of the connection it opens and its `total` the number of
+//! connections per pair of ranks; its `tag` is the job's world size. Bodies are the elements in
+//! little-endian order, so on little-endian hosts a `Vec<f32>` goes on the wire as it lies in
+//! memory ([`payload_bytes`]) and arrives straight into a typed buffer ([`payload_bytes_mut`]).
 //!
 //! Decoding never panics: every malformed or truncated input is a [`FrameError`].
+
+use bytes::Bytes;
 
 use crate::fabric::{Payload, Rank, Tag};
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FLQF";
 /// Version of this wire format.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed header.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 56;
 
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// The first frame on a new connection, both ways: the sender's rank, `tag.tag` = world.
+    /// The first frame on a new connection, both ways: the sender's rank, `tag.tag` = world,
+    /// `tag.channel` = connection index, `total` = connections per pair.
     Hello = 1,
-    /// A message.
+    /// A whole message.
     Data = 2,
+    /// One piece of a message striped over several lanes.
+    Piece = 3,
 }
 
 /// Element type of a body.
@@ -52,7 +65,8 @@ impl Dtype {
         }
     }
 
-    fn of(p: &Payload) -> Self {
+    /// The dtype of `p`.
+    pub fn of(p: &Payload) -> Self {
         match p {
             Payload::F32(_) => Dtype::F32,
             Payload::Bf16(_) => Dtype::Bf16,
@@ -68,8 +82,14 @@ pub struct Header {
     pub dtype: Dtype,
     pub src: Rank,
     pub tag: Tag,
-    /// Body length in bytes.
+    /// Body length of this frame in bytes.
     pub len: u64,
+    /// Length of the whole message in bytes (`len` but for pieces).
+    pub total: u64,
+    /// A piece's byte offset in its message.
+    pub offset: u64,
+    /// A piece's striped-message sequence number (per sender and receiver).
+    pub seq: u64,
 }
 
 /// Why bytes are not a valid frame.
@@ -91,30 +111,51 @@ pub enum FrameError {
     TooLarge { len: u64, max: u64 },
     #[error("body of {len} bytes is not a whole number of {dtype:?} elements")]
     Misaligned { len: u64, dtype: Dtype },
+    #[error("piece of {len} bytes at offset {offset} does not fit a message of {total} bytes")]
+    BadPiece { len: u64, offset: u64, total: u64 },
     #[error("truncated frame: {got} of {need} bytes")]
     Truncated { need: u64, got: u64 },
 }
 
 impl Header {
-    /// A data header for `payload`.
+    /// A data header for a whole `payload`.
     pub fn data(src: Rank, tag: Tag, payload: &Payload) -> Self {
+        let len = payload.byte_len() as u64;
         Self {
             kind: Kind::Data,
             dtype: Dtype::of(payload),
             src,
             tag,
-            len: payload.byte_len() as u64,
+            len,
+            total: len,
+            offset: 0,
+            seq: 0,
         }
     }
 
-    /// A hello header from `src` in a job of `world` ranks.
-    pub fn hello(src: Rank, world: usize) -> Self {
+    /// The header of the piece `offset..offset + len` of striped message `seq` (of `total`
+    /// bytes).
+    pub fn piece(whole: &Header, seq: u64, offset: u64, len: u64) -> Self {
+        Self {
+            kind: Kind::Piece,
+            len,
+            offset,
+            seq,
+            ..*whole
+        }
+    }
+
+    /// A hello from `src` in a job of `world` ranks, opening connection `index` of `count`.
+    pub fn hello(src: Rank, world: usize, index: u32, count: u32) -> Self {
         Self {
             kind: Kind::Hello,
             dtype: Dtype::Bytes,
             src,
-            tag: Tag::new(0, world as u64),
+            tag: Tag::new(index, world as u64),
             len: 0,
+            total: u64::from(count),
+            offset: 0,
+            seq: 0,
         }
     }
 
@@ -131,10 +172,14 @@ impl Header {
         b[12..16].copy_from_slice(&self.tag.channel.to_le_bytes());
         b[16..24].copy_from_slice(&self.tag.tag.to_le_bytes());
         b[24..32].copy_from_slice(&self.len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.total.to_le_bytes());
+        b[40..48].copy_from_slice(&self.offset.to_le_bytes());
+        b[48..56].copy_from_slice(&self.seq.to_le_bytes());
         b
     }
 
-    /// Parse and check a header; bodies over `max_body` bytes are refused.
+    /// Parse and check a header; messages over `max_body` bytes are refused, and a piece must
+    /// lie inside its message.
     pub fn decode(b: &[u8; HEADER_LEN], max_body: u64) -> Result<Self, FrameError> {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let u64_at = |i: usize| {
@@ -152,6 +197,7 @@ impl Header {
         let kind = match b[5] {
             1 => Kind::Hello,
             2 => Kind::Data,
+            3 => Kind::Piece,
             k => return Err(FrameError::BadKind(k)),
         };
         let dtype = match b[6] {
@@ -166,78 +212,160 @@ impl Header {
         let src_raw = u32_at(8);
         let src = Rank::try_from(src_raw).map_err(|_| FrameError::BadRank(src_raw))?;
         let tag = Tag::new(u32_at(12), u64_at(16));
-        let len = u64_at(24);
-        if len > max_body {
-            return Err(FrameError::TooLarge { len, max: max_body });
-        }
-        if !len.is_multiple_of(dtype.elem_bytes()) {
-            return Err(FrameError::Misaligned { len, dtype });
-        }
-        Ok(Self {
+        let (len, total, offset, seq) = (u64_at(24), u64_at(32), u64_at(40), u64_at(48));
+        let h = Self {
             kind,
             dtype,
             src,
             tag,
             len,
-        })
+            total,
+            offset,
+            seq,
+        };
+        if kind == Kind::Hello {
+            // A hello carries no body; `total` is the connection count.
+            return if len == 0 {
+                Ok(h)
+            } else {
+                Err(FrameError::TooLarge { len, max: 0 })
+            };
+        }
+        for n in [len, total] {
+            if n > max_body {
+                return Err(FrameError::TooLarge {
+                    len: n,
+                    max: max_body,
+                });
+            }
+        }
+        for n in [len, total, offset] {
+            if !n.is_multiple_of(dtype.elem_bytes()) {
+                return Err(FrameError::Misaligned { len: n, dtype });
+            }
+        }
+        let fits = match kind {
+            Kind::Piece => offset.checked_add(len).is_some_and(|end| end <= total),
+            _ => total == len && offset == 0 && seq == 0,
+        };
+        if !fits {
+            return Err(FrameError::BadPiece { len, offset, total });
+        }
+        Ok(h)
     }
 }
 
-/// A payload's body bytes (little-endian elements). Bytes payloads move without a copy.
-pub fn encode_body(payload: Payload) -> Vec<u8> {
+/// Buffers from this size up are backed by transparent huge pages where the OS offers them.
+const HUGE_FROM: usize = 4 << 20;
+
+/// A zeroed payload of `dtype` holding `len` bytes (`len` a multiple of the element size).
+///
+/// Large buffers are fresh memory that the copy from the wire faults in page by page; with
+/// 4 KiB pages that costs about as much CPU as the copy, so they ask for huge pages first.
+pub fn alloc_payload(dtype: Dtype, len: usize) -> Payload {
+    let mut p = match dtype {
+        Dtype::F32 => Payload::F32(vec![0.0; len / 4]),
+        Dtype::Bf16 => Payload::Bf16(vec![0; len / 2]),
+        Dtype::Bytes => Payload::Bytes(vec![0; len]),
+    };
+    if len >= HUGE_FROM {
+        advise_huge_pages(payload_bytes_mut(&mut p));
+    }
+    p
+}
+
+/// Ask the kernel to back `buf` with transparent huge pages (best effort; Linux only).
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(buf: &mut [u8]) {
+    const PAGE: usize = 4096;
+    let start = buf.as_mut_ptr() as usize;
+    let aligned = start.next_multiple_of(PAGE);
+    let end = start + buf.len();
+    if end <= aligned {
+        return;
+    }
+    let len = (end - aligned) / PAGE * PAGE;
+    // SAFETY: the range lies inside `buf`, which we borrow mutably, and MADV_HUGEPAGE only
+    // changes how the kernel backs those pages, never their contents.
+    let r = unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        tracing::trace!("madvise(MADV_HUGEPAGE) refused; using small pages");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_buf: &mut [u8]) {}
+
+/// The payload's memory as bytes, to be filled with little-endian wire bytes (call
+/// [`from_wire_order`] when it is full).
+pub fn payload_bytes_mut(p: &mut Payload) -> &mut [u8] {
+    match p {
+        Payload::F32(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
+        Payload::Bf16(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
+        Payload::Bytes(v) => v.as_mut_slice(),
+    }
+}
+
+/// Turn a payload filled by [`payload_bytes_mut`] from wire order into host order (a no-op on
+/// little-endian hosts).
+pub fn from_wire_order(p: &mut Payload) {
+    if cfg!(target_endian = "big") {
+        match p {
+            Payload::F32(v) => v
+                .iter_mut()
+                .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits()))),
+            Payload::Bf16(v) => v.iter_mut().for_each(|x| *x = u16::from_le(*x)),
+            Payload::Bytes(_) => {}
+        }
+    }
+}
+
+/// A payload's memory viewed as bytes (keeps the buffer alive inside a [`Bytes`]).
+struct WireBody(Payload);
+
+impl AsRef<[u8]> for WireBody {
+    fn as_ref(&self) -> &[u8] {
+        match &self.0 {
+            Payload::F32(v) => bytemuck::cast_slice(v.as_slice()),
+            Payload::Bf16(v) => bytemuck::cast_slice(v.as_slice()),
+            Payload::Bytes(v) => v.as_slice(),
+        }
+    }
+}
+
+/// A payload's body bytes (little-endian elements). On little-endian hosts no byte is copied:
+/// the returned [`Bytes`] owns the payload's buffer.
+pub fn payload_bytes(payload: Payload) -> Bytes {
     match payload {
-        Payload::Bytes(v) => v,
-        Payload::F32(v) => {
-            let mut out = vec![0u8; v.len() * 4];
-            for (c, x) in out.as_chunks_mut::<4>().0.iter_mut().zip(&v) {
-                *c = x.to_le_bytes();
-            }
-            out
-        }
-        Payload::Bf16(v) => {
-            let mut out = vec![0u8; v.len() * 2];
-            for (c, x) in out.as_chunks_mut::<2>().0.iter_mut().zip(&v) {
-                *c = x.to_le_bytes();
-            }
-            out
-        }
+        Payload::Bytes(v) => Bytes::from(v),
+        p if cfg!(target_endian = "little") => Bytes::from_owner(WireBody(p)),
+        Payload::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Payload::Bf16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
 
-/// The payload of a body of `dtype`. Bytes bodies move without a copy.
-pub fn decode_body(dtype: Dtype, body: Vec<u8>) -> Result<Payload, FrameError> {
+/// The payload of a whole body of `dtype`.
+pub fn decode_body(dtype: Dtype, body: &[u8]) -> Result<Payload, FrameError> {
     let len = body.len() as u64;
     if !len.is_multiple_of(dtype.elem_bytes()) {
         return Err(FrameError::Misaligned { len, dtype });
     }
-    Ok(match dtype {
-        Dtype::Bytes => Payload::Bytes(body),
-        Dtype::F32 => Payload::F32(
-            body.as_chunks::<4>()
-                .0
-                .iter()
-                .map(|c| f32::from_le_bytes(*c))
-                .collect(),
-        ),
-        Dtype::Bf16 => Payload::Bf16(
-            body.as_chunks::<2>()
-                .0
-                .iter()
-                .map(|c| u16::from_le_bytes(*c))
-                .collect(),
-        ),
-    })
+    let mut p = alloc_payload(dtype, body.len());
+    payload_bytes_mut(&mut p).copy_from_slice(body);
+    from_wire_order(&mut p);
+    Ok(p)
 }
 
 /// One whole frame as bytes (header then body).
 pub fn encode_frame(src: Rank, tag: Tag, payload: Payload) -> Vec<u8> {
     let h = Header::data(src, tag, &payload);
     let mut out = h.encode().to_vec();
-    out.extend_from_slice(&encode_body(payload));
+    out.extend_from_slice(&payload_bytes(payload));
     out
 }
 
-/// Decode one frame from the front of `buf`: the header, the payload and the bytes used.
+/// Decode one whole-message frame from the front of `buf`: the header, the payload and the
+/// bytes used.
 pub fn decode_frame(buf: &[u8], max_body: u64) -> Result<(Header, Payload, usize), FrameError> {
     let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
         return Err(FrameError::Truncated {
@@ -256,7 +384,7 @@ pub fn decode_frame(buf: &[u8], max_body: u64) -> Result<(Header, Payload, usize
     }
     // `need <= rest.len()`, so it fits a usize.
     let n = need as usize;
-    let payload = decode_body(h.dtype, rest[..n].to_vec())?;
+    let payload = decode_body(h.dtype, &rest[..n])?;
     Ok((h, payload, HEADER_LEN + n))
 }
 
@@ -279,13 +407,18 @@ mod tests {
 
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128),
-                                    keep_magic in any::<bool>()) {
+                                    keep_magic in any::<bool>(), kind in 0u8..5) {
             let mut bytes = bytes;
             if keep_magic && bytes.len() >= 8 {
                 bytes[0..4].copy_from_slice(&MAGIC);
                 bytes[4] = VERSION;
+                bytes[5] = kind;
             }
             let _ = decode_frame(&bytes, 1 << 20);
+            if let Some(Ok(h)) = bytes.first_chunk::<HEADER_LEN>().map(|h| Header::decode(h, 1 << 20)) {
+                prop_assert!(h.len <= 1 << 20 && h.total <= 1 << 20);
+                prop_assert!(h.kind == Kind::Hello || h.offset + h.len <= h.total);
+            }
         }
 
         #[test]
@@ -303,6 +436,20 @@ mod tests {
             let cut = cut.index(bytes.len());
             let r = decode_frame(&bytes[..cut], 1 << 20);
             prop_assert!(matches!(r, Err(FrameError::Truncated { .. })), "{:?}", r);
+        }
+
+        #[test]
+        fn pieces_round_trip_and_must_fit_their_message(
+            total in 0u64..4096, offset in 0u64..4096, len in 0u64..4096, seq in any::<u64>(),
+        ) {
+            let whole = Header::data(3, Tag::new(1, 2), &Payload::Bytes(vec![0; total as usize]));
+            let h = Header::piece(&whole, seq, offset, len);
+            let r = Header::decode(&h.encode(), 1 << 20);
+            if offset + len <= total {
+                prop_assert_eq!(r, Ok(h));
+            } else {
+                prop_assert!(matches!(r, Err(FrameError::BadPiece { .. })), "{:?}", r);
+            }
         }
     }
 
@@ -323,5 +470,28 @@ mod tests {
             Header::decode(&h, 100),
             Err(FrameError::BadMagic(_))
         ));
+        // A data frame whose message length differs from its body is malformed.
+        let mut d = Header::data(1, Tag::new(0, 0), &Payload::Bytes(vec![0; 8]));
+        d.total = 16;
+        assert!(matches!(
+            Header::decode(&d.encode(), 100),
+            Err(FrameError::BadPiece { .. })
+        ));
+    }
+
+    #[test]
+    fn typed_bodies_are_little_endian_on_the_wire() {
+        let b = payload_bytes(Payload::F32(vec![1.0, -2.5]));
+        let mut want = 1.0f32.to_le_bytes().to_vec();
+        want.extend_from_slice(&(-2.5f32).to_le_bytes());
+        assert_eq!(&b[..], &want[..]);
+        assert_eq!(
+            decode_body(Dtype::F32, &want),
+            Ok(Payload::F32(vec![1.0, -2.5]))
+        );
+        assert_eq!(
+            &payload_bytes(Payload::Bf16(vec![0x3f80]))[..],
+            &[0x80, 0x3f]
+        );
     }
 }

@@ -1,4 +1,6 @@
-//! Joining two ranks: the QUIC/TLS handshake, then a hello frame each way naming the ranks.
+//! Joining two ranks: the QUIC/TLS handshake of each of their connections, then a hello frame
+//! each way naming the ranks, the connection's index and the connection count (the dialler's
+//! choice, which the listener echoes).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,11 +8,19 @@ use std::sync::Arc;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
 
 use super::frame::{HEADER_LEN, Header, Kind};
+use super::options::MAX_CONNECTIONS;
 use super::{CODE_REFUSED, Shared, tls};
 use crate::fabric::{FabricError, Rank};
 
+/// What a hello says.
+struct Hello {
+    rank: Rank,
+    index: usize,
+    count: usize,
+}
+
 /// Read the hello frame of the other side of a new connection.
-async fn read_hello(rx: &mut RecvStream, world: usize) -> Result<Rank, String> {
+async fn read_hello(rx: &mut RecvStream, world: usize) -> Result<Hello, String> {
     let mut head = [0u8; HEADER_LEN];
     rx.read_exact(&mut head)
         .await
@@ -25,18 +35,37 @@ async fn read_hello(rx: &mut RecvStream, world: usize) -> Result<Rank, String> {
             h.src, h.tag.tag
         ));
     }
-    Ok(h.src)
+    let index = h.tag.channel as usize;
+    let count = usize::try_from(h.total).unwrap_or(usize::MAX);
+    if count == 0 || count > MAX_CONNECTIONS || index >= count {
+        return Err(format!(
+            "hello for connection {index} of {} per pair (at most {MAX_CONNECTIONS})",
+            h.total
+        ));
+    }
+    Ok(Hello {
+        rank: h.src,
+        index,
+        count,
+    })
 }
 
-async fn write_hello(tx: &mut SendStream, rank: Rank, world: usize) -> Result<(), String> {
-    tx.write_all(&Header::hello(rank, world).encode())
+async fn write_hello(
+    tx: &mut SendStream,
+    shared: &Shared,
+    index: usize,
+    count: usize,
+) -> Result<(), String> {
+    // `index < count <= MAX_CONNECTIONS`.
+    let h = Header::hello(shared.rank, shared.world, index as u32, count as u32);
+    tx.write_all(&h.encode())
         .await
         .map_err(|e| format!("hello: {e}"))?;
     tx.finish().map_err(|e| format!("hello: {e}"))
 }
 
 /// The listener side of a new connection: TLS, then the dialler's hello, checked against its
-/// certificate, then our hello.
+/// certificate, then our hello. Returns the peer's rank.
 pub(super) async fn accept_one(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
@@ -47,7 +76,8 @@ pub(super) async fn accept_one(
         .accept_bi()
         .await
         .map_err(|e| format!("{remote}: {e}"))?;
-    let peer = read_hello(&mut rx, shared.world).await?;
+    let hello = read_hello(&mut rx, shared.world).await?;
+    let peer = hello.rank;
     let named = tls::peer_cert(&conn).is_some_and(|c| tls::cert_names_rank(&c, peer));
     if !named || peer == shared.rank {
         conn.close(
@@ -58,32 +88,40 @@ pub(super) async fn accept_one(
             "{remote} claims rank {peer} without its certificate"
         ));
     }
-    write_hello(&mut tx, shared.rank, shared.world).await?;
-    shared.register(peer, conn).map_err(|e| e.to_string())?;
+    write_hello(&mut tx, &shared, hello.index, hello.count).await?;
+    shared
+        .register(peer, hello.index, hello.count, conn)
+        .map_err(|e| e.to_string())?;
     Ok(peer)
 }
 
-/// The dialler side: connect to `peer` at `addr` (whose certificate must name `peer`), hello.
+/// The dialler side of connection `index`: connect to `peer` at `addr` (whose certificate
+/// must name `peer`), hello.
 pub(super) async fn dial(
     shared: Arc<Shared>,
     endpoint: Endpoint,
     peer: Rank,
     addr: SocketAddr,
+    index: usize,
 ) -> Result<(), FabricError> {
     let err = |why: String| FabricError::Transport { rank: peer, why };
+    let count = shared.connections;
     let conn = endpoint
         .connect(addr, &tls::rank_name(peer))
         .map_err(|e| err(format!("connect to {addr}: {e}")))?
         .await
         .map_err(|e| err(format!("handshake with {addr}: {e}")))?;
     let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
-    write_hello(&mut tx, shared.rank, shared.world)
+    write_hello(&mut tx, &shared, index, count)
         .await
         .map_err(err)?;
     let got = read_hello(&mut rx, shared.world).await.map_err(err)?;
-    if got != peer {
+    if got.rank != peer || got.index != index || got.count != count {
         conn.close(VarInt::from_u32(CODE_REFUSED), b"wrong rank");
-        return Err(err(format!("{addr} answered as rank {got}")));
+        return Err(err(format!(
+            "{addr} answered as rank {} (connection {})",
+            got.rank, got.index
+        )));
     }
-    shared.register(peer, conn)
+    shared.register(peer, index, count, conn)
 }

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::frame::encode_frame;
+use bytes::Bytes;
+
+use super::frame::{HEADER_LEN, encode_frame};
 use super::*;
 
 const T: Duration = Duration::from_secs(5);
@@ -75,6 +77,95 @@ async fn two_ranks_exchange_payloads_in_fifo_order() {
         m[0].recv(0, Tag::new(9, 9), T).await.expect("self recv"),
         Payload::Bytes(vec![7])
     );
+}
+
+/// Striped and whole messages interleaved on one tag and on several tags at once keep their
+/// order and their exact contents, whatever lanes and connections they take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn striped_and_whole_messages_stay_fifo_per_tag() {
+    let o = QuicOptions {
+        stripe_bytes: 64 << 10,
+        lanes: 3,
+        connections: 2,
+        ..opts()
+    };
+    let m = Arc::new(QuicFabric::loopback_mesh(2, o).await.expect("mesh"));
+    // Message i on tag t: i-th size of a pattern mixing striped (>= 64 KiB) and whole ones.
+    let size = |i: usize| [300_000usize, 5, 70_000, 0, 1 << 20, 16_385][i % 6];
+    let value =
+        |t: u64, i: usize, j: usize| ((t as usize * 1_000_003 + i * 7919 + j) % (1 << 24)) as f32;
+    const TAGS: u64 = 4;
+    const N: usize = 12;
+    let send = {
+        let m = Arc::clone(&m);
+        tokio::spawn(async move {
+            let mut sends = Vec::new();
+            for t in 0..TAGS {
+                let m = Arc::clone(&m);
+                sends.push(tokio::spawn(async move {
+                    for i in 0..N {
+                        let data = (0..size(i)).map(|j| value(t, i, j)).collect();
+                        m[0].send(1, Tag::new(3, t), Payload::F32(data)).await?;
+                        if i % 4 == 0 {
+                            let b = vec![i as u8; 70_000 + i];
+                            m[0].send(1, Tag::new(4, t), Payload::Bytes(b)).await?;
+                        }
+                    }
+                    Ok::<_, FabricError>(())
+                }));
+            }
+            for s in sends {
+                s.await.expect("join")?;
+            }
+            Ok::<_, FabricError>(())
+        })
+    };
+    for t in (0..TAGS).rev() {
+        for i in 0..N {
+            let got = m[1]
+                .recv(0, Tag::new(3, t), T)
+                .await
+                .expect("recv")
+                .into_f32()
+                .expect("f32");
+            assert_eq!(got.len(), size(i), "tag {t} message {i}");
+            assert!(
+                got.iter().enumerate().all(|(j, &x)| x == value(t, i, j)),
+                "tag {t} message {i}"
+            );
+        }
+        for i in (0..N).step_by(4) {
+            let got = m[1].recv(0, Tag::new(4, t), T).await.expect("recv");
+            assert_eq!(got, Payload::Bytes(vec![i as u8; 70_000 + i]));
+        }
+    }
+    send.await.expect("join").expect("sends");
+}
+
+/// The dialler picks the connection count; a listener configured otherwise follows it.
+#[tokio::test]
+async fn the_dialler_chooses_the_connection_count() {
+    let ca = JobCa::generate().expect("ca");
+    let three = QuicOptions {
+        connections: 3,
+        stripe_bytes: 64 << 10,
+        ..opts()
+    };
+    let one = QuicOptions {
+        connections: 1,
+        ..opts()
+    };
+    let m = QuicFabric::loopback_mesh_with(&ca, vec![three, one])
+        .await
+        .expect("mesh");
+    let data: Vec<f32> = (0..300_001).map(|i| i as f32).collect();
+    for (s, d) in [(0, 1), (1, 0)] {
+        m[s].send(d, Tag::new(1, 1), Payload::F32(data.clone()))
+            .await
+            .expect("send");
+        let got = m[d].recv(s, Tag::new(1, 1), T).await.expect("recv");
+        assert_eq!(got, Payload::F32(data.clone()));
+    }
 }
 
 #[tokio::test]
@@ -193,7 +284,7 @@ async fn inject(raw: &[u8]) -> Result<Payload, FabricError> {
 
 #[tokio::test]
 async fn malformed_and_truncated_frames_fail_the_peer_by_name() {
-    let r = inject(b"definitely not a frame header!!!").await;
+    let r = inject(&[b'?'; HEADER_LEN]).await;
     assert!(
         matches!(&r, Err(FabricError::PeerFailed { rank: 0, why }) if why.contains("magic")),
         "{r:?}"

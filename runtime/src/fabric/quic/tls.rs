@@ -125,6 +125,57 @@ fn tls_err(e: impl std::fmt::Display) -> QuicError {
 }
 
 impl RankIdentity {
+    /// The identity as bytes, to ship to the process that runs the rank: the rank (u32 LE),
+    /// then the certificate, key and CA certificate, each as a u32 LE length and DER.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = (self.rank as u32).to_le_bytes().to_vec();
+        for der in [
+            self.cert.as_ref(),
+            self.key.secret_pkcs8_der(),
+            self.ca.as_ref(),
+        ] {
+            out.extend_from_slice(&(der.len() as u32).to_le_bytes());
+            out.extend_from_slice(der);
+        }
+        out
+    }
+
+    /// Parse [`Self::to_bytes`]; any malformed input is an error.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, QuicError> {
+        let bad = |what: &str| QuicError::Cert(format!("malformed rank identity: {what}"));
+        let mut rest = b;
+        let u32_next = |rest: &mut &[u8]| -> Result<u32, QuicError> {
+            let (n, tail) = rest
+                .split_first_chunk::<4>()
+                .ok_or_else(|| bad("truncated"))?;
+            *rest = tail;
+            Ok(u32::from_le_bytes(*n))
+        };
+        let rank = u32_next(&mut rest)? as Rank;
+        let mut ders = Vec::with_capacity(3);
+        for _ in 0..3 {
+            let n = u32_next(&mut rest)? as usize;
+            if rest.len() < n {
+                return Err(bad("truncated"));
+            }
+            let (der, tail) = rest.split_at(n);
+            ders.push(der.to_vec());
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        let ca = ders.pop().ok_or_else(|| bad("no CA"))?;
+        let key = ders.pop().ok_or_else(|| bad("no key"))?;
+        let cert = ders.pop().ok_or_else(|| bad("no certificate"))?;
+        Ok(Self {
+            rank,
+            cert: CertificateDer::from(cert),
+            key: PrivatePkcs8KeyDer::from(key),
+            ca: CertificateDer::from(ca),
+        })
+    }
+
     fn roots(&self) -> Result<Arc<RootCertStore>, QuicError> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone()).map_err(tls_err)?;
@@ -216,5 +267,21 @@ mod tests {
         assert!(!cert_names_rank(&id.cert, 1));
         let id12 = ca.issue(12).expect("issue");
         assert!(!cert_names_rank(&id12.cert, 2));
+    }
+
+    #[test]
+    fn identities_round_trip_as_bytes_and_refuse_garbage() {
+        let ca = JobCa::generate().expect("ca");
+        let id = ca.issue(5).expect("issue");
+        let b = id.to_bytes();
+        let back = RankIdentity::from_bytes(&b).expect("parse");
+        assert_eq!(back.rank, 5);
+        assert_eq!(back.to_bytes(), b);
+        for cut in [0, 3, 10, b.len() - 1] {
+            assert!(RankIdentity::from_bytes(&b[..cut]).is_err(), "cut {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(RankIdentity::from_bytes(&long).is_err());
     }
 }

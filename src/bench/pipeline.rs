@@ -1,0 +1,991 @@
+//! `flotilla bench pipeline`: does DualPipe hide the expert all-to-all behind compute?
+//!
+//! The job is the real parallel trainer ([`flotilla_actors::pipeline::new_rank`]): by default the
+//! built-in model with four layers, DualPipe, pp = 2 × ep = 2 (four ranks, one thread each, one
+//! GEMM thread per rank), 16 micro-batches (the `--micro-batches` flag; with 8, 44% of the
+//! compute is in unpaired warm-up and drain actions, see below). Every rank runs on its own OS thread over one
+//! in-process hub, as in `actors/tests/parallel.rs`, and all ranks step together (a barrier
+//! before each step; a rank's step time is from the barrier to its `step()` returning).
+//!
+//! **The link.** In-process messages are free, so on their own there is nothing to overlap. A
+//! [`DelayNet`] wraps the hub and models a network link on the *wall* clock for the expert
+//! all-to-all channel ([`EP_CHANNEL`]) only: a message of `b` bytes from `s` occupies `s`'s egress
+//! port for `b / bandwidth` (a port sends one message at a time, in order, like
+//! `runtime/src/fabric/sim.rs` but in real time) and arrives a latency after it has left. `send`
+//! returns at once — the CPU is not busy while a NIC moves bytes — and a delivery thread (one per
+//! network, sleeping on a condition variable, which is finer than tokio's 1 ms timer) hands the
+//! message to the hub at its arrival time. Other channels (stage boundaries, gradient and
+//! statistics all-reduces) pass straight through. Per (src, dst, tag) order is kept: deliveries
+//! are in arrival order, and a port's arrivals never go backwards.
+//!
+//! **Communication** of a rank is the time its all-to-alls take on this link alone: for each
+//! all-to-all (one tag), the longer of what the rank sends (its port serializes it) and the
+//! largest message it receives (it cannot go on before that has arrived), summed over the step
+//! ([`LinkUse::a2a_s`]). The egress port's busy time alone (`comm_egress_s`) is reported too; it
+//! is smaller when the two directions of an exchange carry different bytes (routing is seldom
+//! even per micro-batch), and a ratio against it is reported as
+//! `dualpipe_step_over_max_compute_egress`.
+//!
+//! **The runs** (same process, same config, same data, fresh ranks and network each):
+//! 1. DualPipe on a free link (no delay), F&B overlap on and off: **compute** is the faster of
+//!    the two (the conservative choice: the denominator of the ratio is never inflated by thread
+//!    oversubscription). The link counts each rank's all-to-all bytes (in the sense above).
+//! 2. The link's bandwidth is set so that the busiest rank's communication ≈ compute (its bytes /
+//!    compute, times `--comm-over-compute`), then DualPipe with the F&B overlap off (the two
+//!    halves of a pair one after the other: communication adds to compute) and on (one half's
+//!    all-to-all waits while the other computes).
+//! 3. 1F1B on the same job, free link and modelled link, for reference: it has no F&B pairs, so
+//!    nothing hides its all-to-alls.
+//!
+//! The ratio is `dualpipe_step_over_max_compute_comm = step(DualPipe, overlap) / max(compute,
+//! communication)`, communication being the busiest rank's all-to-all time in the same run.
+//! Peak activations (stage micro-batches held at once) come from each rank's executor trace,
+//! beside what the DeepSeek-V3 report's table says (1F1B: PP on the first rank, PP − r on rank r;
+//! DualPipe: PP + 1 on every rank).
+//!
+//! **Cores.** Each rank thread is pinned to one allowed CPU (`r mod n`; `--no-pin` turns it
+//! off), and the F half of an F&B pair, started by the rank thread, inherits the pin: both halves
+//! share one core, as both share one GPU in the report, so one half can only use the core while
+//! the other waits for the link. Without pinning, on a machine with spare cores, the two halves
+//! would compute in parallel on two cores and "overlap" would also mean "twice the compute".
+//!
+//! **What this does and does not show.** The communication is a model (a sleeping NIC), the
+//! compute is real. With fewer cores than ranks (this project's 2-core machine: four ranks), ranks
+//! share cores: while one rank waits for its link another rank's compute can use the core, so
+//! part of what hides communication there is the OS scheduler between ranks, not DualPipe within a
+//! rank; on a shared machine other processes' load lands in every number. The output names the
+//! cores and ranks. DualPipe's warm-up (forwards only) and drain (backwards only) phases have no
+//! pairs, so their all-to-alls stay exposed (`unpaired_compute_fraction`: about 44% of the compute
+//! with 8 micro-batches at pp = 2, 19% with 16, 10% with 32). Every all-to-all is also a
+//! rendezvous: it completes when the slower of the peers has computed its share and its bytes have
+//! arrived, so imbalance between EP peers shows as waiting on any link. Inside a pair the two
+//! halves are ordinary threads time-sliced by the OS, not a hand-ordered kernel stream, so nothing
+//! makes one half compute exactly while the other waits. Measured (`docs/benchmarks.md`,
+//! "Pipeline"): without overlap the step is compute + communication within 5% on dedicated cores;
+//! with it, 18–27% less; but with communication ≈ compute the DualPipe step is 1.3–1.7 ×
+//! max(compute, communication), not ≤ 1.15 ×: the acceptance ratio is not met.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use flotilla_actors::pipeline::{
+    self,
+    transport::{EP_CHANNEL, ExchangeStats},
+};
+use flotilla_actors::schedule::{self, Action, timeline};
+use flotilla_runtime::config::{Config, Schedule};
+use flotilla_runtime::fabric::inproc::{InprocFabric, InprocHub};
+use flotilla_runtime::fabric::{BoxFuture, Fabric, FabricError, Payload, Rank, Tag};
+use serde_json::{Value, json};
+use tokio::runtime::Handle;
+
+use super::Report;
+
+/// The benchmark's job and run lengths.
+#[derive(Debug, Clone)]
+pub struct PipelineArgs {
+    pub pp: usize,
+    pub ep: usize,
+    pub micro_batches: usize,
+    /// Global batch (sequences per step).
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: usize,
+    /// The first layers with a dense FFN instead of MoE (the model's `first_k_dense_replace`).
+    pub dense_layers: usize,
+    /// MTP modules (the model's `num_nextn_predict_layers`).
+    pub mtp_depth: usize,
+    /// Untimed steps per run.
+    pub warmup: usize,
+    /// Timed steps per run (the median is reported).
+    pub steps: usize,
+    /// One-way latency of every modelled message, microseconds.
+    pub latency_us: f64,
+    /// Modelled communication time as a multiple of compute (1 = equal).
+    pub comm_over_compute: f64,
+    /// Pin rank `r` to the `r mod n`-th allowed CPU.
+    pub pin: bool,
+}
+
+impl Default for PipelineArgs {
+    fn default() -> Self {
+        PipelineArgs {
+            pp: 2,
+            ep: 2,
+            micro_batches: 16,
+            batch: 64,
+            seq: 128,
+            layers: 4,
+            dense_layers: 1,
+            mtp_depth: 1,
+            warmup: 2,
+            steps: 5,
+            latency_us: 10.0,
+            comm_over_compute: 1.0,
+            pin: true,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The modelled link.
+
+/// A message on its way: delivered to the hub at `at`.
+struct InFlight {
+    at: Instant,
+    seq: u64,
+    src: Rank,
+    dst: Rank,
+    tag: Tag,
+    payload: Payload,
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for InFlight {}
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for InFlight {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Bytes per second of every egress port; `None`: free (no delay at all).
+    bytes_per_s: Option<f64>,
+    latency: Duration,
+    egress_free: Vec<Option<Instant>>,
+    /// Modelled seconds each rank's egress port was busy, since the last `take`.
+    busy_s: Vec<f64>,
+    /// EP bytes each rank sent, since the last `take`.
+    bytes: Vec<u64>,
+    /// Per (rank, all-to-all tag): bytes the rank sent, and the largest message it received.
+    xfer: HashMap<(Rank, Tag), (u64, u64)>,
+    queue: BinaryHeap<Reverse<InFlight>>,
+    seq: u64,
+    /// Sum and maximum of how late deliveries were against their modelled arrival.
+    late_sum_s: f64,
+    late_max_s: f64,
+    delivered: u64,
+    shutdown: bool,
+}
+
+struct Shared {
+    hub: Arc<InprocHub>,
+    state: Mutex<LinkState>,
+    wake: Condvar,
+    rt: Handle,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The in-process hub behind a modelled wall-clock link on the expert all-to-all channel.
+pub struct DelayNet {
+    shared: Arc<Shared>,
+    nic: Option<JoinHandle<()>>,
+}
+
+/// What a rank's link did since the last [`DelayNet::take`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkUse {
+    /// Modelled seconds the rank's egress port was busy.
+    pub busy_s: f64,
+    /// EP bytes the rank sent.
+    pub bytes: u64,
+    /// Σ over the rank's all-to-alls of the longer side: what it sends (serialized on its port)
+    /// or the largest message it receives. An all-to-all cannot end sooner on this link.
+    pub a2a_bytes: u64,
+    /// `a2a_bytes` in seconds on the link (0 on a free link).
+    pub a2a_s: f64,
+}
+
+impl DelayNet {
+    /// A network of `world` ranks; `bytes_per_s = None` is a free link.
+    pub fn new(world: usize, bytes_per_s: Option<f64>, latency: Duration, rt: Handle) -> Self {
+        let shared = Arc::new(Shared {
+            hub: InprocHub::new(world),
+            state: Mutex::new(LinkState {
+                bytes_per_s,
+                latency,
+                egress_free: vec![None; world],
+                busy_s: vec![0.0; world],
+                bytes: vec![0; world],
+                ..LinkState::default()
+            }),
+            wake: Condvar::new(),
+            rt,
+        });
+        let s = shared.clone();
+        let nic = std::thread::Builder::new()
+            .name("bench-nic".into())
+            .spawn(move || deliver_loop(&s))
+            .ok();
+        DelayNet { shared, nic }
+    }
+
+    pub fn hub(&self) -> &Arc<InprocHub> {
+        &self.shared.hub
+    }
+
+    /// The endpoint of `rank`.
+    pub fn endpoint(&self, rank: Rank) -> DelayFabric {
+        DelayFabric {
+            inner: self.shared.hub.endpoint(rank),
+            net: self.shared.clone(),
+        }
+    }
+
+    /// `rank`'s link use since the last call, and reset it.
+    pub fn take(&self, rank: Rank) -> LinkUse {
+        let mut st = self.shared.lock();
+        let mut a2a_bytes = 0;
+        st.xfer.retain(|&(r, _), &mut (out, inn)| {
+            if r == rank {
+                a2a_bytes += out.max(inn);
+            }
+            r != rank
+        });
+        let u = LinkUse {
+            busy_s: st.busy_s.get(rank).copied().unwrap_or(0.0),
+            bytes: st.bytes.get(rank).copied().unwrap_or(0),
+            a2a_bytes,
+            a2a_s: st
+                .bytes_per_s
+                .filter(|b| *b > 0.0)
+                .map_or(0.0, |b| a2a_bytes as f64 / b),
+        };
+        if let Some(b) = st.busy_s.get_mut(rank) {
+            *b = 0.0;
+        }
+        if let Some(b) = st.bytes.get_mut(rank) {
+            *b = 0;
+        }
+        u
+    }
+
+    /// Mean and maximum lateness of deliveries against the model (seconds), and their count.
+    pub fn lateness(&self) -> (f64, f64, u64) {
+        let st = self.shared.lock();
+        (
+            st.late_sum_s / st.delivered.max(1) as f64,
+            st.late_max_s,
+            st.delivered,
+        )
+    }
+}
+
+impl Drop for DelayNet {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(h) = self.nic.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The delivery thread: hands each message to the hub at its modelled arrival time.
+fn deliver_loop(s: &Shared) {
+    let mut st = s.lock();
+    loop {
+        let now = Instant::now();
+        let due = match st.queue.peek() {
+            None if st.shutdown => return,
+            None => None,
+            Some(Reverse(m)) => Some(m.at),
+        };
+        match due {
+            Some(at) if at <= now => {
+                let Some(Reverse(m)) = st.queue.pop() else {
+                    continue;
+                };
+                let late = now.saturating_duration_since(m.at).as_secs_f64();
+                st.late_sum_s += late;
+                st.late_max_s = st.late_max_s.max(late);
+                st.delivered += 1;
+                drop(st);
+                // A failed destination drops the message, as a dead NIC would.
+                let _ =
+                    s.rt.block_on(s.hub.endpoint(m.src).send(m.dst, m.tag, m.payload));
+                st = s.lock();
+            }
+            Some(at) => {
+                st = s
+                    .wake
+                    .wait_timeout(st, at - now)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            None => {
+                st = s.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+}
+
+/// One rank's endpoint on a [`DelayNet`].
+#[derive(Clone)]
+pub struct DelayFabric {
+    inner: InprocFabric,
+    net: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DelayFabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DelayFabric")
+            .field("rank", &self.inner.rank())
+            .finish()
+    }
+}
+
+impl Fabric for DelayFabric {
+    fn rank(&self) -> Rank {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn send(
+        &self,
+        dst: Rank,
+        tag: Tag,
+        payload: Payload,
+    ) -> BoxFuture<'_, Result<(), FabricError>> {
+        let src = self.rank();
+        if tag.channel != EP_CHANNEL || dst == src || dst >= self.world() {
+            return self.inner.send(dst, tag, payload);
+        }
+        let bytes = payload.byte_len();
+        let mut st = self.net.lock();
+        st.bytes[src] += bytes as u64;
+        st.xfer.entry((src, tag)).or_default().0 += bytes as u64;
+        let got = &mut st.xfer.entry((dst, tag)).or_default().1;
+        *got = (*got).max(bytes as u64);
+        let Some(bw) = st.bytes_per_s.filter(|b| *b > 0.0) else {
+            drop(st);
+            return self.inner.send(dst, tag, payload);
+        };
+        let wire = bytes as f64 / bw;
+        let now = Instant::now();
+        let start = st.egress_free[src].map_or(now, |f| f.max(now));
+        let left = start + Duration::from_secs_f64(wire);
+        st.egress_free[src] = Some(left);
+        st.busy_s[src] += wire;
+        let at = left + st.latency;
+        st.seq += 1;
+        let seq = st.seq;
+        st.queue.push(Reverse(InFlight {
+            at,
+            seq,
+            src,
+            dst,
+            tag,
+            payload,
+        }));
+        drop(st);
+        self.net.wake.notify_all();
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn recv(
+        &self,
+        src: Rank,
+        tag: Tag,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<Payload, FabricError>> {
+        self.inner.recv(src, tag, deadline)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One core per rank.
+
+/// Pinning each rank (and the threads it starts: the F half of an F&B pair) to one core, as a
+/// GPU is one compute resource that both halves of a pair share.
+mod affinity {
+    #[cfg(target_os = "linux")]
+    mod sys {
+        /// glibc's `cpu_set_t`: 1024 bits.
+        pub type CpuSet = [u64; 16];
+        unsafe extern "C" {
+            fn sched_getaffinity(pid: i32, size: usize, mask: *mut CpuSet) -> i32;
+            fn sched_setaffinity(pid: i32, size: usize, mask: *const CpuSet) -> i32;
+        }
+
+        pub fn allowed() -> Vec<usize> {
+            let mut set: CpuSet = [0; 16];
+            // SAFETY: `set` is a valid, writable cpu_set_t of the size passed; pid 0 is this thread.
+            let rc = unsafe { sched_getaffinity(0, std::mem::size_of::<CpuSet>(), &mut set) };
+            if rc != 0 {
+                return Vec::new();
+            }
+            (0..1024)
+                .filter(|&c| set[c / 64] >> (c % 64) & 1 == 1)
+                .collect()
+        }
+
+        pub fn pin(cpu: usize) -> bool {
+            let mut set: CpuSet = [0; 16];
+            if cpu >= 1024 {
+                return false;
+            }
+            set[cpu / 64] |= 1 << (cpu % 64);
+            // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+            unsafe { sched_setaffinity(0, std::mem::size_of::<CpuSet>(), &set) == 0 }
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    mod sys {
+        pub fn allowed() -> Vec<usize> {
+            Vec::new()
+        }
+        pub fn pin(_cpu: usize) -> bool {
+            false
+        }
+    }
+
+    /// The CPUs this thread may run on.
+    pub fn allowed() -> Vec<usize> {
+        sys::allowed()
+    }
+
+    /// Pin the calling thread (and the threads it starts later) to `cpu`.
+    pub fn pin(cpu: usize) -> bool {
+        sys::pin(cpu)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The job.
+
+/// The benchmark's job config for `schedule`.
+pub fn job_config(a: &PipelineArgs, schedule: Schedule) -> Config {
+    let mut c = Config::default();
+    c.job.steps = (a.warmup + a.steps) as u64;
+    c.optimizer.warmup_steps = 1;
+    c.model.num_hidden_layers = a.layers;
+    c.model.first_k_dense_replace = a.dense_layers;
+    c.model.num_nextn_predict_layers = a.mtp_depth;
+    c.data.batch_size = a.batch;
+    c.data.seq_len = a.seq;
+    c.cluster.cpu_threads = Some(1);
+    c.cluster.hosts = 1;
+    c.cluster.ranks_per_host = a.pp * a.ep;
+    c.checkpoint.interval = 0;
+    c.metrics.jsonl = false;
+    c.parallel.pp = a.pp;
+    c.parallel.ep = a.ep;
+    c.parallel.dp = 1;
+    c.parallel.schedule = schedule;
+    c.parallel.micro_batches = a.micro_batches;
+    c
+}
+
+/// One rank's medians over the timed steps of a run.
+#[derive(Debug, Clone, Default)]
+struct RankRun {
+    step_s: f64,
+    /// The rank's all-to-all transfer time ([`LinkUse::a2a_s`]).
+    comm_s: f64,
+    /// Its egress port's busy time ([`LinkUse::busy_s`]).
+    comm_egress_s: f64,
+    /// [`LinkUse::a2a_bytes`] per step.
+    a2a_bytes: u64,
+    /// EP bytes sent per step (exchange statistics).
+    ep_bytes: u64,
+    exchange_wait_s: f64,
+    /// All-to-alls per step.
+    exchanges: u64,
+    /// EP bytes sent per step, counted by the link (a cross-check of `ep_bytes`).
+    link_bytes: u64,
+    /// The executor's busy time and schedule end (last timed step).
+    busy_s: f64,
+    schedule_s: f64,
+    /// Time in actions that are not F&B pairs (warm-up forwards, drain backwards).
+    unpaired_s: f64,
+    peak_activations: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    name: &'static str,
+    schedule: Schedule,
+    overlap: bool,
+    bytes_per_s: Option<f64>,
+    ranks: Vec<RankRun>,
+    /// Median over steps of the slowest rank's step time.
+    step_s: f64,
+    late_mean_s: f64,
+    late_max_s: f64,
+}
+
+impl Run {
+    fn comm_s(&self) -> f64 {
+        self.ranks.iter().map(|r| r.comm_s).fold(0.0, f64::max)
+    }
+
+    fn comm_egress_s(&self) -> f64 {
+        self.ranks
+            .iter()
+            .map(|r| r.comm_egress_s)
+            .fold(0.0, f64::max)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "bench": "pipeline_run", "run": self.name, "schedule": self.schedule.to_string(),
+            "overlap": self.overlap,
+            "link_gbytes_per_s": self.bytes_per_s.map(|b| b / 1e9),
+            "step_s": self.step_s, "comm_s": self.comm_s(), "comm_egress_s": self.comm_egress_s(),
+            "delivery_late_mean_us": self.late_mean_s * 1e6,
+            "delivery_late_max_us": self.late_max_s * 1e6,
+            "per_rank": self.ranks.iter().enumerate().map(|(r, x)| json!({
+                "rank": r, "step_s": x.step_s, "comm_s": x.comm_s,
+                "comm_egress_s": x.comm_egress_s, "a2a_bytes": x.a2a_bytes, "ep_bytes": x.ep_bytes,
+                "link_bytes": x.link_bytes,
+                "exchange_wait_s": x.exchange_wait_s, "exchanges": x.exchanges,
+                "busy_s": x.busy_s,
+                "schedule_s": x.schedule_s, "unpaired_s": x.unpaired_s,
+                "peak_activations": x.peak_activations,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One timed step of one rank.
+struct Sample {
+    step_s: f64,
+    link: LinkUse,
+    exchange: ExchangeStats,
+}
+
+/// Run the job of `cfg` with every rank on its own thread over a fresh [`DelayNet`].
+fn run_job(
+    name: &'static str,
+    cfg: &Config,
+    a: &PipelineArgs,
+    overlap: bool,
+    bytes_per_s: Option<f64>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Run> {
+    let world = cfg.world_size();
+    let latency = Duration::from_secs_f64(a.latency_us.max(0.0) * 1e-6);
+    let net = DelayNet::new(world, bytes_per_s, latency, rt.handle().clone());
+    let barrier = Barrier::new(world);
+    let abort = AtomicBool::new(false);
+    let cpus = if a.pin {
+        affinity::allowed()
+    } else {
+        Vec::new()
+    };
+    type RankResult = Result<(Vec<Sample>, RankRun), String>;
+    let results: Vec<RankResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let fabric: Arc<dyn Fabric> = Arc::new(net.endpoint(r));
+                let (net, barrier, abort) = (&net, &barrier, &abort);
+                let handle = rt.handle().clone();
+                let cpu = (!cpus.is_empty()).then(|| cpus[r % cpus.len()]);
+                s.spawn(move || -> RankResult {
+                    if let Some(c) = cpu {
+                        affinity::pin(c);
+                    }
+                    let fail = |why: String| {
+                        net.hub().fail_rank(r, why.clone());
+                        why
+                    };
+                    let built = pipeline::new_rank(cfg, r, fabric, handle);
+                    if built.is_err() {
+                        abort.store(true, Ordering::SeqCst);
+                    }
+                    // Every rank reaches the first barrier, built or not, so none waits forever.
+                    barrier.wait();
+                    let mut t = built.map_err(|e| fail(format!("rank {r}: {e}")))?;
+                    if abort.load(Ordering::SeqCst) {
+                        return Err(format!("rank {r}: another rank failed to start"));
+                    }
+                    t.set_overlap(overlap);
+                    let mut samples = Vec::new();
+                    let mut exchanges = 0;
+                    for i in 0..a.warmup + a.steps {
+                        barrier.wait();
+                        let t0 = Instant::now();
+                        t.step().map_err(|e| fail(format!("rank {r}: {e}")))?;
+                        let dt = t0.elapsed().as_secs_f64();
+                        let link = net.take(r);
+                        let ex = t.last_exchange().unwrap_or_default();
+                        if i >= a.warmup {
+                            exchanges = ex.exchanges;
+                            samples.push(Sample {
+                                step_s: dt,
+                                link,
+                                exchange: ex,
+                            });
+                        }
+                    }
+                    let trace = t.last_trace().cloned().unwrap_or_default();
+                    let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+                    let rr = RankRun {
+                        step_s: med(&|s| s.step_s),
+                        comm_s: med(&|s| s.link.a2a_s),
+                        comm_egress_s: med(&|s| s.link.busy_s),
+                        a2a_bytes: med(&|s| s.link.a2a_bytes as f64) as u64,
+                        ep_bytes: med(&|s| s.exchange.bytes_sent as f64) as u64,
+                        exchange_wait_s: med(&|s| s.exchange.wait_s),
+                        exchanges,
+                        link_bytes: med(&|s| s.link.bytes as f64) as u64,
+                        busy_s: trace.busy(),
+                        schedule_s: trace.end(),
+                        unpaired_s: trace
+                            .spans
+                            .iter()
+                            .filter(|s| !matches!(s.action, Action::FB { .. }))
+                            .map(|s| s.end - s.start)
+                            .sum(),
+                        peak_activations: trace.peak_activations,
+                    };
+                    Ok((samples, rr))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a rank thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut ranks = Vec::new();
+    let mut per_step: Vec<f64> = vec![0.0; a.steps];
+    let mut errors = Vec::new();
+    for res in results {
+        match res {
+            Ok((samples, rr)) => {
+                for (i, s) in samples.iter().enumerate() {
+                    per_step[i] = per_step[i].max(s.step_s);
+                }
+                ranks.push(rr);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{name}: {}", errors.join("; "));
+    }
+    let (late_mean_s, late_max_s, _) = net.lateness();
+    Ok(Run {
+        name,
+        schedule: cfg.parallel.schedule,
+        overlap,
+        bytes_per_s,
+        ranks,
+        step_s: median(per_step),
+        late_mean_s,
+        late_max_s,
+    })
+}
+
+/// Run the benchmark.
+pub fn run(a: &PipelineArgs) -> Result<Report> {
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let dual = job_config(a, Schedule::DualPipe);
+    let one = job_config(a, Schedule::OneFOneB);
+    for c in [&dual, &one] {
+        c.validate()
+            .map_err(|e| anyhow!("the benchmark's job config is invalid: {e}"))?;
+    }
+    let world = dual.world_size();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = affinity::allowed();
+    let pinned = a.pin && !allowed.is_empty();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+
+    let mut report = Report::default();
+    report.push(json!({
+        "bench": "pipeline_setup", "ranks": world, "cores": cores, "pp": a.pp, "ep": a.ep,
+        "dp": 1, "micro_batches": a.micro_batches, "batch": a.batch, "seq": a.seq,
+        "layers": a.layers, "dense_layers": a.dense_layers, "mtp_depth": a.mtp_depth,
+        "cpu_threads_per_rank": 1, "warmup": a.warmup, "steps": a.steps,
+        "latency_us": a.latency_us, "comm_over_compute_target": a.comm_over_compute,
+        "pinned": pinned,
+        "cores_per_rank": if pinned { (allowed.len() as f64 / world as f64).min(1.0) } else { cores as f64 / world as f64 },
+        "threads_per_rank_in_fb_pair": 2,
+    }));
+
+    // 1. Compute: a free link.
+    let free_on = run_job("dualpipe_free_link_overlap", &dual, a, true, None, &rt)?;
+    let free_off = run_job("dualpipe_free_link_no_overlap", &dual, a, false, None, &rt)?;
+    let compute_s = free_on.step_s.min(free_off.step_s);
+    let max_bytes = free_on.ranks.iter().map(|r| r.a2a_bytes).max().unwrap_or(0);
+    if max_bytes == 0 {
+        bail!("the job sent no expert all-to-all bytes (is ep > 1 and a layer MoE?)");
+    }
+    // 2. A link on which the busiest rank's all-to-alls take `comm_over_compute × compute`.
+    let bw = max_bytes as f64 / (compute_s * a.comm_over_compute.max(1e-3));
+    let link_off = run_job("dualpipe_link_no_overlap", &dual, a, false, Some(bw), &rt)?;
+    let link_on = run_job("dualpipe_link_overlap", &dual, a, true, Some(bw), &rt)?;
+    // 3. 1F1B for reference.
+    let one_free = run_job("1f1b_free_link", &one, a, true, None, &rt)?;
+    let one_link = run_job("1f1b_link", &one, a, true, Some(bw), &rt)?;
+
+    let runs = [
+        &free_on, &free_off, &link_off, &link_on, &one_free, &one_link,
+    ];
+    for r in runs {
+        report.push(r.json());
+    }
+
+    let sched_dual = schedule::build(pipeline::kind_of(Schedule::DualPipe), a.pp, a.micro_batches)
+        .map_err(|e| anyhow!("{e}"))?;
+    let sched_one = schedule::build(pipeline::kind_of(Schedule::OneFOneB), a.pp, a.micro_batches)
+        .map_err(|e| anyhow!("{e}"))?;
+    let pp_of = |r: usize| r / a.ep;
+    let peak = |run: &Run| {
+        run.ranks
+            .iter()
+            .map(|x| x.peak_activations)
+            .collect::<Vec<_>>()
+    };
+    for r in 0..world {
+        let pr = pp_of(r);
+        let compute_r = free_on.ranks[r].step_s.min(free_off.ranks[r].step_s);
+        let comm_r = link_on.ranks[r].comm_s;
+        report.push(json!({
+            "bench": "pipeline_rank", "rank": r, "pp_rank": pr,
+            "compute_s": compute_r, "comm_s": comm_r,
+            "comm_egress_s": link_on.ranks[r].comm_egress_s,
+            "step_no_overlap_s": link_off.ranks[r].step_s,
+            "step_overlap_s": link_on.ranks[r].step_s,
+            "step_over_max_compute_comm": link_on.ranks[r].step_s / compute_r.max(comm_r),
+            "exchange_wait_no_overlap_s": link_off.ranks[r].exchange_wait_s,
+            "exchange_wait_overlap_s": link_on.ranks[r].exchange_wait_s,
+            "step_1f1b_s": one_link.ranks[r].step_s,
+            "peak_activations_1f1b": one_link.ranks[r].peak_activations,
+            "expected_1f1b": timeline::peak_activations(&sched_one.ranks[pr]),
+            "peak_activations_dualpipe": link_on.ranks[r].peak_activations,
+            "expected_dualpipe": timeline::peak_activations(&sched_dual.ranks[pr]),
+        }));
+    }
+    let comm_s = link_on.comm_s();
+    // Of the compute, the share outside F&B pairs: nothing hides its all-to-alls.
+    let unpaired = free_off
+        .ranks
+        .iter()
+        .map(|x| x.unpaired_s / x.busy_s.max(1e-12))
+        .fold(0.0, f64::max);
+    let ratio = link_on.step_s / compute_s.max(comm_s);
+    report.push(json!({"summary": {
+        "dualpipe_step_over_max_compute_comm": ratio,
+        "compute_s": compute_s,
+        "compute_overlap_free_link_s": free_on.step_s,
+        "compute_no_overlap_free_link_s": free_off.step_s,
+        "comm_s": comm_s,
+        "comm_egress_s": link_on.comm_egress_s(),
+        "dualpipe_step_over_max_compute_egress": link_on.step_s / compute_s.max(link_on.comm_egress_s()),
+        "step_no_overlap_s": link_off.step_s,
+        "step_overlap_s": link_on.step_s,
+        "no_overlap_over_sum": link_off.step_s / (compute_s + link_off.comm_s()),
+        "unpaired_compute_fraction": unpaired,
+        "step_1f1b_s": one_link.step_s,
+        "compute_1f1b_s": one_free.step_s,
+        "peak_activations_1f1b": peak(&one_link),
+        "peak_activations_dualpipe": peak(&link_on),
+        "expected_peak_1f1b_max": a.pp,
+        "expected_peak_dualpipe": a.pp + 1,
+        "ranks": world,
+        "cores": cores,
+        "pinned": pinned,
+    }}));
+    Ok(report)
+}
+
+/// The short human-readable table of a report.
+pub fn print_table(report: &Report) {
+    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    for r in &report.records {
+        match r.get("bench").and_then(Value::as_str) {
+            Some("pipeline_setup") => println!(
+                "pipeline bench: {} ranks on {} cores, pp={} ep={} micro-batches={} batch={} seq={} layers={}",
+                r["ranks"],
+                r["cores"],
+                r["pp"],
+                r["ep"],
+                r["micro_batches"],
+                r["batch"],
+                r["seq"],
+                r["layers"]
+            ),
+            Some("pipeline_run") => {
+                if r["run"] == "dualpipe_free_link_overlap" {
+                    println!(
+                        "{:<32} {:>9} {:>9} {:>10}",
+                        "run", "step s", "comm s", "peak act"
+                    );
+                }
+                let peaks: Vec<String> = r["per_rank"]
+                    .as_array()
+                    .map(|v| {
+                        v.iter()
+                            .map(|x| x["peak_activations"].to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{:<32} {:>9.3} {:>9.3} {:>10}",
+                    r["run"].as_str().unwrap_or("?"),
+                    f(r, "step_s"),
+                    f(r, "comm_s"),
+                    peaks.join(",")
+                );
+            }
+            _ => {
+                if let Some(s) = r.get("summary") {
+                    println!(
+                        "compute {:.3} s, communication {:.3} s, DualPipe step without overlap {:.3} s, \
+                         with overlap {:.3} s: {:.2} × max(compute, communication); 1F1B {:.3} s",
+                        f(s, "compute_s"),
+                        f(s, "comm_s"),
+                        f(s, "step_no_overlap_s"),
+                        f(s, "step_overlap_s"),
+                        f(s, "dualpipe_step_over_max_compute_comm"),
+                        f(s, "step_1f1b_s"),
+                    );
+                    println!(
+                        "peak activations per rank (stage micro-batches): 1F1B {} (report: PP = {}), DualPipe {} (report: PP+1 = {})",
+                        s["peak_activations_1f1b"],
+                        s["expected_peak_1f1b_max"],
+                        s["peak_activations_dualpipe"],
+                        s["expected_peak_dualpipe"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(5);
+
+    fn ep(tag: u64) -> Tag {
+        Tag::new(EP_CHANNEL, tag)
+    }
+
+    #[test]
+    fn ep_messages_take_bytes_over_bandwidth_and_queue_on_the_egress_port() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let net = DelayNet::new(2, Some(1e9), Duration::ZERO, rt.handle().clone());
+        let (a, b) = (net.endpoint(0), net.endpoint(1));
+        let t0 = Instant::now();
+        for tag in [1, 2] {
+            rt.block_on(a.send(1, ep(tag), Payload::Bytes(vec![0; 4_000_000])))
+                .expect("send");
+        }
+        // `send` does not wait for the wire.
+        assert!(
+            t0.elapsed() < Duration::from_millis(3),
+            "{:?}",
+            t0.elapsed()
+        );
+        rt.block_on(b.recv(0, ep(1), S)).expect("first");
+        let first = t0.elapsed();
+        rt.block_on(b.recv(0, ep(2), S)).expect("second");
+        let second = t0.elapsed();
+        assert!(
+            first >= Duration::from_millis(4) && first < Duration::from_millis(7),
+            "{first:?}"
+        );
+        assert!(
+            second >= Duration::from_millis(8) && second < Duration::from_millis(11),
+            "{second:?}"
+        );
+        let u = net.take(0);
+        assert_eq!((u.bytes, u.a2a_bytes), (8_000_000, 8_000_000));
+        assert!((u.busy_s - 0.008).abs() < 1e-9);
+        assert!((u.a2a_s - 0.008).abs() < 1e-9);
+        // The receiver's all-to-alls take as long: it waits for the bytes.
+        let u = net.take(1);
+        assert_eq!((u.bytes, u.a2a_bytes), (0, 8_000_000));
+        // Other channels pass straight through and are not counted.
+        let t1 = Instant::now();
+        rt.block_on(a.send(1, Tag::new(1, 0), Payload::Bytes(vec![0; 4_000_000])))
+            .expect("send");
+        rt.block_on(b.recv(0, Tag::new(1, 0), S)).expect("recv");
+        assert!(t1.elapsed() < Duration::from_millis(3));
+        assert_eq!(net.take(0).bytes, 0);
+    }
+
+    #[test]
+    fn a_symmetric_exchange_costs_one_transfer_per_round() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let net = DelayNet::new(2, Some(1e9), Duration::ZERO, rt.handle().clone());
+        let rounds = 20u64;
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            for r in 0..2 {
+                let (net, h) = (&net, rt.handle().clone());
+                s.spawn(move || {
+                    let f = net.endpoint(r);
+                    for i in 0..rounds {
+                        h.block_on(f.send(1 - r, ep(i), Payload::F32(vec![0.0; 250_000])))
+                            .expect("send");
+                        h.block_on(f.recv(1 - r, ep(i), S)).expect("recv");
+                    }
+                });
+            }
+        });
+        // 20 rounds of 1 ms each way at once: about 20 ms, not 40 (slack for a busy machine).
+        let dt = t0.elapsed().as_secs_f64();
+        assert!((0.020..0.036).contains(&dt), "{dt}");
+        let u = net.take(0);
+        assert!((u.busy_s - 0.020).abs() < 1e-9);
+        assert_eq!(u.a2a_bytes, 20_000_000);
+    }
+}
