@@ -30,6 +30,8 @@ pub struct Placement {
     pub n_experts: usize,
     /// Decoder layers (MTP blocks have layer indices from here on).
     pub n_layers: usize,
+    /// The stages each pipeline rank holds (computed once: every tensor's holders ask).
+    stages_by_pp: Vec<Vec<usize>>,
 }
 
 /// Which parts of the model a tensor name belongs to.
@@ -67,12 +69,20 @@ fn parse(name: &str) -> Part {
 impl Placement {
     pub fn new(cfg: &ModelConfig, topo: Topology, schedule: Schedule) -> Placement {
         let specs = StageSpec::split(cfg, schedule.stages());
+        let stages_by_pp = (0..topo.pp)
+            .map(|p| {
+                (0..schedule.stages())
+                    .filter(|&s| (0..schedule.chunks).any(|c| schedule.rank_of(c, s) == p))
+                    .collect()
+            })
+            .collect();
         Placement {
             topo,
             schedule,
             specs,
             n_experts: cfg.n_routed_experts,
             n_layers: cfg.num_hidden_layers,
+            stages_by_pp,
         }
     }
 
@@ -93,17 +103,12 @@ impl Placement {
     }
 
     /// Stages pipeline rank `p` holds, in ascending order.
-    pub fn stages_of_pp(&self, p: usize) -> Vec<usize> {
-        let sched = &self.schedule;
-        let mut out: Vec<usize> = (0..sched.stages())
-            .filter(|&s| (0..sched.chunks).any(|c| sched.rank_of(c, s) == p))
-            .collect();
-        out.dedup();
-        out
+    pub fn stages_of_pp(&self, p: usize) -> &[usize] {
+        self.stages_by_pp.get(p).map_or(&[], Vec::as_slice)
     }
 
     /// Stages global rank `rank` holds.
-    pub fn stages_of(&self, rank: usize) -> Vec<usize> {
+    pub fn stages_of(&self, rank: usize) -> &[usize] {
         self.stages_of_pp(self.topo.coord(rank).pp)
     }
 
