@@ -11,6 +11,18 @@ fn flotilla(args: &[&str]) -> Output {
         .expect("the flotilla binary runs")
 }
 
+/// [`flotilla`], which must succeed (its stderr is the failure message).
+fn flotilla_ok(args: &[&str]) -> Output {
+    let out = flotilla(args);
+    assert!(
+        out.status.success(),
+        "flotilla {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flotilla-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -40,29 +52,17 @@ fn config_check_reports_every_problem_with_key_and_line() {
 
 #[test]
 fn config_default_is_accepted_by_check() {
-    let out = flotilla(&["config", "default"]);
-    assert!(out.status.success());
+    let out = flotilla_ok(&["config", "default"]);
     let dir = tmp("default");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let file = dir.join("default.toml");
     std::fs::write(&file, &out.stdout).expect("write");
-    let check = flotilla(&["config", "check", file.to_str().expect("utf-8 path")]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    flotilla_ok(&["config", "check", file.to_str().expect("utf-8 path")]);
     for example in
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")).expect("configs/")
     {
         let p = example.expect("entry").path();
-        let c = flotilla(&["config", "check", p.to_str().expect("utf-8 path")]);
-        assert!(
-            c.status.success(),
-            "{}: {}",
-            p.display(),
-            String::from_utf8_lossy(&c.stderr)
-        );
+        flotilla_ok(&["config", "check", p.to_str().expect("utf-8 path")]);
     }
 }
 
@@ -82,7 +82,7 @@ fn summary(dir: &Path) -> serde_json::Value {
 fn two_training_runs_give_the_same_parameters_and_the_loss_falls() {
     let (a, b) = (tmp("train-a"), tmp("train-b"));
     for d in [&a, &b] {
-        let out = flotilla(&[
+        flotilla_ok(&[
             "train",
             "--steps",
             "50",
@@ -90,11 +90,6 @@ fn two_training_runs_give_the_same_parameters_and_the_loss_falls() {
             "--out",
             d.to_str().expect("utf-8"),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
     let (sa, sb) = (summary(&a), summary(&b));
     assert_eq!(sa["params_sha256"], sb["params_sha256"]);
@@ -124,7 +119,7 @@ fn model_grads_matches_the_golden_gradients() {
     let out_dir = tmp("grads");
     std::fs::create_dir_all(&out_dir).expect("mkdir");
     let out_file = out_dir.join("grads.safetensors");
-    let out = flotilla(&[
+    flotilla_ok(&[
         "model",
         "grads",
         "--hf",
@@ -134,11 +129,6 @@ fn model_grads_matches_the_golden_gradients() {
         "--out",
         out_file.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let ours = flotilla_model::hf::read_safetensors(&out_file).expect("readable");
     let golden = flotilla_model::hf::read_safetensors(Path::new(&format!("{g}/grads.safetensors")))
         .expect("golden");
@@ -186,7 +176,7 @@ fn help_lists_only_working_commands() {
     for cmd in ["train", "config", "model", "bench"] {
         assert!(text.contains(cmd), "{text}");
     }
-    let bench = flotilla(&[
+    let bench = flotilla_ok(&[
         "bench",
         "actors",
         "--json",
@@ -197,11 +187,6 @@ fn help_lists_only_working_commands() {
         "--tensor-mib",
         "1",
     ]);
-    assert!(
-        bench.status.success(),
-        "{}",
-        String::from_utf8_lossy(&bench.stderr)
-    );
     let stdout = String::from_utf8_lossy(&bench.stdout);
     let last: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
@@ -212,14 +197,9 @@ fn help_lists_only_working_commands() {
 
 #[test]
 fn schedule_prints_actions_and_bubbles_and_refuses_odd_dualpipe() {
-    let out = flotilla(&[
+    let out = flotilla_ok(&[
         "schedule", "--kind", "1f1b", "--pp", "4", "--chunks", "8", "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["kind"], "1f1b");
     assert_eq!(v["ranks"].as_array().map(Vec::len), Some(4));
@@ -258,7 +238,7 @@ fn resume_from_a_checkpoint_matches_the_uninterrupted_run_and_shards_verify() {
     let cfg = ckpt_config(&root);
     let cfg = cfg.to_str().expect("utf-8");
     let (a, b) = (root.join("a"), root.join("b"));
-    let run_a = flotilla(&[
+    flotilla_ok(&[
         "train",
         "--config",
         cfg,
@@ -266,19 +246,9 @@ fn resume_from_a_checkpoint_matches_the_uninterrupted_run_and_shards_verify() {
         "--out",
         a.to_str().expect("utf-8"),
     ]);
-    assert!(
-        run_a.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run_a.stderr)
-    );
     let step3 = a.join("checkpoints").join("step-00000003");
-    let verify = flotilla(&["ckpt", "verify", step3.to_str().expect("utf-8")]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let run_b = flotilla(&[
+    flotilla_ok(&["ckpt", "verify", step3.to_str().expect("utf-8")]);
+    flotilla_ok(&[
         "train",
         "--config",
         cfg,
@@ -288,11 +258,6 @@ fn resume_from_a_checkpoint_matches_the_uninterrupted_run_and_shards_verify() {
         "--resume",
         step3.to_str().expect("utf-8"),
     ]);
-    assert!(
-        run_b.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run_b.stderr)
-    );
     assert_eq!(summary(&a)["params_sha256"], summary(&b)["params_sha256"]);
 
     // A flipped bit in a shard is caught by verify, naming the file.
@@ -473,7 +438,7 @@ fn a_checkpoint_exports_to_an_hf_folder_that_loads_back_bit_exactly() {
     let root = tmp("export");
     let cfg = ckpt_config(&root);
     let run = root.join("run");
-    let train = flotilla(&[
+    flotilla_ok(&[
         "train",
         "--config",
         cfg.to_str().expect("utf-8"),
@@ -481,25 +446,15 @@ fn a_checkpoint_exports_to_an_hf_folder_that_loads_back_bit_exactly() {
         "--out",
         run.to_str().expect("utf-8"),
     ]);
-    assert!(
-        train.status.success(),
-        "{}",
-        String::from_utf8_lossy(&train.stderr)
-    );
     let ckpts = run.join("checkpoints");
     let hf = root.join("hf");
-    let out = flotilla(&[
+    let out = flotilla_ok(&[
         "ckpt",
         "export",
         ckpts.to_str().expect("utf-8"),
         "--hf",
         hf.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("step-00000006"));
 
     // The exported folder loads with the HF loader and holds exactly the checkpoint's weights.
@@ -532,18 +487,13 @@ fn a_checkpoint_exports_to_an_hf_folder_that_loads_back_bit_exactly() {
     // A step directory exports too; a folder that is no checkpoint is a clear error.
     let step3 = run.join("checkpoints").join("step-00000003");
     let hf3 = root.join("hf3");
-    let out3 = flotilla(&[
+    flotilla_ok(&[
         "ckpt",
         "export",
         step3.to_str().expect("utf-8"),
         "--hf",
         hf3.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out3.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out3.stderr)
-    );
     let bad = flotilla(&[
         "ckpt",
         "export",
@@ -584,7 +534,7 @@ fn a_checkpoint_exports_to_an_hf_folder_that_loads_back_bit_exactly() {
 fn bench_ckpt_reports_stall_persist_and_restore() {
     let dir = tmp("bench-ckpt");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let out = flotilla(&[
+    let out = flotilla_ok(&[
         "bench",
         "ckpt",
         "--size-mib",
@@ -593,11 +543,6 @@ fn bench_ckpt_reports_stall_persist_and_restore() {
         "--dir",
         dir.to_str().expect("utf-8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
@@ -619,7 +564,7 @@ fn bench_ckpt_reports_stall_persist_and_restore() {
 
 #[test]
 fn bench_pipeline_reports_the_overlap_ratio_and_peak_activations() {
-    let out = flotilla(&[
+    let out = flotilla_ok(&[
         "bench",
         "pipeline",
         "--json",
@@ -634,11 +579,6 @@ fn bench_pipeline_reports_the_overlap_ratio_and_peak_activations() {
         "--steps",
         "1",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
@@ -689,12 +629,7 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
             dir.to_str().expect("utf-8"),
         ];
         args.extend_from_slice(extra);
-        let out = flotilla(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        flotilla_ok(&args);
         summary(&dir)
     };
     let full = run(&[]);
