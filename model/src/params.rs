@@ -35,12 +35,25 @@ pub fn named<P: Params + ?Sized>(p: &P) -> BTreeMap<String, &Tensor> {
 /// SHA-256 over every tensor (weights and buffers) in sorted-name order, each as little-endian
 /// f32 bytes; `None` when the tensors hold no values (simulated device).
 pub fn params_sha256<P: Params + ?Sized>(p: &P, dev: &dyn Device) -> Option<String> {
+    // One tensor downloaded at a time; stops at the first that holds no values.
+    let mut missing = false;
+    let digest = sha256_hex(named(p).values().map_while(|t| {
+        let v = dev.download(t);
+        missing |= v.is_none();
+        v
+    }));
+    (!missing).then_some(digest)
+}
+
+/// SHA-256 (hex) over tensors' values as little-endian f32, in the order given: the digest of
+/// [`params_sha256`] when given every tensor in sorted-name order (a parallel job hashes the
+/// tensors gathered from its ranks with it).
+pub fn sha256_hex<T: AsRef<[f32]>>(tensors: impl IntoIterator<Item = T>) -> String {
     let mut h = Sha256::new();
-    for t in named(p).values() {
-        let v = dev.download(t)?;
-        for x in v {
+    for v in tensors {
+        for x in v.as_ref() {
             h.update(x.to_le_bytes());
         }
     }
-    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

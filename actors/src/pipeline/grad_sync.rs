@@ -28,7 +28,7 @@ use super::placement::Placement;
 pub const GRAD_CHANNEL: u32 = 0x4752_0000;
 
 struct Group {
-    /// Index in the job-wide list of holder sets (names the channel).
+    /// The group's trainable tensors, in the order their values are concatenated.
     names: Vec<String>,
     /// This rank's stages that the group's gradients come from.
     stages: BTreeSet<usize>,
@@ -62,8 +62,8 @@ impl std::fmt::Debug for GradSync {
 }
 
 impl GradSync {
-    /// The groups of `rank`'s trainable tensors `names` (every tensor of the model, held or not:
-    /// every rank must number the holder sets alike).
+    /// `rank`'s gradient groups. `all_names` is every trainable tensor of the model, held here or
+    /// not, so that every rank numbers the holder sets (and hence their channels) alike.
     pub fn new(
         placement: &Placement,
         rank: usize,

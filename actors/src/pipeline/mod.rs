@@ -93,7 +93,6 @@ pub struct RankParallel {
     pub fabric: Arc<dyn Fabric>,
     pub rt: Handle,
     pub deadline: Duration,
-    pub timing: Timing,
     /// This rank's schedule.
     pub actions: Vec<Action>,
     /// The EP group's global ranks and this rank's index (`None` when ep = 1).
@@ -210,7 +209,6 @@ pub fn new_rank(
         fabric,
         rt,
         deadline: cfg.supervision.peer_timeout(),
-        timing: Timing::Wall,
         ep,
         sync: Mutex::new(sync),
         moe_layers,
@@ -261,16 +259,6 @@ impl Trainer {
 /// SHA-256 over the whole model in sorted-name order, from every rank's canonical tensors; the
 /// same digest as a single rank's `params_sha256` for the same values.
 pub fn job_params_sha256(parts: Vec<Vec<(String, Vec<f32>)>>) -> String {
-    use sha2::Digest;
-    let mut all: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
-    for p in parts {
-        all.extend(p);
-    }
-    let mut h = sha2::Sha256::new();
-    for v in all.values() {
-        for x in v {
-            h.update(x.to_le_bytes());
-        }
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    let all: std::collections::BTreeMap<String, Vec<f32>> = parts.into_iter().flatten().collect();
+    flotilla_model::params::sha256_hex(all.values())
 }

@@ -18,7 +18,7 @@ use flotilla_collectives::{Algo, ReduceOp};
 use flotilla_model::layers::router::ExpertLoad;
 use flotilla_model::{Batch, LossParts};
 
-use super::executor::Executor;
+use super::executor::{Executor, Timing};
 use super::transport::{Failure, Link};
 use super::work::{LocalLosses, ModelWork};
 use crate::error::JobError;
@@ -80,7 +80,13 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
         sync: &par.sync,
         losses: Mutex::new(LocalLosses::default()),
     };
-    let mut exec = Executor::new(&par.placement, par.rank, &link, par.timing, Instant::now());
+    let mut exec = Executor::new(
+        &par.placement,
+        par.rank,
+        &link,
+        Timing::Wall,
+        Instant::now(),
+    );
     exec.overlap = par.overlap;
     let ran = exec.run(&work, &par.actions);
     let losses = work.losses.into_inner().unwrap_or_default();
