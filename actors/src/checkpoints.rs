@@ -1,7 +1,12 @@
 //! The job's checkpoint schedule: after every `checkpoint.interval` steps, take a snapshot from
 //! each rank (on its compute thread) and hand it to the [`CheckpointEngine`], blocking
-//! (`mode = "sync"`) or in the background (`mode = "async"`, where training stalls only for the
-//! snapshot copy); and, before the first step, restore the ranks from a checkpoint to resume.
+//! (`mode = "sync"`) or in the background (`mode = "async"`); and, before the first step,
+//! restore the ranks from a checkpoint to resume.
+//!
+//! In async mode a checkpoint due between steps is not copied: the next step keeps it, its
+//! optimizer update writing out of place so that the buffers it leaves hold the state before
+//! it ([`crate::kept_snapshot`]), and the checkpoint of step `s` is handed to the background
+//! save when step `s + 1` ends. A checkpoint due after the job's last step is copied.
 //!
 //! Checkpoints live under `checkpoint.dir`: a relative directory is a key prefix of the run's
 //! storage (so it follows the run to `job.out_dir`, or into simulated storage); an absolute one
@@ -20,6 +25,7 @@ use flotilla_runtime::storage::local::LocalStorage;
 
 use crate::error::JobError;
 use crate::rank::RankMsg;
+use crate::trainer::StepStats;
 
 /// Where a resumed job takes its state from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +129,9 @@ pub struct Checkpointer {
     interval: u64,
     mode: CheckpointMode,
     pending: Option<SaveHandle>,
+    /// The snapshots of the last finished background save (rank order), whose buffers the
+    /// next kept snapshot reuses.
+    spares: Vec<Snapshot>,
     /// The model's HF `config.json` text, recorded in every checkpoint so that it can be
     /// exported without the job config.
     model_config: String,
@@ -136,6 +145,7 @@ impl Checkpointer {
             interval: cfg.checkpoint.interval,
             mode: cfg.checkpoint.mode,
             pending: None,
+            spares: Vec::new(),
             model_config: crate::model_config::hf_config_json(&cfg.model).to_string(),
         })
     }
@@ -143,6 +153,20 @@ impl Checkpointer {
     /// Whether a checkpoint is due once `done` steps have been taken.
     pub fn due(&self, done: u64) -> bool {
         done > 0 && done.is_multiple_of(self.interval)
+    }
+
+    /// Whether a checkpoint due between steps is taken by the next step's optimizer update
+    /// ([`RankMsg::StepWithSnapshot`]) rather than by a copy: in async mode. The synchronous
+    /// mode copies, since training waits for the write anyway.
+    pub fn keeps_snapshots(&self) -> bool {
+        self.mode == CheckpointMode::Async
+    }
+
+    /// The buffers for the next kept snapshot of each of `ranks` ranks (empty where there are
+    /// none yet).
+    pub fn take_spares(&mut self, ranks: usize) -> Vec<Option<Box<Snapshot>>> {
+        let mut spares = std::mem::take(&mut self.spares).into_iter();
+        (0..ranks).map(|_| spares.next().map(Box::new)).collect()
     }
 
     /// Save the state the rank took (`snapshot`, the stall already paid by the caller).
@@ -172,7 +196,8 @@ impl Checkpointer {
     /// Wait for the background save in flight, if any.
     pub async fn finish(&mut self) -> Result<(), JobError> {
         if let Some(h) = self.pending.take() {
-            h.wait().await.map_err(ckpt_err)?;
+            let (_, buffers) = h.wait_with_buffers().await.map_err(ckpt_err)?;
+            self.spares = buffers;
         }
         Ok(())
     }
@@ -194,6 +219,31 @@ pub(crate) async fn checkpoint(
     ck.save_all(snaps).await?;
     metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
     Ok(())
+}
+
+/// Run step `step` on every rank, each keeping the snapshot of its state before the step
+/// ([`RankMsg::StepWithSnapshot`]), and save those snapshots as the checkpoint of `step`; the
+/// steps' statistics, in rank order. The stall recorded is the hand-off to the background save
+/// (the ranks' share is the capture of what the optimizer does not keep, inside the step).
+pub(crate) async fn step_and_checkpoint(
+    ck: &mut Checkpointer,
+    ranks: &crate::job::Ranks<'_>,
+    clock: &dyn Clock,
+    deadline: Duration,
+    step: u64,
+) -> Result<Vec<StepStats>, JobError> {
+    let msgs = ck
+        .take_spares(ranks.refs.len())
+        .into_iter()
+        .map(|reuse| move |reply| RankMsg::StepWithSnapshot(reuse, reply))
+        .collect();
+    let answers = ranks.try_each(clock, deadline, step, "", msgs).await?;
+    let (stats, snaps): (Vec<StepStats>, Vec<Snapshot>) =
+        answers.into_iter().map(|(s, snap)| (s, *snap)).unzip();
+    let t0 = clock.now();
+    ck.save_all(snaps).await?;
+    metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
+    Ok(stats)
 }
 
 #[cfg(test)]

@@ -407,11 +407,18 @@ async fn drive(
     let started = clock.now();
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
     let mut tokens = 0u64;
+    // A checkpoint of the state before this step is due, to be kept by the step's optimizer.
+    let mut keep_due = false;
     for step in first..cfg.job.steps {
         let t0 = clock.now();
-        let all = ranks
-            .try_all(clock, deadline, step, "", RankMsg::Step)
-            .await?;
+        let all = match ckpt.as_mut().filter(|_| keep_due) {
+            Some(ck) => checkpoints::step_and_checkpoint(ck, &ranks, clock, deadline, step).await?,
+            None => {
+                ranks
+                    .try_all(clock, deadline, step, "", RankMsg::Step)
+                    .await?
+            }
+        };
         // Every rank reports the job-wide loss and norm; compute is summed over the ranks.
         let flops: f64 = all.iter().map(|s| s.device_flops).sum();
         let Some(mut stats) = all.into_iter().next() else {
@@ -437,8 +444,13 @@ async fn drive(
             log.metric(&rec).await?;
         }
         on_step(&rec);
+        keep_due = false;
         if let Some(ck) = ckpt.as_mut().filter(|c| c.due(step + 1)) {
-            checkpoints::checkpoint(ck, &ranks, clock, deadline, step + 1).await?;
+            if ck.keeps_snapshots() && step + 1 < cfg.job.steps {
+                keep_due = true;
+            } else {
+                checkpoints::checkpoint(ck, &ranks, clock, deadline, step + 1).await?;
+            }
         }
     }
     if let Some(ck) = ckpt.as_mut() {
@@ -478,12 +490,13 @@ async fn drive(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flotilla_runtime::clock::RealClock;
     use flotilla_runtime::storage::sim::SimStorage;
 
-    fn tiny() -> Config {
+    /// A three-step job of the default model on tiny batches, one thread.
+    pub(crate) fn tiny() -> Config {
         let mut c = Config::default();
         c.job.steps = 3;
         c.optimizer.warmup_steps = 1;

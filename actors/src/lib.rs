@@ -6,6 +6,7 @@ pub mod checkpoints;
 pub mod comm;
 pub mod error;
 pub mod job;
+mod kept_snapshot;
 pub mod model_config;
 pub mod pipeline;
 pub mod rank;

@@ -30,12 +30,20 @@ pub enum RankMsg {
     CanonicalParams(RpcReplyPort<Vec<(String, Vec<f32>)>>),
     /// A copy of the rank's whole training state, taken between steps.
     Snapshot(RpcReplyPort<Result<Snapshot, String>>),
+    /// Run one optimizer step and reply with the snapshot of the state before it, kept by the
+    /// step's out-of-place optimizer update instead of copied ([`Trainer::step_with_snapshot`]);
+    /// the snapshot, if any, is an earlier one whose buffers it may reuse.
+    StepWithSnapshot(Option<Box<Snapshot>>, RpcReplyPort<StepAndSnapshot>),
     /// Replace the rank's training state with a snapshot's.
     Restore(Box<Snapshot>, RpcReplyPort<Result<(), String>>),
 }
 
+/// The answer to [`RankMsg::StepWithSnapshot`].
+pub type StepAndSnapshot = Result<(StepStats, Box<Snapshot>), String>;
+
 enum Work {
     Step(RpcReplyPort<Result<StepStats, String>>),
+    StepWithSnapshot(Option<Box<Snapshot>>, RpcReplyPort<StepAndSnapshot>),
     Sha(RpcReplyPort<String>),
     Canonical(RpcReplyPort<Vec<(String, Vec<f32>)>>),
     Snapshot(RpcReplyPort<Result<Snapshot, String>>),
@@ -106,6 +114,7 @@ impl Actor for RankActor {
             RankMsg::ParamsSha256(reply) => Work::Sha(reply),
             RankMsg::CanonicalParams(reply) => Work::Canonical(reply),
             RankMsg::Snapshot(reply) => Work::Snapshot(reply),
+            RankMsg::StepWithSnapshot(reuse, reply) => Work::StepWithSnapshot(reuse, reply),
             RankMsg::Restore(snap, reply) => Work::Restore(snap, reply),
         };
         st.work
@@ -134,6 +143,13 @@ fn compute_loop(
         match w {
             Work::Step(reply) => {
                 let _ = reply.send(trainer.step().map_err(|e| e.to_string()));
+            }
+            Work::StepWithSnapshot(reuse, reply) => {
+                let r = trainer.step_with_snapshot(reuse.map(|b| *b));
+                let _ = reply.send(
+                    r.map(|(s, snap)| (s, Box::new(snap)))
+                        .map_err(|e| e.to_string()),
+                );
             }
             Work::Sha(reply) => {
                 let _ = reply.send(trainer.params_sha256());

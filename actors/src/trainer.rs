@@ -52,6 +52,9 @@ pub struct Trainer {
     /// The rank's place in a pipeline / expert / data-parallel job (`None`: the whole model
     /// on one rank).
     pub(crate) parallel: Option<crate::pipeline::RankParallel>,
+    /// The snapshot the current step's optimizer update fills, when one was asked for
+    /// ([`Trainer::step_with_snapshot`]).
+    pub(crate) kept: Option<crate::kept_snapshot::Kept>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -154,6 +157,7 @@ impl Trainer {
             grad_clip: o.grad_clip,
             step: 0,
             parallel: None,
+            kept: None,
             meta: SnapshotMeta {
                 rank,
                 layout: Layout {
@@ -340,7 +344,13 @@ impl Trainer {
         }
         let grad_norm = clip(&mut self.grads, self.grad_clip)?;
         let lr = self.schedule.lr(self.step);
-        adamw_step(&mut self.opt, lr, &mut self.model.weights, &self.grads)?;
+        adamw_step(
+            &mut self.opt,
+            lr,
+            &mut self.model.weights,
+            &self.grads,
+            self.kept.as_mut(),
+        )?;
         let gamma = self.model.config.bias_gamma();
         self.model.update_biases(dev, &loads, gamma);
         let per_layer: Vec<f32> = loads.iter().map(|l| l.max_over_mean()).collect();
@@ -428,12 +438,14 @@ pub(crate) fn clip_with_sum_sq(
     r
 }
 
-/// One AdamW update of every trainable weight (decay on matrices, not on norms).
+/// One AdamW update of every trainable weight (decay on matrices, not on norms); out of place
+/// into `kept`'s buffers when a snapshot of the state before it is being kept.
 pub(crate) fn adamw_step(
     opt: &mut AdamW,
     lr: f64,
     weights: &mut Weights,
     grads: &Weights,
+    kept: Option<&mut crate::kept_snapshot::Kept>,
 ) -> Result<(), JobError> {
     let g = grads.trainable();
     let mut taken = take_trainable(weights);
@@ -456,11 +468,16 @@ pub(crate) fn adamw_step(
         Some(name) => Err(JobError::Optim(format!(
             "{name}: no host values or no gradient"
         ))),
-        None => opt
-            .step(lr, &mut refs)
-            .map_err(|e| JobError::Optim(e.to_string())),
+        None => match kept {
+            Some(k) => match crate::kept_snapshot::step_keeping(opt, lr, refs, k) {
+                Ok(()) => crate::kept_snapshot::install(&mut taken, k),
+                Err(e) => Err(e),
+            },
+            None => opt
+                .step(lr, &mut refs)
+                .map_err(|e| JobError::Optim(e.to_string())),
+        },
     };
-    drop(refs);
     put_back(weights, taken);
     r
 }

@@ -152,6 +152,19 @@ impl Tensor {
         }
     }
 
+    /// Exchange this tensor's host values with `values` (which must be as long): how an
+    /// out-of-place update installs its result without a copy. Returns false, changing
+    /// nothing, when the tensor holds no host values or the lengths differ.
+    pub fn swap_host(&mut self, values: &mut Vec<f32>) -> bool {
+        match &mut self.storage {
+            Storage::Host(v) if v.data.len() == values.len() => {
+                std::mem::swap(&mut v.data, values);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Host values for a device kernel; a tensor from another device here is a programming error.
     pub(crate) fn h(&self) -> &[f32] {
         self.host()

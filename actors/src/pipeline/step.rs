@@ -162,7 +162,13 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
     }
     let grad_norm = clip_with_sum_sq(&mut t.grads, total_sum_sq, t.grad_clip)?;
     let lr = t.schedule.lr(step);
-    adamw_step(&mut t.opt, lr, &mut t.model.weights, &t.grads)?;
+    adamw_step(
+        &mut t.opt,
+        lr,
+        &mut t.model.weights,
+        &t.grads,
+        t.kept.as_mut(),
+    )?;
     let local: Vec<ExpertLoad> = loads
         .iter()
         .filter(|l| par.placement.layer_is_local(par.rank, l.layer))

@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::OptimError;
+use super::kernel::{self, Coef};
 
 /// AdamW's hyperparameters. The defaults are PyTorch's (`β = (0.9, 0.999)`, `ε = 1e-8`,
 /// `weight_decay = 0.01`); [`AdamWConfig::deepseek_v3`] gives the DeepSeek-V3 report's.
@@ -100,6 +101,19 @@ pub struct ParamRef<'a> {
     pub grad: &'a [f32],
     /// Apply decoupled weight decay (usually false for norms and biases).
     pub decay: bool,
+}
+
+/// Where [`AdamW::step_out_of_place`] puts one parameter's update: `value` receives the new
+/// values; `exp_avg` and `exp_avg_sq` (any contents, the parameter's length) are exchanged with
+/// the optimizer's moments, so that they come back holding the moments from before the step.
+#[derive(Debug)]
+pub struct Spare<'a> {
+    /// Receives the new values.
+    pub value: &'a mut [f32],
+    /// Comes back holding the first moment from before the step.
+    pub exp_avg: &'a mut Vec<f32>,
+    /// Comes back holding the second moment from before the step.
+    pub exp_avg_sq: &'a mut Vec<f32>,
 }
 
 /// One parameter's optimizer state (PyTorch's `state[p]`).
@@ -204,13 +218,93 @@ impl AdamW {
     /// if a value and its gradient differ in length, a name repeats, or a parameter's length
     /// differs from its stored state.
     pub fn step(&mut self, lr: f64, params: &mut [ParamRef<'_>]) -> Result<(), OptimError> {
+        self.check(lr, params)?;
+        let c = self.config;
+        for p in params.iter_mut() {
+            let state = self.state_of(p.name, p.value.len());
+            state.step += 1;
+            let k = Coef::new(c, lr, state.step, p.decay);
+            kernel::in_place(
+                &k,
+                p.value,
+                p.grad,
+                &mut state.exp_avg,
+                &mut state.exp_avg_sq,
+            );
+        }
+        self.state.steps += 1;
+        Ok(())
+    }
+
+    /// The same update as [`AdamW::step`], bit for bit, but out of place: each parameter's new
+    /// values go into `spares[i].value` (its `params[i].value` is only read), and the new
+    /// moments replace the optimizer's by exchange, so that afterwards `spares[i].exp_avg` and
+    /// `exp_avg_sq` hold the moments from before the step. Together with `params[i].value`,
+    /// the spares then hold the whole state before the step without a byte copied: a
+    /// checkpoint snapshot for free. A parameter seen for the first time hands back zero
+    /// moments. Fails, changing nothing, as [`AdamW::step`] does, or when a spare's length
+    /// differs from its parameter's.
+    pub fn step_out_of_place(
+        &mut self,
+        lr: f64,
+        params: &[ParamRef<'_>],
+        spares: &mut [Spare<'_>],
+    ) -> Result<(), OptimError> {
+        self.check(lr, params)?;
+        if spares.len() != params.len() {
+            return Err(OptimError::Config(format!(
+                "{} spare buffers for {} parameters",
+                spares.len(),
+                params.len()
+            )));
+        }
+        for (p, s) in params.iter().zip(spares.iter()) {
+            let n = p.value.len();
+            for (what, len) in [
+                ("value", s.value.len()),
+                ("exp_avg", s.exp_avg.len()),
+                ("exp_avg_sq", s.exp_avg_sq.len()),
+            ] {
+                if len != n {
+                    return Err(OptimError::BadState {
+                        name: p.name.to_owned(),
+                        reason: format!("spare {what} has {len} elements, the parameter {n}"),
+                    });
+                }
+            }
+        }
+        let c = self.config;
+        for (p, s) in params.iter().zip(spares.iter_mut()) {
+            let state = self.state_of(p.name, p.value.len());
+            state.step += 1;
+            let k = Coef::new(c, lr, state.step, p.decay);
+            let old = kernel::Old {
+                value: &*p.value,
+                m: &state.exp_avg,
+                v: &state.exp_avg_sq,
+            };
+            let new = kernel::New {
+                value: &mut *s.value,
+                m: s.exp_avg.as_mut_slice(),
+                v: s.exp_avg_sq.as_mut_slice(),
+            };
+            kernel::out_of_place(&k, old, p.grad, new);
+            std::mem::swap(&mut state.exp_avg, s.exp_avg);
+            std::mem::swap(&mut state.exp_avg_sq, s.exp_avg_sq);
+        }
+        self.state.steps += 1;
+        Ok(())
+    }
+
+    /// Check a step's arguments: the learning rate, lengths, duplicate names, state shapes.
+    fn check(&self, lr: f64, params: &[ParamRef<'_>]) -> Result<(), OptimError> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(OptimError::Config(format!(
                 "learning rate is {lr}; it must be non-negative and finite"
             )));
         }
         let mut names = BTreeSet::new();
-        for p in params.iter() {
+        for p in params {
             if p.value.len() != p.grad.len() {
                 return Err(OptimError::GradLength {
                     name: p.name.to_owned(),
@@ -231,61 +325,19 @@ impl AdamW {
                 });
             }
         }
-        let c = self.config;
-        for p in params.iter_mut() {
-            let state = self
-                .state
-                .params
-                .entry(p.name.to_owned())
-                .or_insert_with(|| ParamState {
-                    step: 0,
-                    exp_avg: vec![0.0; p.value.len()],
-                    exp_avg_sq: vec![0.0; p.value.len()],
-                });
-            state.step += 1;
-            let decay =
-                (p.decay && c.weight_decay != 0.0).then_some((1.0 - lr * c.weight_decay) as f32);
-            update(c, lr, state, p.value, p.grad, decay);
-        }
-        self.state.steps += 1;
         Ok(())
     }
-}
 
-/// The element-wise update of one parameter, its `state.step` already incremented.
-fn update(
-    c: AdamWConfig,
-    lr: f64,
-    state: &mut ParamState,
-    value: &mut [f32],
-    grad: &[f32],
-    decay: Option<f32>,
-) {
-    // Bias corrections in f64 with `powf`, like PyTorch's Python-float `beta ** step`.
-    let t = state.step as f64;
-    let bias_correction1 = 1.0 - c.beta1.powf(t);
-    let bias_correction2 = 1.0 - c.beta2.powf(t);
-    let step_size = (lr / bias_correction1) as f32;
-    let bc2_sqrt = bias_correction2.sqrt() as f32;
-    let w1 = (1.0 - c.beta1) as f32;
-    let beta2 = c.beta2 as f32;
-    let w2 = (1.0 - c.beta2) as f32;
-    let eps = c.eps as f32;
-    let lerp_small = 1.0 - c.beta1 < 0.5;
-    let moments = state.exp_avg.iter_mut().zip(state.exp_avg_sq.iter_mut());
-    for ((p, &g), (m, v)) in value.iter_mut().zip(grad).zip(moments) {
-        if let Some(d) = decay {
-            *p *= d;
-        }
-        // torch.lerp(m, g, w1), including its two-sided formula.
-        *m = if lerp_small {
-            *m + w1 * (g - *m)
-        } else {
-            g - (g - *m) * (1.0 - w1)
-        };
-        *v = *v * beta2 + w2 * g * g;
-        let denom = v.sqrt() / bc2_sqrt + eps;
-        *p += -step_size * (*m / denom);
+    /// The state of parameter `name` (`len` values), zero moments at step 0 when it is new.
+    fn state_of(&mut self, name: &str, len: usize) -> &mut ParamState {
+        self.state
+            .params
+            .entry(name.to_owned())
+            .or_insert_with(|| ParamState {
+                step: 0,
+                exp_avg: vec![0.0; len],
+                exp_avg_sq: vec![0.0; len],
+            })
     }
 }
 
@@ -572,5 +624,58 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(err.unwrap_or_default().contains("\"w\""));
+    }
+
+    /// One out-of-place step of the single parameter `w`, decayed.
+    fn step_into(
+        opt: &mut AdamW,
+        value: &mut [f32],
+        grad: &[f32],
+        spare: (&mut [f32], &mut Vec<f32>, &mut Vec<f32>),
+    ) -> Result<(), OptimError> {
+        let params = [ParamRef {
+            name: "w",
+            value,
+            grad,
+            decay: true,
+        }];
+        let mut spares = [Spare {
+            value: spare.0,
+            exp_avg: spare.1,
+            exp_avg_sq: spare.2,
+        }];
+        opt.step_out_of_place(5e-3, &params, &mut spares)
+    }
+
+    #[test]
+    fn out_of_place_step_equals_step_and_hands_back_the_old_state() {
+        let mut a = AdamW::new(AdamWConfig::deepseek_v3()).expect("adamw");
+        let mut pa = vec![0.5f32, -1.5, 2.0, 0.25];
+        let g = [0.1f32, -0.2, 0.0, 3.0];
+        one_step(&mut a, 1e-2, "w", &mut pa, &g, true);
+        let mut b = a.clone();
+        let mut pb = pa.clone();
+        let before = (pa.clone(), a.param_state("w").cloned().expect("state"));
+        one_step(&mut a, 5e-3, "w", &mut pa, &g, true);
+
+        let (mut nv, mut m, mut v) = (vec![9.0f32; 4], vec![7.0f32; 4], vec![7.0f32; 4]);
+        step_into(&mut b, &mut pb, &g, (&mut nv, &mut m, &mut v)).expect("step");
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&nv), bits(&pa), "new values");
+        assert_eq!(b.export_state(), a.export_state(), "new state");
+        assert_eq!(bits(&pb), bits(&before.0), "the old values were read only");
+        assert_eq!(
+            (m, v),
+            (before.1.exp_avg, before.1.exp_avg_sq),
+            "old moments"
+        );
+
+        // A spare of the wrong length fails the step and changes nothing.
+        let (mut short, mut m2, mut v2) = (vec![0.0f32; 3], vec![0.0f32; 4], vec![0.0f32; 4]);
+        let state = b.export_state();
+        let err = step_into(&mut b, &mut pb, &g, (&mut short, &mut m2, &mut v2))
+            .expect_err("short spare");
+        assert!(err.to_string().contains("spare value has 3"), "{err}");
+        assert_eq!(b.export_state(), state);
     }
 }

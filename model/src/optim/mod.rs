@@ -8,14 +8,17 @@
 //! 2. [`schedule::LrSchedule::lr`] gives the learning rate of the step.
 //! 3. [`adamw::AdamW::step`] updates the named parameters in place, keeping its moment estimates
 //!    in an ordered map so that iteration and checkpoints are deterministic.
+//!    [`adamw::AdamW::step_out_of_place`] is the same update written into spare buffers, which
+//!    then hold the state from before the step: how a checkpoint snapshot costs no copy.
 //!
 //! Everything works on plain `f32` slices, independent of the tensor and device types.
 
 pub mod adamw;
 pub mod clip;
+mod kernel;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamRef, ParamState};
+pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamRef, ParamState, Spare};
 pub use clip::{
     clip_coefficient, clip_grad_norm, clip_grad_norm_from_sum_sq, global_norm, sum_of_squares,
 };

@@ -9,8 +9,9 @@
 //! starts); the baselines move one reused byte buffer.
 //!
 //! Each record also gives `cpu_cores`: both processes' CPU time over the transfer divided by its
-//! wall time. `FLOTILLA_QUIC_CONNS`, `FLOTILLA_QUIC_LANES`, `FLOTILLA_QUIC_STRIPE` and
-//! `FLOTILLA_QUIC_SOCKBUF` override the fabric's options for these transfers (tuning; both
+//! wall time. `FLOTILLA_QUIC_CONNS`, `FLOTILLA_QUIC_LANES`, `FLOTILLA_QUIC_STRIPE`,
+//! `FLOTILLA_QUIC_SOCKBUF` and `FLOTILLA_QUIC_MTU` (the path-MTU discovery bound, which the bare
+//! quinn baselines share) override the fabric's options for these transfers (tuning; both
 //! processes read them).
 //!
 //! Also the in-process loopback mesh on which the collectives sweep runs over QUIC.
@@ -144,7 +145,7 @@ pub async fn close(mesh: Vec<Arc<QuicFabric>>) {
     }
 }
 
-/// The fabric's options for the transfers (tuning: `FLOTILLA_QUIC_{CONNS,LANES,STRIPE,SOCKBUF}`).
+/// The fabric's options for the transfers (tuning: `FLOTILLA_QUIC_{CONNS,LANES,STRIPE,SOCKBUF,MTU}`).
 fn fabric_opts() -> QuicOptions {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
     let mut o = QuicOptions::default();
@@ -159,6 +160,9 @@ fn fabric_opts() -> QuicOptions {
     }
     if let Some(v) = env("FLOTILLA_QUIC_SOCKBUF") {
         o.socket_buffer_bytes = v;
+    }
+    if let Some(v) = env("FLOTILLA_QUIC_MTU") {
+        o.max_udp_payload = v.clamp(1200, 65527) as u16;
     }
     o
 }
@@ -265,9 +269,7 @@ async fn bare_sender(t: Transport, bytes: usize, reps: usize) -> Result<P2p> {
     let fields = fields?;
     let addr: SocketAddr = fields[0].parse().context("the child's address")?;
     let cert = launch::unhex(&fields[1]).map_err(|e| anyhow!("{e}"))?;
-    let transport = QuicOptions::default()
-        .transport()
-        .map_err(|e| anyhow!("{e}"))?;
+    let transport = fabric_opts().transport().map_err(|e| anyhow!("{e}"))?;
     let mut roots = quinn::rustls::RootCertStore::empty();
     roots.add(cert.into()).context("trusting the certificate")?;
     let mut cc = quinn::ClientConfig::with_root_certificates(Arc::new(roots))
@@ -312,7 +314,7 @@ async fn bare_sender(t: Transport, bytes: usize, reps: usize) -> Result<P2p> {
 fn quinn_endpoint(t: Transport, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
     let sock = std::net::UdpSocket::bind(localhost()).context("binding UDP")?;
     if t == Transport::BareQuinnBigSockets {
-        let n = QuicOptions::default().socket_buffer_bytes;
+        let n = fabric_opts().socket_buffer_bytes;
         let state = quinn::udp::UdpSocketState::new((&sock).into())?;
         state.set_recv_buffer_size((&sock).into(), n)?;
         state.set_send_buffer_size((&sock).into(), n)?;
@@ -402,9 +404,7 @@ async fn bare_receiver(t: Transport, bytes: usize, reps: usize) -> Result<()> {
         .context("a self-signed certificate")?;
     let cert = ck.cert.der().clone();
     let key = quinn::rustls::pki_types::PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der());
-    let transport = QuicOptions::default()
-        .transport()
-        .map_err(|e| anyhow!("{e}"))?;
+    let transport = fabric_opts().transport().map_err(|e| anyhow!("{e}"))?;
     let mut sc = quinn::ServerConfig::with_single_cert(vec![cert.clone()], key.into())
         .context("quinn server config")?;
     sc.transport_config(transport);
