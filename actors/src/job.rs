@@ -404,6 +404,17 @@ async fn drive(
         None => 0,
     };
     let mut ckpt = Checkpointer::new(cfg, engine);
+    if ckpt.is_some() && cfg.checkpoint.replicas > 1 {
+        // Peer replicas serve a rank restarted in flight; this driver ends the job on a
+        // failure instead (a resume reads storage), so it keeps none rather than pay for them.
+        let why = format!(
+            "checkpoint.replicas = {} is not used: `train` does not roll ranks back in flight \
+             yet, so no peer replicas are kept (resume reads storage)",
+            cfg.checkpoint.replicas
+        );
+        tracing::warn!("{why}");
+        checkpoint_event(log, why).await?;
+    }
     let started = clock.now();
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
     let mut tokens = 0u64;

@@ -614,7 +614,7 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
     let mut text = std::fs::read_to_string(&example).expect("example config");
     text = text.replace("[job]\n", "[job]\nsteps = 12\n");
     text.push_str(
-        "\n[optimizer]\nwarmup_steps = 2\n\n[checkpoint]\ninterval = 4\nmode = \"async\"\n",
+        "\n[optimizer]\nwarmup_steps = 2\n\n[checkpoint]\ninterval = 4\nmode = \"async\"\nreplicas = 2\n",
     );
     std::fs::create_dir_all(&dir).expect("mkdir");
     let cfg = dir.join("job.toml");
@@ -636,6 +636,10 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
     let first = full["first_loss"].as_f64().expect("first_loss");
     let last = full["final_loss"].as_f64().expect("final_loss");
     assert!(last < first, "loss {first} -> {last}");
+    // Peer replicas would serve a rank rolled back in flight, which `train` does not do: it
+    // says so instead of keeping them silently.
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).expect("events.jsonl");
+    assert!(events.contains("replicas = 2 is not used"), "{events}");
     let resumed = run(&["--resume", "8"]);
     assert_eq!(full["params_sha256"], resumed["params_sha256"]);
 }
