@@ -129,9 +129,11 @@ pub struct Checkpointer {
     interval: u64,
     mode: CheckpointMode,
     pending: Option<SaveHandle>,
-    /// The snapshots of the last finished background save (rank order), whose buffers the
-    /// next kept snapshot reuses.
+    /// Snapshots whose buffers the next kept snapshot reuses (rank order).
     spares: Vec<Snapshot>,
+    /// The snapshots of the last committed checkpoint, handed back by the engine, until the
+    /// driver takes them ([`Checkpointer::take_committed`]).
+    committed: Option<Vec<Snapshot>>,
     /// The model's HF `config.json` text, recorded in every checkpoint so that it can be
     /// exported without the job config.
     model_config: String,
@@ -146,6 +148,7 @@ impl Checkpointer {
             mode: cfg.checkpoint.mode,
             pending: None,
             spares: Vec::new(),
+            committed: None,
             model_config: crate::model_config::hf_config_json(&cfg.model).to_string(),
         })
     }
@@ -160,6 +163,30 @@ impl Checkpointer {
     /// mode copies, since training waits for the write anyway.
     pub fn keeps_snapshots(&self) -> bool {
         self.mode == CheckpointMode::Async
+    }
+
+    /// The engine checkpoints are saved to and loaded from.
+    pub fn engine(&self) -> &CheckpointEngine {
+        &self.engine
+    }
+
+    /// The snapshots of the newest committed checkpoint (rank order), once: the driver keeps
+    /// them as the ranks' in-memory copies ([`crate::rollback::Recovery::keep`]).
+    pub fn take_committed(&mut self) -> Option<Vec<Snapshot>> {
+        self.committed.take()
+    }
+
+    /// Buffers for the next kept snapshots (rank order).
+    pub fn set_spares(&mut self, spares: Vec<Snapshot>) {
+        self.spares = spares;
+    }
+
+    /// Finish the background save if it has finished (without waiting otherwise).
+    pub async fn poll(&mut self) -> Result<(), JobError> {
+        if self.pending.as_ref().is_some_and(SaveHandle::is_finished) {
+            self.finish().await?;
+        }
+        Ok(())
     }
 
     /// The buffers for the next kept snapshot of each of `ranks` ranks (empty where there are
@@ -182,13 +209,9 @@ impl Checkpointer {
         // At most one background save in flight: a slow disk slows training down rather than
         // piling snapshots up in memory.
         self.finish().await?;
-        match self.mode {
-            CheckpointMode::Sync => {
-                self.engine.save_sync(snaps).await.map_err(ckpt_err)?;
-            }
-            CheckpointMode::Async => {
-                self.pending = Some(self.engine.save_async(snaps).map_err(ckpt_err)?);
-            }
+        self.pending = Some(self.engine.save_async(snaps).map_err(ckpt_err)?);
+        if self.mode == CheckpointMode::Sync {
+            self.finish().await?;
         }
         Ok(())
     }
@@ -196,8 +219,8 @@ impl Checkpointer {
     /// Wait for the background save in flight, if any.
     pub async fn finish(&mut self) -> Result<(), JobError> {
         if let Some(h) = self.pending.take() {
-            let (_, buffers) = h.wait_with_buffers().await.map_err(ckpt_err)?;
-            self.spares = buffers;
+            let (_, snaps) = h.wait_with_buffers().await.map_err(ckpt_err)?;
+            self.committed = Some(snaps);
         }
         Ok(())
     }
@@ -244,6 +267,16 @@ pub(crate) async fn step_and_checkpoint(
     ck.save_all(snaps).await?;
     metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
     Ok(stats)
+}
+
+/// A line of `events.jsonl` about checkpoints (saves, restores, roll-backs).
+pub(crate) async fn event(log: &crate::run_log::RunLog, event: String) -> Result<(), JobError> {
+    let line = crate::run_log::EventLine {
+        supervisor: "controller".into(),
+        child: "checkpoint".into(),
+        event,
+    };
+    Ok(log.event(&line).await?)
 }
 
 #[cfg(test)]

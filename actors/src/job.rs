@@ -26,8 +26,10 @@ use serde::Serialize;
 
 use crate::checkpoints::{self, Checkpointer, ResumeFrom};
 use crate::error::JobError;
+use crate::faults::FaultPlan;
 use crate::rank::{RankActor, RankArgs, RankMsg};
-use crate::run_log::RunLog;
+use crate::rollback::Recovery;
+use crate::run_log::{EventLine, RunLog};
 use crate::trainer::StepStats;
 
 /// A line of `metrics.jsonl`.
@@ -58,13 +60,6 @@ pub struct Summary {
     pub config_hash: String,
 }
 
-#[derive(Debug, Serialize)]
-struct EventLine {
-    supervisor: String,
-    child: String,
-    event: String,
-}
-
 /// Run `cfg.job.steps` steps; `on_step` sees every step's record (for a progress bar).
 pub async fn train(
     cfg: Config,
@@ -83,6 +78,18 @@ pub async fn train_from(
     storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
     resume: Option<ResumeFrom>,
+    on_step: &mut (dyn FnMut(&StepRecord) + Send),
+) -> Result<Summary, JobError> {
+    train_with_faults(cfg, storage, clock, resume, None, on_step).await
+}
+
+/// [`train_from`] with failures injected by `faults` (tests of the in-flight roll-back).
+pub async fn train_with_faults(
+    cfg: Config,
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    resume: Option<ResumeFrom>,
+    faults: Option<Arc<FaultPlan>>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
     let cfg = Arc::new(cfg);
@@ -110,6 +117,7 @@ pub async fn train_from(
         let fabric: Option<Arc<dyn Fabric>> = hub
             .as_ref()
             .map(|h| Arc::new(h.endpoint(r)) as Arc<dyn Fabric>);
+        let faults = faults.clone();
         spec = spec.child(
             ChildSpec::for_actor(&format!("rank-{r}"), move || {
                 (
@@ -118,10 +126,12 @@ pub async fn train_from(
                         rank: r,
                         config: Arc::clone(&rank_cfg),
                         fabric: fabric.clone(),
+                        faults: faults.clone(),
                     },
                 )
             })
-            // A failed step cannot be retried without a snapshot to roll back to.
+            // A failed step is rolled back by the driver (every rank restored from the last
+            // checkpoint), not by restarting the actor.
             .with_restart(Restart::Temporary)
             .with_shutdown(policy.child_shutdown()),
         );
@@ -150,6 +160,7 @@ pub async fn train_from(
         &log,
         engine,
         resume,
+        faults,
         on_step,
     )
     .await;
@@ -175,6 +186,13 @@ pub(crate) struct Ranks<'a> {
 }
 
 impl Ranks<'_> {
+    /// Forget the fabric's failure marks and undelivered messages (a roll-back).
+    pub(crate) fn reset_fabric(&self) {
+        if let Some(h) = self.hub {
+            h.reset();
+        }
+    }
+
     /// Ask every rank the same question and wait for every answer within `deadline`. Answers
     /// are taken as they come: a rank that fails, stops or stays silent is marked failed on the
     /// fabric at once, so that peers waiting on it fail now instead of at their own deadline,
@@ -340,7 +358,7 @@ async fn resume_ranks(
     let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
     let loaded = checkpoints::load(cfg, engine, from).await?;
     for why in &loaded.fallbacks {
-        checkpoint_event(log, format!("fallback: {why}")).await?;
+        checkpoints::event(log, format!("fallback: {why}")).await?;
     }
     let step = loaded.step;
     let mut by_rank: Vec<Option<Snapshot>> = (0..ranks.refs.len()).map(|_| None).collect();
@@ -372,18 +390,8 @@ async fn resume_ranks(
     ranks
         .try_each(clock, deadline, step, "restore", msgs)
         .await?;
-    checkpoint_event(log, format!("resumed at step {step}")).await?;
+    checkpoints::event(log, format!("resumed at step {step}")).await?;
     Ok(step)
-}
-
-/// A line of `events.jsonl` about checkpoints.
-async fn checkpoint_event(log: &RunLog, event: String) -> Result<(), JobError> {
-    let line = EventLine {
-        supervisor: "controller".into(),
-        child: "checkpoint".into(),
-        event,
-    };
-    Ok(log.event(&line).await?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -395,6 +403,7 @@ async fn drive(
     log: &RunLog,
     engine: flotilla_ckpt::CheckpointEngine,
     resume: Option<ResumeFrom>,
+    faults: Option<Arc<FaultPlan>>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
     let ranks = ranks(sup, cfg.world_size(), hub).await?;
@@ -404,31 +413,44 @@ async fn drive(
         None => 0,
     };
     let mut ckpt = Checkpointer::new(cfg, engine);
-    if ckpt.is_some() && cfg.checkpoint.replicas > 1 {
-        // Peer replicas serve a rank restarted in flight; this driver ends the job on a
-        // failure instead (a resume reads storage), so it keeps none rather than pay for them.
-        let why = format!(
-            "checkpoint.replicas = {} is not used: `train` does not roll ranks back in flight \
-             yet, so no peer replicas are kept (resume reads storage)",
-            cfg.checkpoint.replicas
-        );
-        tracing::warn!("{why}");
-        checkpoint_event(log, why).await?;
-    }
+    let mut recovery = match ckpt {
+        Some(_) => Some(Recovery::new(cfg, faults)?),
+        None => None,
+    };
     let started = clock.now();
+    // Per step taken (a roll-back forgets the steps it undoes).
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
-    let mut tokens = 0u64;
+    let mut step_tokens: Vec<u64> = Vec::with_capacity(cfg.job.steps as usize);
     // A checkpoint of the state before this step is due, to be kept by the step's optimizer.
     let mut keep_due = false;
-    for step in first..cfg.job.steps {
+    let mut step = first;
+    while step < cfg.job.steps {
         let t0 = clock.now();
-        let all = match ckpt.as_mut().filter(|_| keep_due) {
-            Some(ck) => checkpoints::step_and_checkpoint(ck, &ranks, clock, deadline, step).await?,
+        let answer = match ckpt.as_mut().filter(|_| keep_due) {
+            Some(ck) => checkpoints::step_and_checkpoint(ck, &ranks, clock, deadline, step).await,
             None => {
                 ranks
                     .try_all(clock, deadline, step, "", RankMsg::Step)
-                    .await?
+                    .await
             }
+        };
+        let all = match (answer, ckpt.as_mut(), recovery.as_mut()) {
+            (Ok(all), _, _) => all,
+            (Err(e), Some(ck), Some(rec)) => {
+                // The newest committed checkpoint first becomes the ranks' own copies.
+                ck.finish().await?;
+                if let Some(snaps) = ck.take_committed() {
+                    ck.set_spares(rec.keep(snaps).await?);
+                }
+                step = rec
+                    .roll_back(e, &ranks, ck.engine(), clock, deadline, log)
+                    .await?;
+                losses.truncate(step.saturating_sub(first) as usize);
+                step_tokens.truncate(step.saturating_sub(first) as usize);
+                keep_due = false;
+                continue;
+            }
+            (Err(e), _, _) => return Err(e),
         };
         // Every rank reports the job-wide loss and norm; compute is summed over the ranks.
         let flops: f64 = all.iter().map(|s| s.device_flops).sum();
@@ -437,7 +459,7 @@ async fn drive(
         };
         stats.device_flops = flops;
         let secs = clock.elapsed(t0).as_secs_f64().max(1e-9);
-        tokens += stats.tokens as u64;
+        step_tokens.push(stats.tokens as u64);
         losses.push(stats.loss);
         let rec = StepRecord {
             tokens_per_s: stats.tokens as f64 / secs,
@@ -463,7 +485,17 @@ async fn drive(
                 checkpoints::checkpoint(ck, &ranks, clock, deadline, step + 1).await?;
             }
         }
+        // A committed checkpoint becomes the ranks' in-memory copies and replicas; the copies
+        // it replaces serve as the buffers of the next kept snapshot.
+        if let (Some(ck), Some(rec)) = (ckpt.as_mut(), recovery.as_mut()) {
+            ck.poll().await?;
+            if let Some(snaps) = ck.take_committed() {
+                ck.set_spares(rec.keep(snaps).await?);
+            }
+        }
+        step += 1;
     }
+    let tokens: u64 = step_tokens.iter().sum();
     if let Some(ck) = ckpt.as_mut() {
         ck.finish().await?;
     }

@@ -5,16 +5,18 @@
 pub mod checkpoints;
 pub mod comm;
 pub mod error;
+pub mod faults;
 pub mod job;
 mod kept_snapshot;
 pub mod model_config;
 pub mod pipeline;
 pub mod rank;
 pub mod replicas;
+mod rollback;
 pub mod run_log;
 pub mod schedule;
 pub mod trainer;
 
 pub use checkpoints::ResumeFrom;
 pub use error::JobError;
-pub use job::{StepRecord, Summary, train, train_from};
+pub use job::{StepRecord, Summary, train, train_from, train_with_faults};

@@ -17,6 +17,7 @@ use flotilla_runtime::config::Config;
 use flotilla_runtime::fabric::Fabric;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::faults::FaultPlan;
 use crate::trainer::{StepStats, Trainer};
 
 /// Messages to a rank.
@@ -57,6 +58,8 @@ pub struct RankArgs {
     pub rank: usize,
     pub config: Arc<Config>,
     pub fabric: Option<Arc<dyn Fabric>>,
+    /// Failures to inject (tests of recovery).
+    pub faults: Option<Arc<FaultPlan>>,
 }
 
 /// The rank actor (its state is the channel to its compute thread).
@@ -83,6 +86,7 @@ impl Actor for RankActor {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         let config = Arc::clone(&args.config);
         let (rank, fabric) = (args.rank, args.fabric.clone());
+        let faults = args.faults.clone();
         let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("rank-{}-compute", args.rank))
@@ -91,7 +95,7 @@ impl Actor for RankActor {
                     None => Trainer::new(&config),
                     Some(f) => crate::pipeline::new_rank(&config, rank, f, rt),
                 };
-                compute_loop(trainer, rx, ready_tx)
+                compute_loop(trainer, rx, ready_tx, Injector { rank, faults })
             })?;
         match ready_rx.await {
             Ok(Ok(())) => Ok(RankState {
@@ -123,10 +127,29 @@ impl Actor for RankActor {
     }
 }
 
+/// A rank's view of the job's [`FaultPlan`].
+struct Injector {
+    rank: usize,
+    faults: Option<Arc<FaultPlan>>,
+}
+
+impl Injector {
+    /// Why the step `trainer` is about to take must fail, if a fault is planned for it.
+    fn fails(&self, trainer: &Trainer) -> Option<String> {
+        let step = trainer.steps_done();
+        let f = self.faults.as_ref()?.fire(self.rank, step)?;
+        Some(format!(
+            "injected failure at step {step}{}",
+            if f.lose_memory { " (memory lost)" } else { "" }
+        ))
+    }
+}
+
 fn compute_loop(
     trainer: Result<Trainer, crate::error::JobError>,
     rx: mpsc::Receiver<Work>,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+    injector: Injector,
 ) {
     let mut trainer = match trainer {
         Ok(t) => {
@@ -142,7 +165,14 @@ fn compute_loop(
     while let Ok(w) = rx.recv() {
         match w {
             Work::Step(reply) => {
-                let _ = reply.send(trainer.step().map_err(|e| e.to_string()));
+                let r = match injector.fails(&trainer) {
+                    Some(why) => Err(why),
+                    None => trainer.step().map_err(|e| e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Work::StepWithSnapshot(_, reply) if let Some(why) = injector.fails(&trainer) => {
+                let _ = reply.send(Err(why));
             }
             Work::StepWithSnapshot(reuse, reply) => {
                 let r = trainer.step_with_snapshot(reuse.map(|b| *b));

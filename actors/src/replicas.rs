@@ -92,9 +92,10 @@ impl RankReplicas {
         self.own.as_mut()
     }
 
-    /// Keep `snap` as this rank's own copy and push it to the peers. The encoding and hashing
-    /// run on the blocking pool; training need not wait for this.
-    pub async fn keep(&mut self, snap: Snapshot) -> Result<(), JobError> {
+    /// Keep `snap` as this rank's own copy and push it to the peers; the own copy it replaces
+    /// is handed back (its buffers can serve again). The encoding and hashing run on the
+    /// blocking pool.
+    pub async fn keep(&mut self, snap: Snapshot) -> Result<Option<Snapshot>, JobError> {
         let bad = |e: String| JobError::Checkpoint(e);
         let (own, bytes) = tokio::task::spawn_blocking(move || {
             let bytes = flotilla_ckpt::format::encode_shard(&snap).map_err(|e| e.to_string())?;
@@ -105,13 +106,13 @@ impl RankReplicas {
         .map_err(|e| bad(e.to_string()))?
         .map_err(bad)?;
         let step = own.snapshot().step;
-        self.own = Some(own);
+        let previous = self.own.replace(own).map(OwnCopy::into_snapshot);
         if !self.peers.is_empty() {
             push_replica(self.fabric.as_ref(), &self.peers, self.rank, step, bytes)
                 .await
                 .map_err(|e| bad(e.to_string()))?;
         }
-        Ok(())
+        Ok(previous)
     }
 
     /// Forget the own copy (as a rank that lost its process would).

@@ -49,3 +49,11 @@ impl RunLog {
         self.storage.append(key, line).await
     }
 }
+
+/// A line of `events.jsonl`: which supervisor, which child, what happened.
+#[derive(Debug, Serialize)]
+pub(crate) struct EventLine {
+    pub(crate) supervisor: String,
+    pub(crate) child: String,
+    pub(crate) event: String,
+}

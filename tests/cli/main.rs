@@ -636,10 +636,6 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
     let first = full["first_loss"].as_f64().expect("first_loss");
     let last = full["final_loss"].as_f64().expect("final_loss");
     assert!(last < first, "loss {first} -> {last}");
-    // Peer replicas would serve a rank rolled back in flight, which `train` does not do: it
-    // says so instead of keeping them silently.
-    let events = std::fs::read_to_string(dir.join("events.jsonl")).expect("events.jsonl");
-    assert!(events.contains("replicas = 2 is not used"), "{events}");
     let resumed = run(&["--resume", "8"]);
     assert_eq!(full["params_sha256"], resumed["params_sha256"]);
 }

@@ -77,6 +77,16 @@ impl InprocHub {
         }
     }
 
+    /// Start the hub's traffic afresh, for a job rolled back to a checkpoint: forget every
+    /// failure mark and every undelivered message (from the attempt that failed; the steps
+    /// that follow reuse its tags). A receive still waiting is woken and fails with
+    /// [`FabricError::Closed`]. A closed hub stays closed.
+    pub fn reset(&self) {
+        let mut st = self.lock();
+        st.failed.clear();
+        st.boxes.clear();
+    }
+
     /// Close the hub: every pending and later operation fails with [`FabricError::Closed`].
     pub fn close(&self) {
         let mut st = self.lock();
@@ -331,5 +341,24 @@ mod tests {
             s,
             Err(FabricError::NoSuchRank { rank: 5, world: 2 })
         ));
+    }
+
+    #[tokio::test]
+    async fn reset_forgets_failures_and_stale_messages() {
+        let hub = InprocHub::new(2);
+        let eps = hub.endpoints();
+        eps[0]
+            .send(1, Tag::new(0, 7), Payload::Bytes(vec![1]))
+            .await
+            .expect("send");
+        hub.fail_rank(0, "died");
+        hub.reset();
+        assert_eq!(hub.mailboxes(), 0, "the stale message is gone");
+        eps[0]
+            .send(1, Tag::new(0, 7), Payload::Bytes(vec![2]))
+            .await
+            .expect("rank 0 may send again");
+        let got = eps[1].recv(0, Tag::new(0, 7), T).await.expect("receive");
+        assert!(matches!(got, Payload::Bytes(b) if b == vec![2]));
     }
 }

@@ -1,0 +1,76 @@
+//! Injected failures, for testing recovery the way a real fault would exercise it: a rank's
+//! step fails once at a given step and, optionally, the rank loses its memory with it (its own
+//! in-memory checkpoint copy), so that its restore has to come from a peer or from storage.
+//!
+//! A plan is shared by the ranks (which consult it before each step) and the job driver (which
+//! asks, when it rolls the job back, whose memory was lost).
+
+use std::sync::Mutex;
+
+/// One injected failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedFault {
+    /// The rank whose step fails.
+    pub rank: usize,
+    /// The step (0-based index of the optimizer step) that fails.
+    pub step: u64,
+    /// Whether the rank's own in-memory checkpoint copy is lost with it.
+    pub lose_memory: bool,
+}
+
+/// The failures to inject into one job; each fires once.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    faults: Mutex<Vec<(InjectedFault, bool)>>,
+}
+
+impl FaultPlan {
+    /// A plan of `faults`, none fired yet.
+    pub fn new(faults: Vec<InjectedFault>) -> Self {
+        Self {
+            faults: Mutex::new(faults.into_iter().map(|f| (f, false)).collect()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(InjectedFault, bool)>> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The fault that makes `rank`'s step `step` fail now, if one is planned and has not fired
+    /// (it is marked fired).
+    pub fn fire(&self, rank: usize, step: u64) -> Option<InjectedFault> {
+        let mut faults = self.lock();
+        let (f, fired) = faults
+            .iter_mut()
+            .find(|(f, fired)| !*fired && f.rank == rank && f.step == step)?;
+        *fired = true;
+        Some(*f)
+    }
+
+    /// Whether a fault that fired took `rank`'s memory.
+    pub fn lost_memory(&self, rank: usize) -> bool {
+        self.lock()
+            .iter()
+            .any(|(f, fired)| *fired && f.rank == rank && f.lose_memory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_fault_fires_once_for_its_rank_and_step() {
+        let plan = FaultPlan::new(vec![InjectedFault {
+            rank: 1,
+            step: 3,
+            lose_memory: true,
+        }]);
+        assert!(plan.fire(0, 3).is_none());
+        assert!(plan.fire(1, 2).is_none());
+        assert!(!plan.lost_memory(1));
+        assert!(plan.fire(1, 3).is_some());
+        assert!(plan.lost_memory(1));
+        assert!(plan.fire(1, 3).is_none(), "fired once");
+    }
+}

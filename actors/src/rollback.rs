@@ -1,0 +1,146 @@
+//! Rolling a job back in flight (TRANSOM's TOL and TCE, in one process): at every committed
+//! checkpoint each rank's snapshot becomes its own in-memory copy and is replicated to
+//! `checkpoint.replicas - 1` peers on other hosts ([`RankReplicas`]); when a rank's step fails,
+//! every rank is restored to that checkpoint from the fastest sound source (own memory → a
+//! peer → storage), the fabric's traffic starts afresh, and training goes on from there, at
+//! most `supervision.max_job_restarts` times.
+//!
+//! The rank actors stay up (a failed step is an answer, not a crash); a rank that cannot take
+//! its restore (dead, or silent past the deadline) ends the job as before. The replicas travel
+//! over a fabric of their own, which outlives the ranks' (as node agents would hold them).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_ckpt::{CheckpointEngine, Snapshot};
+use flotilla_runtime::clock::Clock;
+use flotilla_runtime::config::Config;
+use flotilla_runtime::fabric::Fabric;
+use flotilla_runtime::fabric::inproc::InprocHub;
+
+use crate::error::JobError;
+use crate::faults::FaultPlan;
+use crate::job::Ranks;
+use crate::rank::RankMsg;
+use crate::replicas::{RankReplicas, topology};
+use crate::run_log::RunLog;
+
+/// Every rank's own copy and replicas, and what is left of the restart budget.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    replicas: Vec<RankReplicas>,
+    /// The fabric the replicas travel over.
+    hub: Arc<InprocHub>,
+    faults: Option<Arc<FaultPlan>>,
+    restarts_left: u32,
+    /// The step of the checkpoint every rank holds in its own copy.
+    kept: Option<u64>,
+}
+
+impl Recovery {
+    /// The recovery of a job with checkpoints (inside a tokio runtime: it starts the replica
+    /// services).
+    pub(crate) fn new(cfg: &Config, faults: Option<Arc<FaultPlan>>) -> Result<Self, JobError> {
+        let topo = topology(cfg)?;
+        let world = cfg.world_size();
+        let hub = InprocHub::new(world);
+        let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
+        let replicas = (0..world)
+            .map(|r| {
+                let fabric: Arc<dyn Fabric> = Arc::new(hub.endpoint(r));
+                RankReplicas::new(&topo, cfg.checkpoint.replicas, fabric, deadline)
+            })
+            .collect();
+        Ok(Self {
+            replicas,
+            hub,
+            faults,
+            restarts_left: cfg.supervision.max_job_restarts,
+            kept: None,
+        })
+    }
+
+    /// Keep a committed checkpoint's snapshots (rank order) as the ranks' own copies and push
+    /// their replicas; the own copies they replace are handed back.
+    pub(crate) async fn keep(&mut self, snaps: Vec<Snapshot>) -> Result<Vec<Snapshot>, JobError> {
+        if snaps.len() != self.replicas.len() {
+            return Err(JobError::Checkpoint(format!(
+                "{} snapshots for {} ranks",
+                snaps.len(),
+                self.replicas.len()
+            )));
+        }
+        let step = snaps.first().map(|s| s.step);
+        let mut old = Vec::new();
+        for (r, snap) in self.replicas.iter_mut().zip(snaps) {
+            old.extend(r.keep(snap).await?);
+        }
+        self.kept = step;
+        Ok(old)
+    }
+
+    /// After `failure`, restore every rank to the kept checkpoint and say at which step
+    /// training goes on; `failure` itself when there is no checkpoint to go back to, the
+    /// restart budget is spent, or a rank cannot be restored.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn roll_back(
+        &mut self,
+        failure: JobError,
+        ranks: &Ranks<'_>,
+        engine: &CheckpointEngine,
+        clock: &dyn Clock,
+        deadline: Duration,
+        log: &RunLog,
+    ) -> Result<u64, JobError> {
+        let JobError::RankFailed { rank, step, why } = &failure else {
+            return Err(failure);
+        };
+        let Some(to) = self.kept.filter(|_| self.restarts_left > 0) else {
+            return Err(failure);
+        };
+        self.restarts_left -= 1;
+        crate::checkpoints::event(
+            log,
+            format!(
+                "rank {rank} failed at step {step} ({why}): rolling every rank back to step {to}"
+            ),
+        )
+        .await?;
+        ranks.reset_fabric();
+        let mut snaps = Vec::with_capacity(self.replicas.len());
+        for (r, rep) in self.replicas.iter_mut().enumerate() {
+            if self.faults.as_ref().is_some_and(|f| f.lost_memory(r)) {
+                rep.drop_own();
+            }
+            let restored = rep.restore(Some(engine), Some(to)).await.map_err(|e| {
+                JobError::Checkpoint(format!("rolling back after \"{failure}\": {e}"))
+            })?;
+            let passed = if restored.rejected.is_empty() {
+                String::new()
+            } else {
+                format!(" (passed over: {})", restored.rejected.join("; "))
+            };
+            crate::checkpoints::event(
+                log,
+                format!(
+                    "rank {r} restored step {to} from {}{passed}",
+                    restored.source
+                ),
+            )
+            .await?;
+            snaps.push(restored.snapshot);
+        }
+        let msgs = snaps
+            .into_iter()
+            .map(|s| move |reply| RankMsg::Restore(Box::new(s), reply))
+            .collect();
+        ranks.try_each(clock, deadline, to, "restore", msgs).await?;
+        Ok(to)
+    }
+}
+
+impl Drop for Recovery {
+    fn drop(&mut self) {
+        self.hub.close();
+    }
+}

@@ -1,0 +1,147 @@
+//! Rolling a job back in flight: a rank's step fails, every rank is restored to the last
+//! committed checkpoint from the fastest sound source (its own memory, a peer's replica or
+//! storage), and the job ends with exactly the parameters of the run that never failed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_actors::faults::{FaultPlan, InjectedFault};
+use flotilla_actors::{StepRecord, train_with_faults};
+use flotilla_runtime::clock::RealClock;
+use flotilla_runtime::config::{CheckpointMode, Config, Schedule};
+use flotilla_runtime::storage::Storage;
+use flotilla_runtime::storage::sim::SimStorage;
+
+/// Two pipeline stages on two hosts (one rank each), checkpoints every 2 of 8 steps, each
+/// rank's copy replicated to the other host.
+fn cfg(replicas: usize) -> Config {
+    let mut c = Config::default();
+    c.job.steps = 8;
+    c.optimizer.warmup_steps = 1;
+    c.data.batch_size = 4;
+    c.data.seq_len = 16;
+    c.cluster.cpu_threads = Some(1);
+    c.parallel.pp = 2;
+    c.parallel.schedule = Schedule::OneFOneB;
+    c.parallel.micro_batches = 2;
+    c.cluster.hosts = 2;
+    c.cluster.ranks_per_host = 1;
+    c.checkpoint.interval = 2;
+    c.checkpoint.mode = CheckpointMode::Async;
+    c.checkpoint.replicas = replicas;
+    c
+}
+
+/// Run the job with `faults`; its summary's parameter hash, the steps seen, and its events.
+async fn run(cfg: Config, faults: Vec<InjectedFault>) -> (String, Vec<u64>, String) {
+    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let mut seen = Vec::new();
+    let s = train_with_faults(
+        cfg,
+        storage.clone(),
+        Arc::new(RealClock),
+        None,
+        Some(Arc::new(FaultPlan::new(faults))),
+        &mut |r: &StepRecord| seen.push(r.stats.step),
+    )
+    .await
+    .expect("the job recovers and ends");
+    let events = storage.get("events.jsonl").await.expect("events");
+    (
+        s.params_sha256,
+        seen,
+        String::from_utf8_lossy(&events).into_owned(),
+    )
+}
+
+fn fault(step: u64, lose_memory: bool) -> InjectedFault {
+    InjectedFault {
+        rank: 1,
+        step,
+        lose_memory,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_is_rolled_back_from_the_fastest_source() {
+    let (clean, seen, _) = run(cfg(2), vec![]).await;
+    assert_eq!(seen, (0..8).collect::<Vec<_>>());
+
+    // Step 5 fails on rank 1: both ranks go back to step 4, from their own memory.
+    let (sha, seen, events) = run(cfg(2), vec![fault(5, false)]).await;
+    assert_eq!(sha, clean, "{events}");
+    assert_eq!(seen, vec![0, 1, 2, 3, 4, 4, 5, 6, 7], "{events}");
+    assert!(events.contains("rank 1 failed at step 5"), "{events}");
+    assert!(
+        events.contains("rank 1 restored step 4 from own memory"),
+        "{events}"
+    );
+
+    // Rank 1 loses its memory with the failure: it is restored from rank 0's replica.
+    let (sha, _, events) = run(cfg(2), vec![fault(5, true)]).await;
+    assert_eq!(sha, clean, "{events}");
+    assert!(
+        events.contains("rank 1 restored step 4 from rank 0's memory"),
+        "{events}"
+    );
+    assert!(
+        events.contains("rank 0 restored step 4 from own memory"),
+        "{events}"
+    );
+
+    // Without replicas a rank that lost its memory reads storage; a second failure is rolled
+    // back as well.
+    let (sha, _, events) = run(cfg(1), vec![fault(5, true), fault(7, false)]).await;
+    assert_eq!(sha, clean, "{events}");
+    assert!(
+        events.contains("rank 1 restored step 4 from storage"),
+        "{events}"
+    );
+    assert!(events.contains("rank 1 failed at step 7"), "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_before_the_first_checkpoint_ends_the_job() {
+    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let err = train_with_faults(
+        cfg(2),
+        storage,
+        Arc::new(RealClock),
+        None,
+        Some(Arc::new(FaultPlan::new(vec![fault(1, false)]))),
+        &mut |_: &StepRecord| {},
+    )
+    .await
+    .expect_err("nothing to roll back to");
+    let text = err.to_string();
+    assert!(
+        text.contains("rank 1") && text.contains("injected failure"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_roll_back_budget_is_kept() {
+    let mut c = cfg(2);
+    c.supervision.max_job_restarts = 1;
+    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let faults = vec![fault(3, false), fault(5, false)];
+    let err = train_with_faults(
+        c,
+        storage.clone(),
+        Arc::new(RealClock),
+        None,
+        Some(Arc::new(FaultPlan::new(faults))),
+        &mut |_: &StepRecord| {},
+    )
+    .await
+    .expect_err("the second failure is one too many");
+    assert!(
+        err.to_string().contains("injected failure at step 5"),
+        "{err}"
+    );
+    let events = storage.get("events.jsonl").await.expect("events");
+    let events = String::from_utf8_lossy(&events);
+    assert!(events.contains("rank 1 failed at step 3"), "{events}");
+    assert!(!events.contains("rank 1 failed at step 5"), "{events}");
+}
