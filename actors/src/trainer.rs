@@ -124,7 +124,9 @@ impl Trainer {
             eps: o.eps,
             weight_decay: o.weight_decay,
         })
-        .map_err(|e| JobError::Optim(e.to_string()))?;
+        .map_err(|e| JobError::Optim(e.to_string()))?
+        // The optimizer spreads its update over as many threads as the GEMMs use.
+        .with_threads(cpu_threads(cfg));
         let schedule = match o.schedule {
             LrKind::Constant => LrSchedule::Constant { lr: o.lr },
             LrKind::Cosine => LrSchedule::WarmupCosine {

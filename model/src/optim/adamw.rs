@@ -144,6 +144,8 @@ pub struct AdamWState {
 pub struct AdamW {
     config: AdamWConfig,
     state: AdamWState,
+    /// Threads a step may use (1: the caller's alone).
+    threads: usize,
 }
 
 impl AdamW {
@@ -158,9 +160,18 @@ impl AdamW {
         let mut opt = Self {
             config,
             state: AdamWState::default(),
+            threads: 1,
         };
         opt.import_state(state)?;
         Ok(opt)
+    }
+
+    /// Let a step spread its update over up to `threads` threads (large tensors are split into
+    /// pieces); the results are the same bits whatever the count.
+    #[must_use]
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     /// The hyperparameters.
@@ -219,19 +230,32 @@ impl AdamW {
     /// differs from its stored state.
     pub fn step(&mut self, lr: f64, params: &mut [ParamRef<'_>]) -> Result<(), OptimError> {
         self.check(lr, params)?;
-        let c = self.config;
-        for p in params.iter_mut() {
-            let state = self.state_of(p.name, p.value.len());
-            state.step += 1;
-            let k = Coef::new(c, lr, state.step, p.decay);
-            kernel::in_place(
-                &k,
-                p.value,
-                p.grad,
-                &mut state.exp_avg,
-                &mut state.exp_avg_sq,
-            );
+        let (c, threads) = (self.config, self.threads);
+        let mut states = self.states_for(params)?;
+        let mut pieces = Vec::new();
+        for (p, st) in params.iter_mut().zip(states.iter_mut()) {
+            st.step += 1;
+            let k = Coef::new(c, lr, st.step, p.decay);
+            let moments = st
+                .exp_avg
+                .chunks_mut(kernel::PIECE)
+                .zip(st.exp_avg_sq.chunks_mut(kernel::PIECE));
+            let values = p
+                .value
+                .chunks_mut(kernel::PIECE)
+                .zip(p.grad.chunks(kernel::PIECE));
+            for ((value, grad), (m, v)) in values.zip(moments) {
+                pieces.push(kernel::Piece::InPlace {
+                    k,
+                    value,
+                    grad,
+                    m,
+                    v,
+                });
+            }
         }
+        kernel::run(pieces, threads);
+        drop(states);
         self.state.steps += 1;
         Ok(())
     }
@@ -273,25 +297,43 @@ impl AdamW {
                 }
             }
         }
-        let c = self.config;
-        for (p, s) in params.iter().zip(spares.iter_mut()) {
-            let state = self.state_of(p.name, p.value.len());
-            state.step += 1;
-            let k = Coef::new(c, lr, state.step, p.decay);
-            let old = kernel::Old {
-                value: &*p.value,
-                m: &state.exp_avg,
-                v: &state.exp_avg_sq,
-            };
-            let new = kernel::New {
-                value: &mut *s.value,
-                m: s.exp_avg.as_mut_slice(),
-                v: s.exp_avg_sq.as_mut_slice(),
-            };
-            kernel::out_of_place(&k, old, p.grad, new);
-            std::mem::swap(&mut state.exp_avg, s.exp_avg);
-            std::mem::swap(&mut state.exp_avg_sq, s.exp_avg_sq);
+        let (c, threads) = (self.config, self.threads);
+        let mut states = self.states_for(params)?;
+        let mut pieces = Vec::new();
+        for ((p, s), st) in params.iter().zip(spares.iter_mut()).zip(states.iter_mut()) {
+            st.step += 1;
+            let k = Coef::new(c, lr, st.step, p.decay);
+            let old = p
+                .value
+                .chunks(kernel::PIECE)
+                .zip(st.exp_avg.chunks(kernel::PIECE))
+                .zip(st.exp_avg_sq.chunks(kernel::PIECE));
+            let new = s
+                .value
+                .chunks_mut(kernel::PIECE)
+                .zip(s.exp_avg.chunks_mut(kernel::PIECE))
+                .zip(s.exp_avg_sq.chunks_mut(kernel::PIECE));
+            for ((((value, m), v), ((nv, nm), ns)), grad) in
+                old.zip(new).zip(p.grad.chunks(kernel::PIECE))
+            {
+                pieces.push(kernel::Piece::OutOfPlace {
+                    k,
+                    old: kernel::Old { value, m, v },
+                    grad,
+                    new: kernel::New {
+                        value: nv,
+                        m: nm,
+                        v: ns,
+                    },
+                });
+            }
         }
+        kernel::run(pieces, threads);
+        for (st, s) in states.iter_mut().zip(spares.iter_mut()) {
+            std::mem::swap(&mut st.exp_avg, s.exp_avg);
+            std::mem::swap(&mut st.exp_avg_sq, s.exp_avg_sq);
+        }
+        drop(states);
         self.state.steps += 1;
         Ok(())
     }
@@ -328,16 +370,33 @@ impl AdamW {
         Ok(())
     }
 
-    /// The state of parameter `name` (`len` values), zero moments at step 0 when it is new.
-    fn state_of(&mut self, name: &str, len: usize) -> &mut ParamState {
-        self.state
+    /// The states of `params`, in their order, created with zero moments at step 0 for those
+    /// seen for the first time (the names are distinct: [`AdamW::check`]).
+    fn states_for(&mut self, params: &[ParamRef<'_>]) -> Result<Vec<&mut ParamState>, OptimError> {
+        for p in params {
+            self.state
+                .params
+                .entry(p.name.to_owned())
+                .or_insert_with(|| ParamState {
+                    step: 0,
+                    exp_avg: vec![0.0; p.value.len()],
+                    exp_avg_sq: vec![0.0; p.value.len()],
+                });
+        }
+        let mut by_name: std::collections::HashMap<&str, &mut ParamState> = self
+            .state
             .params
-            .entry(name.to_owned())
-            .or_insert_with(|| ParamState {
-                step: 0,
-                exp_avg: vec![0.0; len],
-                exp_avg_sq: vec![0.0; len],
+            .iter_mut()
+            .map(|(n, s)| (n.as_str(), s))
+            .collect();
+        params
+            .iter()
+            .map(|p| {
+                by_name
+                    .remove(p.name)
+                    .ok_or_else(|| OptimError::DuplicateName(p.name.to_owned()))
             })
+            .collect()
     }
 }
 
@@ -677,5 +736,62 @@ mod tests {
             .expect_err("short spare");
         assert!(err.to_string().contains("spare value has 3"), "{err}");
         assert_eq!(b.export_state(), state);
+    }
+
+    /// Several threads give the bits of one, in place and out of place.
+    #[test]
+    fn threads_do_not_change_the_bits() {
+        let sizes = [1usize << 20, 300_001, 7, 1 << 19];
+        let fill = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("p{i}")).collect();
+        let run = |threads: usize| {
+            let mut opt = AdamW::new(AdamWConfig::default())
+                .expect("adamw")
+                .with_threads(threads);
+            let mut values: Vec<Vec<f32>> = sizes.iter().map(|&n| fill(n, 1)).collect();
+            let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| fill(n, 2)).collect();
+            let mut refs: Vec<ParamRef<'_>> = values
+                .iter_mut()
+                .zip(&grads)
+                .zip(&names)
+                .map(|((value, grad), name)| ParamRef {
+                    name,
+                    value,
+                    grad,
+                    decay: true,
+                })
+                .collect();
+            opt.step(1e-3, &mut refs).expect("step");
+            let mut spares: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = sizes
+                .iter()
+                .map(|&n| (vec![0.0; n], vec![0.0; n], vec![0.0; n]))
+                .collect();
+            let mut sp: Vec<Spare<'_>> = spares
+                .iter_mut()
+                .map(|(value, exp_avg, exp_avg_sq)| Spare {
+                    value,
+                    exp_avg,
+                    exp_avg_sq,
+                })
+                .collect();
+            opt.step_out_of_place(1e-3, &refs, &mut sp).expect("step");
+            drop((sp, refs));
+            let new: Vec<Vec<f32>> = spares.into_iter().map(|s| s.0).collect();
+            (values, new, opt.export_state())
+        };
+        let bits = |v: &[Vec<f32>]| {
+            v.iter()
+                .map(|x| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        let (one_v, one_n, one_s) = run(1);
+        let (four_v, four_n, four_s) = run(4);
+        assert_eq!(bits(&one_v), bits(&four_v));
+        assert_eq!(bits(&one_n), bits(&four_n));
+        assert_eq!(one_s, four_s);
     }
 }

@@ -113,6 +113,72 @@ pub(crate) fn out_of_place(k: &Coef, old: Old<'_>, grad: &[f32], new: New<'_>) {
     scalar(k, &old, grad, &mut new, 0, n);
 }
 
+/// Values per piece of work dealt out to threads (a multiple of 8, so pieces keep their
+/// buffers' 32-byte offsets).
+pub(crate) const PIECE: usize = 1 << 18;
+
+/// A range of one parameter's update.
+pub(crate) enum Piece<'a> {
+    InPlace {
+        k: Coef,
+        value: &'a mut [f32],
+        grad: &'a [f32],
+        m: &'a mut [f32],
+        v: &'a mut [f32],
+    },
+    OutOfPlace {
+        k: Coef,
+        old: Old<'a>,
+        grad: &'a [f32],
+        new: New<'a>,
+    },
+}
+
+impl Piece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Piece::InPlace { grad, .. } | Piece::OutOfPlace { grad, .. } => grad.len(),
+        }
+    }
+
+    fn run(self) {
+        match self {
+            Piece::InPlace { k, value, grad, m, v } => in_place(&k, value, grad, m, v),
+            Piece::OutOfPlace { k, old, grad, new } => out_of_place(&k, old, grad, new),
+        }
+    }
+}
+
+/// Run `pieces` on up to `threads` threads (this one among them), each taking a contiguous run
+/// of about equal size; small steps run here alone. The results do not depend on the split.
+pub(crate) fn run(pieces: Vec<Piece<'_>>, threads: usize) {
+    let total: usize = pieces.iter().map(Piece::len).sum();
+    let threads = threads.min(pieces.len()).max(1);
+    if threads == 1 || total < 4 * PIECE {
+        pieces.into_iter().for_each(Piece::run);
+        return;
+    }
+    let share = total.div_ceil(threads);
+    let mut groups: Vec<Vec<Piece<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+    let (mut g, mut filled) = (0, 0);
+    for p in pieces {
+        if filled >= share && g + 1 < threads {
+            g += 1;
+            filled = 0;
+        }
+        filled += p.len();
+        groups[g].push(p);
+    }
+    std::thread::scope(|sc| {
+        let mut groups = groups.into_iter();
+        let mine = groups.next();
+        for group in groups {
+            sc.spawn(move || group.into_iter().for_each(Piece::run));
+        }
+        mine.into_iter().flatten().for_each(Piece::run);
+    });
+}
+
 /// How [`out_of_place_avx`] stores its results.
 #[derive(Clone, Copy)]
 enum Store {
