@@ -5,7 +5,7 @@
 //!
 //! In async mode a checkpoint due between steps is not copied: the next step keeps it, its
 //! optimizer update writing out of place so that the buffers it leaves hold the state before
-//! it ([`crate::kept_snapshot`]), and the checkpoint of step `s` is handed to the background
+//! it (`kept_snapshot.rs`), and the checkpoint of step `s` is handed to the background
 //! save when step `s + 1` ends. A checkpoint due after the job's last step is copied.
 //!
 //! Checkpoints live under `checkpoint.dir`: a relative directory is a key prefix of the run's
@@ -171,7 +171,7 @@ impl Checkpointer {
     }
 
     /// The snapshots of the newest committed checkpoint (rank order), once: the driver keeps
-    /// them as the ranks' in-memory copies ([`crate::rollback::Recovery::keep`]).
+    /// them as the ranks' in-memory copies (`rollback.rs`).
     pub fn take_committed(&mut self) -> Option<Vec<Snapshot>> {
         self.committed.take()
     }

@@ -9,7 +9,7 @@
 //!   buffers, f32 or bf16 bits). Its errors name the failed rank ([`CommActorError::culprit`]).
 //! - `CommBackend::Nccl` (feature `cuda`): an `NcclComm` on a dedicated thread, the one place
 //!   that blocks on NCCL (joining the communicator, then each operation until its stream is
-//!   done). It takes device buffers ([`Buf::Device`]) or host ones (copied to the GPU and back).
+//!   done). It takes device buffers (`Buf::Device`, with the `cuda` feature) or host ones (copied to the GPU and back).
 //!
 //! If the worker dies, the pending request's reply port is dropped (the caller's call fails) and
 //! the next message fails the actor, which its supervisor then sees.

@@ -7,7 +7,10 @@
 //!
 //! The rank actors stay up (a failed step is an answer, not a crash); a rank that cannot take
 //! its restore (dead, or silent past the deadline) ends the job as before. The replicas travel
-//! over a fabric of their own, which outlives the ranks' (as node agents would hold them).
+//! over a fabric of their own, which outlives the ranks' (as node agents would hold them). A
+//! rank that "loses its memory" ([`crate::faults::InjectedFault::lose_memory`]) loses its own
+//! copy only; the replicas it holds for its peers stay (a simplification: a real host loss
+//! would take them too, and those peers would fall back to storage).
 
 use std::sync::Arc;
 use std::time::Duration;

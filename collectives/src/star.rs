@@ -1,6 +1,6 @@
 //! Star algorithms for ranks that share one process: every rank moves its whole buffer to group
 //! rank 0 (the in-process fabric moves it, no copy), rank 0 reduces all the buffers in place
-//! block by block on several threads ([`crate::kernels`]), and moves each buffer back.
+//! block by block on several threads (`kernels.rs`), and moves each buffer back.
 //!
 //! An all-reduce then reads every buffer once and writes every buffer once, the least memory
 //! traffic an all-reduce of separate buffers can have (a ring reads and writes each chunk about

@@ -1,4 +1,4 @@
-//! The pipeline executor: runs one rank's action list of a [`Schedule`], driven by the
+//! The pipeline executor: runs one rank's action list of a [`Schedule`](crate::schedule::Schedule), driven by the
 //! activations and gradients that arrive from the neighbouring stages.
 //!
 //! For every action the executor receives what it needs (a forward's input activation from the

@@ -1,7 +1,7 @@
 //! Pipeline, expert and data parallelism: a rank's share of the model, the executor that runs its
 //! schedule, the expert all-to-all and the gradient reduction.
 //!
-//! - [`placement`]: which stages, layers and experts each rank holds; who holds each tensor.
+//! - [`placement`](mod@placement): which stages, layers and experts each rank holds; who holds each tensor.
 //! - [`executor`]: runs a rank's action list (F, B, W, BW, FB) driven by arriving activations and
 //!   gradients, timing it on the wall clock or with injected costs.
 //! - [`transport`]: blocking fabric messages for the compute threads: stage boundaries and the

@@ -143,7 +143,13 @@ impl Piece<'_> {
 
     fn run(self) {
         match self {
-            Piece::InPlace { k, value, grad, m, v } => in_place(&k, value, grad, m, v),
+            Piece::InPlace {
+                k,
+                value,
+                grad,
+                m,
+                v,
+            } => in_place(&k, value, grad, m, v),
             Piece::OutOfPlace { k, old, grad, new } => out_of_place(&k, old, grad, new),
         }
     }

@@ -11,8 +11,8 @@
 //! [`QuicOptions::lanes`], spread round-robin over the connections). A (channel, tag) maps to one
 //! lane, so messages stay FIFO per (source, tag) while a bulk transfer on one tag does not stall
 //! every other tag. Messages of at least [`QuicOptions::stripe_bytes`] are striped: one piece on
-//! every lane, so over every connection ([`send`]); the receiver copies pieces straight into
-//! the message's buffer and delivers it from the tag's own lane ([`recv`]). Frames are a
+//! every lane, so over every connection (`send.rs`); the receiver copies pieces straight into
+//! the message's buffer and delivers it from the tag's own lane (`recv.rs`). Frames are a
 //! 56-byte versioned header plus the body ([`frame`]); tensor bodies go on the wire as their
 //! little-endian bytes, without per-element conversion.
 //!

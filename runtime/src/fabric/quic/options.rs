@@ -17,7 +17,7 @@ pub(crate) fn lanes_for(lanes: usize, conns: usize) -> usize {
     lanes.clamp(1, 1024).next_multiple_of(conns.max(1))
 }
 
-/// Tuning of a [`QuicFabric`].
+/// Tuning of a [`QuicFabric`](super::QuicFabric).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuicOptions {
     /// Largest message body accepted or sent, bytes.
