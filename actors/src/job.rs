@@ -440,7 +440,7 @@ async fn drive(
                 // The newest committed checkpoint first becomes the ranks' own copies.
                 ck.finish().await?;
                 if let Some(snaps) = ck.take_committed() {
-                    ck.set_spares(rec.keep(snaps).await?);
+                    rec.keep(snaps).await?;
                 }
                 step = rec
                     .roll_back(e, &ranks, ck.engine(), clock, deadline, log)
@@ -485,12 +485,16 @@ async fn drive(
                 checkpoints::checkpoint(ck, &ranks, clock, deadline, step + 1).await?;
             }
         }
-        // A committed checkpoint becomes the ranks' in-memory copies and replicas; the copies
-        // it replaces serve as the buffers of the next kept snapshot.
+        // A committed checkpoint becomes the ranks' in-memory copies and replicas (in the
+        // background); the copies it replaces serve as the buffers of the next kept snapshot.
         if let (Some(ck), Some(rec)) = (ckpt.as_mut(), recovery.as_mut()) {
             ck.poll().await?;
             if let Some(snaps) = ck.take_committed() {
-                ck.set_spares(rec.keep(snaps).await?);
+                rec.keep(snaps).await?;
+            }
+            let spares = rec.take_spares().await?;
+            if !spares.is_empty() {
+                ck.set_spares(spares);
             }
         }
         step += 1;

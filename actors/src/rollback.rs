@@ -31,7 +31,13 @@ use crate::run_log::RunLog;
 /// Every rank's own copy and replicas, and what is left of the restart budget.
 #[derive(Debug)]
 pub(crate) struct Recovery {
-    replicas: Vec<RankReplicas>,
+    /// One per rank; handed to the background task while a commit's copies are made.
+    replicas: Option<Vec<RankReplicas>>,
+    /// The background task keeping the newest commit (encoding, hashing and pushing its
+    /// snapshots takes a pass over the state, which training need not wait for).
+    keeping: Option<tokio::task::JoinHandle<Keeping>>,
+    /// Own copies replaced by newer ones, for the checkpointer's next kept snapshots.
+    spares: Vec<Snapshot>,
     /// The fabric the replicas travel over.
     hub: Arc<InprocHub>,
     faults: Option<Arc<FaultPlan>>,
@@ -39,6 +45,13 @@ pub(crate) struct Recovery {
     /// The step of the checkpoint every rank holds in its own copy.
     kept: Option<u64>,
 }
+
+/// What a background keep gives back: the replicas, and the step kept with the own copies it
+/// replaced (or why it failed).
+type Keeping = (
+    Vec<RankReplicas>,
+    Result<(Option<u64>, Vec<Snapshot>), JobError>,
+);
 
 impl Recovery {
     /// The recovery of a job with checkpoints (inside a tokio runtime: it starts the replica
@@ -55,7 +68,9 @@ impl Recovery {
             })
             .collect();
         Ok(Self {
-            replicas,
+            replicas: Some(replicas),
+            keeping: None,
+            spares: Vec::new(),
             hub,
             faults,
             restarts_left: cfg.supervision.max_job_restarts,
@@ -63,23 +78,52 @@ impl Recovery {
         })
     }
 
-    /// Keep a committed checkpoint's snapshots (rank order) as the ranks' own copies and push
-    /// their replicas; the own copies they replace are handed back.
-    pub(crate) async fn keep(&mut self, snaps: Vec<Snapshot>) -> Result<Vec<Snapshot>, JobError> {
-        if snaps.len() != self.replicas.len() {
-            return Err(JobError::Checkpoint(format!(
-                "{} snapshots for {} ranks",
-                snaps.len(),
-                self.replicas.len()
-            )));
+    /// Start keeping a committed checkpoint's snapshots (rank order) as the ranks' own copies
+    /// and pushing their replicas, in the background (after the keep before it has finished).
+    pub(crate) async fn keep(&mut self, snaps: Vec<Snapshot>) -> Result<(), JobError> {
+        let mut replicas = self.settle().await?;
+        if snaps.len() != replicas.len() {
+            let why = format!("{} snapshots for {} ranks", snaps.len(), replicas.len());
+            self.replicas = Some(replicas);
+            return Err(JobError::Checkpoint(why));
         }
-        let step = snaps.first().map(|s| s.step);
-        let mut old = Vec::new();
-        for (r, snap) in self.replicas.iter_mut().zip(snaps) {
-            old.extend(r.keep(snap).await?);
+        self.keeping = Some(tokio::spawn(async move {
+            let step = snaps.first().map(|s| s.step);
+            let mut old = Vec::new();
+            for (r, snap) in replicas.iter_mut().zip(snaps) {
+                match r.keep(snap).await {
+                    Ok(o) => old.extend(o),
+                    Err(e) => return (replicas, Err(e)),
+                }
+            }
+            (replicas, Ok((step, old)))
+        }));
+        Ok(())
+    }
+
+    /// The own copies that finished keeps replaced (empty while a keep is still running).
+    pub(crate) async fn take_spares(&mut self) -> Result<Vec<Snapshot>, JobError> {
+        if self.keeping.as_ref().is_some_and(|h| h.is_finished()) {
+            let replicas = self.settle().await?;
+            self.replicas = Some(replicas);
         }
-        self.kept = step;
-        Ok(old)
+        Ok(std::mem::take(&mut self.spares))
+    }
+
+    /// Wait for the keep in flight, if any, and take the replicas back.
+    async fn settle(&mut self) -> Result<Vec<RankReplicas>, JobError> {
+        if let Some(h) = self.keeping.take() {
+            let (replicas, done) = h
+                .await
+                .map_err(|e| JobError::Checkpoint(format!("keeping the checkpoint: {e}")))?;
+            self.replicas = Some(replicas);
+            let (step, old) = done?;
+            self.kept = step;
+            self.spares.extend(old);
+        }
+        self.replicas
+            .take()
+            .ok_or_else(|| JobError::Checkpoint("the ranks' copies were lost".into()))
     }
 
     /// After `failure`, restore every rank to the kept checkpoint and say at which step
@@ -98,7 +142,9 @@ impl Recovery {
         let JobError::RankFailed { rank, step, why } = &failure else {
             return Err(failure);
         };
+        let mut replicas = self.settle().await?;
         let Some(to) = self.kept.filter(|_| self.restarts_left > 0) else {
+            self.replicas = Some(replicas);
             return Err(failure);
         };
         self.restarts_left -= 1;
@@ -110,14 +156,20 @@ impl Recovery {
         )
         .await?;
         ranks.reset_fabric();
-        let mut snaps = Vec::with_capacity(self.replicas.len());
-        for (r, rep) in self.replicas.iter_mut().enumerate() {
+        let mut snaps = Vec::with_capacity(replicas.len());
+        for (r, rep) in replicas.iter_mut().enumerate() {
             if self.faults.as_ref().is_some_and(|f| f.lost_memory(r)) {
                 rep.drop_own();
             }
-            let restored = rep.restore(Some(engine), Some(to)).await.map_err(|e| {
-                JobError::Checkpoint(format!("rolling back after \"{failure}\": {e}"))
-            })?;
+            let restored = match rep.restore(Some(engine), Some(to)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.replicas = Some(replicas);
+                    return Err(JobError::Checkpoint(format!(
+                        "rolling back after \"{failure}\": {e}"
+                    )));
+                }
+            };
             let passed = if restored.rejected.is_empty() {
                 String::new()
             } else {
@@ -133,6 +185,7 @@ impl Recovery {
             .await?;
             snaps.push(restored.snapshot);
         }
+        self.replicas = Some(replicas);
         let msgs = snaps
             .into_iter()
             .map(|s| move |reply| RankMsg::Restore(Box::new(s), reply))
