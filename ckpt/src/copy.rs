@@ -54,42 +54,14 @@ pub fn parallel_copy(pairs: Vec<(&mut [f32], &[f32])>) {
             pieces.push((dc, sc));
         }
     }
-    let total: usize = pieces.iter().map(|(d, _)| d.len()).sum();
-    let threads = std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(1)
-        .min(pieces.len().max(1));
-    if threads <= 1 || total < 4 * PIECE {
-        for (d, s) in pieces {
-            copy_f32(d, s);
-        }
-        return;
-    }
-    let share = total.div_ceil(threads);
-    let mut groups: Vec<Vec<(&mut [f32], &[f32])>> = (0..threads).map(|_| Vec::new()).collect();
-    let (mut g, mut filled) = (0, 0);
-    for p in pieces {
-        if filled >= share && g + 1 < threads {
-            g += 1;
-            filled = 0;
-        }
-        filled += p.0.len();
-        groups[g].push(p);
-    }
-    std::thread::scope(|sc| {
-        let mut groups = groups.into_iter();
-        let mine = groups.next();
-        for group in groups {
-            sc.spawn(move || {
-                for (d, s) in group {
-                    copy_f32(d, s);
-                }
-            });
-        }
-        for (d, s) in mine.into_iter().flatten() {
-            copy_f32(d, s);
-        }
-    });
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    flotilla_model::par::run_pieces(
+        pieces,
+        threads,
+        4 * PIECE,
+        |(d, _)| d.len(),
+        |(d, s)| copy_f32(d, s),
+    );
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod hf;
 pub mod layers;
 pub mod model;
 pub mod optim;
+pub mod par;
 pub mod params;
 pub mod rng;
 pub mod stage;

@@ -374,14 +374,15 @@ impl AdamW {
     /// seen for the first time (the names are distinct: [`AdamW::check`]).
     fn states_for(&mut self, params: &[ParamRef<'_>]) -> Result<Vec<&mut ParamState>, OptimError> {
         for p in params {
-            self.state
-                .params
-                .entry(p.name.to_owned())
-                .or_insert_with(|| ParamState {
+            if !self.state.params.contains_key(p.name) {
+                let n = p.value.len();
+                let fresh = ParamState {
                     step: 0,
-                    exp_avg: vec![0.0; p.value.len()],
-                    exp_avg_sq: vec![0.0; p.value.len()],
-                });
+                    exp_avg: vec![0.0; n],
+                    exp_avg_sq: vec![0.0; n],
+                };
+                self.state.params.insert(p.name.to_owned(), fresh);
+            }
         }
         let mut by_name: std::collections::HashMap<&str, &mut ParamState> = self
             .state

@@ -89,7 +89,7 @@ pub(crate) struct New<'a> {
 }
 
 /// Write the updated `old` into `new` (every slice as long as `grad`); `old` is not changed.
-pub(crate) fn out_of_place(k: &Coef, old: Old<'_>, grad: &[f32], new: New<'_>) {
+pub(crate) fn out_of_place(k: &Coef, old: Old<'_>, grad: &[f32], mut new: New<'_>) {
     let n = grad.len();
     debug_assert!(
         [old.value.len(), old.m.len(), old.v.len()]
@@ -109,7 +109,6 @@ pub(crate) fn out_of_place(k: &Coef, old: Old<'_>, grad: &[f32], new: New<'_>) {
             return;
         }
     }
-    let mut new = new;
     scalar(k, &old, grad, &mut new, 0, n);
 }
 
@@ -155,34 +154,10 @@ impl Piece<'_> {
     }
 }
 
-/// Run `pieces` on up to `threads` threads (this one among them), each taking a contiguous run
-/// of about equal size; small steps run here alone. The results do not depend on the split.
+/// Run `pieces` on up to `threads` threads ([`crate::par::run_pieces`]); small steps run here
+/// alone. The results do not depend on the split.
 pub(crate) fn run(pieces: Vec<Piece<'_>>, threads: usize) {
-    let total: usize = pieces.iter().map(Piece::len).sum();
-    let threads = threads.min(pieces.len()).max(1);
-    if threads == 1 || total < 4 * PIECE {
-        pieces.into_iter().for_each(Piece::run);
-        return;
-    }
-    let share = total.div_ceil(threads);
-    let mut groups: Vec<Vec<Piece<'_>>> = (0..threads).map(|_| Vec::new()).collect();
-    let (mut g, mut filled) = (0, 0);
-    for p in pieces {
-        if filled >= share && g + 1 < threads {
-            g += 1;
-            filled = 0;
-        }
-        filled += p.len();
-        groups[g].push(p);
-    }
-    std::thread::scope(|sc| {
-        let mut groups = groups.into_iter();
-        let mine = groups.next();
-        for group in groups {
-            sc.spawn(move || group.into_iter().for_each(Piece::run));
-        }
-        mine.into_iter().flatten().for_each(Piece::run);
-    });
+    crate::par::run_pieces(pieces, threads, 4 * PIECE, Piece::len, Piece::run);
 }
 
 /// How [`out_of_place_avx`] stores its results.
