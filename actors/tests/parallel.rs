@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_actors::pipeline;
+use flotilla_actors::pipeline::{self, Overlap};
 use flotilla_actors::trainer::Trainer;
 use flotilla_actors::{StepRecord, train};
 use flotilla_runtime::clock::RealClock;
@@ -64,6 +64,11 @@ fn reference(ep: usize, dp: usize) -> Run {
 
 /// Every rank of `cfg` on its own thread over one in-process fabric.
 fn parallel(cfg: &Config) -> Run {
+    parallel_with(cfg, Overlap::default(), STEPS)
+}
+
+/// [`parallel`] with the executor overlapping as `overlap` says, for `steps` steps.
+fn parallel_with(cfg: &Config, overlap: Overlap, steps: u64) -> Run {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,8 +84,9 @@ fn parallel(cfg: &Config) -> Run {
                 let hub = &hub;
                 s.spawn(move || {
                     let mut t = pipeline::new_rank(cfg, r, fabric, handle).expect("rank");
+                    t.set_overlap(overlap);
                     let mut losses = Vec::new();
-                    for _ in 0..STEPS {
+                    for _ in 0..steps {
                         match t.step() {
                             Ok(st) => losses.push(st.loss),
                             Err(e) => {
@@ -227,6 +233,29 @@ fn dualpipe_matches_single_rank() {
 #[test]
 fn dualpipev_matches_single_rank() {
     every_layout(Schedule::DualPipeV);
+}
+
+/// How the executor overlaps its actions changes when things run, never what they compute: one
+/// at a time, F&B pairs and two or three streams give the same losses and parameters, bit for
+/// bit (W's are applied and losses summed in list order), for DualPipe with EP (its pairs) and
+/// ZB1P (its deferred W's).
+#[test]
+fn every_overlap_gives_the_same_bits() {
+    for schedule in [Schedule::DualPipe, Schedule::Zb1p] {
+        let cfg = layout(schedule, 2, 2, 1);
+        let want = parallel_with(&cfg, Overlap::Off, 3);
+        for overlap in [Overlap::Pairs, Overlap::Streams(2), Overlap::Streams(3)] {
+            let got = parallel_with(&cfg, overlap, 3);
+            assert_eq!(got.0, want.0, "{schedule:?} {overlap:?}: losses");
+            for (name, v) in &want.1 {
+                let g = &got.1[name];
+                assert!(
+                    g.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{schedule:?} {overlap:?}: {name} differs"
+                );
+            }
+        }
+    }
 }
 
 /// Through the whole job (rank actors under the supervisor): the same layout twice gives the

@@ -69,6 +69,10 @@ pub struct PipelineArgs {
     /// Do not pin rank r (and its F&B threads) to one core.
     #[arg(long)]
     no_pin: bool,
+    /// Streams of the overlapped executor (1 to 4).
+    #[arg(long, default_value_t = flotilla_actors::pipeline::Overlap::DEFAULT_STREAMS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4))]
+    streams: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -201,6 +205,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 latency_us: a.latency_us,
                 comm_over_compute: a.comm_over_compute,
                 pin: !a.no_pin,
+                streams: a.streams,
             };
             let report = crate::bench::pipeline::run(&args)?;
             if a.json {

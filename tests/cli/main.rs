@@ -23,10 +23,33 @@ fn flotilla_ok(args: &[&str]) -> Output {
     out
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A scratch directory under the system temp dir, removed when dropped (also when a
+/// test panics), so that repeated runs do not fill the disk with training outputs.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("flotilla-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    d
+    Scratch(d)
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub mod executor;
 pub mod grad_sync;
 pub mod placement;
 pub mod step;
+mod streams;
 pub mod transport;
 pub mod work;
 
@@ -42,7 +43,7 @@ use crate::model_config::model_config;
 use crate::schedule::{self, Action, Kind};
 use crate::trainer::Trainer;
 
-pub use executor::{Executor, StageWork, Timing, Trace};
+pub use executor::{Executor, Overlap, StageWork, Timing, Trace};
 pub use placement::Placement;
 
 /// Fabric channel of the per-step statistics all-reduce.
@@ -104,8 +105,8 @@ pub struct RankParallel {
     pub moe_layers: Vec<usize>,
     /// Trainable tensors this rank counts in the global norm (it is their lowest holder).
     pub canonical: Vec<String>,
-    /// Whether the halves of an F&B pair run at the same time (on by default).
-    pub overlap: bool,
+    /// How the executor overlaps actions (streams by default).
+    pub overlap: Overlap,
     /// The executor's trace of the last step.
     pub last_trace: Option<Trace>,
     /// The expert all-to-alls of the last step.
@@ -213,7 +214,7 @@ pub fn new_rank(
         sync: Mutex::new(sync),
         moe_layers,
         canonical,
-        overlap: true,
+        overlap: Overlap::default(),
         last_trace: None,
         last_exchange: Default::default(),
     });
@@ -248,8 +249,8 @@ impl Trainer {
         self.parallel.as_ref().map(|p| p.last_exchange)
     }
 
-    /// Run the halves of F&B pairs at the same time (the default) or one after the other.
-    pub fn set_overlap(&mut self, overlap: bool) {
+    /// How the executor overlaps actions (see [`Overlap`]).
+    pub fn set_overlap(&mut self, overlap: Overlap) {
         if let Some(p) = self.parallel.as_mut() {
             p.overlap = overlap;
         }

@@ -20,7 +20,7 @@ use flotilla_model::{Batch, LossParts};
 
 use super::executor::{Executor, Timing};
 use super::transport::{Failure, Link};
-use super::work::{LocalLosses, ModelWork};
+use super::work::{ForwardOutputs, ModelWork};
 use crate::error::JobError;
 use crate::trainer::{StepStats, Trainer, adamw_step, clip_with_sum_sq, zero};
 
@@ -78,7 +78,7 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
         caches: Mutex::new(Default::default()),
         grads: &grads,
         sync: &par.sync,
-        losses: Mutex::new(LocalLosses::default()),
+        losses: Mutex::new(ForwardOutputs::default()),
     };
     let mut exec = Executor::new(
         &par.placement,
@@ -89,9 +89,10 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
     );
     exec.overlap = par.overlap;
     let ran = exec.run(&work, &par.actions);
-    let losses = work.losses.into_inner().unwrap_or_default();
+    let losses = work.losses.into_inner().unwrap_or_default().sum();
     par.last_trace = Some(ran.map_err(&fail)?);
     par.last_exchange = link.stats.lock().map(|s| *s).unwrap_or_default();
+    par.last_exchange.baton_held_s = link.baton.held_s();
     par.sync
         .lock()
         .map_err(|_| fail("gradient sync poisoned".into()))?

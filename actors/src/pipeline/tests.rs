@@ -12,7 +12,7 @@ use flotilla_runtime::fabric::Fabric;
 use flotilla_runtime::fabric::inproc::InprocHub;
 use flotilla_runtime::topology::Topology;
 
-use super::executor::{Executor, StageWork, Timing, Trace};
+use super::executor::{Executor, Overlap, StageWork, Timing, Trace};
 use super::placement::Placement;
 use super::transport::{Failure, Link};
 use crate::schedule::tests::{exact_settings, report_costs, table2};
@@ -41,8 +41,8 @@ impl StageWork for CostOnly {
     }
 }
 
-/// Every rank of a `kind` pipeline through the executor with injected `costs`.
-fn run(kind: Kind, pp: usize, chunks: usize, costs: Costs) -> Vec<Trace> {
+/// A runtime, and the placement of a `kind` pipeline over `pp` ranks of the tiny model.
+fn setup(kind: Kind, pp: usize, chunks: usize) -> (tokio::runtime::Runtime, Placement) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -52,21 +52,31 @@ fn run(kind: Kind, pp: usize, chunks: usize, costs: Costs) -> Vec<Trace> {
     let topo = Topology::new(1, pp, pp, 1, 1).expect("topology");
     let mut cfg = ModelConfig::tiny();
     cfg.num_hidden_layers = 2 * pp;
-    let placement = Placement::new(&cfg, topo, schedule);
+    (rt, Placement::new(&cfg, topo, schedule))
+}
+
+/// Rank `r`'s link for step 0 over `hub`.
+fn link(hub: &Arc<InprocHub>, r: usize, rt: &tokio::runtime::Runtime, deadline: Duration) -> Link {
+    Link {
+        fabric: Arc::new(hub.endpoint(r)) as Arc<dyn Fabric>,
+        rt: rt.handle().clone(),
+        deadline,
+        step: 0,
+        failure: Failure::default(),
+        stats: Default::default(),
+        baton: Default::default(),
+    }
+}
+
+/// Every rank of a `kind` pipeline through the executor with injected `costs`.
+fn run(kind: Kind, pp: usize, chunks: usize, costs: Costs) -> Vec<Trace> {
+    let (rt, placement) = setup(kind, pp, chunks);
     let hub = InprocHub::new(pp);
     let epoch = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..pp)
             .map(|r| {
-                let link = Link {
-                    fabric: Arc::new(hub.endpoint(r)) as Arc<dyn Fabric>,
-                    rt: rt.handle().clone(),
-                    deadline: Duration::from_secs(20),
-                    step: 0,
-                    failure: Failure::default(),
-                    stats: Default::default(),
-                    baton: Default::default(),
-                };
+                let link = link(&hub, r, &rt, Duration::from_secs(20));
                 let placement = &placement;
                 s.spawn(move || {
                     let exec = Executor::new(placement, r, &link, Timing::Injected(costs), epoch);
@@ -136,4 +146,169 @@ fn executor_peak_activations_follow_the_report() {
             t.iter().map(|t| t.peak_activations).collect::<Vec<_>>()
         );
     }
+}
+
+/// A stage that takes up to about a millisecond per pass, records the order in which its W's are applied,
+/// and fails the forward of `fail` when given.
+#[derive(Default)]
+struct Recording {
+    ws: std::sync::Mutex<Vec<(usize, usize)>>,
+    fail: Option<(usize, usize)>,
+}
+
+impl StageWork for Recording {
+    fn boundary_len(&self, _chunk: usize) -> usize {
+        1
+    }
+    fn forward(&self, c: usize, s: usize, _: Option<Vec<f32>>) -> Result<Option<Vec<f32>>, String> {
+        if self.fail == Some((c, s)) {
+            return Err(format!("injected failure in F(chunk {c}, stage {s})"));
+        }
+        // Uneven durations, so that the streams finish out of order.
+        std::thread::sleep(Duration::from_micros(
+            200 + 400 * ((c * 7 + s * 3) % 4) as u64,
+        ));
+        Ok(Some(vec![0.0]))
+    }
+    fn backward_input(
+        &self,
+        _: usize,
+        _: usize,
+        _: Option<Vec<f32>>,
+    ) -> Result<Option<Vec<f32>>, String> {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(Some(vec![0.0]))
+    }
+    fn backward_weight(&self, c: usize, s: usize) -> Result<(), String> {
+        std::thread::sleep(Duration::from_millis(1));
+        if let Ok(mut ws) = self.ws.lock() {
+            ws.push((c, s));
+        }
+        Ok(())
+    }
+}
+
+type WallRun = (Result<Trace, String>, Vec<(usize, usize)>);
+
+/// Every rank of a `kind` pipeline through the executor on the wall clock, overlapping as
+/// `overlap` says; rank `r` fails the forward `fail(r)`.
+fn run_wall(
+    kind: Kind,
+    pp: usize,
+    chunks: usize,
+    overlap: Overlap,
+    deadline: Duration,
+    fail: impl Fn(usize) -> Option<(usize, usize)> + Sync,
+) -> (Vec<WallRun>, crate::schedule::Schedule) {
+    let (rt, placement) = setup(kind, pp, chunks);
+    let schedule = placement.schedule.clone();
+    let hub = InprocHub::new(pp);
+    let epoch = Instant::now();
+    let runs = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..pp)
+            .map(|r| {
+                let link = link(&hub, r, &rt, deadline);
+                let (placement, hub, fail) = (&placement, &hub, &fail);
+                s.spawn(move || {
+                    let mut exec = Executor::new(placement, r, &link, Timing::Wall, epoch);
+                    exec.overlap = overlap;
+                    let work = Recording {
+                        fail: fail(r),
+                        ..Recording::default()
+                    };
+                    let ran = exec.run(&work, &placement.schedule.ranks[r]);
+                    if let Err(why) = &ran {
+                        hub.fail_rank(r, why.clone());
+                    }
+                    (ran, work.ws.into_inner().unwrap_or_default())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    });
+    (runs, schedule)
+}
+
+/// Every schedule on 1–4 streams: no deadlock, W's in list order, never more activations than
+/// the schedule holds, and some actions really overlap.
+#[test]
+fn streams_apply_w_in_list_order_within_the_schedules_memory() {
+    let kinds = [
+        Kind::GPipe,
+        Kind::OneF1B,
+        Kind::Zb1p,
+        Kind::DualPipe,
+        Kind::DualPipeV,
+    ];
+    for (kind, pp, streams) in kinds
+        .into_iter()
+        .flat_map(|k| [2, 4].map(move |pp| (k, pp)))
+        .flat_map(|(k, pp)| [1, 2, 3, 4].map(move |n| (k, pp, n)))
+    {
+        let (runs, schedule) = run_wall(
+            kind,
+            pp,
+            2 * pp + 2,
+            Overlap::Streams(streams),
+            Duration::from_secs(20),
+            |_| None,
+        );
+        let mut overlapped = false;
+        for (r, (ran, ws)) in runs.into_iter().enumerate() {
+            let trace =
+                ran.unwrap_or_else(|e| panic!("{kind} pp={pp} streams={streams} rank {r}: {e}"));
+            let want: Vec<(usize, usize)> = schedule.ranks[r]
+                .iter()
+                .flat_map(|a| a.units())
+                .filter(|u| u.op == crate::schedule::Op::W)
+                .map(|u| (u.chunk, u.stage))
+                .collect();
+            assert_eq!(
+                ws, want,
+                "{kind} pp={pp} streams={streams} rank {r}: W's out of order"
+            );
+            let most = crate::schedule::timeline::peak_activations(&schedule.ranks[r]);
+            assert!(
+                trace.peak_activations <= most,
+                "{kind} rank {r}: {} activations held, the schedule holds {most}",
+                trace.peak_activations
+            );
+            overlapped |= trace.spans.windows(2).any(|w| w[1].start < w[0].end);
+        }
+        assert!(
+            overlapped || streams == 1,
+            "{kind} pp={pp} streams={streams}: no two actions ever overlapped"
+        );
+    }
+}
+
+#[test]
+fn a_failing_piece_stops_the_streams_and_the_pipeline_without_a_hang() {
+    let started = Instant::now();
+    let (runs, schedule) = run_wall(
+        Kind::DualPipe,
+        2,
+        8,
+        Overlap::Streams(3),
+        Duration::from_millis(500),
+        |r| (r == 1).then_some((3, 1)),
+    );
+    assert!(
+        schedule.ranks[1]
+            .iter()
+            .flat_map(|a| a.units())
+            .any(|u| u.op == crate::schedule::Op::F && (u.chunk, u.stage) == (3, 1)),
+        "rank 1 runs F(3, 1)"
+    );
+    let err = runs[1].0.as_ref().expect_err("rank 1 fails");
+    assert!(err.contains("injected failure"), "{err}");
+    assert!(runs[0].0.is_err(), "rank 0 cannot finish without rank 1");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }

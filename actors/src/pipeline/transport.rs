@@ -8,6 +8,7 @@
 //! failure is kept (the first one wins) and turned into the step's error by the executor — the
 //! model layer calling the exchange gets zero-filled buffers and never panics.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,28 +49,41 @@ impl Failure {
     }
 }
 
-/// The rank's compute baton: one half of an F&B pair computes while the other waits for the
-/// fabric. A half holds it while it computes and hands it over at every receive, so the halves
-/// interleave — one's all-to-all in flight while the other computes, as the report orders
-/// DualPipe's components — instead of both computing at half speed and then both waiting. It is
-/// a ticket lock: handed over in the order asked for, so a half whose data has arrived never
-/// barges ahead of one that has been waiting for its turn.
+/// The rank's compute baton: one stream (a half of an F&B pair, or one of the executor's
+/// streams) computes while the others wait for the fabric. A stream holds it while it computes
+/// and hands it over at every receive, so the streams interleave — one's all-to-all in flight
+/// while another computes, as the report orders DualPipe's components — instead of all
+/// computing at a fraction of the speed and then all waiting. It is a ticket lock: handed over
+/// in the order asked for, so a stream whose data has arrived never barges ahead of one that
+/// has been waiting for its turn.
 #[derive(Debug, Clone, Default)]
-pub struct Baton(Arc<(Mutex<(u64, u64)>, std::sync::Condvar)>);
+pub struct Baton(Arc<(Mutex<Turns>, std::sync::Condvar)>);
+
+#[derive(Debug, Default)]
+struct Turns {
+    /// The next ticket to hand out.
+    next: u64,
+    /// The ticket that holds the baton.
+    serving: u64,
+    /// When the holder took it, and the seconds it was held before.
+    since: Option<std::time::Instant>,
+    held_s: f64,
+}
 
 impl Baton {
     /// Wait for this caller's turn, then hold the baton.
     pub fn acquire(&self) {
         let (turns, cv) = &*self.0;
         if let Ok(mut t) = turns.lock() {
-            let mine = t.0;
-            t.0 += 1;
-            while t.1 != mine {
+            let mine = t.next;
+            t.next += 1;
+            while t.serving != mine {
                 match cv.wait(t) {
                     Ok(g) => t = g,
                     Err(_) => return,
                 }
             }
+            t.since = Some(std::time::Instant::now());
         }
     }
 
@@ -77,9 +91,17 @@ impl Baton {
     pub fn release(&self) {
         let (turns, cv) = &*self.0;
         if let Ok(mut t) = turns.lock() {
-            t.1 += 1;
+            if let Some(since) = t.since.take() {
+                t.held_s += since.elapsed().as_secs_f64();
+            }
+            t.serving += 1;
             cv.notify_all();
         }
+    }
+
+    /// Seconds the baton has been held so far: the rank's compute on its streams.
+    pub fn held_s(&self) -> f64 {
+        self.0.0.lock().map(|t| t.held_s).unwrap_or(0.0)
     }
 }
 
@@ -92,6 +114,8 @@ pub struct ExchangeStats {
     pub bytes_sent: u64,
     /// All-to-alls run.
     pub exchanges: u64,
+    /// Seconds the rank's compute baton was held: its streams' compute, waits excluded.
+    pub baton_held_s: f64,
 }
 
 /// A rank's blocking view of the fabric for one step.
@@ -205,21 +229,33 @@ pub struct FabricExchange {
     pub group: Vec<Rank>,
     pub index: usize,
     pub chunk: usize,
+    /// This rank's own part of each posted exchange, by tag, until it is waited for.
+    pub own: Mutex<HashMap<Tag, Vec<f32>>>,
 }
 
 impl FabricExchange {
-    fn tag(&self, layer: usize, phase: u64) -> Tag {
+    pub fn new(link: Link, group: Vec<Rank>, index: usize, chunk: usize) -> FabricExchange {
+        FabricExchange {
+            link,
+            group,
+            index,
+            chunk,
+            own: Mutex::default(),
+        }
+    }
+
+    fn tag(&self, layer: usize, phase: ExchangePhase) -> Tag {
         Tag::new(
             EP_CHANNEL,
             (self.link.step & 0xff_ffff) << 40
                 | ((self.chunk as u64) & 0xffff) << 24
                 | ((layer as u64) & 0xffff) << 8
-                | phase,
+                | phase_code(phase),
         )
     }
 
-    /// Send `send[p]` to every peer, keep our own, receive from every peer.
-    fn all_to_all(&self, tag: Tag, mut send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, String> {
+    /// Send `send[p]` to every peer and keep our own.
+    fn send_all(&self, tag: Tag, mut send: Vec<Vec<f32>>) -> Result<(), String> {
         let p = self.group.len();
         if send.len() != p {
             return Err(format!(
@@ -231,6 +267,10 @@ impl FabricExchange {
             return Err(f);
         }
         let mine = std::mem::take(&mut send[self.index]);
+        self.own
+            .lock()
+            .map_err(|_| "a compute thread panicked".to_string())?
+            .insert(tag, mine);
         let bytes: usize = send.iter().map(|v| v.len() * 4).sum();
         for (q, part) in send.into_iter().enumerate() {
             if q != self.index {
@@ -241,14 +281,30 @@ impl FabricExchange {
                     .map_err(|e| format!("expert all-to-all {tag} to rank {dst}: {e}"))?;
             }
         }
-        let mut out = Vec::with_capacity(p);
+        if let Ok(mut st) = self.link.stats.lock() {
+            st.bytes_sent += bytes as u64;
+        }
+        Ok(())
+    }
+
+    /// Receive every peer's part of `tag`; our own is the one we kept.
+    fn recv_all(&self, tag: Tag) -> Result<Vec<Vec<f32>>, String> {
+        if let Some(f) = self.link.failure.get() {
+            return Err(f);
+        }
+        let mine = self
+            .own
+            .lock()
+            .map_err(|_| "a compute thread panicked".to_string())?
+            .remove(&tag)
+            .ok_or_else(|| format!("internal: expert all-to-all {tag} waited for, not posted"))?;
+        let mut out = Vec::with_capacity(self.group.len());
         let waiting = std::time::Instant::now();
-        for q in 0..p {
+        for (q, &src) in self.group.iter().enumerate() {
             if q == self.index {
                 out.push(Vec::new());
                 continue;
             }
-            let src = self.group[q];
             let v = self
                 .link
                 .recv(src, tag)
@@ -261,7 +317,6 @@ impl FabricExchange {
         out[self.index] = mine;
         if let Ok(mut st) = self.link.stats.lock() {
             st.wait_s += waiting.elapsed().as_secs_f64();
-            st.bytes_sent += bytes as u64;
             st.exchanges += 1;
         }
         Ok(out)
@@ -286,50 +341,18 @@ impl ExpertExchange for FabricExchange {
         self.index
     }
 
-    fn counts(&self, layer: usize, send: Vec<Vec<u32>>) -> Vec<Vec<u32>> {
-        let widths: Vec<usize> = send.iter().map(Vec::len).collect();
-        let as_f32 = send
-            .into_iter()
-            .map(|v| v.into_iter().map(|c| c as f32).collect())
-            .collect();
-        match self.all_to_all(self.tag(layer, 0), as_f32) {
-            Ok(recv) => recv
-                .into_iter()
-                .map(|v| v.into_iter().map(|c| c as u32).collect())
-                .collect(),
-            Err(why) => {
-                self.link.failure.set(why);
-                let w = widths.get(self.index).copied().unwrap_or(0);
-                vec![vec![0; w]; self.group.len()]
-            }
+    fn post(&self, layer: usize, phase: ExchangePhase, send: Vec<Vec<f32>>) {
+        if let Err(why) = self.send_all(self.tag(layer, phase), send) {
+            self.link.failure.set(why);
         }
     }
 
-    fn rows(
-        &self,
-        layer: usize,
-        phase: ExchangePhase,
-        send: Vec<Vec<f32>>,
-        recv_lens: &[usize],
-    ) -> Vec<Vec<f32>> {
-        let tag = self.tag(layer, phase_code(phase));
-        let result = self.all_to_all(tag, send).and_then(|recv| {
-            match recv.iter().zip(recv_lens).position(|(v, &n)| v.len() != n) {
-                Some(q) => Err(format!(
-                    "expert all-to-all {tag}: rank {} sent {} values, expected {}",
-                    self.group[q],
-                    recv[q].len(),
-                    recv_lens[q]
-                )),
-                None => Ok(recv),
-            }
-        });
-        match result {
-            Ok(recv) => recv,
-            Err(why) => {
-                self.link.failure.set(why);
-                recv_lens.iter().map(|&n| vec![0.0; n]).collect()
-            }
-        }
+    /// On a failure (recorded for the executor) every part comes back empty: the layer reads
+    /// zeros and finishes, and the step reports the failure.
+    fn wait(&self, layer: usize, phase: ExchangePhase) -> Vec<Vec<f32>> {
+        self.recv_all(self.tag(layer, phase)).unwrap_or_else(|why| {
+            self.link.failure.set(why);
+            vec![Vec::new(); self.group.len()]
+        })
     }
 }

@@ -1,11 +1,11 @@
 //! The real compute of a rank's stages for one step: the model's stage forward, B and W on the
 //! rank's micro-batches, with the MoE layers' expert all-to-all over the EP group.
 //!
-//! Callable from two threads at once (the halves of an F&B pair): the model is only read, the
-//! activation caches and the gradients sit behind locks, and each (chunk, stage) pass gets its
-//! own [`FabricExchange`] whose messages are tagged with the chunk.
+//! Callable from several threads at once (an F&B pair's halves, the executor's streams): the
+//! model is only read, the activation caches and the gradients sit behind locks, and each
+//! (chunk, stage) pass gets its own [`FabricExchange`] whose messages are tagged with the chunk.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use flotilla_model::layers::router::ExpertLoad;
@@ -26,6 +26,30 @@ pub struct LocalLosses {
     pub loads: HashMap<usize, ExpertLoad>,
 }
 
+/// What each forward of the step produced, by (chunk, stage). Forwards may finish in any order
+/// (streams), so they are summed afterwards in key order: the same bits every time.
+#[derive(Debug, Default)]
+pub struct ForwardOutputs(BTreeMap<(usize, usize), (LossParts, Vec<ExpertLoad>)>);
+
+impl ForwardOutputs {
+    /// The sums over every forward, in (chunk, stage) order.
+    pub fn sum(self) -> LocalLosses {
+        let mut l = LocalLosses::default();
+        for (parts, loads) in self.0.into_values() {
+            l.parts.merge(&parts);
+            for load in loads {
+                match l.loads.get_mut(&load.layer) {
+                    Some(acc) => acc.accumulate(&load),
+                    None => {
+                        l.loads.insert(load.layer, load);
+                    }
+                }
+            }
+        }
+        l
+    }
+}
+
 /// A rank's stages running on the model for one step.
 pub struct ModelWork<'a, 'g> {
     pub model: &'a DeepSeekV3,
@@ -39,16 +63,13 @@ pub struct ModelWork<'a, 'g> {
     pub caches: Mutex<HashMap<(usize, usize), StageCache>>,
     pub grads: &'a Mutex<&'g mut Weights>,
     pub sync: &'a Mutex<GradSync>,
-    pub losses: Mutex<LocalLosses>,
+    pub losses: Mutex<ForwardOutputs>,
 }
 
 impl ModelWork<'_, '_> {
     fn exchange(&self, chunk: usize) -> Option<FabricExchange> {
-        self.ep.as_ref().map(|(group, index)| FabricExchange {
-            link: self.link.clone(),
-            group: group.clone(),
-            index: *index,
-            chunk,
+        self.ep.as_ref().map(|(group, index)| {
+            FabricExchange::new(self.link.clone(), group.clone(), *index, chunk)
         })
     }
 
@@ -111,18 +132,9 @@ impl StageWork for ModelWork<'_, '_> {
         let (out, cache) = result
             .ok_or("the forward did not run")?
             .map_err(|e| format!("forward of chunk {chunk} stage {stage}: {e}"))?;
-        {
-            let mut l = Self::locked(&self.losses)?;
-            l.parts.merge(&out.losses);
-            for load in out.loads {
-                match l.loads.get_mut(&load.layer) {
-                    Some(acc) => acc.accumulate(&load),
-                    None => {
-                        l.loads.insert(load.layer, load);
-                    }
-                }
-            }
-        }
+        Self::locked(&self.losses)?
+            .0
+            .insert((chunk, stage), (out.losses, out.loads));
         Self::locked(&self.caches)?.insert((chunk, stage), cache);
         Ok(self.host(out.hidden))
     }

@@ -43,21 +43,26 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::cost::{self, Work};
 use super::gemm::{PAR_MIN_MACS, StridedMut, StridedRef, sgemm};
+use super::lane::set_thread_lane;
 use super::pool::BufferPool;
 use super::{
-    AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec, attention, kernels,
+    AttnShape, Cost, Device, Lane, Mat, MatMut, RopeSpec, RouterOut, RouterSpec, attention,
+    current_lane, kernels,
 };
 use crate::tensor::Tensor;
 
 /// The host CPU as a device.
 pub struct CpuDevice {
     threads: usize,
-    pool: rayon::ThreadPool,
+    /// The threads of [`Lane::FIRST`].
+    first: rayon::ThreadPool,
+    /// The threads of the other lanes, each started when its lane first issues work.
+    others: [OnceLock<rayon::ThreadPool>; Lane::MAX - 1],
     buffers: Arc<BufferPool>,
     /// Cost and profile, under one lock (one lock per operation).
     stats: Mutex<Stats>,
@@ -75,17 +80,21 @@ impl CpuDevice {
     /// A CPU device whose GEMMs and attention use `threads` threads (at least 1).
     pub fn new(threads: usize) -> CpuDevice {
         let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("flotilla-cpu-{i}"))
-            .build()
-            .expect("cannot start the CPU device's threads");
         CpuDevice {
             threads,
-            pool,
+            first: lane_pool(threads, Lane::FIRST),
+            others: Default::default(),
             buffers: Arc::new(BufferPool::new(DEFAULT_CACHE_BYTES)),
             stats: Mutex::new(Stats::default()),
             joins: AtomicUsize::new(0),
+        }
+    }
+
+    /// The calling thread's lane's pool (see [`super::lane`]).
+    fn pool(&self) -> &rayon::ThreadPool {
+        match current_lane().index() {
+            0 => &self.first,
+            i => self.others[i - 1].get_or_init(|| lane_pool(self.threads, Lane::new(i))),
         }
     }
 
@@ -116,10 +125,10 @@ impl CpuDevice {
     /// is only handed over if the other thread is free to take it: no waiting), from any other
     /// thread through the pool (the caller waits).
     fn split2(&self, a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
-        if self.pool.current_thread_index().is_some() {
+        if self.pool().current_thread_index().is_some() {
             rayon::join(a, b);
         } else {
-            self.pool.join(a, b);
+            self.pool().join(a, b);
         }
     }
 
@@ -129,7 +138,7 @@ impl CpuDevice {
     fn split_worth(&self, n: usize) -> bool {
         self.threads > 1
             && (n >= PAR_MIN_ELEMS_OUTSIDE
-                || (n >= PAR_MIN_ELEMS && self.pool.current_thread_index().is_some()))
+                || (n >= PAR_MIN_ELEMS && self.pool().current_thread_index().is_some()))
     }
 
     /// Number of threads the device computes with.
@@ -193,6 +202,17 @@ fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// The rayon threads of one lane; they issue work on that lane.
+fn lane_pool(threads: usize, lane: Lane) -> rayon::ThreadPool {
+    let l = lane.index();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("flotilla-cpu{l}-{i}"))
+        .start_handler(move |_| set_thread_lane(lane))
+        .build()
+        .expect("cannot start the CPU device's threads")
+}
+
 impl Device for CpuDevice {
     fn name(&self) -> String {
         format!("cpu({} threads)", self.threads)
@@ -228,10 +248,10 @@ impl Device for CpuDevice {
     }
 
     fn on_device_threads(&self, f: &mut (dyn FnMut() + Send)) {
-        if self.threads < 2 || self.pool.current_thread_index().is_some() {
+        if self.threads < 2 || self.pool().current_thread_index().is_some() {
             f()
         } else {
-            self.pool.install(f)
+            self.pool().install(f)
         }
     }
 
@@ -331,7 +351,7 @@ impl Device for CpuDevice {
             // Small products run on the calling thread: handing them to the pool costs more
             // than they take.
             if threads > 1 && m * n * k >= PAR_MIN_MACS {
-                self.pool.install(run)
+                self.pool().install(run)
             } else {
                 run()
             }
@@ -628,7 +648,7 @@ impl Device for CpuDevice {
                 .map(|(b, (o, p))| (b, o, p))
                 .collect();
             let groups = split(jobs.len(), self.threads);
-            self.pool.scope(|sc| {
+            self.pool().scope(|sc| {
                 let mut rest: &mut [(usize, &mut [f32], &mut [f32])] = &mut jobs;
                 for g in &groups {
                     let (mine, tail) = rest.split_at_mut(g.len());
@@ -683,7 +703,7 @@ impl Device for CpuDevice {
                 .map(|(b, ((a, c), d))| (b, a, c, d))
                 .collect();
             let groups = split(jobs.len(), self.threads);
-            self.pool.scope(|sc| {
+            self.pool().scope(|sc| {
                 let mut rest: &mut [Job<'_>] = &mut jobs;
                 for g in &groups {
                     let (mine, tail) = rest.split_at_mut(g.len());

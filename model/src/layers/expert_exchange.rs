@@ -1,4 +1,5 @@
-//! The expert-parallel (EP) group as a MoE layer sees it: a blocking all-to-all, behind a trait.
+//! The expert-parallel (EP) group as a MoE layer sees it: an all-to-all in two halves (post,
+//! wait), behind a trait.
 //!
 //! The model crate holds no fabric and no async: the runtime implements [`ExpertExchange`] over
 //! its communicator and hands a `&dyn ExpertExchange` to the layers through
@@ -11,7 +12,8 @@ use std::ops::Range;
 /// Which of a MoE layer's four all-to-alls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExchangePhase {
-    /// Forward: token-owner → expert-owner, the dispatched input rows.
+    /// Forward: token-owner → expert-owner, the per-expert row counts and the dispatched input
+    /// rows, in one message.
     Dispatch,
     /// Forward: expert-owner → token-owner, the experts' output rows.
     Combine,
@@ -21,28 +23,23 @@ pub enum ExchangePhase {
     GradCombine,
 }
 
-/// The expert-parallel group as the MoE layer sees it: a blocking all-to-all over the EP group.
+/// The expert-parallel group as the MoE layer sees it: an all-to-all over the EP group in two
+/// halves, so that the layer can compute something else while the bytes move.
 /// Implementations live outside the model (the actors crate runs it over the fabric). A failed
-/// exchange (dead peer, timeout) must not panic: it returns zero-filled buffers of the expected
-/// sizes and reports the failure to its owner out of band; the layer carries on.
+/// exchange (dead peer, timeout) must not panic: [`ExpertExchange::wait`] returns what it has
+/// (parts may be short, long or empty) and reports the failure to its owner out of band; the
+/// layer reads what is missing as zeros and carries on.
 pub trait ExpertExchange: Send + Sync + std::fmt::Debug {
     /// EP group size P (routed experts are split evenly: rank i owns experts i·E/P .. (i+1)·E/P).
     fn size(&self) -> usize;
     /// This rank's index in the EP group.
     fn index(&self) -> usize;
-    /// Per-expert row counts: `send[p]` (E/P counts, for peer p's experts) goes to peer p;
-    /// returns `recv[q]`, what peer q sent (E/P counts for this rank's experts).
-    /// `send[index()]` is this rank's own.
-    fn counts(&self, layer: usize, send: Vec<Vec<u32>>) -> Vec<Vec<u32>>;
-    /// Rows of `hidden`-wide f32 data: `send[p]` goes to peer p; returns `recv[q]` from each
-    /// peer q, whose lengths the caller knows from the counts (`recv_lens[q]` elements).
-    fn rows(
-        &self,
-        layer: usize,
-        phase: ExchangePhase,
-        send: Vec<Vec<f32>>,
-        recv_lens: &[usize],
-    ) -> Vec<Vec<f32>>;
+    /// Starts the all-to-all `(layer, phase)`: `send[p]` goes to peer p (`send[index()]` is this
+    /// rank's own part, kept for [`ExpertExchange::wait`]). Returns without waiting for peers.
+    fn post(&self, layer: usize, phase: ExchangePhase, send: Vec<Vec<f32>>);
+    /// Completes the all-to-all `(layer, phase)` posted before: `recv[q]`, what peer q sent
+    /// (any length; the layer's message format says what it holds).
+    fn wait(&self, layer: usize, phase: ExchangePhase) -> Vec<Vec<f32>>;
 }
 
 /// The routed experts EP rank `rank` of `ranks` owns: `rank·E/P .. (rank+1)·E/P`.
@@ -61,27 +58,21 @@ pub(crate) mod threads {
 
     use super::{ExchangePhase, ExpertExchange};
 
-    #[derive(Debug)]
-    enum Payload {
-        Counts(Vec<u32>),
-        Rows(Vec<f32>),
-    }
-
-    /// `(layer, phase or None for the counts, source)`.
-    type Key = (usize, Option<ExchangePhase>, usize);
+    /// `(layer, phase, source)`.
+    type Key = (usize, ExchangePhase, usize);
 
     #[derive(Debug)]
     struct Inbox {
-        rx: Receiver<(Key, Payload)>,
+        rx: Receiver<(Key, Vec<f32>)>,
         /// Messages that arrived before they were asked for, FIFO per key.
-        early: HashMap<Key, VecDeque<Payload>>,
+        early: HashMap<Key, VecDeque<Vec<f32>>>,
     }
 
     /// One rank's end of an in-process EP group.
     #[derive(Debug)]
     pub struct ThreadExchange {
         index: usize,
-        to: Vec<Sender<(Key, Payload)>>,
+        to: Vec<Sender<(Key, Vec<f32>)>>,
         inbox: Mutex<Inbox>,
     }
 
@@ -101,19 +92,22 @@ pub(crate) mod threads {
             .collect()
     }
 
-    impl ThreadExchange {
-        fn all_to_all(
-            &self,
-            layer: usize,
-            phase: Option<ExchangePhase>,
-            send: Vec<Payload>,
-        ) -> Vec<Payload> {
+    impl ExpertExchange for ThreadExchange {
+        fn size(&self) -> usize {
+            self.to.len()
+        }
+        fn index(&self) -> usize {
+            self.index
+        }
+        fn post(&self, layer: usize, phase: ExchangePhase, send: Vec<Vec<f32>>) {
             assert_eq!(send.len(), self.to.len(), "one message per peer");
             for (p, msg) in send.into_iter().enumerate() {
                 self.to[p]
                     .send(((layer, phase, self.index), msg))
                     .expect("peer alive");
             }
+        }
+        fn wait(&self, layer: usize, phase: ExchangePhase) -> Vec<Vec<f32>> {
             let mut inbox = self.inbox.lock().expect("inbox");
             (0..self.to.len())
                 .map(|q| {
@@ -127,45 +121,6 @@ pub(crate) mod threads {
                     }
                 })
                 .collect()
-        }
-    }
-
-    impl ExpertExchange for ThreadExchange {
-        fn size(&self) -> usize {
-            self.to.len()
-        }
-        fn index(&self) -> usize {
-            self.index
-        }
-        fn counts(&self, layer: usize, send: Vec<Vec<u32>>) -> Vec<Vec<u32>> {
-            let send = send.into_iter().map(Payload::Counts).collect();
-            self.all_to_all(layer, None, send)
-                .into_iter()
-                .map(|m| match m {
-                    Payload::Counts(c) => c,
-                    Payload::Rows(_) => panic!("rows where counts were expected"),
-                })
-                .collect()
-        }
-        fn rows(
-            &self,
-            layer: usize,
-            phase: ExchangePhase,
-            send: Vec<Vec<f32>>,
-            recv_lens: &[usize],
-        ) -> Vec<Vec<f32>> {
-            let send = send.into_iter().map(Payload::Rows).collect();
-            let got: Vec<Vec<f32>> = self
-                .all_to_all(layer, Some(phase), send)
-                .into_iter()
-                .map(|m| match m {
-                    Payload::Rows(r) => r,
-                    Payload::Counts(_) => panic!("counts where rows were expected"),
-                })
-                .collect();
-            let lens: Vec<usize> = got.iter().map(Vec::len).collect();
-            assert_eq!(lens, recv_lens, "layer {layer} {phase:?}: received lengths");
-            got
         }
     }
 }

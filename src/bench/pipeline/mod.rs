@@ -1,8 +1,8 @@
 //! `flotilla bench pipeline`: does DualPipe hide the expert all-to-all behind compute?
 //!
 //! The job is the real parallel trainer ([`flotilla_actors::pipeline::new_rank`]): by default the
-//! built-in model with four layers, DualPipe, pp = 2 × ep = 2 (four ranks, one thread each, one
-//! GEMM thread per rank), 16 micro-batches (the `--micro-batches` flag; with 8, 44% of the
+//! built-in model with four layers, DualPipe, pp = 2 × ep = 2 (four ranks, one core and one
+//! GEMM thread each), 16 micro-batches (the `--micro-batches` flag; with 8, 44% of the
 //! compute is in unpaired warm-up and drain actions, see below). Every rank runs on its own OS thread over one
 //! in-process hub, as in `actors/tests/parallel.rs`, and all ranks step together (a barrier
 //! before each step; a rank's step time is from the barrier to its `step()` returning).
@@ -27,14 +27,15 @@
 //! `dualpipe_step_over_max_compute_egress`.
 //!
 //! **The runs** (same process, same config, same data, fresh ranks and network each):
-//! 1. DualPipe on a free link (no delay), F&B overlap on and off: **compute** is the faster of
-//!    the two (the conservative choice: the denominator of the ratio is never inflated by thread
-//!    oversubscription). The link counts each rank's all-to-all bytes (in the sense above).
+//! 1. DualPipe on a free link (no delay), with the executor's three ways of overlapping
+//!    ([`Overlap`]): streams (the default; `--streams` of them), F&B pairs only, and none.
+//!    **compute** is the fastest of the three (the conservative choice: the denominator of the
+//!    ratio is never inflated by thread oversubscription). The link counts each rank's
+//!    all-to-all bytes (in the sense above).
 //! 2. The link's bandwidth is set so that the busiest rank's communication ≈ compute (its bytes /
-//!    compute, times `--comm-over-compute`), then DualPipe with the F&B overlap off (the two
-//!    halves of a pair one after the other: communication adds to compute) and on (one half's
-//!    all-to-all waits while the other computes).
-//! 3. 1F1B on the same job, free link and modelled link, for reference: it has no F&B pairs, so
+//!    compute, times `--comm-over-compute`), then DualPipe without overlap (communication adds to
+//!    compute), with the F&B pairs' halves overlapped, and on streams.
+//! 3. 1F1B on the same job, free link and modelled link, for reference: one action at a time, so
 //!    nothing hides its all-to-alls.
 //!
 //! The ratio is `dualpipe_step_over_max_compute_comm = step(DualPipe, overlap) / max(compute,
@@ -44,10 +45,11 @@
 //! DualPipe: PP + 1 on every rank).
 //!
 //! **Cores.** Each rank thread is pinned to one allowed CPU (`r mod n`; `--no-pin` turns it
-//! off), and the F half of an F&B pair, started by the rank thread, inherits the pin: both halves
-//! share one core, as both share one GPU in the report, so one half can only use the core while
-//! the other waits for the link. Without pinning, on a machine with spare cores, the two halves
-//! would compute in parallel on two cores and "overlap" would also mean "twice the compute".
+//! off), and the executor's streams (or an F&B pair's halves), started by the rank thread,
+//! inherit the pin: they share one core, as they share one GPU in the report, so one can only
+//! use the core while the others wait for the link. Without pinning, on a machine with spare
+//! cores, they would compute in parallel on several cores and "overlap" would also mean "more
+//! compute".
 //!
 //! **What this does and does not show.** The communication is a model (a sleeping NIC), the
 //! compute is real. With fewer cores than ranks (this project's 2-core machine: four ranks), ranks
@@ -55,17 +57,17 @@
 //! part of what hides communication there is the OS scheduler between ranks, not DualPipe within a
 //! rank; on a shared machine other processes' load lands in every number. The output names the
 //! cores and ranks. DualPipe's warm-up (forwards only) and drain (backwards only) phases have no
-//! pairs, so their all-to-alls stay exposed (`unpaired_compute_fraction`: about 44% of the compute
-//! with 8 micro-batches at pp = 2, 19% with 16, 10% with 32). Every all-to-all is also a
+//! pairs (`unpaired_compute_fraction`: about 44% of the compute with 8 micro-batches at pp = 2,
+//! 19% with 16, 10% with 32): with F&B pairs only their all-to-alls stay exposed, the streams
+//! overlap them with the next forward or backward. Every all-to-all is also a
 //! rendezvous: it completes when the slower of the peers has computed its share and its bytes have
-//! arrived, so imbalance between EP peers shows as waiting on any link. Inside a pair the two
-//! halves are ordinary threads time-sliced by the OS, not a hand-ordered kernel stream, so nothing
-//! makes one half compute exactly while the other waits. Measured (`docs/benchmarks.md`,
-//! "Pipeline"): without overlap the step is compute + communication within 5% on dedicated cores;
-//! with it, 18–27% less; but with communication ≈ compute the DualPipe step is 1.3–1.7 ×
-//! max(compute, communication), not ≤ 1.15 ×: the acceptance ratio is not met. Since then the
-//! executor's halves take turns on the core with a compute baton (handed over at every receive,
-//! `actors/src/pipeline/transport.rs`); the ratio stays at 1.45–1.7 (see `docs/benchmarks.md`).
+//! arrived, so imbalance between EP peers shows as waiting on any link. The executor's
+//! streams take turns on the core (a baton), but nothing preempts a long computation when
+//! another stream's data arrives. Measured (`docs/benchmarks.md`, "Pipeline"): without overlap
+//! the step is compute + communication within 5% on dedicated cores; the F&B pairs take 18–27%
+//! off that, the streams a little more; but with communication ≈ compute the DualPipe step is
+//! still about 1.4–1.6 × max(compute, communication), not ≤ 1.15 ×: the acceptance ratio is not
+//! met.
 
 mod affinity;
 mod link;
@@ -77,7 +79,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use flotilla_actors::pipeline::{self, transport::ExchangeStats};
+use flotilla_actors::pipeline::{self, Overlap, transport::ExchangeStats};
 use flotilla_actors::schedule::{self, Action, timeline};
 use flotilla_runtime::config::{Config, Schedule};
 use flotilla_runtime::fabric::Fabric;
@@ -109,6 +111,8 @@ pub struct PipelineArgs {
     pub comm_over_compute: f64,
     /// Pin rank `r` to the `r mod n`-th allowed CPU.
     pub pin: bool,
+    /// Streams of the overlapped executor.
+    pub streams: usize,
 }
 
 impl Default for PipelineArgs {
@@ -127,6 +131,7 @@ impl Default for PipelineArgs {
             latency_us: 10.0,
             comm_over_compute: 1.0,
             pin: true,
+            streams: Overlap::DEFAULT_STREAMS,
         }
     }
 }
@@ -172,6 +177,8 @@ struct RankRun {
     /// EP bytes sent per step (exchange statistics).
     ep_bytes: u64,
     exchange_wait_s: f64,
+    /// The rank's compute: seconds its baton was held.
+    baton_held_s: f64,
     /// All-to-alls per step.
     exchanges: u64,
     /// EP bytes sent per step, counted by the link (a cross-check of `ep_bytes`).
@@ -188,7 +195,7 @@ struct RankRun {
 struct Run {
     name: &'static str,
     schedule: Schedule,
-    overlap: bool,
+    overlap: Overlap,
     bytes_per_s: Option<f64>,
     ranks: Vec<RankRun>,
     /// Median over steps of the slowest rank's step time.
@@ -212,7 +219,7 @@ impl Run {
     fn json(&self) -> Value {
         json!({
             "bench": "pipeline_run", "run": self.name, "schedule": self.schedule.to_string(),
-            "overlap": self.overlap,
+            "overlap": format!("{:?}", self.overlap).to_lowercase(),
             "link_gbytes_per_s": self.bytes_per_s.map(|b| b / 1e9),
             "step_s": self.step_s, "comm_s": self.comm_s(), "comm_egress_s": self.comm_egress_s(),
             "delivery_late_mean_us": self.late_mean_s * 1e6,
@@ -222,6 +229,7 @@ impl Run {
                 "comm_egress_s": x.comm_egress_s, "a2a_bytes": x.a2a_bytes, "ep_bytes": x.ep_bytes,
                 "link_bytes": x.link_bytes,
                 "exchange_wait_s": x.exchange_wait_s, "exchanges": x.exchanges,
+                "baton_held_s": x.baton_held_s,
                 "busy_s": x.busy_s,
                 "schedule_s": x.schedule_s, "unpaired_s": x.unpaired_s,
                 "peak_activations": x.peak_activations,
@@ -255,7 +263,7 @@ fn run_job(
     name: &'static str,
     cfg: &Config,
     a: &PipelineArgs,
-    overlap: bool,
+    overlap: Overlap,
     bytes_per_s: Option<f64>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Run> {
@@ -323,6 +331,7 @@ fn run_job(
                         a2a_bytes: med(&|s| s.link.a2a_bytes as f64) as u64,
                         ep_bytes: med(&|s| s.exchange.bytes_sent as f64) as u64,
                         exchange_wait_s: med(&|s| s.exchange.wait_s),
+                        baton_held_s: med(&|s| s.exchange.baton_held_s),
                         exchanges,
                         link_bytes: med(&|s| s.link.bytes as f64) as u64,
                         busy_s: trace.busy(),
@@ -408,26 +417,78 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "pinned": pinned,
         "cores_per_rank": if pinned { (allowed.len() as f64 / world as f64).min(1.0) } else { cores as f64 / world as f64 },
         "threads_per_rank_in_fb_pair": 2,
+        "streams_per_rank": a.streams,
     }));
 
     // 1. Compute: a free link.
-    let free_on = run_job("dualpipe_free_link_overlap", &dual, a, true, None, &rt)?;
-    let free_off = run_job("dualpipe_free_link_no_overlap", &dual, a, false, None, &rt)?;
-    let compute_s = free_on.step_s.min(free_off.step_s);
+    let free_on = run_job(
+        "dualpipe_free_link_streams",
+        &dual,
+        a,
+        Overlap::Streams(a.streams),
+        None,
+        &rt,
+    )?;
+    let free_pairs = run_job(
+        "dualpipe_free_link_pairs",
+        &dual,
+        a,
+        Overlap::Pairs,
+        None,
+        &rt,
+    )?;
+    let free_off = run_job(
+        "dualpipe_free_link_no_overlap",
+        &dual,
+        a,
+        Overlap::Off,
+        None,
+        &rt,
+    )?;
+    let compute_s = free_on.step_s.min(free_off.step_s).min(free_pairs.step_s);
     let max_bytes = free_on.ranks.iter().map(|r| r.a2a_bytes).max().unwrap_or(0);
     if max_bytes == 0 {
         bail!("the job sent no expert all-to-all bytes (is ep > 1 and a layer MoE?)");
     }
     // 2. A link on which the busiest rank's all-to-alls take `comm_over_compute × compute`.
     let bw = max_bytes as f64 / (compute_s * a.comm_over_compute.max(1e-3));
-    let link_off = run_job("dualpipe_link_no_overlap", &dual, a, false, Some(bw), &rt)?;
-    let link_on = run_job("dualpipe_link_overlap", &dual, a, true, Some(bw), &rt)?;
-    // 3. 1F1B for reference.
-    let one_free = run_job("1f1b_free_link", &one, a, true, None, &rt)?;
-    let one_link = run_job("1f1b_link", &one, a, true, Some(bw), &rt)?;
+    let link_off = run_job(
+        "dualpipe_link_no_overlap",
+        &dual,
+        a,
+        Overlap::Off,
+        Some(bw),
+        &rt,
+    )?;
+    let link_pairs = run_job(
+        "dualpipe_link_pairs",
+        &dual,
+        a,
+        Overlap::Pairs,
+        Some(bw),
+        &rt,
+    )?;
+    let link_on = run_job(
+        "dualpipe_link_streams",
+        &dual,
+        a,
+        Overlap::Streams(a.streams),
+        Some(bw),
+        &rt,
+    )?;
+    // 3. 1F1B for reference, one action at a time as its schedule says.
+    let one_free = run_job("1f1b_free_link", &one, a, Overlap::Off, None, &rt)?;
+    let one_link = run_job("1f1b_link", &one, a, Overlap::Off, Some(bw), &rt)?;
 
     let runs = [
-        &free_on, &free_off, &link_off, &link_on, &one_free, &one_link,
+        &free_on,
+        &free_pairs,
+        &free_off,
+        &link_off,
+        &link_pairs,
+        &link_on,
+        &one_free,
+        &one_link,
     ];
     for r in runs {
         report.push(r.json());
@@ -446,7 +507,10 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
     };
     for r in 0..world {
         let pr = pp_of(r);
-        let compute_r = free_on.ranks[r].step_s.min(free_off.ranks[r].step_s);
+        let compute_r = free_on.ranks[r]
+            .step_s
+            .min(free_off.ranks[r].step_s)
+            .min(free_pairs.ranks[r].step_s);
         let comm_r = link_on.ranks[r].comm_s;
         report.push(json!({
             "bench": "pipeline_rank", "rank": r, "pp_rank": pr,
@@ -454,6 +518,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
             "comm_egress_s": link_on.ranks[r].comm_egress_s,
             "step_no_overlap_s": link_off.ranks[r].step_s,
             "step_overlap_s": link_on.ranks[r].step_s,
+            "step_pairs_s": link_pairs.ranks[r].step_s,
             "step_over_max_compute_comm": link_on.ranks[r].step_s / compute_r.max(comm_r),
             "exchange_wait_no_overlap_s": link_off.ranks[r].exchange_wait_s,
             "exchange_wait_overlap_s": link_on.ranks[r].exchange_wait_s,
@@ -477,11 +542,14 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "compute_s": compute_s,
         "compute_overlap_free_link_s": free_on.step_s,
         "compute_no_overlap_free_link_s": free_off.step_s,
+        "compute_pairs_free_link_s": free_pairs.step_s,
         "comm_s": comm_s,
         "comm_egress_s": link_on.comm_egress_s(),
         "dualpipe_step_over_max_compute_egress": link_on.step_s / compute_s.max(link_on.comm_egress_s()),
         "step_no_overlap_s": link_off.step_s,
         "step_overlap_s": link_on.step_s,
+        "step_pairs_s": link_pairs.step_s,
+        "pairs_step_over_max_compute_comm": link_pairs.step_s / compute_s.max(comm_s),
         "no_overlap_over_sum": link_off.step_s / (compute_s + link_off.comm_s()),
         "unpaired_compute_fraction": unpaired,
         "step_1f1b_s": one_link.step_s,
@@ -514,7 +582,7 @@ pub fn print_table(report: &Report) {
                 r["layers"]
             ),
             Some("pipeline_run") => {
-                if r["run"] == "dualpipe_free_link_overlap" {
+                if r["run"] == "dualpipe_free_link_streams" {
                     println!(
                         "{:<32} {:>9} {:>9} {:>10}",
                         "run", "step s", "comm s", "peak act"
@@ -540,10 +608,13 @@ pub fn print_table(report: &Report) {
                 if let Some(s) = r.get("summary") {
                     println!(
                         "compute {:.3} s, communication {:.3} s, DualPipe step without overlap {:.3} s, \
-                         with overlap {:.3} s: {:.2} × max(compute, communication); 1F1B {:.3} s",
+                         F&B pairs {:.3} s ({:.2} ×), streams {:.3} s: {:.2} × max(compute, communication); \
+                         1F1B {:.3} s",
                         f(s, "compute_s"),
                         f(s, "comm_s"),
                         f(s, "step_no_overlap_s"),
+                        f(s, "step_pairs_s"),
+                        f(s, "pairs_step_over_max_compute_comm"),
                         f(s, "step_overlap_s"),
                         f(s, "dualpipe_step_over_max_compute_comm"),
                         f(s, "step_1f1b_s"),

@@ -5,8 +5,11 @@
 //! source order and regroups it by local expert (within an expert: source rank order, then the
 //! source's token order) into `xl`, with one device gather (`perm`); the way back is the inverse
 //! gather (`inv`) and a split per source, and the token-owner concatenates in peer order, which
-//! is `xe`'s row order again. A failed exchange may return buffers of any length: missing values
-//! read as zeros, extra ones are dropped, nothing indexes out of bounds.
+//! is `xe`'s row order again. The dispatch message to a peer starts with the row counts of its
+//! experts, so the expert-owner learns what it receives from the message itself. Every exchange
+//! is posted and waited for separately, so that the layer can compute meanwhile. A failed
+//! exchange may return buffers of any length: missing values read as zeros, extra ones are
+//! dropped, counts are cut to the rows that came, nothing indexes out of bounds.
 
 use std::ops::Range;
 
@@ -39,43 +42,91 @@ pub(super) struct LocalExperts {
     pub offsets: Vec<usize>,
 }
 
+/// A dispatch posted by the token-owner, to be completed by [`PostedDispatch::wait`].
+pub(super) struct PostedDispatch {
+    layer: usize,
+    hidden: usize,
+    n_experts: usize,
+    /// `xe` rows `send[p] .. send[p + 1]` went to peer `p`.
+    send: Vec<usize>,
+}
+
 impl EpRoute {
-    /// Exchanges the per-expert row counts of `plan` (over all `n_experts`) with the group and
-    /// plans the row movements.
-    pub(super) fn exchange_counts(
+    /// Token-owner: starts the dispatch of `xe` (grouped by expert as `plan` says, over all
+    /// `n_experts`). Peer `p` gets one message: the row counts of its experts, then their rows.
+    /// The counts travel with the rows, so a forward meets its peers twice (dispatch, combine),
+    /// not three times.
+    pub(super) fn post_dispatch(
         ex: &dyn ExpertExchange,
+        dev: &dyn Device,
         layer: usize,
         plan: &DispatchPlan,
         n_experts: usize,
-        hidden: usize,
-    ) -> (EpRoute, LocalExperts) {
+        xe: &Tensor,
+    ) -> PostedDispatch {
         let size = ex.size().max(1);
+        let hidden = xe.cols();
         let groups: Vec<Range<usize>> = (0..size).map(|p| experts_of(n_experts, size, p)).collect();
-        let mine = experts_of(n_experts, size, ex.index());
         let row = |e: usize| plan.offsets.get(e).copied().unwrap_or(0);
-        let sent_counts = groups
-            .iter()
-            .map(|g| {
-                g.clone()
-                    .map(|e| row(e + 1).saturating_sub(row(e)) as u32)
-                    .collect()
-            })
-            .collect();
         let send: Vec<usize> = groups
             .iter()
             .map(|g| row(g.start))
             .chain([row(n_experts)])
             .collect();
-
-        // counts[q][j]: rows source q sends for local expert j (missing entries read as 0).
-        let got = ex.counts(layer, sent_counts);
-        let counts: Vec<Vec<usize>> = (0..size)
-            .map(|q| {
-                (0..mine.len())
-                    .map(|j| got.get(q).and_then(|c| c.get(j)).map_or(0, |&c| c as usize))
-                    .collect()
+        // A device without values (the simulator) sends zeros of the right sizes.
+        let host = dev.download(xe).unwrap_or_else(|| vec![0.0; xe.numel()]);
+        let messages = groups
+            .iter()
+            .enumerate()
+            .map(|(p, g)| {
+                let (a, b) = (send[p] * hidden, send[p + 1] * hidden);
+                let mut m = Vec::with_capacity(g.len() + (b - a));
+                m.extend(g.clone().map(|e| row(e + 1).saturating_sub(row(e)) as f32));
+                m.extend_from_slice(&host[a.min(host.len())..b.min(host.len())]);
+                m.resize(g.len() + (b - a), 0.0);
+                m
             })
             .collect();
+        drop(host);
+        ex.post(layer, ExchangePhase::Dispatch, messages);
+        PostedDispatch {
+            layer,
+            hidden,
+            n_experts,
+            send,
+        }
+    }
+}
+
+impl PostedDispatch {
+    /// Expert-owner: completes the dispatch. Returns the route both ways, this rank's experts
+    /// with their row ranges, and the rows they run on (`xl`, grouped by local expert). A
+    /// source's counts are cut to the rows it actually sent (a failed exchange sends none).
+    pub(super) fn wait(
+        self,
+        ex: &dyn ExpertExchange,
+        dev: &dyn Device,
+    ) -> (EpRoute, LocalExperts, Tensor) {
+        let size = ex.size().max(1);
+        let h = self.hidden;
+        let mine = experts_of(self.n_experts, size, ex.index());
+        let got = ex.wait(self.layer, ExchangePhase::Dispatch);
+        // counts[q][j]: rows source q sent for local expert j.
+        let mut counts = vec![vec![0usize; mine.len()]; size];
+        let mut received = Vec::new();
+        for (q, c) in counts.iter_mut().enumerate() {
+            let part = got.get(q).map_or(&[][..], Vec::as_slice);
+            let header = mine.len().min(part.len());
+            let rows = &part[header..];
+            let mut left = rows.len() / h.max(1);
+            for (j, n) in c.iter_mut().enumerate() {
+                // `as` saturates and reads NaN as 0: a garbled count cannot index out of bounds.
+                *n = (part.get(j).copied().unwrap_or(0.0).max(0.0) as usize).min(left);
+                left -= *n;
+            }
+            let n: usize = c.iter().sum();
+            received.extend_from_slice(&rows[..n * h]);
+        }
         let recv: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
         let mut offsets = vec![0usize; mine.len() + 1];
         for j in 0..mine.len() {
@@ -100,56 +151,81 @@ impl EpRoute {
         for (i, &r) in perm.iter().enumerate() {
             inv[r as usize] = i as u32;
         }
+        let xr = dev.upload(&[at, h], &received);
+        let xl = dev.gather_rows(&xr, &perm);
         (
             EpRoute {
-                layer,
-                hidden,
-                send,
+                layer: self.layer,
+                hidden: h,
+                send: self.send,
                 recv,
                 perm,
                 inv,
             },
             LocalExperts { ids: mine, offsets },
+            xl,
         )
     }
+}
 
-    /// Token-owner rows (`xe` order) → this rank's expert rows (`xl` order), over `phase`.
-    pub(super) fn to_experts(
+impl EpRoute {
+    /// Token-owner rows (`xe` order) → this rank's expert rows (`xl` order) over `phase`:
+    /// starts the exchange; [`EpRoute::wait_to_experts`] completes it.
+    pub(super) fn post_to_experts(
         &self,
         ex: &dyn ExpertExchange,
         dev: &dyn Device,
         phase: ExchangePhase,
         t: &Tensor,
-    ) -> Tensor {
+    ) {
         let send_rows: Vec<usize> = self.send.windows(2).map(|w| w[1] - w[0]).collect();
-        let received = self.all_to_all(ex, dev, phase, t, &send_rows, &self.recv);
+        self.post_rows(ex, dev, phase, t, &send_rows);
+    }
+
+    /// Completes [`EpRoute::post_to_experts`].
+    pub(super) fn wait_to_experts(
+        &self,
+        ex: &dyn ExpertExchange,
+        dev: &dyn Device,
+        phase: ExchangePhase,
+    ) -> Tensor {
+        let received = self.wait_rows(ex, dev, phase, &self.recv);
         dev.gather_rows(&received, &self.perm)
     }
 
-    /// This rank's expert rows (`xl` order) → token-owner rows (`xe` order), over `phase`.
-    pub(super) fn to_tokens(
+    /// This rank's expert rows (`xl` order) → token-owner rows (`xe` order) over `phase`:
+    /// starts the exchange; [`EpRoute::wait_to_tokens`] completes it.
+    pub(super) fn post_to_tokens(
         &self,
         ex: &dyn ExpertExchange,
         dev: &dyn Device,
         phase: ExchangePhase,
         t: &Tensor,
-    ) -> Tensor {
+    ) {
         let by_source = dev.gather_rows(t, &self.inv);
-        let back_rows: Vec<usize> = self.send.windows(2).map(|w| w[1] - w[0]).collect();
-        self.all_to_all(ex, dev, phase, &by_source, &self.recv, &back_rows)
+        self.post_rows(ex, dev, phase, &by_source, &self.recv);
     }
 
-    /// Sends consecutive row blocks of `t` (`send_rows[p]` rows to peer `p`) and returns what
-    /// arrives (`recv_rows[q]` rows from peer `q`) concatenated in peer order, as a device tensor.
-    fn all_to_all(
+    /// Completes [`EpRoute::post_to_tokens`].
+    pub(super) fn wait_to_tokens(
+        &self,
+        ex: &dyn ExpertExchange,
+        dev: &dyn Device,
+        phase: ExchangePhase,
+    ) -> Tensor {
+        let back_rows: Vec<usize> = self.send.windows(2).map(|w| w[1] - w[0]).collect();
+        self.wait_rows(ex, dev, phase, &back_rows)
+    }
+
+    /// Sends consecutive row blocks of `t`: `send_rows[p]` rows to peer `p`.
+    fn post_rows(
         &self,
         ex: &dyn ExpertExchange,
         dev: &dyn Device,
         phase: ExchangePhase,
         t: &Tensor,
         send_rows: &[usize],
-        recv_rows: &[usize],
-    ) -> Tensor {
+    ) {
         let h = self.hidden;
         // A device without values (the simulator) sends zeros of the right sizes.
         let host = dev.download(t).unwrap_or_else(|| vec![0.0; t.numel()]);
@@ -165,8 +241,21 @@ impl EpRoute {
             })
             .collect();
         drop(host);
+        ex.post(self.layer, phase, send);
+    }
+
+    /// What arrives for `phase` (`recv_rows[q]` rows from peer `q`), concatenated in peer
+    /// order, as a device tensor.
+    fn wait_rows(
+        &self,
+        ex: &dyn ExpertExchange,
+        dev: &dyn Device,
+        phase: ExchangePhase,
+        recv_rows: &[usize],
+    ) -> Tensor {
+        let h = self.hidden;
         let recv_lens: Vec<usize> = recv_rows.iter().map(|&n| n * h).collect();
-        let got = ex.rows(self.layer, phase, send, &recv_lens);
+        let got = ex.wait(self.layer, phase);
         let total: usize = recv_lens.iter().sum();
         let mut out = Vec::with_capacity(total);
         for (q, &len) in recv_lens.iter().enumerate() {

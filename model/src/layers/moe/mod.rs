@@ -10,10 +10,13 @@
 //!               + shared_experts(x)
 //! ```
 //! Expert parallelism: with an [`ExpertExchange`] of size `P > 1` in [`Ctx::ep`], this rank runs
-//! only its share of the routed experts ([`crate::layers::expert_exchange::experts_of`]). After
-//! the per-peer counts ([`DispatchPlan::counts`]) are exchanged, `xe`'s per-peer row ranges go to
-//! the expert-owners (`Dispatch`) and the outputs come back in `xe`'s order (`Combine`); B sends
-//! `d_ye` out (`GradDispatch`) and `d_xe` back (`GradCombine`); see `moe/ep.rs`. The router, the
+//! only its share of the routed experts ([`crate::layers::expert_exchange::experts_of`]). `xe`'s
+//! per-peer row ranges go to the expert-owners with their per-expert counts (`Dispatch`) and the
+//! outputs come back in `xe`'s order (`Combine`); B sends `d_ye` out (`GradDispatch`) and `d_xe`
+//! back (`GradCombine`); see `moe/ep.rs`. Each exchange is posted, then waited for, with
+//! independent work in between: the shared expert's forward during the dispatch, its B during
+//! the gradient dispatch, the router's B during the gradient combine (as DeepSeek-V3 overlaps the
+//! shared expert with the dispatch). The router, the
 //! shared experts, the balance loss and [`Moe::load`] stay on the token-owner; the experts'
 //! activations and output-gradients stay on the expert-owner, whose W is local. Without an
 //! exchange (or with `P = 1`) every expert runs here on `xe` itself, exactly as before EP.
@@ -105,10 +108,12 @@ impl Moe {
     }
 
     pub fn forward(&self, ctx: &Ctx<'_>, x: &Tensor) -> (Tensor, MoeCache) {
+        if let Some(ex) = ep_group(ctx) {
+            return self.forward_ep(ctx, x, ex);
+        }
         let dev = ctx.dev;
         let n = x.rows();
         let n_experts = self.experts.len();
-        let ep = ep_group(ctx);
         // The routed experts and the shared expert are independent until their outputs are
         // summed: the device runs them side by side.
         let mut routed_out = None;
@@ -116,27 +121,11 @@ impl Moe {
             let (weights, router) = self.gate.forward(ctx, x);
             let plan = plan_dispatch(&router.topk, n_experts, self.gate.spec.top_k);
             let xe = dispatch(dev, x, &plan);
-            let (ye, experts, route) = match ep {
-                None => {
-                    let offsets = plan.offsets.clone();
-                    let (ye, rows) =
-                        ExpertRows::forward(dev, &self.experts, 0..n_experts, offsets, xe);
-                    (ye, rows, None)
-                }
-                Some(ex) => {
-                    let (route, local) =
-                        EpRoute::exchange_counts(ex, self.layer, &plan, n_experts, x.cols());
-                    let xl = route.to_experts(ex, dev, ExchangePhase::Dispatch, &xe);
-                    drop(xe);
-                    let (yl, rows) =
-                        ExpertRows::forward(dev, &self.experts, local.ids, local.offsets, xl);
-                    let ye = route.to_tokens(ex, dev, ExchangePhase::Combine, &yl);
-                    (ye, rows, Some(route))
-                }
-            };
+            let offsets = plan.offsets.clone();
+            let (ye, experts) = ExpertRows::forward(dev, &self.experts, 0..n_experts, offsets, xe);
             let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
             let y = combine(dev, &ye, &w_perm, &plan, n);
-            routed_out = Some((y, router, plan, experts, route, ye, w_perm));
+            routed_out = Some((y, router, plan, experts, None, ye, w_perm));
         };
         let mut shared_out = None;
         let mut shared = || shared_out = Some(self.shared_experts.forward(dev, x));
@@ -159,6 +148,39 @@ impl Moe {
         )
     }
 
+    /// Forward under EP. The shared expert computes while the dispatch is on the wire (the
+    /// sums are the same as without EP, in the same order).
+    fn forward_ep(&self, ctx: &Ctx<'_>, x: &Tensor, ex: &dyn ExpertExchange) -> (Tensor, MoeCache) {
+        let dev = ctx.dev;
+        let n_experts = self.experts.len();
+        let (weights, router) = self.gate.forward(ctx, x);
+        let plan = plan_dispatch(&router.topk, n_experts, self.gate.spec.top_k);
+        let xe = dispatch(dev, x, &plan);
+        let posted = EpRoute::post_dispatch(ex, dev, self.layer, &plan, n_experts, &xe);
+        drop(xe);
+        let (ys, shared) = self.shared_experts.forward(dev, x);
+        let (route, local, xl) = posted.wait(ex, dev);
+        let (yl, experts) = ExpertRows::forward(dev, &self.experts, local.ids, local.offsets, xl);
+        route.post_to_tokens(ex, dev, ExchangePhase::Combine, &yl);
+        drop(yl);
+        let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
+        let ye = route.wait_to_tokens(ex, dev, ExchangePhase::Combine);
+        let mut y = combine(dev, &ye, &w_perm, &plan, x.rows());
+        dev.add_assign(&mut y, &ys);
+        (
+            y,
+            MoeCache {
+                router,
+                plan,
+                experts,
+                route: Some(route),
+                ye,
+                w_perm,
+                shared,
+            },
+        )
+    }
+
     /// Tokens each expert received in this forward (all `E` experts, from this rank's tokens).
     pub fn load(&self, c: &MoeCache) -> ExpertLoad {
         ExpertLoad {
@@ -170,29 +192,21 @@ impl Moe {
     /// B: `dx` from `dy`. A forward that ran under EP needs the same group in `ctx.ep` here
     /// (panics otherwise: a programming error).
     pub fn backward_input(&self, ctx: &Ctx<'_>, c: &MoeCache, dy: &Tensor) -> (Tensor, MoeDys) {
+        if let Some(route) = &c.route {
+            let ex =
+                ep_group(ctx).expect("Moe::backward_input: forward ran under EP, B has no group");
+            return self.backward_input_ep(ctx, c, dy, route, ex);
+        }
         let dev = ctx.dev;
         let n = dy.rows();
-        let ep = ep_group(ctx);
         // As in forward: the routed experts' B beside the shared expert's.
         let mut routed_out = None;
         let mut routed = || {
             let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
-            let (d_xe, experts) = match &c.route {
-                None => c.experts.backward_input(dev, &self.experts, d_ye),
-                Some(route) => {
-                    let ex = ep.expect("Moe::backward_input: forward ran under EP, B has no group");
-                    let d_yl = route.to_experts(ex, dev, ExchangePhase::GradDispatch, &d_ye);
-                    drop(d_ye);
-                    let (d_xl, dys) = c.experts.backward_input(dev, &self.experts, d_yl);
-                    let d_xe = route.to_tokens(ex, dev, ExchangePhase::GradCombine, &d_xl);
-                    (d_xe, dys)
-                }
-            };
+            let (d_xe, experts) = c.experts.backward_input(dev, &self.experts, d_ye);
             let mut dx = dispatch_backward(dev, &d_xe, &c.plan, n);
 
-            let mut d_weights = dev.zeros(&[c.router.topk.len(), 1]);
-            dev.scatter_add_rows(&mut d_weights, &d_w_perm, &c.plan.slot_of_row);
-            let (dx_router, router) = self.gate.backward_input(ctx, &c.router, &d_weights);
+            let (dx_router, router) = self.router_backward_input(ctx, c, &d_w_perm);
             dev.add_assign(&mut dx, &dx_router);
             routed_out = Some((dx, experts, router));
         };
@@ -202,6 +216,54 @@ impl Moe {
         dev.join(&mut routed, &mut shared);
         let (mut dx, experts, router) = routed_out.expect("the routed experts' B ran");
         let (dx_shared, shared) = shared_out.expect("the shared expert's B ran");
+        dev.add_assign(&mut dx, &dx_shared);
+        (
+            dx,
+            MoeDys {
+                experts,
+                router,
+                shared,
+            },
+        )
+    }
+
+    /// The router's B, from the gradient of the permuted combine weights.
+    fn router_backward_input(
+        &self,
+        ctx: &Ctx<'_>,
+        c: &MoeCache,
+        d_w_perm: &Tensor,
+    ) -> (Tensor, RouterDys) {
+        let dev = ctx.dev;
+        let mut d_weights = dev.zeros(&[c.router.topk.len(), 1]);
+        dev.scatter_add_rows(&mut d_weights, d_w_perm, &c.plan.slot_of_row);
+        self.gate.backward_input(ctx, &c.router, &d_weights)
+    }
+
+    /// B under EP: the shared expert's B while the output gradients travel to the experts, the
+    /// router's while the input gradients travel back (the sums in the same order as without
+    /// EP).
+    fn backward_input_ep(
+        &self,
+        ctx: &Ctx<'_>,
+        c: &MoeCache,
+        dy: &Tensor,
+        route: &EpRoute,
+        ex: &dyn ExpertExchange,
+    ) -> (Tensor, MoeDys) {
+        let dev = ctx.dev;
+        let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
+        route.post_to_experts(ex, dev, ExchangePhase::GradDispatch, &d_ye);
+        drop(d_ye);
+        let (dx_shared, shared) = self.shared_experts.backward_input(dev, &c.shared, dy);
+        let d_yl = route.wait_to_experts(ex, dev, ExchangePhase::GradDispatch);
+        let (d_xl, experts) = c.experts.backward_input(dev, &self.experts, d_yl);
+        route.post_to_tokens(ex, dev, ExchangePhase::GradCombine, &d_xl);
+        drop(d_xl);
+        let (dx_router, router) = self.router_backward_input(ctx, c, &d_w_perm);
+        let d_xe = route.wait_to_tokens(ex, dev, ExchangePhase::GradCombine);
+        let mut dx = dispatch_backward(dev, &d_xe, &c.plan, dy.rows());
+        dev.add_assign(&mut dx, &dx_router);
         dev.add_assign(&mut dx, &dx_shared);
         (
             dx,

@@ -239,7 +239,8 @@ fn ep_moe_layer_matches_single_rank_p4_top3() {
     layer_vs_single_rank(4, 3);
 }
 
-/// An exchange whose peer is gone: counts and rows come back short, long or missing.
+/// An exchange whose peer is gone: what comes back is short, long, missing or garbled (counts
+/// that claim more rows than came, a negative and a NaN count).
 #[derive(Debug)]
 struct Broken;
 
@@ -250,17 +251,15 @@ impl ExpertExchange for Broken {
     fn index(&self) -> usize {
         1
     }
-    fn counts(&self, _layer: usize, _send: Vec<Vec<u32>>) -> Vec<Vec<u32>> {
-        vec![vec![5], vec![1, 2, 3, 4, 5, 6]]
-    }
-    fn rows(
-        &self,
-        _layer: usize,
-        _phase: ExchangePhase,
-        _send: Vec<Vec<f32>>,
-        _recv_lens: &[usize],
-    ) -> Vec<Vec<f32>> {
-        vec![vec![1.0; 3]]
+    fn post(&self, _layer: usize, _phase: ExchangePhase, _send: Vec<Vec<f32>>) {}
+    fn wait(&self, _layer: usize, phase: ExchangePhase) -> Vec<Vec<f32>> {
+        match phase {
+            ExchangePhase::Dispatch => vec![
+                vec![5.0, 1e9, -3.0, f32::NAN, 1.0, 2.0],
+                vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            ],
+            _ => vec![vec![1.0; 3]],
+        }
     }
 }
 
