@@ -586,51 +586,6 @@ fn bench_ckpt_reports_stall_persist_and_restore() {
 }
 
 #[test]
-fn bench_pipeline_reports_the_overlap_ratio_and_peak_activations() {
-    let out = flotilla_ok(&[
-        "bench",
-        "pipeline",
-        "--json",
-        "--micro-batches",
-        "4",
-        "--batch",
-        "8",
-        "--seq",
-        "16",
-        "--warmup",
-        "0",
-        "--steps",
-        "1",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("output")).expect("JSON");
-    let s = &last["summary"];
-    for k in [
-        "dualpipe_step_over_max_compute_comm",
-        "compute_s",
-        "comm_s",
-        "step_overlap_s",
-    ] {
-        assert!(s[k].as_f64().is_some_and(|x| x > 0.0), "{last}");
-    }
-    // The report's table: 1F1B holds PP − r on pipeline rank r, DualPipe PP + 1 everywhere.
-    assert_eq!(
-        s["peak_activations_1f1b"],
-        serde_json::json!([2, 2, 1, 1]),
-        "{last}"
-    );
-    assert_eq!(
-        s["peak_activations_dualpipe"],
-        serde_json::json!([3, 3, 3, 3]),
-        "{last}"
-    );
-}
-
-/// `flotilla train` with pipeline, expert and data parallelism (eight ranks, DualPipe): it trains,
-/// checkpoints every rank, and a run resumed from the middle checkpoint ends with the same
-/// parameters as the uninterrupted one.
-#[test]
 fn parallel_training_checkpoints_and_resumes_bit_identically() {
     let dir = tmp("parallel-train");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/dualpipe-pp2-ep2-dp2.toml");
@@ -661,4 +616,69 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
     assert!(last < first, "loss {first} -> {last}");
     let resumed = run(&["--resume", "8"]);
     assert_eq!(full["params_sha256"], resumed["params_sha256"]);
+}
+
+/// `bench pipeline` on a tiny job: every way of overlapping runs, the summary has the ratios,
+/// and the peaks are the report's (DualPipe PP + 1 on every rank, 1F1B PP − r); a bad
+/// `--streams` is refused by name.
+#[test]
+fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
+    let out = flotilla_ok(&[
+        "bench",
+        "pipeline",
+        "--json",
+        "--micro-batches",
+        "4",
+        "--batch",
+        "8",
+        "--seq",
+        "16",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--no-pin",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let runs: Vec<&str> = records
+        .iter()
+        .filter(|r| r["bench"] == "pipeline_run")
+        .filter_map(|r| r["run"].as_str())
+        .collect();
+    for name in [
+        "dualpipe_free_link_streams",
+        "dualpipe_free_link_pairs",
+        "dualpipe_free_link_no_overlap",
+        "dualpipe_link_no_overlap",
+        "dualpipe_link_pairs",
+        "dualpipe_link_streams",
+        "1f1b_free_link",
+        "1f1b_link",
+    ] {
+        assert!(runs.contains(&name), "{name} missing from {runs:?}");
+    }
+    let s = &records.last().expect("a summary")["summary"];
+    for key in [
+        "dualpipe_step_over_max_compute_comm",
+        "pairs_step_over_max_compute_comm",
+        "compute_s",
+        "comm_s",
+        "step_overlap_s",
+    ] {
+        let v = s[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(
+        s["peak_activations_dualpipe"],
+        serde_json::json!([3, 3, 3, 3])
+    );
+    assert_eq!(s["peak_activations_1f1b"], serde_json::json!([2, 2, 1, 1]));
+
+    let bad = flotilla(&["bench", "pipeline", "--streams", "5"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--streams"));
 }
