@@ -344,7 +344,7 @@ impl Trainer {
                 why: format!("loss is {loss}"),
             });
         }
-        let grad_norm = clip(&mut self.grads, self.grad_clip)?;
+        let grad_norm = clip(&mut self.grads, self.grad_clip, self.opt.threads())?;
         let lr = self.schedule.lr(self.step);
         adamw_step(
             &mut self.opt,
@@ -417,11 +417,11 @@ fn put_back(w: &mut Weights, taken: Vec<(String, Tensor)>) {
 }
 
 /// Clip the trainable gradients to `max_norm` by global norm; returns the norm before clipping.
-fn clip(grads: &mut Weights, max_norm: f64) -> Result<f64, JobError> {
+fn clip(grads: &mut Weights, max_norm: f64, threads: usize) -> Result<f64, JobError> {
     let mut taken = take_trainable(grads);
     let mut slices: Vec<&mut [f32]> = taken.iter_mut().filter_map(|(_, t)| t.host_mut()).collect();
-    let r =
-        optim::clip_grad_norm(&mut slices, max_norm).map_err(|e| JobError::Optim(e.to_string()));
+    let r = optim::clip_grad_norm_on(&mut slices, max_norm, threads)
+        .map_err(|e| JobError::Optim(e.to_string()));
     put_back(grads, taken);
     r
 }
@@ -431,10 +431,11 @@ pub(crate) fn clip_with_sum_sq(
     grads: &mut Weights,
     total_sum_sq: f64,
     max_norm: f64,
+    threads: usize,
 ) -> Result<f64, JobError> {
     let mut taken = take_trainable(grads);
     let mut slices: Vec<&mut [f32]> = taken.iter_mut().filter_map(|(_, t)| t.host_mut()).collect();
-    let r = optim::clip_grad_norm_from_sum_sq(&mut slices, total_sum_sq, max_norm)
+    let r = optim::clip_grad_norm_from_sum_sq_on(&mut slices, total_sum_sq, max_norm, threads)
         .map_err(|e| JobError::Optim(e.to_string()));
     put_back(grads, taken);
     r

@@ -1,7 +1,7 @@
 //! Dealing element-wise work out to threads: pieces are grouped into contiguous runs of about
 //! equal size, one per thread (the calling thread takes the first), on scoped threads. Used by
-//! the optimizer's update and the checkpoint's snapshot copy; results never depend on the split
-//! because each piece is independent.
+//! the optimizer's update, gradient clipping and the checkpoint's snapshot copy; results never
+//! depend on the split because each piece is independent.
 
 /// Run `work` on every piece, spread over up to `threads` threads by `len` (elements per
 /// piece); when there is less than `min_total` in all, everything runs here.

@@ -102,7 +102,7 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
     // One world all-reduce: losses, tokens, Σ g² (as two f32 words), and per MoE layer a
     // presence flag and the expert loads.
     let canonical = par.canonical_trainable(&t.grads);
-    let sum_sq = flotilla_model::optim::sum_of_squares(canonical.iter().copied());
+    let sum_sq = flotilla_model::optim::sum_of_squares_on(&canonical, t.opt.threads());
     let hi = sum_sq as f32;
     let lo = (sum_sq - f64::from(hi)) as f32;
     let counts_tokens = par.placement.topo.coord(par.rank).pp == 0;
@@ -161,7 +161,7 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
             why: format!("loss is {loss}"),
         });
     }
-    let grad_norm = clip_with_sum_sq(&mut t.grads, total_sum_sq, t.grad_clip)?;
+    let grad_norm = clip_with_sum_sq(&mut t.grads, total_sum_sq, t.grad_clip, t.opt.threads())?;
     let lr = t.schedule.lr(step);
     adamw_step(
         &mut t.opt,

@@ -121,7 +121,7 @@ impl Executor<'_> {
                         }
                         Err(why) => {
                             // The first failure wins (an all-to-all's, the root cause, is
-                            // recorded before the error it leads to); the other stream stops.
+                            // recorded before the error it leads to); the other streams stop.
                             self.link.failure.set(why);
                             self.changed.notify_all();
                             break;

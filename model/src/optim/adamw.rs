@@ -174,6 +174,12 @@ impl AdamW {
         self
     }
 
+    /// Threads a step may use.
+    #[must_use]
+    pub const fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// The hyperparameters.
     #[must_use]
     pub const fn config(&self) -> &AdamWConfig {

@@ -1,7 +1,9 @@
 //! Gradient clipping by global L2 norm (PyTorch's `clip_grad_norm_`), single-rank or pre-reduced.
 //!
-//! The global norm is `‖g‖ = √(Σ over all tensors Σ over elements g²)`, accumulated in `f64`
-//! tensor by tensor, element by element, in the order given, so the result is deterministic. The
+//! The global norm is `‖g‖ = √(Σ over all tensors Σ over elements g²)`, accumulated in `f64`:
+//! each piece of [`SQ_PIECE`] elements in order, a tensor's pieces in order, the tensors in the
+//! order given. The pieces may be summed on several threads ([`sum_of_squares_on`]); the result
+//! is the same bits on any number, and for tensors of one piece the plain sequential sum. The
 //! gradients are then scaled by `min(1, max_norm / (‖g‖ + 1e-6))` (PyTorch's formula and its
 //! `1e-6`), and the norm **before** clipping is returned for metrics and anomaly detection.
 //!
@@ -17,15 +19,41 @@
 //! as is: the caller should skip the step. (PyTorch would scale everything by `NaN`.)
 
 use super::OptimError;
+use crate::par::run_pieces;
+
+/// Elements per piece of the sum of squares and of the scaling (see the module docs).
+pub const SQ_PIECE: usize = 1 << 16;
+/// Below this many elements in all, everything runs on the calling thread.
+const PAR_MIN: usize = 1 << 20;
 
 /// The constant added to the norm in the clip coefficient, as in PyTorch.
 pub const CLIP_EPS: f64 = 1e-6;
 
 /// `Σ g²` over all `grads`, accumulated in `f64` in order.
 pub fn sum_of_squares<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f64 {
+    let grads: Vec<&[f32]> = grads.into_iter().collect();
+    sum_of_squares_on(&grads, 1)
+}
+
+/// [`sum_of_squares`] with its pieces spread over up to `threads` threads (the same bits).
+pub fn sum_of_squares_on(grads: &[&[f32]], threads: usize) -> f64 {
+    let pieces: Vec<&[f32]> = grads.iter().flat_map(|g| g.chunks(SQ_PIECE)).collect();
+    let mut sums = vec![0.0f64; pieces.len()];
+    run_pieces(
+        pieces.into_iter().zip(sums.iter_mut()).collect(),
+        threads,
+        PAR_MIN,
+        |(p, _)| p.len(),
+        |(p, s)| *s = p.iter().map(|&x| f64::from(x) * f64::from(x)).sum(),
+    );
+    let mut rest = &sums[..];
     grads
-        .into_iter()
-        .map(|g| g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+        .iter()
+        .map(|g| {
+            let (mine, tail) = rest.split_at(g.len().div_ceil(SQ_PIECE));
+            rest = tail;
+            mine.iter().sum::<f64>()
+        })
         .sum()
 }
 
@@ -43,8 +71,18 @@ pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f64 {
 /// Clips `grads` in place to a global norm of at most `max_norm` and returns the norm before
 /// clipping. `max_norm` must be positive (`f64::INFINITY` computes the norm without clipping).
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> Result<f64, OptimError> {
-    let sum_sq = sum_of_squares(grads.iter().map(|g| &**g));
-    clip_grad_norm_from_sum_sq(grads, sum_sq, max_norm)
+    clip_grad_norm_on(grads, max_norm, 1)
+}
+
+/// [`clip_grad_norm`] on up to `threads` threads (the same bits).
+pub fn clip_grad_norm_on(
+    grads: &mut [&mut [f32]],
+    max_norm: f64,
+    threads: usize,
+) -> Result<f64, OptimError> {
+    let views: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+    let sum_sq = sum_of_squares_on(&views, threads);
+    clip_grad_norm_from_sum_sq_on(grads, sum_sq, max_norm, threads)
 }
 
 /// Like [`clip_grad_norm`], but with the global `Σ g²` given: the sum of every rank's
@@ -54,6 +92,16 @@ pub fn clip_grad_norm_from_sum_sq(
     grads: &mut [&mut [f32]],
     total_sum_sq: f64,
     max_norm: f64,
+) -> Result<f64, OptimError> {
+    clip_grad_norm_from_sum_sq_on(grads, total_sum_sq, max_norm, 1)
+}
+
+/// [`clip_grad_norm_from_sum_sq`] scaling on up to `threads` threads (the same bits).
+pub fn clip_grad_norm_from_sum_sq_on(
+    grads: &mut [&mut [f32]],
+    total_sum_sq: f64,
+    max_norm: f64,
+    threads: usize,
 ) -> Result<f64, OptimError> {
     if max_norm.is_nan() || max_norm <= 0.0 {
         return Err(OptimError::Config(format!(
@@ -67,9 +115,17 @@ pub fn clip_grad_norm_from_sum_sq(
     let coef = clip_coefficient(norm, max_norm);
     if coef < 1.0 {
         let coef = coef as f32;
-        for g in grads.iter_mut() {
-            g.iter_mut().for_each(|x| *x *= coef);
-        }
+        let pieces: Vec<&mut [f32]> = grads
+            .iter_mut()
+            .flat_map(|g| g.chunks_mut(SQ_PIECE))
+            .collect();
+        run_pieces(
+            pieces,
+            threads,
+            PAR_MIN,
+            |p| p.len(),
+            |p| p.iter_mut().for_each(|x| *x *= coef),
+        );
     }
     Ok(norm)
 }
@@ -133,6 +189,36 @@ mod tests {
         assert_eq!(n0, n1);
         assert_eq!(single[0], r0);
         assert_eq!(single[1], r1);
+    }
+
+    #[test]
+    fn threads_do_not_change_the_bits() {
+        // Tensors of several pieces, a ragged last piece, and one empty; enough to go parallel.
+        let sizes = [3 * SQ_PIECE + 17, 0, SQ_PIECE, 5, PAR_MIN];
+        let grads: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                (0..n)
+                    .map(|i| ((i * 7 + t * 13) % 101) as f32 * 0.013 - 0.6)
+                    .collect()
+            })
+            .collect();
+        let views: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        let one = sum_of_squares_on(&views, 1);
+        // One piece: the plain sequential sum.
+        let plain: f64 = grads[3].iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        assert_eq!(sum_of_squares([&grads[3][..]]).to_bits(), plain.to_bits());
+        for threads in [2, 3, 8] {
+            assert_eq!(sum_of_squares_on(&views, threads).to_bits(), one.to_bits());
+            let (mut a, mut b) = (grads.clone(), grads.clone());
+            let mut va: Vec<&mut [f32]> = a.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut vb: Vec<&mut [f32]> = b.iter_mut().map(Vec::as_mut_slice).collect();
+            let na = clip_grad_norm_on(&mut va, 1.0, 1).expect("clip");
+            let nb = clip_grad_norm_on(&mut vb, 1.0, threads).expect("clip");
+            assert_eq!(na.to_bits(), nb.to_bits());
+            assert_eq!(a, b, "threads {threads}");
+        }
     }
 
     #[test]

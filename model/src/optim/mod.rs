@@ -20,7 +20,9 @@ pub mod schedule;
 
 pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamRef, ParamState, Spare};
 pub use clip::{
-    clip_coefficient, clip_grad_norm, clip_grad_norm_from_sum_sq, global_norm, sum_of_squares,
+    SQ_PIECE, clip_coefficient, clip_grad_norm, clip_grad_norm_from_sum_sq,
+    clip_grad_norm_from_sum_sq_on, clip_grad_norm_on, global_norm, sum_of_squares,
+    sum_of_squares_on,
 };
 pub use schedule::LrSchedule;
 
