@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_model::device::{Lane, with_lane};
 
-use crate::schedule::{Action, Costs, Op};
+use crate::schedule::{Action, Costs, Op, timeline};
 
 use super::placement::Placement;
 use super::transport::{Dir, Link};
@@ -123,7 +123,7 @@ type Key = (usize, usize, u8);
 pub(super) struct Local {
     handoffs: HashMap<Key, (Vec<f32>, f64)>,
     /// `(op, chunk, stage)` passes of this rank that have finished.
-    pub(super) done: HashSet<(Op, usize, usize)>,
+    done: HashSet<(Op, usize, usize)>,
     /// `W` passes applied so far. They accumulate into the gradients, so they are applied in
     /// the list's order whatever thread runs them: the sums, and hence the step, are the same
     /// bits in every mode.
@@ -132,8 +132,8 @@ pub(super) struct Local {
     w_left: HashMap<usize, usize>,
     /// Stage activations held now (a forward holds one from its start to its backward's end),
     /// the most the list holds one action at a time, and the most held so far.
-    pub(super) live: usize,
-    pub(super) cap: usize,
+    live: usize,
+    cap: usize,
     pub(super) peak: usize,
     /// Forwards that have taken their activation (streams take them in list order).
     f_next: usize,
@@ -515,7 +515,7 @@ impl<'a> Executor<'a> {
                     *g.w_left.entry(u.stage).or_default() += 1;
                 }
             }
-            g.cap = peak_in_order(actions).max(1);
+            g.cap = timeline::peak_activations(actions).max(1);
         }
         if self.concurrent() {
             return self.run_streams(work, actions, &ordinals);
@@ -562,23 +562,6 @@ impl<'a> Executor<'a> {
         }
         Ok(trace)
     }
-}
-
-/// The most stage activations `actions` hold when run one at a time (an F&B pair holds its
-/// forward's before its backward frees one).
-fn peak_in_order(actions: &[Action]) -> usize {
-    let (mut live, mut peak) = (0usize, 0usize);
-    for u in actions.iter().flat_map(Action::units) {
-        match u.op {
-            Op::F => {
-                live += 1;
-                peak = peak.max(live);
-            }
-            Op::B => live = live.saturating_sub(1),
-            Op::W => {}
-        }
-    }
-    peak
 }
 
 /// The ordinal of each action's W among the list's W's (`None` where it has none).

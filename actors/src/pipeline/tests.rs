@@ -18,29 +18,6 @@ use super::transport::{Failure, Link};
 use crate::schedule::tests::{exact_settings, report_costs, table2};
 use crate::schedule::{Costs, Kind, build, simulate};
 
-/// A stage that computes nothing: its activations and gradients are one value each.
-struct CostOnly;
-
-impl StageWork for CostOnly {
-    fn boundary_len(&self, _chunk: usize) -> usize {
-        1
-    }
-    fn forward(&self, _: usize, _: usize, _: Option<Vec<f32>>) -> Result<Option<Vec<f32>>, String> {
-        Ok(Some(vec![0.0]))
-    }
-    fn backward_input(
-        &self,
-        _: usize,
-        _: usize,
-        _: Option<Vec<f32>>,
-    ) -> Result<Option<Vec<f32>>, String> {
-        Ok(Some(vec![0.0]))
-    }
-    fn backward_weight(&self, _: usize, _: usize) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 /// A runtime, and the placement of a `kind` pipeline over `pp` ranks of the tiny model.
 fn setup(kind: Kind, pp: usize, chunks: usize) -> (tokio::runtime::Runtime, Placement) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -80,7 +57,7 @@ fn run(kind: Kind, pp: usize, chunks: usize, costs: Costs) -> Vec<Trace> {
                 let placement = &placement;
                 s.spawn(move || {
                     let exec = Executor::new(placement, r, &link, Timing::Injected(costs), epoch);
-                    exec.run(&CostOnly, &placement.schedule.ranks[r])
+                    exec.run(&Recording::default(), &placement.schedule.ranks[r])
                 })
             })
             .collect();
@@ -148,12 +125,25 @@ fn executor_peak_activations_follow_the_report() {
     }
 }
 
-/// A stage that takes up to about a millisecond per pass, records the order in which its W's are applied,
-/// and fails the forward of `fail` when given.
+/// A stage that computes nothing (its activations and gradients are one value each), records
+/// the order in which its W's are applied, and fails the forward of `fail` when given. With
+/// `pause`, each pass takes up to about a millisecond of wall-clock time, unevenly, so that
+/// streams finish out of order.
 #[derive(Default)]
 struct Recording {
+    pause: bool,
     ws: std::sync::Mutex<Vec<(usize, usize)>>,
     fail: Option<(usize, usize)>,
+}
+
+impl Recording {
+    fn pass(&self, c: usize, s: usize) {
+        if self.pause {
+            std::thread::sleep(Duration::from_micros(
+                200 + 400 * ((c * 7 + s * 3) % 4) as u64,
+            ));
+        }
+    }
 }
 
 impl StageWork for Recording {
@@ -164,23 +154,20 @@ impl StageWork for Recording {
         if self.fail == Some((c, s)) {
             return Err(format!("injected failure in F(chunk {c}, stage {s})"));
         }
-        // Uneven durations, so that the streams finish out of order.
-        std::thread::sleep(Duration::from_micros(
-            200 + 400 * ((c * 7 + s * 3) % 4) as u64,
-        ));
+        self.pass(c, s);
         Ok(Some(vec![0.0]))
     }
     fn backward_input(
         &self,
-        _: usize,
-        _: usize,
+        c: usize,
+        s: usize,
         _: Option<Vec<f32>>,
     ) -> Result<Option<Vec<f32>>, String> {
-        std::thread::sleep(Duration::from_millis(1));
+        self.pass(c, s);
         Ok(Some(vec![0.0]))
     }
     fn backward_weight(&self, c: usize, s: usize) -> Result<(), String> {
-        std::thread::sleep(Duration::from_millis(1));
+        self.pass(c, s);
         if let Ok(mut ws) = self.ws.lock() {
             ws.push((c, s));
         }
@@ -213,6 +200,7 @@ fn run_wall(
                     let mut exec = Executor::new(placement, r, &link, Timing::Wall, epoch);
                     exec.overlap = overlap;
                     let work = Recording {
+                        pause: true,
                         fail: fail(r),
                         ..Recording::default()
                     };

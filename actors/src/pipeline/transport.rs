@@ -3,10 +3,10 @@
 //!
 //! The compute threads are plain OS threads (the model is synchronous), so they drive the async
 //! fabric with `Handle::block_on`. Every message is tagged with the step, the micro-batch and what
-//! it is, so that the two halves of an overlapped F&B pair, running at the same time on two
-//! threads, never take each other's messages. Every receive has the job's peer deadline; a
+//! it is, so that the executor's streams (or an F&B pair's halves), running at the same time on
+//! several threads, never take each other's messages. Every receive has the job's peer deadline; a
 //! failure is kept (the first one wins) and turned into the step's error by the executor — the
-//! model layer calling the exchange gets zero-filled buffers and never panics.
+//! model layer waiting on the exchange gets empty parts (read as zeros) and never panics.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -127,7 +127,7 @@ pub struct Link {
     pub step: u64,
     pub failure: Failure,
     pub stats: Arc<Mutex<ExchangeStats>>,
-    /// Held by the computing half of an F&B pair; handed over around every blocking receive.
+    /// Held by the computing stream; handed over around every blocking receive.
     pub baton: Baton,
 }
 
