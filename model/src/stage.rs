@@ -392,6 +392,19 @@ impl DeepSeekV3 {
     /// W of one stage: accumulates its weight gradients into `grads`. Needs the cache after B.
     /// Under EP it needs no exchange and touches only this rank's experts' gradients.
     pub fn stage_backward_weight(&self, dev: &dyn Device, cache: StageCache, grads: &mut Weights) {
+        self.stage_backward_weight_yielding(dev, cache, grads, &|| {});
+    }
+
+    /// [`Self::stage_backward_weight`], calling `yield_now` after each decoder layer's W: a
+    /// point where the caller may let other work of its device go first (a W has no
+    /// communication of its own, so a scheduler can use it to fill gaps, layer by layer).
+    pub fn stage_backward_weight_yielding(
+        &self,
+        dev: &dyn Device,
+        cache: StageCache,
+        grads: &mut Weights,
+        yield_now: &(dyn Fn() + Sync),
+    ) {
         let w = &self.weights;
         let ctx = cache.ctx(dev, None);
         let Weights {
@@ -416,6 +429,7 @@ impl DeepSeekV3 {
                     .as_ref()
                     .expect("stage_backward_weight before stage_backward_input");
                 w.layers[i].backward_weight(&ctx, c, dys, &mut g_layers[i]);
+                yield_now();
             }
         };
         let mut head_w = || {

@@ -46,8 +46,14 @@ pub trait StageWork: Sync {
         stage: usize,
         grad: Option<Vec<f32>>,
     ) -> Result<Option<Vec<f32>>, String>;
-    /// Backward for weights.
-    fn backward_weight(&self, chunk: usize, stage: usize) -> Result<(), String>;
+    /// Backward for weights, calling `yield_now` between layers (where the executor lets
+    /// another stream compute first).
+    fn backward_weight(
+        &self,
+        chunk: usize,
+        stage: usize,
+        yield_now: &(dyn Fn() + Sync),
+    ) -> Result<(), String>;
     /// Every `W` of `stage` on this rank is done: its gradients are final for this step.
     fn stage_grads_done(&self, _stage: usize) {}
 }
@@ -274,7 +280,9 @@ impl<'a> Executor<'a> {
             |l| (l.w_applied == ordinal).then_some(()),
             || format!("the turn of W(chunk {c}, stage {s})"),
         )?;
-        let r = work.backward_weight(c, s);
+        // A W has no communication: between its layers, a stream waiting for the core (its
+        // data arrived) goes first, so W fills the gaps instead of delaying an all-to-all.
+        let r = work.backward_weight(c, s, &|| self.link.baton.yield_to_waiting());
         let last = {
             let mut g = self.lock()?;
             let left = g.w_left.entry(s).or_default();

@@ -10,7 +10,9 @@
 //! drain backward's while the next backward or W computes — and the end of one pair with the
 //! start of the next (no barrier between pairs). A W is its own piece: its input gradient has
 //! already gone to the previous stage (as zero-bubble schedules send it), and it computes while
-//! the other streams wait for the fabric.
+//! the other streams wait for the fabric; between its layers it lets a stream whose data has
+//! arrived go first (`Baton::yield_to_waiting`), so that it fills gaps instead of delaying an
+//! all-to-all that a peer waits for.
 //!
 //! Why this keeps the schedule's guarantees:
 //! - Pieces are taken in list order, so the earliest unfinished piece of a rank is always on a

@@ -166,8 +166,14 @@ impl StageWork for Recording {
         self.pass(c, s);
         Ok(Some(vec![0.0]))
     }
-    fn backward_weight(&self, c: usize, s: usize) -> Result<(), String> {
+    fn backward_weight(
+        &self,
+        c: usize,
+        s: usize,
+        yield_now: &(dyn Fn() + Sync),
+    ) -> Result<(), String> {
         self.pass(c, s);
+        yield_now();
         if let Ok(mut ws) = self.ws.lock() {
             ws.push((c, s));
         }

@@ -99,6 +99,17 @@ impl Baton {
         }
     }
 
+    /// Let every caller that waits for the baton now go first, then hold it again (a holder
+    /// without communication of its own, a W, calls this between layers). Nothing happens
+    /// when nobody waits.
+    pub fn yield_to_waiting(&self) {
+        let waiting = self.0.0.lock().is_ok_and(|t| t.next > t.serving + 1);
+        if waiting {
+            self.release();
+            self.acquire();
+        }
+    }
+
     /// Seconds the baton has been held so far: the rank's compute on its streams.
     pub fn held_s(&self) -> f64 {
         self.0.0.lock().map(|t| t.held_s).unwrap_or(0.0)

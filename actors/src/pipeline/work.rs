@@ -163,7 +163,12 @@ impl StageWork for ModelWork<'_, '_> {
         Ok(self.host(d_in.flatten()))
     }
 
-    fn backward_weight(&self, chunk: usize, stage: usize) -> Result<(), String> {
+    fn backward_weight(
+        &self,
+        chunk: usize,
+        stage: usize,
+        yield_now: &(dyn Fn() + Sync),
+    ) -> Result<(), String> {
         let cache = Self::locked(&self.caches)?
             .remove(&(chunk, stage))
             .ok_or_else(|| format!("W of chunk {chunk} stage {stage} before its B"))?;
@@ -172,7 +177,8 @@ impl StageWork for ModelWork<'_, '_> {
         let g: &mut Weights = &mut grads;
         self.dev.on_device_threads(&mut || {
             if let Some(c) = cache.take() {
-                self.model.stage_backward_weight(self.dev, c, g);
+                self.model
+                    .stage_backward_weight_yielding(self.dev, c, g, yield_now);
             }
         });
         Ok(())

@@ -288,13 +288,8 @@ impl QuicFabric {
         let socket = udp_socket(listen, &opts).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let server = id.server_config(transport.clone())?;
-        let mut endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(bind_err)?;
+        let mut endpoint =
+            Endpoint::new(opts.endpoint()?, Some(server), socket, runtime).map_err(bind_err)?;
         endpoint.set_default_client_config(id.client_config(transport)?);
         let hub = InprocHub::new(world);
         let (lanes, connections) = opts.shape();

@@ -320,8 +320,8 @@ fn quinn_endpoint(t: Transport, server: Option<quinn::ServerConfig>) -> Result<q
         state.set_send_buffer_size((&sock).into(), n)?;
     }
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime)
-        .context("a quinn endpoint")
+    let endpoint = fabric_opts().endpoint().map_err(|e| anyhow!("{e}"))?;
+    quinn::Endpoint::new(endpoint, server, sock, runtime).context("a quinn endpoint")
 }
 
 fn tcp_sender(cmd: Command, bytes: usize, reps: usize) -> Result<P2p> {

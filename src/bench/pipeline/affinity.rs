@@ -1,5 +1,6 @@
-//! Pinning each rank (and the threads it starts: the F half of an F&B pair) to one core, as a
-//! GPU is one compute resource that both halves of a pair share.
+//! Thread placement and timing for the benchmark's threads: pinning each rank (and the threads
+//! it starts: its streams) to one core, as a GPU is one compute resource that its streams share;
+//! and precise timed waits for the modelled link's delivery thread.
 
 #[cfg(target_os = "linux")]
 mod sys {
@@ -31,6 +32,18 @@ mod sys {
         // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
         unsafe { sched_setaffinity(0, std::mem::size_of::<CpuSet>(), &set) == 0 }
     }
+
+    /// `PR_SET_TIMERSLACK` of `prctl(2)`.
+    const PR_SET_TIMERSLACK: i32 = 29;
+    unsafe extern "C" {
+        fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
+    }
+
+    pub fn precise_timers() -> bool {
+        // SAFETY: PR_SET_TIMERSLACK takes one integer argument (nanoseconds) and affects only
+        // the calling thread; the unused arguments are zero.
+        unsafe { prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0) == 0 }
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -39,6 +52,9 @@ mod sys {
         Vec::new()
     }
     pub fn pin(_cpu: usize) -> bool {
+        false
+    }
+    pub fn precise_timers() -> bool {
         false
     }
 }
@@ -51,4 +67,11 @@ pub fn allowed() -> Vec<usize> {
 /// Pin the calling thread (and the threads it starts later) to `cpu`.
 pub fn pin(cpu: usize) -> bool {
     sys::pin(cpu)
+}
+
+/// Make the calling thread's timed waits wake when asked. Linux lets a normal thread's timers
+/// fire up to its timer slack late (50 µs by default), which would make every modelled message
+/// arrive about 50 µs after its time: more than the modelled latency itself.
+pub fn precise_timers() -> bool {
+    sys::precise_timers()
 }

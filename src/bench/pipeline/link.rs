@@ -114,7 +114,10 @@ impl DelayNet {
         let s = shared.clone();
         let nic = std::thread::Builder::new()
             .name("bench-nic".into())
-            .spawn(move || deliver_loop(&s))
+            .spawn(move || {
+                super::affinity::precise_timers();
+                deliver_loop(&s)
+            })
             .ok();
         DelayNet { shared, nic }
     }

@@ -62,12 +62,20 @@
 //! overlap them with the next forward or backward. Every all-to-all is also a
 //! rendezvous: it completes when the slower of the peers has computed its share and its bytes have
 //! arrived, so imbalance between EP peers shows as waiting on any link. The executor's
-//! streams take turns on the core (a baton), but nothing preempts a long computation when
-//! another stream's data arrives. Measured (`docs/benchmarks.md`, "Pipeline"): without overlap
-//! the step is compute + communication within 5% on dedicated cores; the F&B pairs take 18–27%
-//! off that, the streams a little more; but with communication ≈ compute the DualPipe step is
-//! still about 1.4–1.6 × max(compute, communication), not ≤ 1.15 ×: the acceptance ratio is not
+//! streams take turns on the core (a baton); only a W lets a waiting stream go first, between
+//! its layers. With the default model the stages are uneven (a dense layer in the first, three
+//! MoE layers with MTP in the last), so each F&B pair pairs a half with three times the other's
+//! all-to-alls, which the lighter half cannot hide; `--dense-layers 0 --mtp-depth 0` balances
+//! them. Measured (`docs/benchmarks.md`, "Pipeline"): without overlap the step is 0.89–0.95 ×
+//! compute + communication on dedicated cores (the MoE layer itself computes the shared expert
+//! and this rank's own rows while its all-to-alls are in flight); with communication ≈ compute the DualPipe step
+//! on streams is about 1.4–1.5 × max(compute, communication) with the defaults and 1.18–1.28 ×
+//! with balanced stages and 32 or 64 micro-batches, not ≤ 1.15 ×: the acceptance ratio is not
 //! met.
+//!
+//! The delivery thread asks for a timer slack of 1 ns ([`affinity::precise_timers`]): with
+//! Linux's default of 50 µs every message arrived about 50 µs late (more than the modelled
+//! latency); the JSON reports the measured lateness (`delivery_late_mean_us`).
 
 mod affinity;
 mod link;

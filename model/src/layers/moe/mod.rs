@@ -16,7 +16,9 @@
 //! back (`GradCombine`); see `moe/ep.rs`. Each exchange is posted, then waited for, with
 //! independent work in between: the shared expert's forward during the dispatch, its B during
 //! the gradient dispatch, the router's B during the gradient combine (as DeepSeek-V3 overlaps the
-//! shared expert with the dispatch). The router, the
+//! shared expert with the dispatch). This rank's own rows for its own experts never enter the
+//! exchange: its experts run on them apart from the peers' rows, during the combine (forward)
+//! and the gradient combine (B), after the peers' rows have gone back. The router, the
 //! shared experts, the balance loss and [`Moe::load`] stay on the token-owner; the experts'
 //! activations and output-gradients stay on the expert-owner, whose W is local. Without an
 //! exchange (or with `P = 1`) every expert runs here on `xe` itself, exactly as before EP.
@@ -62,6 +64,8 @@ pub struct MoeCache {
     pub plan: DispatchPlan,
     /// The rows this rank's experts ran on: `xe` itself, or (EP) the rows peers sent here.
     experts: ExpertRows,
+    /// EP: this rank's own rows for its own experts (they never leave the rank).
+    own_experts: Option<ExpertRows>,
     /// EP: how rows moved between token-owners and expert-owners (`None`: every expert local).
     route: Option<EpRoute>,
     /// The experts' outputs in `xe`'s row order.
@@ -74,6 +78,7 @@ pub struct MoeCache {
 #[derive(Debug)]
 pub struct MoeDys {
     experts: ExpertDys,
+    own_experts: Option<ExpertDys>,
     router: RouterDys,
     shared: MlpDys,
 }
@@ -140,6 +145,7 @@ impl Moe {
                 router,
                 plan,
                 experts,
+                own_experts: None,
                 route,
                 ye,
                 w_perm,
@@ -148,8 +154,9 @@ impl Moe {
         )
     }
 
-    /// Forward under EP. The shared expert computes while the dispatch is on the wire (the
-    /// sums are the same as without EP, in the same order).
+    /// Forward under EP. The shared expert computes while the dispatch is on the wire, and this
+    /// rank's experts on its own rows while the combine is (the combine's sums are the same as
+    /// without EP, in the same order).
     fn forward_ep(&self, ctx: &Ctx<'_>, x: &Tensor, ex: &dyn ExpertExchange) -> (Tensor, MoeCache) {
         let dev = ctx.dev;
         let n_experts = self.experts.len();
@@ -157,14 +164,24 @@ impl Moe {
         let plan = plan_dispatch(&router.topk, n_experts, self.gate.spec.top_k);
         let xe = dispatch(dev, x, &plan);
         let posted = EpRoute::post_dispatch(ex, dev, self.layer, &plan, n_experts, &xe);
+        let own = posted.own_rows(&plan, ex.size());
+        let x_own = own.take(dev, &xe);
         drop(xe);
         let (ys, shared) = self.shared_experts.forward(dev, x);
         let (route, local, xl) = posted.wait(ex, dev);
         let (yl, experts) = ExpertRows::forward(dev, &self.experts, local.ids, local.offsets, xl);
         route.post_to_tokens(ex, dev, ExchangePhase::Combine, &yl);
         drop(yl);
+        let (y_own, own_experts) = ExpertRows::forward(
+            dev,
+            &self.experts,
+            own.experts.ids,
+            own.experts.offsets,
+            x_own,
+        );
         let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
-        let ye = route.wait_to_tokens(ex, dev, ExchangePhase::Combine);
+        let ye = route.wait_to_tokens(ex, dev, ExchangePhase::Combine, &y_own);
+        drop(y_own);
         let mut y = combine(dev, &ye, &w_perm, &plan, x.rows());
         dev.add_assign(&mut y, &ys);
         (
@@ -173,6 +190,7 @@ impl Moe {
                 router,
                 plan,
                 experts,
+                own_experts: Some(own_experts),
                 route: Some(route),
                 ye,
                 w_perm,
@@ -221,6 +239,7 @@ impl Moe {
             dx,
             MoeDys {
                 experts,
+                own_experts: None,
                 router,
                 shared,
             },
@@ -240,9 +259,9 @@ impl Moe {
         self.gate.backward_input(ctx, &c.router, &d_weights)
     }
 
-    /// B under EP: the shared expert's B while the output gradients travel to the experts, the
-    /// router's while the input gradients travel back (the sums in the same order as without
-    /// EP).
+    /// B under EP: the shared expert's B while the output gradients travel to the experts, this
+    /// rank's experts' B on its own rows and the router's while the input gradients travel back
+    /// (the sums in the same order as without EP).
     fn backward_input_ep(
         &self,
         ctx: &Ctx<'_>,
@@ -254,14 +273,27 @@ impl Moe {
         let dev = ctx.dev;
         let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
         route.post_to_experts(ex, dev, ExchangePhase::GradDispatch, &d_ye);
+        let d_y_own = route.take_own(dev, &d_ye);
         drop(d_ye);
         let (dx_shared, shared) = self.shared_experts.backward_input(dev, &c.shared, dy);
         let d_yl = route.wait_to_experts(ex, dev, ExchangePhase::GradDispatch);
         let (d_xl, experts) = c.experts.backward_input(dev, &self.experts, d_yl);
         route.post_to_tokens(ex, dev, ExchangePhase::GradCombine, &d_xl);
         drop(d_xl);
+        let own = c
+            .own_experts
+            .as_ref()
+            .map(|o| o.backward_input(dev, &self.experts, d_y_own));
         let (dx_router, router) = self.router_backward_input(ctx, c, &d_w_perm);
-        let d_xe = route.wait_to_tokens(ex, dev, ExchangePhase::GradCombine);
+        let none;
+        let d_x_own = match &own {
+            Some((d, _)) => d,
+            None => {
+                none = dev.zeros(&[0, dy.cols()]);
+                &none
+            }
+        };
+        let d_xe = route.wait_to_tokens(ex, dev, ExchangePhase::GradCombine, d_x_own);
         let mut dx = dispatch_backward(dev, &d_xe, &c.plan, dy.rows());
         dev.add_assign(&mut dx, &dx_router);
         dev.add_assign(&mut dx, &dx_shared);
@@ -269,6 +301,7 @@ impl Moe {
             dx,
             MoeDys {
                 experts,
+                own_experts: own.map(|(_, d)| d),
                 router,
                 shared,
             },
@@ -288,6 +321,9 @@ impl Moe {
         let dev = ctx.dev;
         c.experts
             .backward_weight(dev, &self.experts, &dys.experts, &mut g.experts);
+        if let (Some(own), Some(d)) = (&c.own_experts, &dys.own_experts) {
+            own.backward_weight(dev, &self.experts, d, &mut g.experts);
+        }
         self.gate.backward_weight(ctx, x, &dys.router, &mut g.gate);
         self.shared_experts
             .backward_weight(dev, x, &c.shared, &dys.shared, &mut g.shared_experts);

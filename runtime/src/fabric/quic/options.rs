@@ -86,6 +86,16 @@ impl QuicOptions {
         (lanes_for(self.lanes, conns), conns)
     }
 
+    /// The quinn endpoint configuration these options describe: the largest UDP payload this
+    /// endpoint accepts is `max_udp_payload` (quinn's default, 1472, would advertise a smaller
+    /// bound to the peer and cap path-MTU discovery there, whatever its upper bound).
+    pub fn endpoint(&self) -> Result<quinn::EndpointConfig, QuicError> {
+        let mut e = quinn::EndpointConfig::default();
+        e.max_udp_payload_size(self.max_udp_payload.max(1200))
+            .map_err(|e| QuicError::Options(format!("max_udp_payload: {e}")))?;
+        Ok(e)
+    }
+
     /// The quinn transport configuration these options describe.
     pub fn transport(&self) -> Result<Arc<quinn::TransportConfig>, QuicError> {
         let var = |what: &str, v: u64| {

@@ -203,6 +203,26 @@ async fn three_ranks_all_pairs() {
     b.expect("recvs");
 }
 
+/// quinn's endpoint advertises 1472 bytes unless told otherwise, which caps path-MTU discovery
+/// whatever its upper bound: the endpoint must carry the options' bound.
+#[test]
+fn the_endpoint_advertises_the_configured_udp_payload() {
+    let payload = |n: u16| {
+        let o = QuicOptions {
+            max_udp_payload: n,
+            ..QuicOptions::default()
+        };
+        o.endpoint()
+            .expect("endpoint config")
+            .get_max_udp_payload_size()
+    };
+    assert_eq!(payload(1452), 1452);
+    assert_eq!(payload(9000), 9000);
+    assert_eq!(payload(65527), 65527);
+    // Below QUIC's minimum datagram size, the minimum.
+    assert_eq!(payload(500), 1200);
+}
+
 #[tokio::test]
 async fn a_peer_from_another_ca_is_refused() {
     let job = JobCa::generate().expect("ca");
