@@ -303,7 +303,7 @@ impl Trainer {
         let dev = self.dev.as_ref();
         let _ = dev.take_cost();
         let sb = self.loader.next_step();
-        zero(&mut self.grads);
+        zero(&mut self.grads, self.opt.threads());
         let n_micro = sb.micro_batches.len().max(1);
         let mut ce = 0.0f32;
         let mut mtp = 0.0f32;
@@ -335,7 +335,7 @@ impl Trainer {
             }
         }
         if n_micro > 1 {
-            scale(&mut self.grads, 1.0 / n_micro as f32);
+            scale(&mut self.grads, 1.0 / n_micro as f32, self.opt.threads());
         }
         let loss = ce + mtp + balance;
         if !loss.is_finite() {
@@ -376,41 +376,57 @@ impl Trainer {
     }
 }
 
-pub(crate) fn zero(w: &mut Weights) {
-    w.visit_mut("", &mut |_, t, _| {
-        if let Some(h) = t.host_mut() {
-            h.fill(0.0);
-        }
-    });
+/// Values per piece when zeroing or scaling gradients on several threads.
+const PIECE: usize = 1 << 16;
+/// Below this many values in all, one thread zeroes or scales everything.
+const PAR_MIN: usize = 1 << 20;
+
+/// Zero every gradient held here, on up to `threads` threads.
+pub(crate) fn zero(w: &mut Weights, threads: usize) {
+    for_each_value_piece(w, threads, |p| p.fill(0.0));
 }
 
-fn scale(w: &mut Weights, s: f32) {
-    w.visit_mut("", &mut |_, t, _| {
-        if let Some(h) = t.host_mut() {
-            h.iter_mut().for_each(|x| *x *= s);
-        }
-    });
+/// Multiply every gradient held here by `s`, on up to `threads` threads (each value on its
+/// own: the same bits on any thread count).
+fn scale(w: &mut Weights, s: f32, threads: usize) {
+    for_each_value_piece(w, threads, |p| p.iter_mut().for_each(|x| *x *= s));
+}
+
+/// Run `f` on every held tensor's values, in pieces spread over up to `threads` threads.
+fn for_each_value_piece(w: &mut Weights, threads: usize, f: impl Fn(&mut [f32]) + Sync) {
+    let mut taken = take_held(w, |_| true);
+    let pieces: Vec<&mut [f32]> = taken
+        .iter_mut()
+        .filter_map(|(_, t)| t.host_mut())
+        .flat_map(|h| h.chunks_mut(PIECE))
+        .collect();
+    flotilla_model::par::run_pieces(pieces, threads, PAR_MIN, |p| p.len(), f);
+    put_back(w, taken);
 }
 
 /// Move the trainable tensors out (in visiting order), leaving shape-only placeholders, so the
 /// optimizer can hold them all mutably at once; [`put_back`] restores them in the same order.
 /// Tensors that are already shape-only (not held by this rank) are skipped.
 fn take_trainable(w: &mut Weights) -> Vec<(String, Tensor)> {
+    take_held(w, |k| k == Kind::Weight)
+}
+
+/// Move out the held tensors of the kinds `keep` accepts (see [`take_trainable`]).
+fn take_held(w: &mut Weights, keep: impl Fn(Kind) -> bool) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     w.visit_mut("", &mut |n, t, k| {
-        if k == Kind::Weight && !t.is_shape_only() {
+        if keep(k) && !t.is_shape_only() {
             out.push((n.to_string(), std::mem::replace(t, Tensor::shape_only(&[]))));
         }
     });
     out
 }
 
+/// Put tensors taken by [`take_held`] back by name.
 fn put_back(w: &mut Weights, taken: Vec<(String, Tensor)>) {
     let mut back: std::collections::HashMap<String, Tensor> = taken.into_iter().collect();
-    w.visit_mut("", &mut |n, t, k| {
-        if k == Kind::Weight
-            && let Some(v) = back.remove(n)
-        {
+    w.visit_mut("", &mut |n, t, _| {
+        if let Some(v) = back.remove(n) {
             *t = v;
         }
     });

@@ -51,7 +51,7 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
     let micro = batches.len().max(1);
     let tokens_here: usize = batches.iter().map(|b| b.input_ids.len()).sum();
     let scale = 1.0 / (par.placement.data_ranks() * micro) as f32;
-    zero(&mut t.grads);
+    zero(&mut t.grads, t.opt.threads());
     par.sync
         .lock()
         .map_err(|_| fail("gradient sync poisoned".into()))?

@@ -6,11 +6,116 @@
 //! scratch so that `S = Q Kᵀ`, `dQ = dS K` and `dK = dSᵀ Q` are one GEMM each over the whole head
 //! dimension instead of a nope and a rope GEMM (measured: the rope-width products, k or n = 8,
 //! ran at a third of the others' rate). Everything else is read in place through strides.
-//! Sequences are independent, so the device runs them on separate threads.
+//! Sequences are independent, so [`forward_batch`] and [`backward_batch`] run them on separate
+//! threads of the device's pool.
 
 use super::AttnShape;
 use super::gemm::{StridedMut, StridedRef, sgemm_seq};
 use super::vmath::{self, simd_kernel};
+
+/// `q`, `kv`, `k_pe` of a whole batch (rows as in [`forward_seq`], sequences one after another).
+pub type Inputs<'a> = (&'a [f32], &'a [f32], &'a [f32]);
+
+/// What [`backward_batch`] reads: `q`, `kv`, `k_pe`, the kept `probs` and `dout`.
+pub type BackwardInputs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
+
+/// Forward of every sequence of the batch, the sequences dealt out over `threads` tasks of
+/// `pool`: `out` `[batch·T, heads·v]` and `probs` `[batch, heads, T, T]`.
+pub fn forward_batch(
+    pool: &rayon::ThreadPool,
+    threads: usize,
+    (q, kv, k_pe): Inputs<'_>,
+    s: &AttnShape,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let (t, h) = (s.seq, s.heads);
+    let (qw, kvw) = (h * (s.nope + s.rope), h * (s.nope + s.v));
+    let mut jobs: Vec<(usize, &mut [f32], &mut [f32])> = out
+        .chunks_mut(t * h * s.v)
+        .zip(probs.chunks_mut(h * t * t))
+        .enumerate()
+        .map(|(b, (o, p))| (b, o, p))
+        .collect();
+    let groups = split(jobs.len(), threads);
+    pool.scope(|sc| {
+        let mut rest: &mut [(usize, &mut [f32], &mut [f32])] = &mut jobs;
+        for g in &groups {
+            let (mine, tail) = rest.split_at_mut(g.len());
+            rest = tail;
+            sc.spawn(move |_| {
+                let mut scratch = Scratch::new(s);
+                for (b, o, p) in mine.iter_mut() {
+                    let rows = *b * t..(*b + 1) * t;
+                    forward_seq(
+                        &q[rows.start * qw..rows.end * qw],
+                        &kv[rows.start * kvw..rows.end * kvw],
+                        &k_pe[rows.start * s.rope..rows.end * s.rope],
+                        s,
+                        o,
+                        p,
+                        &mut scratch,
+                    );
+                }
+            });
+        }
+    });
+}
+
+/// Backward of every sequence of the batch, dealt out as in [`forward_batch`]: from `q`, `kv`,
+/// `k_pe`, the kept `probs` and `dout`, the gradients `(dq, dkv, dk_pe)`.
+pub fn backward_batch(
+    pool: &rayon::ThreadPool,
+    threads: usize,
+    (q, kv, k_pe, probs, dout): BackwardInputs<'_>,
+    s: &AttnShape,
+    (dq, dkv, dpe): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (t, h) = (s.seq, s.heads);
+    let (qw, kvw, ow) = (h * (s.nope + s.rope), h * (s.nope + s.v), h * s.v);
+    type Job<'a> = (usize, &'a mut [f32], &'a mut [f32], &'a mut [f32]);
+    let mut jobs: Vec<Job<'_>> = dq
+        .chunks_mut(t * qw)
+        .zip(dkv.chunks_mut(t * kvw))
+        .zip(dpe.chunks_mut(t * s.rope))
+        .enumerate()
+        .map(|(b, ((a, c), d))| (b, a, c, d))
+        .collect();
+    let groups = split(jobs.len(), threads);
+    pool.scope(|sc| {
+        let mut rest: &mut [Job<'_>] = &mut jobs;
+        for g in &groups {
+            let (mine, tail) = rest.split_at_mut(g.len());
+            rest = tail;
+            sc.spawn(move |_| {
+                let mut scratch = Scratch::new(s);
+                for (b, dqb, dkvb, dpeb) in mine.iter_mut() {
+                    let r = *b * t..(*b + 1) * t;
+                    backward_seq(
+                        &q[r.start * qw..r.end * qw],
+                        &kv[r.start * kvw..r.end * kvw],
+                        &k_pe[r.start * s.rope..r.end * s.rope],
+                        &probs[*b * h * t * t..(*b + 1) * h * t * t],
+                        &dout[r.start * ow..r.end * ow],
+                        s,
+                        dqb,
+                        dkvb,
+                        dpeb,
+                        &mut scratch,
+                    );
+                }
+            });
+        }
+    });
+}
+
+/// Splits `0..n` into at most `parts` contiguous ranges of near-equal size.
+fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    (0..parts)
+        .map(|p| (p * n / parts)..((p + 1) * n / parts))
+        .collect()
+}
 
 /// Scratch buffers reused across the heads (and sequences) one thread works on.
 pub struct Scratch {

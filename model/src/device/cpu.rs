@@ -194,14 +194,6 @@ struct Stats {
 /// Default bound of the buffer cache (1 GiB).
 pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
 
-/// Splits `0..n` into at most `parts` contiguous ranges of near-equal size.
-fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
-    let parts = parts.clamp(1, n.max(1));
-    (0..parts)
-        .map(|p| (p * n / parts)..((p + 1) * n / parts))
-        .collect()
-}
-
 /// The rayon threads of one lane; they issue work on that lane.
 fn lane_pool(threads: usize, lane: Lane) -> rayon::ThreadPool {
     let l = lane.index();
@@ -639,37 +631,8 @@ impl Device for CpuDevice {
         self.timed("attention_forward", cost::attention_forward(&s), || {
             let mut out = self.buf(n * h * s.v);
             let mut probs = self.buf(s.batch * h * t * t);
-            let (qd, kvd, ped) = (q.h(), kv.h(), k_pe.h());
-            let (qw, kvw) = (h * (s.nope + s.rope), h * (s.nope + s.v));
-            let mut jobs: Vec<(usize, &mut [f32], &mut [f32])> = out
-                .chunks_mut(t * h * s.v)
-                .zip(probs.chunks_mut(h * t * t))
-                .enumerate()
-                .map(|(b, (o, p))| (b, o, p))
-                .collect();
-            let groups = split(jobs.len(), self.threads);
-            self.pool().scope(|sc| {
-                let mut rest: &mut [(usize, &mut [f32], &mut [f32])] = &mut jobs;
-                for g in &groups {
-                    let (mine, tail) = rest.split_at_mut(g.len());
-                    rest = tail;
-                    sc.spawn(move |_| {
-                        let mut scratch = attention::Scratch::new(&s);
-                        for (b, o, p) in mine.iter_mut() {
-                            let rows = *b * t..(*b + 1) * t;
-                            attention::forward_seq(
-                                &qd[rows.start * qw..rows.end * qw],
-                                &kvd[rows.start * kvw..rows.end * kvw],
-                                &ped[rows.start * s.rope..rows.end * s.rope],
-                                &s,
-                                o,
-                                p,
-                                &mut scratch,
-                            );
-                        }
-                    });
-                }
-            });
+            let inputs = (q.h(), kv.h(), k_pe.h());
+            attention::forward_batch(self.pool(), self.threads, inputs, &s, &mut out, &mut probs);
             (
                 self.wrap(&[n, h * s.v], out),
                 self.wrap(&[s.batch, h, t, t], probs),
@@ -688,46 +651,14 @@ impl Device for CpuDevice {
     ) -> (Tensor, Tensor, Tensor) {
         let (t, h) = (s.seq, s.heads);
         let n = s.batch * t;
-        let (qw, kvw, ow) = (h * (s.nope + s.rope), h * (s.nope + s.v), h * s.v);
+        let (qw, kvw) = (h * (s.nope + s.rope), h * (s.nope + s.v));
         self.timed("attention_backward", cost::attention_backward(&s), || {
             let mut dq = self.buf(n * qw);
             let mut dkv = self.buf(n * kvw);
             let mut dpe = self.buf(n * s.rope);
-            let (qd, kvd, ped, pd, dod) = (q.h(), kv.h(), k_pe.h(), probs.h(), dout.h());
-            type Job<'a> = (usize, &'a mut [f32], &'a mut [f32], &'a mut [f32]);
-            let mut jobs: Vec<Job<'_>> = dq
-                .chunks_mut(t * qw)
-                .zip(dkv.chunks_mut(t * kvw))
-                .zip(dpe.chunks_mut(t * s.rope))
-                .enumerate()
-                .map(|(b, ((a, c), d))| (b, a, c, d))
-                .collect();
-            let groups = split(jobs.len(), self.threads);
-            self.pool().scope(|sc| {
-                let mut rest: &mut [Job<'_>] = &mut jobs;
-                for g in &groups {
-                    let (mine, tail) = rest.split_at_mut(g.len());
-                    rest = tail;
-                    sc.spawn(move |_| {
-                        let mut scratch = attention::Scratch::new(&s);
-                        for (b, dqb, dkvb, dpeb) in mine.iter_mut() {
-                            let r = *b * t..(*b + 1) * t;
-                            attention::backward_seq(
-                                &qd[r.start * qw..r.end * qw],
-                                &kvd[r.start * kvw..r.end * kvw],
-                                &ped[r.start * s.rope..r.end * s.rope],
-                                &pd[*b * h * t * t..(*b + 1) * h * t * t],
-                                &dod[r.start * ow..r.end * ow],
-                                &s,
-                                dqb,
-                                dkvb,
-                                dpeb,
-                                &mut scratch,
-                            );
-                        }
-                    });
-                }
-            });
+            let inputs = (q.h(), kv.h(), k_pe.h(), probs.h(), dout.h());
+            let grads = (&mut dq[..], &mut dkv[..], &mut dpe[..]);
+            attention::backward_batch(self.pool(), self.threads, inputs, &s, grads);
             (
                 self.wrap(q.shape(), dq),
                 self.wrap(kv.shape(), dkv),
