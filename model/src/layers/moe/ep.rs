@@ -9,10 +9,10 @@
 //! experts, so the expert-owner learns what it receives from the message itself. Every exchange
 //! is posted and waited for separately, so that the layer can compute meanwhile. This rank's own
 //! rows never enter the exchange (its message to itself is empty): they are `xe`'s rows of this
-//! rank's experts, which the layer runs on beside the peers' rows ([`PostedDispatch::own_rows`]), so
-//! that their compute overlaps an exchange in flight. A failed
-//! exchange may return buffers of any length: missing values read as zeros, extra ones are
-//! dropped, counts are cut to the rows that came, nothing indexes out of bounds.
+//! rank's experts, which the layer runs on apart from the peers' rows
+//! ([`PostedDispatch::own_rows`]), so that their compute overlaps an exchange in flight. A
+//! failed exchange may return buffers of any length: missing values read as zeros, extra ones
+//! are dropped, counts are cut to the rows that came, nothing indexes out of bounds.
 
 use std::ops::Range;
 
@@ -139,9 +139,10 @@ impl PostedDispatch {
         }
     }
 
-    /// Expert-owner: completes the dispatch of the peers' rows. Returns the route both ways, this rank's experts
-    /// with their row ranges, and the rows they run on (`xl`, grouped by local expert). A
-    /// source's counts are cut to the rows it actually sent (a failed exchange sends none).
+    /// Expert-owner: completes the dispatch of the peers' rows. Returns the route both ways,
+    /// this rank's experts with the peers' row ranges, and the rows they run on (`xl`, grouped
+    /// by local expert). A source's counts are cut to the rows it actually sent (a failed
+    /// exchange sends none).
     pub(super) fn wait(
         self,
         ex: &dyn ExpertExchange,
