@@ -51,7 +51,8 @@ impl Failure {
 
 /// The rank's compute baton: one stream (a half of an F&B pair, or one of the executor's
 /// streams) computes while the others wait for the fabric. A stream holds it while it computes
-/// and hands it over at every receive, so the streams interleave — one's all-to-all in flight
+/// and hands it over at every receive (a W also between its layers, when a stream waits), so
+/// the streams interleave — one's all-to-all in flight
 /// while another computes, as the report orders DualPipe's components — instead of all
 /// computing at a fraction of the speed and then all waiting. It is a ticket lock: handed over
 /// in the order asked for, so a stream whose data has arrived never barges ahead of one that

@@ -56,15 +56,22 @@ pub(super) struct OwnRows {
 impl OwnRows {
     /// The rows of `t` (in `xe`'s row order) that stay on this rank.
     pub(super) fn take(&self, dev: &dyn Device, t: &Tensor) -> Tensor {
-        let idx: Vec<u32> = self.rows.clone().map(|r| r as u32).collect();
-        dev.gather_rows(t, &idx)
+        take_rows(dev, t, self.rows.clone())
     }
+}
+
+/// Rows `rows` of `t`, as a tensor of their own.
+fn take_rows(dev: &dyn Device, t: &Tensor, rows: Range<usize>) -> Tensor {
+    let idx: Vec<u32> = rows.map(|r| r as u32).collect();
+    dev.gather_rows(t, &idx)
 }
 
 /// A dispatch posted by the token-owner, to be completed by [`PostedDispatch::wait`].
 pub(super) struct PostedDispatch {
     layer: usize,
     hidden: usize,
+    /// EP group size and this rank's index in it.
+    size: usize,
     me: usize,
     n_experts: usize,
     /// `xe` rows `send[p] .. send[p + 1]` went to peer `p`.
@@ -116,6 +123,7 @@ impl EpRoute {
         PostedDispatch {
             layer,
             hidden,
+            size,
             me,
             n_experts,
             send,
@@ -126,9 +134,9 @@ impl EpRoute {
 impl PostedDispatch {
     /// The rows of `xe` that this rank's own experts run on, grouped by expert (`plan` as given
     /// to [`EpRoute::post_dispatch`]).
-    pub(super) fn own_rows(&self, plan: &DispatchPlan, size: usize) -> OwnRows {
+    pub(super) fn own_rows(&self, plan: &DispatchPlan) -> OwnRows {
         let rows = self.send[self.me]..self.send[self.me + 1];
-        let ids = experts_of(self.n_experts, size.max(1), self.me);
+        let ids = experts_of(self.n_experts, self.size, self.me);
         let row = |e: usize| plan.offsets.get(e).copied().unwrap_or(rows.start);
         let offsets = (ids.start..=ids.end)
             .map(|e| row(e).clamp(rows.start, rows.end) - rows.start)
@@ -148,9 +156,9 @@ impl PostedDispatch {
         ex: &dyn ExpertExchange,
         dev: &dyn Device,
     ) -> (EpRoute, LocalExperts, Tensor) {
-        let size = ex.size().max(1);
+        let size = self.size;
         let h = self.hidden;
-        let mine = experts_of(self.n_experts, size, ex.index());
+        let mine = experts_of(self.n_experts, size, self.me);
         let got = ex.wait(self.layer, ExchangePhase::Dispatch);
         // counts[q][j]: rows source q sent for local expert j (none from this rank).
         let mut counts = vec![vec![0usize; mine.len()]; size];
@@ -216,10 +224,7 @@ impl PostedDispatch {
 impl EpRoute {
     /// The rows of `t` (in `xe`'s row order) for this rank's own experts.
     pub(super) fn take_own(&self, dev: &dyn Device, t: &Tensor) -> Tensor {
-        let idx: Vec<u32> = (self.send[self.me]..self.send[self.me + 1])
-            .map(|r| r as u32)
-            .collect();
-        dev.gather_rows(t, &idx)
+        take_rows(dev, t, self.send[self.me]..self.send[self.me + 1])
     }
 
     /// Token-owner rows (`xe` order) → the peers' expert rows (`xl` order) over `phase`:

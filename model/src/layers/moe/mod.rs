@@ -164,7 +164,7 @@ impl Moe {
         let plan = plan_dispatch(&router.topk, n_experts, self.gate.spec.top_k);
         let xe = dispatch(dev, x, &plan);
         let posted = EpRoute::post_dispatch(ex, dev, self.layer, &plan, n_experts, &xe);
-        let own = posted.own_rows(&plan, ex.size());
+        let own = posted.own_rows(&plan);
         let x_own = own.take(dev, &xe);
         drop(xe);
         let (ys, shared) = self.shared_experts.forward(dev, x);
