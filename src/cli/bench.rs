@@ -25,6 +25,13 @@ pub enum BenchCmd {
     Pipeline(PipelineArgs),
 }
 
+/// `--turns`: see [`flotilla_actors::pipeline::executor::TurnOrder`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Turns {
+    Schedule,
+    Arrival,
+}
+
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
     /// Print JSON lines (the last is the summary).
@@ -73,6 +80,14 @@ pub struct PipelineArgs {
     #[arg(long, default_value_t = flotilla_actors::pipeline::Overlap::DEFAULT_STREAMS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4))]
     streams: usize,
+    /// Which of a rank's waiting streams computes first: the earliest piece of the schedule
+    /// (every F and B before every W), or the first to ask.
+    #[arg(long, value_enum, default_value_t = Turns::Schedule)]
+    turns: Turns,
+    /// Write the last step of the DualPipe streams run on the modelled link to FILE as a Chrome
+    /// trace (Perfetto, chrome://tracing); the JSON gains a profile record per rank.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<std::path::PathBuf>,
 }
 
 #[cfg(feature = "cuda")]
@@ -206,6 +221,11 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 comm_over_compute: a.comm_over_compute,
                 pin: !a.no_pin,
                 streams: a.streams,
+                turns: match a.turns {
+                    Turns::Schedule => flotilla_actors::pipeline::executor::TurnOrder::Schedule,
+                    Turns::Arrival => flotilla_actors::pipeline::executor::TurnOrder::Arrival,
+                },
+                trace: a.trace,
             };
             let report = crate::bench::pipeline::run(&args)?;
             if a.json {

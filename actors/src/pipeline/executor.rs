@@ -25,6 +25,7 @@ use flotilla_model::device::{Lane, with_lane};
 use crate::schedule::{Action, Costs, Op, timeline};
 
 use super::placement::Placement;
+use super::profile::{Activity, in_piece};
 use super::transport::{Dir, Link};
 
 /// The compute of a rank's stages, callable from several threads at once (an `FB` pair's
@@ -84,6 +85,19 @@ impl Default for Overlap {
     fn default() -> Self {
         Overlap::Streams(Self::DEFAULT_STREAMS)
     }
+}
+
+/// Which of a rank's streams waiting for the compute baton gets it first ([`Overlap::Streams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TurnOrder {
+    /// The one that asked first.
+    Arrival,
+    /// The one whose piece comes first in the action list, every F and B before every W: the
+    /// schedule's order is the order in which the pipeline (and the EP peers, which run the same
+    /// list) need the pieces done, and a W has no communication that anyone waits for, so it
+    /// fills the gaps. Measured against `Arrival` on the pipeline bench (`docs/benchmarks.md`).
+    #[default]
+    Schedule,
 }
 
 /// How the executor measures time.
@@ -156,6 +170,8 @@ pub struct Executor<'a> {
     pub epoch: Instant,
     /// How actions overlap in wall-clock mode.
     pub overlap: Overlap,
+    /// Who of the streams goes first.
+    pub turns: TurnOrder,
     pub(super) local: Mutex<Local>,
     /// Signalled whenever `local` changes.
     pub(super) changed: Condvar,
@@ -176,6 +192,7 @@ impl<'a> Executor<'a> {
             timing,
             epoch,
             overlap: Overlap::default(),
+            turns: TurnOrder::default(),
             local: Mutex::default(),
             changed: Condvar::new(),
         }
@@ -216,6 +233,7 @@ impl<'a> Executor<'a> {
             return Err(format!("internal: {} was not ready on this rank", what()));
         }
         self.link.baton.release();
+        let t0 = Instant::now();
         let r = loop {
             if let Some(t) = take(&mut g) {
                 break Ok(t);
@@ -232,6 +250,7 @@ impl<'a> Executor<'a> {
             }
         };
         drop(g);
+        self.link.baton.profile().record(Activity::Local, 0, t0);
         self.link.baton.acquire();
         r
     }
@@ -367,27 +386,29 @@ impl<'a> Executor<'a> {
         s: usize,
         slot: Option<usize>,
     ) -> Result<(), String> {
-        self.link.baton.acquire();
-        let r = (|| {
-            if let Some(k) = slot {
-                self.wait_local(
-                    |l| {
-                        (l.f_next == k && l.live < l.cap).then(|| {
-                            l.f_next += 1;
-                            l.live += 1;
-                            l.peak = l.peak.max(l.live);
-                        })
-                    },
-                    || format!("room for the activations of F(chunk {c}, stage {s})"),
-                )?;
-            }
-            let (inp, _) = self.f_input(work, c, s)?;
-            let out = work.forward(c, s, inp)?;
-            self.mark_done(Op::F, c, s)?;
-            self.f_output(c, s, out, self.now())
-        })();
-        self.link.baton.release();
-        r
+        in_piece((Op::F, c, s), || {
+            self.link.baton.acquire();
+            let r = (|| {
+                if let Some(k) = slot {
+                    self.wait_local(
+                        |l| {
+                            (l.f_next == k && l.live < l.cap).then(|| {
+                                l.f_next += 1;
+                                l.live += 1;
+                                l.peak = l.peak.max(l.live);
+                            })
+                        },
+                        || format!("room for the activations of F(chunk {c}, stage {s})"),
+                    )?;
+                }
+                let (inp, _) = self.f_input(work, c, s)?;
+                let out = work.forward(c, s, inp)?;
+                self.mark_done(Op::F, c, s)?;
+                self.f_output(c, s, out, self.now())
+            })();
+            self.link.baton.release();
+            r
+        })
     }
 
     /// Wall mode: a backward for input, with its W (the `w`-th of the list) before the
@@ -399,19 +420,21 @@ impl<'a> Executor<'a> {
         s: usize,
         w: Option<usize>,
     ) -> Result<(), String> {
-        self.link.baton.acquire();
-        let r = (|| {
-            self.wait_done(Op::F, c, s)?;
-            let (g, _) = self.b_input(work, c, s)?;
-            let d = work.backward_input(c, s, g)?;
-            self.mark_done(Op::B, c, s)?;
-            if let Some(k) = w {
-                self.apply_w(work, c, s, k)?;
-            }
-            self.b_output(c, s, d, self.now())
-        })();
-        self.link.baton.release();
-        r
+        in_piece((Op::B, c, s), || {
+            self.link.baton.acquire();
+            let r = (|| {
+                self.wait_done(Op::F, c, s)?;
+                let (g, _) = self.b_input(work, c, s)?;
+                let d = work.backward_input(c, s, g)?;
+                self.mark_done(Op::B, c, s)?;
+                if let Some(k) = w {
+                    self.apply_w(work, c, s, k)?;
+                }
+                self.b_output(c, s, d, self.now())
+            })();
+            self.link.baton.release();
+            r
+        })
     }
 
     /// Wall mode: the `k`-th W of the list.
@@ -422,10 +445,12 @@ impl<'a> Executor<'a> {
         s: usize,
         k: usize,
     ) -> Result<(), String> {
-        self.link.baton.acquire();
-        let r = self.apply_w(work, c, s, k);
-        self.link.baton.release();
-        r
+        in_piece((Op::W, c, s), || {
+            self.link.baton.acquire();
+            let r = self.apply_w(work, c, s, k);
+            self.link.baton.release();
+            r
+        })
     }
 
     /// Wall mode, one action at a time (`w`: the ordinal of its W).

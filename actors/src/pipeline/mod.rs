@@ -4,9 +4,11 @@
 //! - [`placement`](mod@placement): which stages, layers and experts each rank holds; who holds each tensor.
 //! - [`executor`]: runs a rank's action list (F, B, W, BW, FB) driven by arriving activations and
 //!   gradients, timing it on the wall clock or with injected costs.
+//! - [`baton`]: the rank's compute baton that its streams take turns on.
 //! - [`transport`]: blocking fabric messages for the compute threads: stage boundaries and the
 //!   EP all-to-all ([`transport::FabricExchange`], the model's `ExpertExchange`).
 //! - [`work`]: the real model compute behind the executor.
+//! - [`profile`]: optional wall-clock events of a step (compute, waits) for profiling.
 //! - [`grad_sync`]: bucketed gradient all-reduce per holder set, overlapped with the backward.
 //! - [`step`]: one optimizer step of a parallel rank.
 //!
@@ -14,9 +16,11 @@
 //! placeholders for every tensor it does not hold, so tensor names stay global (checkpoints and
 //! the job's parameter hash use them).
 
+pub mod baton;
 pub mod executor;
 pub mod grad_sync;
 pub mod placement;
+pub mod profile;
 pub mod step;
 mod streams;
 pub mod transport;
@@ -107,10 +111,16 @@ pub struct RankParallel {
     pub canonical: Vec<String>,
     /// How the executor overlaps actions (streams by default).
     pub overlap: Overlap,
+    /// Who of the streams goes first.
+    pub turns: executor::TurnOrder,
     /// The executor's trace of the last step.
     pub last_trace: Option<Trace>,
     /// The expert all-to-alls of the last step.
     pub last_exchange: transport::ExchangeStats,
+    /// Record each step's [`profile`] (off by default).
+    pub profile: bool,
+    /// The last step's profile events (empty unless `profile`).
+    pub last_profile: Vec<profile::Event>,
 }
 
 impl std::fmt::Debug for RankParallel {
@@ -215,8 +225,11 @@ pub fn new_rank(
         moe_layers,
         canonical,
         overlap: Overlap::default(),
+        turns: executor::TurnOrder::default(),
         last_trace: None,
         last_exchange: Default::default(),
+        profile: false,
+        last_profile: Vec::new(),
     });
     Ok(t)
 }
@@ -247,6 +260,25 @@ impl Trainer {
     /// What the expert all-to-alls of the last parallel step cost this rank.
     pub fn last_exchange(&self) -> Option<transport::ExchangeStats> {
         self.parallel.as_ref().map(|p| p.last_exchange)
+    }
+
+    /// Which of the executor's streams gets the compute first (see [`executor::TurnOrder`]).
+    pub fn set_turn_order(&mut self, turns: executor::TurnOrder) {
+        if let Some(p) = self.parallel.as_mut() {
+            p.turns = turns;
+        }
+    }
+
+    /// Record the executor's [`profile`] of every step from now on (or stop).
+    pub fn set_profile(&mut self, on: bool) {
+        if let Some(p) = self.parallel.as_mut() {
+            p.profile = on;
+        }
+    }
+
+    /// The last parallel step's profile events (empty unless [`Trainer::set_profile`]).
+    pub fn last_profile(&self) -> &[profile::Event] {
+        self.parallel.as_ref().map_or(&[], |p| &p.last_profile)
     }
 
     /// How the executor overlaps actions (see [`Overlap`]).

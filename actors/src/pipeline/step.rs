@@ -18,7 +18,9 @@ use flotilla_collectives::{Algo, ReduceOp};
 use flotilla_model::layers::router::ExpertLoad;
 use flotilla_model::{Batch, LossParts};
 
+use super::baton::Baton;
 use super::executor::{Executor, Timing};
+use super::profile::Profile;
 use super::transport::{Failure, Link};
 use super::work::{ForwardOutputs, ModelWork};
 use crate::error::JobError;
@@ -64,7 +66,11 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
         step,
         failure: Failure::default(),
         stats: Default::default(),
-        baton: Default::default(),
+        baton: Baton::profiled(if par.profile {
+            Profile::on()
+        } else {
+            Profile::default()
+        }),
     };
     let grads = Mutex::new(&mut t.grads);
     let work = ModelWork {
@@ -88,11 +94,13 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
         Instant::now(),
     );
     exec.overlap = par.overlap;
+    exec.turns = par.turns;
     let ran = exec.run(&work, &par.actions);
     let losses = work.losses.into_inner().unwrap_or_default().sum();
     par.last_trace = Some(ran.map_err(&fail)?);
     par.last_exchange = link.stats.lock().map(|s| *s).unwrap_or_default();
     par.last_exchange.baton_held_s = link.baton.held_s();
+    par.last_profile = link.baton.profile().events();
     par.sync
         .lock()
         .map_err(|_| fail("gradient sync poisoned".into()))?

@@ -26,7 +26,10 @@
 //! - Every W is applied in list order (`Executor::apply_w`), and the forwards' losses are summed
 //!   in (chunk, stage) order (`work.rs`), so a step gives the same bits as one at a time.
 //! - A piece holds the rank's compute baton while it computes and hands it over whenever it
-//!   waits, so the streams interleave on the compute instead of dividing it.
+//!   waits, so the streams interleave on the compute instead of dividing it. Of the streams
+//!   waiting for it, by default ([`TurnOrder::Schedule`]) the one with the earliest piece of the
+//!   list goes first, every F and B before every W; [`TurnOrder::Arrival`]: first come, first
+//!   served. Either way the bits are the same (the W's order is fixed, see above).
 //! - Each thread issues its device work on a lane of its own ([`Lane`]): a piece blocked inside
 //!   its device work never sits on a thread another stream needs.
 //!
@@ -42,9 +45,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flotilla_model::device::{Lane, with_lane};
 
+use super::baton::with_urgency;
+
 use crate::schedule::Action;
 
-use super::executor::{Executor, Overlap, Span, StageWork, Trace};
+use super::executor::{Executor, Overlap, Span, StageWork, Trace, TurnOrder};
 
 /// One piece of the list: what a stream runs at once.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +108,14 @@ impl Executor<'_> {
         ordinals: &[Option<usize>],
     ) -> Result<Trace, String> {
         let pieces = pieces(actions, ordinals)?;
+        // The urgency of piece `i` on the baton (lower goes first; equal: first come).
+        let urgency = |i: usize| -> u64 {
+            match (self.turns, pieces[i].1) {
+                (TurnOrder::Arrival, _) => 0,
+                (TurnOrder::Schedule, Piece::W(..)) => (pieces.len() + i) as u64,
+                (TurnOrder::Schedule, _) => i as u64,
+            }
+        };
         let next = AtomicUsize::new(0);
         let times: Mutex<Vec<Option<(f64, f64)>>> = Mutex::new(vec![None; pieces.len()]);
         let stream = &|lane: Lane| {
@@ -113,7 +126,7 @@ impl Executor<'_> {
                         break;
                     }
                     let start = self.now();
-                    let r = self.run_piece(work, pieces[i].1);
+                    let r = with_urgency(urgency(i), || self.run_piece(work, pieces[i].1));
                     let end = self.now();
                     match r {
                         Ok(()) => {

@@ -16,6 +16,9 @@ use flotilla_model::{ExchangePhase, ExpertExchange};
 use flotilla_runtime::fabric::{Fabric, FabricError, Payload, Rank, Tag};
 use tokio::runtime::Handle;
 
+use super::baton::Baton;
+use super::profile::Activity;
+
 /// Fabric channel of pipeline activations and gradients.
 pub const PIPE_CHANNEL: u32 = 0x5050_0000;
 /// Fabric channel of the expert-parallel all-to-all.
@@ -46,74 +49,6 @@ impl Failure {
 
     pub fn get(&self) -> Option<String> {
         self.0.lock().ok().and_then(|g| g.clone())
-    }
-}
-
-/// The rank's compute baton: one stream (a half of an F&B pair, or one of the executor's
-/// streams) computes while the others wait for the fabric. A stream holds it while it computes
-/// and hands it over at every receive (a W also between its layers, when a stream waits), so
-/// the streams interleave — one's all-to-all in flight
-/// while another computes, as the report orders DualPipe's components — instead of all
-/// computing at a fraction of the speed and then all waiting. It is a ticket lock: handed over
-/// in the order asked for, so a stream whose data has arrived never barges ahead of one that
-/// has been waiting for its turn.
-#[derive(Debug, Clone, Default)]
-pub struct Baton(Arc<(Mutex<Turns>, std::sync::Condvar)>);
-
-#[derive(Debug, Default)]
-struct Turns {
-    /// The next ticket to hand out.
-    next: u64,
-    /// The ticket that holds the baton.
-    serving: u64,
-    /// When the holder took it, and the seconds it was held before.
-    since: Option<std::time::Instant>,
-    held_s: f64,
-}
-
-impl Baton {
-    /// Wait for this caller's turn, then hold the baton.
-    pub fn acquire(&self) {
-        let (turns, cv) = &*self.0;
-        if let Ok(mut t) = turns.lock() {
-            let mine = t.next;
-            t.next += 1;
-            while t.serving != mine {
-                match cv.wait(t) {
-                    Ok(g) => t = g,
-                    Err(_) => return,
-                }
-            }
-            t.since = Some(std::time::Instant::now());
-        }
-    }
-
-    /// Hand the baton to the next in line.
-    pub fn release(&self) {
-        let (turns, cv) = &*self.0;
-        if let Ok(mut t) = turns.lock() {
-            if let Some(since) = t.since.take() {
-                t.held_s += since.elapsed().as_secs_f64();
-            }
-            t.serving += 1;
-            cv.notify_all();
-        }
-    }
-
-    /// Let every caller that waits for the baton now go first, then hold it again (a holder
-    /// without communication of its own, a W, calls this between layers). Nothing happens
-    /// when nobody waits.
-    pub fn yield_to_waiting(&self) {
-        let waiting = self.0.0.lock().is_ok_and(|t| t.next > t.serving + 1);
-        if waiting {
-            self.release();
-            self.acquire();
-        }
-    }
-
-    /// Seconds the baton has been held so far: the rank's compute on its streams.
-    pub fn held_s(&self) -> f64 {
-        self.0.0.lock().map(|t| t.held_s).unwrap_or(0.0)
     }
 }
 
@@ -150,7 +85,14 @@ impl Link {
     /// this rank reports. A silent peer is blamed after at most twice the deadline.
     pub fn recv(&self, src: Rank, tag: Tag) -> Result<Payload, FabricError> {
         self.baton.release();
+        let t0 = std::time::Instant::now();
         let r = self.recv_blocking(src, tag);
+        let what = if tag.channel == EP_CHANNEL {
+            Activity::Exchange
+        } else {
+            Activity::Pipe
+        };
+        self.baton.profile().record(what, tag.tag, t0);
         self.baton.acquire();
         r
     }

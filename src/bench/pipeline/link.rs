@@ -59,7 +59,23 @@ struct LinkState {
     late_sum_s: f64,
     late_max_s: f64,
     delivered: u64,
+    /// Every modelled message, while recording (`DelayNet::record`).
+    log: Option<Vec<Wire>>,
     shutdown: bool,
+}
+
+/// One modelled message: posted by `src` at `posted`, on `src`'s egress port from `start` to
+/// `left`, due at `dst` at `due` (`left` + latency).
+#[derive(Debug, Clone)]
+pub struct Wire {
+    pub src: Rank,
+    pub dst: Rank,
+    pub tag: u64,
+    pub bytes: u64,
+    pub posted: Instant,
+    pub start: Instant,
+    pub left: Instant,
+    pub due: Instant,
 }
 
 struct Shared {
@@ -160,6 +176,16 @@ impl DelayNet {
             *b = 0;
         }
         u
+    }
+
+    /// Start (or stop) logging every modelled message; the log so far is dropped.
+    pub fn record(&self, on: bool) {
+        self.shared.lock().log = on.then(Vec::new);
+    }
+
+    /// The messages logged since [`DelayNet::record`].
+    pub fn log(&self) -> Vec<Wire> {
+        self.shared.lock().log.clone().unwrap_or_default()
     }
 
     /// Mean and maximum lateness of deliveries against the model (seconds), and their count.
@@ -271,6 +297,18 @@ impl Fabric for DelayFabric {
         st.egress_free[src] = Some(left);
         st.busy_s[src] += wire;
         let at = left + st.latency;
+        if let Some(log) = st.log.as_mut() {
+            log.push(Wire {
+                src,
+                dst,
+                tag: tag.tag,
+                bytes: bytes as u64,
+                posted: now,
+                start,
+                left,
+                due: at,
+            });
+        }
         st.seq += 1;
         let seq = st.seq;
         st.queue.push(Reverse(InFlight {

@@ -79,14 +79,17 @@
 
 mod affinity;
 mod link;
+mod trace;
 
-use link::{DelayNet, LinkUse};
+use link::{DelayNet, LinkUse, Wire};
+use trace::RankStep;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use flotilla_actors::pipeline::executor::TurnOrder;
 use flotilla_actors::pipeline::{self, Overlap, transport::ExchangeStats};
 use flotilla_actors::schedule::{self, Action, timeline};
 use flotilla_runtime::config::{Config, Schedule};
@@ -121,6 +124,10 @@ pub struct PipelineArgs {
     pub pin: bool,
     /// Streams of the overlapped executor.
     pub streams: usize,
+    /// Which waiting stream gets the compute first.
+    pub turns: TurnOrder,
+    /// Write the last step of the DualPipe streams run on the link as a Chrome trace here.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 impl Default for PipelineArgs {
@@ -140,6 +147,8 @@ impl Default for PipelineArgs {
             comm_over_compute: 1.0,
             pin: true,
             streams: Overlap::DEFAULT_STREAMS,
+            turns: TurnOrder::default(),
+            trace: None,
         }
     }
 }
@@ -210,6 +219,8 @@ struct Run {
     step_s: f64,
     late_mean_s: f64,
     late_max_s: f64,
+    /// With `profile`: every rank's last step, and the link's messages during it.
+    profile: Option<(Vec<RankStep>, Vec<Wire>)>,
 }
 
 impl Run {
@@ -273,6 +284,7 @@ fn run_job(
     a: &PipelineArgs,
     overlap: Overlap,
     bytes_per_s: Option<f64>,
+    profile: bool,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Run> {
     let world = cfg.world_size();
@@ -285,7 +297,7 @@ fn run_job(
     } else {
         Vec::new()
     };
-    type RankResult = Result<(Vec<Sample>, RankRun), String>;
+    type RankResult = Result<(Vec<Sample>, RankRun, Option<RankStep>), String>;
     let results: Vec<RankResult> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|r| {
@@ -312,13 +324,30 @@ fn run_job(
                         return Err(format!("rank {r}: another rank failed to start"));
                     }
                     t.set_overlap(overlap);
+                    t.set_turn_order(a.turns);
                     let mut samples = Vec::new();
                     let mut exchanges = 0;
-                    for i in 0..a.warmup + a.steps {
+                    let mut last = None;
+                    let total = a.warmup + a.steps;
+                    for i in 0..total {
+                        // The last step is the profiled one (the barrier orders the switch).
+                        if profile && i + 1 == total {
+                            t.set_profile(true);
+                            if r == 0 {
+                                net.record(true);
+                            }
+                        }
                         barrier.wait();
                         let t0 = Instant::now();
                         t.step().map_err(|e| fail(format!("rank {r}: {e}")))?;
                         let dt = t0.elapsed().as_secs_f64();
+                        if profile && i + 1 == total {
+                            last = Some(RankStep {
+                                start: t0,
+                                step_s: dt,
+                                events: t.last_profile().to_vec(),
+                            });
+                        }
                         let link = net.take(r);
                         let ex = t.last_exchange().unwrap_or_default();
                         if i >= a.warmup {
@@ -352,7 +381,7 @@ fn run_job(
                             .sum(),
                         peak_activations: trace.peak_activations,
                     };
-                    Ok((samples, rr))
+                    Ok((samples, rr, last))
                 })
             })
             .collect();
@@ -367,13 +396,15 @@ fn run_job(
     let mut ranks = Vec::new();
     let mut per_step: Vec<f64> = vec![0.0; a.steps];
     let mut errors = Vec::new();
+    let mut steps = Vec::new();
     for res in results {
         match res {
-            Ok((samples, rr)) => {
+            Ok((samples, rr, last)) => {
                 for (i, s) in samples.iter().enumerate() {
                     per_step[i] = per_step[i].max(s.step_s);
                 }
                 ranks.push(rr);
+                steps.extend(last);
             }
             Err(e) => errors.push(e),
         }
@@ -391,6 +422,7 @@ fn run_job(
         step_s: median(per_step),
         late_mean_s,
         late_max_s,
+        profile: profile.then(|| (steps, net.log())),
     })
 }
 
@@ -426,6 +458,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "cores_per_rank": if pinned { (allowed.len() as f64 / world as f64).min(1.0) } else { cores as f64 / world as f64 },
         "threads_per_rank_in_fb_pair": 2,
         "streams_per_rank": a.streams,
+        "turn_order": format!("{:?}", a.turns).to_lowercase(),
     }));
 
     // 1. Compute: a free link.
@@ -435,6 +468,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         a,
         Overlap::Streams(a.streams),
         None,
+        false,
         &rt,
     )?;
     let free_pairs = run_job(
@@ -443,6 +477,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         a,
         Overlap::Pairs,
         None,
+        false,
         &rt,
     )?;
     let free_off = run_job(
@@ -451,6 +486,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         a,
         Overlap::Off,
         None,
+        false,
         &rt,
     )?;
     let compute_s = free_on.step_s.min(free_off.step_s).min(free_pairs.step_s);
@@ -466,6 +502,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         a,
         Overlap::Off,
         Some(bw),
+        false,
         &rt,
     )?;
     let link_pairs = run_job(
@@ -474,6 +511,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         a,
         Overlap::Pairs,
         Some(bw),
+        false,
         &rt,
     )?;
     let link_on = run_job(
@@ -482,11 +520,12 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         a,
         Overlap::Streams(a.streams),
         Some(bw),
+        a.trace.is_some(),
         &rt,
     )?;
     // 3. 1F1B for reference, one action at a time as its schedule says.
-    let one_free = run_job("1f1b_free_link", &one, a, Overlap::Off, None, &rt)?;
-    let one_link = run_job("1f1b_link", &one, a, Overlap::Off, Some(bw), &rt)?;
+    let one_free = run_job("1f1b_free_link", &one, a, Overlap::Off, None, false, &rt)?;
+    let one_link = run_job("1f1b_link", &one, a, Overlap::Off, Some(bw), false, &rt)?;
 
     let runs = [
         &free_on,
@@ -500,6 +539,14 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
     ];
     for r in runs {
         report.push(r.json());
+    }
+    if let (Some(path), Some((steps, wires))) = (&a.trace, &link_on.profile) {
+        let chrome = trace::chrome(steps, wires);
+        std::fs::write(path, serde_json::to_vec(&chrome)?)
+            .with_context(|| format!("writing the trace to {}", path.display()))?;
+        for rec in trace::summary(steps, wires) {
+            report.push(rec);
+        }
     }
 
     let sched_dual = schedule::build(pipeline::kind_of(Schedule::DualPipe), a.pp, a.micro_batches)
