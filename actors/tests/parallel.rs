@@ -1,7 +1,8 @@
 //! Pipeline, expert and data parallelism against the single-rank trainer: for every schedule and
 //! the layouts (pp, ep, dp) ∈ {(2,1,1), (4,1,1), (2,2,1), (1,4,1), (2,2,2)}, 20 steps on the same
-//! global batches give the same losses (1e-5 relative) and the same final parameters; the same
-//! layout run twice gives the same parameter hash.
+//! global batches give the same losses (1e-5 relative) and the same final parameters, as does
+//! DualPipe with an uneven `stage_layers` split; the same layout run twice gives the same
+//! parameter hash.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,10 +54,15 @@ fn layout(schedule: Schedule, pp: usize, ep: usize, dp: usize) -> Config {
 
 /// The single-rank run of the same global batches (as many micro-batches of the same size).
 fn reference(ep: usize, dp: usize) -> Run {
+    reference_for(ep, dp, STEPS)
+}
+
+/// [`reference`] for `steps` steps.
+fn reference_for(ep: usize, dp: usize, steps: u64) -> Run {
     let mut c = base();
     c.parallel.micro_batches = MICRO * ep * dp;
     let mut t = Trainer::new(&c).expect("single-rank trainer");
-    let losses = (0..STEPS)
+    let losses = (0..steps)
         .map(|_| t.step().expect("single-rank step").loss)
         .collect();
     (losses, t.canonical_params().into_iter().collect())
@@ -233,6 +239,31 @@ fn dualpipe_matches_single_rank() {
 #[test]
 fn dualpipev_matches_single_rank() {
     every_layout(Schedule::DualPipeV);
+}
+
+/// `[parallel] stage_layers = [3, 1]` moves a MoE layer from the head stage to the first (which
+/// then holds the dense layer and two MoE layers; the head stage keeps one MoE layer, the head
+/// and the MTP module): DualPipe at pp = 2 still trains as the single rank does.
+#[test]
+fn dualpipe_with_stage_layers_matches_single_rank() {
+    let steps = 4;
+    let mut cfg = layout(Schedule::DualPipe, 2, 1, 1);
+    let even = pipeline::placement(&cfg).expect("even placement");
+    let layers =
+        |p: &pipeline::Placement| -> Vec<_> { p.specs.iter().map(|s| s.layers.clone()).collect() };
+    assert_eq!(layers(&even), [0..2, 2..4]);
+    cfg.parallel.stage_layers = vec![3, 1];
+    cfg.validate()
+        .expect("stage_layers = [3, 1] is valid at pp = 2");
+    let placement = pipeline::placement(&cfg).expect("placement");
+    assert_eq!(layers(&placement), [0..3, 3..4]);
+    assert!(placement.specs[0].embed && placement.specs[1].head);
+    let got = parallel_with(&cfg, Overlap::default(), steps);
+    compare(
+        "dualpipe pp=2 stage_layers=[3, 1]",
+        &got,
+        &reference_for(1, 1, steps),
+    );
 }
 
 /// How the executor overlaps its actions changes when things run, never what they compute: one

@@ -28,5 +28,5 @@ pub use device::{Cost, Device};
 pub use layers::expert_exchange::{ExchangePhase, ExpertExchange};
 pub use model::{Batch, DeepSeekV3, LossParts, StepOptions, StepOutput, Weights};
 pub use params::params_sha256;
-pub use stage::{StageCache, StageOutput, StageSpec};
+pub use stage::{StageCache, StageOutput, StageSpec, StageSplitError};
 pub use tensor::Tensor;

@@ -54,12 +54,49 @@ impl StageSpec {
     /// `stages` contiguous stages with layers spread as evenly as possible (earlier stages get
     /// the extra layers); the embedding goes to the first, the head to the last.
     pub fn split(cfg: &ModelConfig, stages: usize) -> Vec<StageSpec> {
+        StageSpec::from_counts(&StageSpec::even_layers(cfg.num_hidden_layers, stages))
+    }
+
+    /// The decoder layers per stage of [`StageSpec::split`]: `layers` over `stages` (at least
+    /// one) as evenly as possible, earlier stages getting the extra.
+    pub fn even_layers(layers: usize, stages: usize) -> Vec<usize> {
         let stages = stages.max(1);
-        let n = cfg.num_hidden_layers;
+        (0..stages)
+            .map(|s| layers / stages + usize::from(s < layers % stages))
+            .collect()
+    }
+
+    /// Contiguous stages holding `layers[s]` decoder layers each, in order (Megatron's first- and
+    /// last-stage layer counts, in general form); the embedding goes to the first stage, the head
+    /// to the last. The counts must be non-empty and sum to `num_hidden_layers`; a stage of zero
+    /// layers is allowed here (it passes its input on), a config may refuse it.
+    pub fn split_layers(
+        cfg: &ModelConfig,
+        layers: &[usize],
+    ) -> Result<Vec<StageSpec>, StageSplitError> {
+        if layers.is_empty() {
+            return Err(StageSplitError::NoStages);
+        }
+        let sum = layers
+            .iter()
+            .try_fold(0usize, |acc, &l| acc.checked_add(l))
+            .unwrap_or(usize::MAX);
+        if sum != cfg.num_hidden_layers {
+            return Err(StageSplitError::LayerCount {
+                sum,
+                layers: cfg.num_hidden_layers,
+            });
+        }
+        Ok(StageSpec::from_counts(layers))
+    }
+
+    /// Contiguous stages of `counts[s]` layers (at least one stage).
+    fn from_counts(counts: &[usize]) -> Vec<StageSpec> {
+        let stages = counts.len().max(1);
         let mut start = 0;
         (0..stages)
             .map(|s| {
-                let len = n / stages + usize::from(s < n % stages);
+                let len = counts.get(s).copied().unwrap_or(0);
                 let spec = StageSpec {
                     embed: s == 0,
                     layers: start..start + len,
@@ -70,6 +107,22 @@ impl StageSpec {
             })
             .collect()
     }
+}
+
+/// Why [`StageSpec::split_layers`] refused a split.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StageSplitError {
+    /// No stage counts at all.
+    #[error("a split needs at least one stage")]
+    NoStages,
+    /// The counts do not add up to the model's decoder layers.
+    #[error("the stages hold {sum} decoder layers, the model has {layers}")]
+    LayerCount {
+        /// Sum of the counts (saturating).
+        sum: usize,
+        /// `num_hidden_layers`.
+        layers: usize,
+    },
 }
 
 /// What a stage's forward produces.
@@ -462,5 +515,75 @@ impl DeepSeekV3 {
             w.embed_tokens
                 .backward_weight(dev, &cache.batch.input_ids, d, g_embed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(layers: usize) -> ModelConfig {
+        let mut c = ModelConfig::tiny();
+        c.num_hidden_layers = layers;
+        c
+    }
+
+    fn spans(specs: &[StageSpec]) -> Vec<(bool, Range<usize>, bool)> {
+        specs
+            .iter()
+            .map(|s| (s.embed, s.layers.clone(), s.head))
+            .collect()
+    }
+
+    #[test]
+    fn split_layers_cuts_where_told_and_split_is_its_even_case() {
+        let c = cfg(4);
+        let specs = StageSpec::split_layers(&c, &[3, 1]).expect("valid split");
+        assert_eq!(spans(&specs), [(true, 0..3, false), (false, 3..4, true)]);
+        let specs = StageSpec::split_layers(&c, &[1, 2, 1]).expect("valid split");
+        assert_eq!(
+            spans(&specs),
+            [
+                (true, 0..1, false),
+                (false, 1..3, false),
+                (false, 3..4, true)
+            ]
+        );
+        assert_eq!(
+            spans(&StageSpec::split_layers(&c, &[4]).expect("one stage")),
+            spans(&[StageSpec::whole(&c)])
+        );
+        for (layers, stages) in [(4, 2), (4, 3), (5, 2), (3, 4), (7, 1)] {
+            let c = cfg(layers);
+            let even = StageSpec::even_layers(layers, stages);
+            assert_eq!(even.iter().sum::<usize>(), layers);
+            assert_eq!(
+                StageSpec::split_layers(&c, &even),
+                Ok(StageSpec::split(&c, stages)),
+                "{layers} layers in {stages} stages"
+            );
+        }
+        assert_eq!(StageSpec::even_layers(4, 3), [2, 1, 1]);
+        assert_eq!(StageSpec::even_layers(3, 4), [1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn split_layers_refuses_counts_that_do_not_fit() {
+        let c = cfg(4);
+        assert_eq!(
+            StageSpec::split_layers(&c, &[]),
+            Err(StageSplitError::NoStages)
+        );
+        assert_eq!(
+            StageSpec::split_layers(&c, &[3, 2]),
+            Err(StageSplitError::LayerCount { sum: 5, layers: 4 })
+        );
+        assert_eq!(
+            StageSpec::split_layers(&c, &[usize::MAX, 2]),
+            Err(StageSplitError::LayerCount {
+                sum: usize::MAX,
+                layers: 4
+            })
+        );
     }
 }

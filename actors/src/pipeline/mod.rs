@@ -84,7 +84,8 @@ pub fn placement(cfg: &Config) -> Result<Placement, JobError> {
             p.ep, mcfg.n_routed_experts
         )));
     }
-    let placement = Placement::new(&mcfg, topo, sched);
+    let placement =
+        Placement::new(&mcfg, topo, sched, &p.stage_layers).map_err(JobError::Config)?;
     placement
         .check_node_limited(mcfg.n_group, mcfg.topk_group, p.max_hosts_per_token)
         .map_err(JobError::Config)?;

@@ -1,12 +1,14 @@
 //! Placement: which stages, layers and experts each rank holds, and which ranks hold each tensor.
 //!
 //! The grid is `runtime::topology` (EP fastest, then DP, PP slowest). The model is cut into
-//! `schedule.stages()` stages ([`StageSpec::split`]); pipeline rank `p` holds the stages the
-//! schedule places on it (one for GPipe/1F1B/ZB1P, two for DualPipe — a second copy of the
-//! parameters, as the report says — and two for DualPipeV). Within a stage every tensor is
-//! *dense* (held by every data rank: all `dp × ep` of them) except routed experts: expert `e` of
-//! a MoE layer is held by EP index `e / (E / ep)` only. The embedding is held by the stage with
-//! the embedding and by the head stage (the MTP modules embed too), whose gradients are summed.
+//! `schedule.stages()` stages: evenly ([`StageSpec::split`]), or with the decoder layers per
+//! stage that `[parallel] stage_layers` lists ([`StageSpec::split_layers`]). Pipeline rank `p`
+//! holds the stages the schedule places on it (one for GPipe/1F1B/ZB1P, two for DualPipe — a
+//! second copy of the parameters, as the report says — and two for DualPipeV). Within a stage
+//! every tensor is *dense* (held by every data rank: all `dp × ep` of them) except routed
+//! experts: expert `e` of a MoE layer is held by EP index `e / (E / ep)` only. The embedding is
+//! held by the stage with the embedding and by the head stage (the MTP modules embed too), whose
+//! gradients are summed.
 //!
 //! A tensor's **holders** are every global rank that has it; its gradient is summed over exactly
 //! that set, and its canonical holder (the lowest rank) counts it once in the global grad norm
@@ -67,8 +69,28 @@ fn parse(name: &str) -> Part {
 }
 
 impl Placement {
-    pub fn new(cfg: &ModelConfig, topo: Topology, schedule: Schedule) -> Placement {
-        let specs = StageSpec::split(cfg, schedule.stages());
+    /// The placement of `schedule` over `topo`. `stage_layers` lists the decoder layers of each
+    /// of the schedule's stages, in order (`[parallel] stage_layers`); empty means the even
+    /// split. A list that does not fit the schedule or the model is an error naming the key.
+    pub fn new(
+        cfg: &ModelConfig,
+        topo: Topology,
+        schedule: Schedule,
+        stage_layers: &[usize],
+    ) -> Result<Placement, String> {
+        let specs = if stage_layers.is_empty() {
+            StageSpec::split(cfg, schedule.stages())
+        } else if stage_layers.len() != schedule.stages() {
+            let n = stage_layers.len();
+            return Err(format!(
+                "parallel.stage_layers: {n} {}, but the schedule cuts the model into {} stages",
+                if n == 1 { "entry" } else { "entries" },
+                schedule.stages()
+            ));
+        } else {
+            StageSpec::split_layers(cfg, stage_layers)
+                .map_err(|e| format!("parallel.stage_layers: {e}"))?
+        };
         let stages_by_pp = (0..topo.pp)
             .map(|p| {
                 (0..schedule.stages())
@@ -76,14 +98,14 @@ impl Placement {
                     .collect()
             })
             .collect();
-        Placement {
+        Ok(Placement {
             topo,
             schedule,
             specs,
             n_experts: cfg.n_routed_experts,
             n_layers: cfg.num_hidden_layers,
             stages_by_pp,
-        }
+        })
     }
 
     /// Global ranks in the job.
@@ -267,7 +289,8 @@ mod tests {
         let mut cfg = ModelConfig::tiny();
         cfg.num_hidden_layers = 4;
         let topo = Topology::new(1, pp * ep * dp, pp, ep, dp).expect("topology");
-        Placement::new(&cfg, topo, build(kind, pp, chunks).expect("schedule"))
+        Placement::new(&cfg, topo, build(kind, pp, chunks).expect("schedule"), &[])
+            .expect("placement")
     }
 
     #[test]
@@ -319,7 +342,9 @@ mod tests {
             &cfg,
             topo.clone(),
             build(Kind::OneF1B, 1, 1).expect("schedule"),
-        );
+            &[],
+        )
+        .expect("placement");
         assert_eq!(p.expert_hosts(0), vec![0, 0, 0, 0, 1, 1, 1, 1]);
         assert!(p.check_node_limited(4, 2, 2).is_ok());
         assert!(p.check_node_limited(4, 2, 1).is_err(), "topk_group above M");
@@ -374,5 +399,44 @@ mod tests {
         assert_eq!(p.holders("lm_head.weight"), vec![2, 3]);
         assert_eq!(p.holders("model.embed_tokens.weight"), vec![0, 1, 2, 3]);
         assert_eq!(p.data_rank(3), 1);
+    }
+
+    #[test]
+    fn stage_layers_place_the_layers_and_their_experts() {
+        let mut cfg = ModelConfig::tiny();
+        cfg.num_hidden_layers = 4;
+        let topo = Topology::new(1, 4, 2, 2, 1).expect("topology");
+        let sched = || build(Kind::OneF1B, 2, 4).expect("schedule");
+        let p = Placement::new(&cfg, topo.clone(), sched(), &[3, 1]).expect("placement");
+        let layers: Vec<_> = p.specs.iter().map(|s| s.layers.clone()).collect();
+        assert_eq!(layers, [0..3, 3..4]);
+        // Layer 2 (MoE) is on stage 0 now: pipeline rank 0, expert 0 on its EP index 0.
+        assert_eq!(
+            p.holders("model.layers.2.mlp.experts.0.up_proj.weight"),
+            vec![0]
+        );
+        assert_eq!(
+            p.holders("model.layers.2.self_attn.kv_a_proj_with_mqa.weight"),
+            vec![0, 1]
+        );
+        assert!(p.layer_is_local(1, 2) && !p.layer_is_local(2, 2));
+        // Empty is the even split.
+        let even = Placement::new(&cfg, topo.clone(), sched(), &[]).expect("placement");
+        assert_eq!(even.specs, StageSpec::split(&cfg, 2));
+        for (bad, why) in [
+            (
+                &[4][..],
+                "1 entry, but the schedule cuts the model into 2 stages",
+            ),
+            (
+                &[3, 2][..],
+                "the stages hold 5 decoder layers, the model has 4",
+            ),
+        ] {
+            match Placement::new(&cfg, topo.clone(), sched(), bad) {
+                Ok(_) => panic!("{bad:?} accepted"),
+                Err(e) => assert_eq!(e, format!("parallel.stage_layers: {why}")),
+            }
+        }
     }
 }

@@ -29,7 +29,8 @@ fn setup(kind: Kind, pp: usize, chunks: usize) -> (tokio::runtime::Runtime, Plac
     let topo = Topology::new(1, pp, pp, 1, 1).expect("topology");
     let mut cfg = ModelConfig::tiny();
     cfg.num_hidden_layers = 2 * pp;
-    (rt, Placement::new(&cfg, topo, schedule))
+    let placement = Placement::new(&cfg, topo, schedule, &[]).expect("placement");
+    (rt, placement)
 }
 
 /// Rank `r`'s link for step 0 over `hub`.

@@ -22,7 +22,8 @@
 //! - `model.rs`, `sections.rs`: the section structs and their defaults;
 //! - `schema.rs`: the schema table; `emit.rs`: the commented printer behind
 //!   [`Config::to_toml_string`];
-//! - `walk.rs`: pass 2; `validate.rs`: pass 4; `error.rs`: problems and positions.
+//! - `walk.rs`: pass 2; `validate.rs` (with `validate/parallel.rs`): pass 4; `error.rs`: problems
+//!   and positions.
 
 mod emit;
 mod enums;
@@ -202,6 +203,7 @@ impl Config {
             original_max_position_embeddings: Some(c.model.max_position_embeddings),
             ..RopeScaling::default()
         });
+        c.parallel.stage_layers = vec![c.model.num_hidden_layers];
         c.cluster.cpu_threads = Some(2);
         c.data.seed = Some(c.job.seed);
         c.metrics.prometheus = Some("127.0.0.1:9090".to_owned());

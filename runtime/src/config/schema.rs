@@ -28,6 +28,8 @@ pub(crate) enum Ty {
     Enum(&'static [&'static str]),
     /// An array of strings.
     StrArray,
+    /// An array of `usize` (non-negative integers).
+    UsizeList,
     /// A sub-table with these keys (`[cluster.sim]`).
     Table(&'static [Field]),
 }
@@ -43,6 +45,7 @@ impl Ty {
             Ty::Str => "a string".to_owned(),
             Ty::Enum(names) => format!("one of {}", quoted_list(names)),
             Ty::StrArray => "an array of strings".to_owned(),
+            Ty::UsizeList => "an array of non-negative integers".to_owned(),
             Ty::Table(_) => "a table".to_owned(),
         }
     }
@@ -83,7 +86,8 @@ pub(crate) struct Field {
     pub(crate) ty: Ty,
     /// One line, printed as a comment above the key.
     pub(crate) doc: &'static str,
-    /// `Option` in Rust: may be absent from the effective config (printed commented out).
+    /// `Option` in Rust (or a list skipped when empty): may be absent from the effective config
+    /// (printed commented out).
     pub(crate) optional: bool,
 }
 
@@ -97,7 +101,7 @@ const fn f(name: &'static str, ty: Ty, doc: &'static str) -> Field {
     }
 }
 
-/// An `Option` field.
+/// An `Option` field, or a list that is not serialized when empty.
 const fn opt(name: &'static str, ty: Ty, doc: &'static str) -> Field {
     Field {
         name,
@@ -352,6 +356,11 @@ static PARALLEL: &[Field] = &[
         "dp_bucket_mib",
         USIZE,
         "Gradient all-reduce bucket size, MiB.",
+    ),
+    opt(
+        "stage_layers",
+        Ty::UsizeList,
+        "Decoder layers per pipeline stage, in stage order, e.g. [3, 1] (absent: even split).",
     ),
 ];
 

@@ -63,6 +63,11 @@ pub struct ParallelConfig {
     pub max_hosts_per_token: usize,
     /// Gradient all-reduce bucket size for data parallelism, in MiB.
     pub dp_bucket_mib: usize,
+    /// Decoder layers of each model stage ([`ParallelConfig::stages`] of them), in stage order;
+    /// empty means the even split (earlier stages get the extra layers). Not serialized when
+    /// empty, so configs without it keep their canonical text and hash.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stage_layers: Vec<usize>,
 }
 
 impl Default for ParallelConfig {
@@ -75,6 +80,7 @@ impl Default for ParallelConfig {
             micro_batches: 1,
             max_hosts_per_token: 4,
             dp_bucket_mib: 25,
+            stage_layers: Vec::new(),
         }
     }
 }

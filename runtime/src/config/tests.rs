@@ -246,7 +246,7 @@ fn config_unknown_keys_in_every_section_are_reported() {
 fn wrong_value(ty: &Ty) -> &'static str {
     match ty {
         Ty::Bool | Ty::Float | Ty::Int { .. } | Ty::Table(_) => "\"oops\"",
-        Ty::Str | Ty::Enum(_) | Ty::StrArray => "true",
+        Ty::Str | Ty::Enum(_) | Ty::StrArray | Ty::UsizeList => "true",
     }
 }
 
@@ -308,6 +308,59 @@ fn config_type_messages_are_specific() {
     assert_eq!(
         msg("[job]\nname = 1\n"),
         "expected a string, found an integer"
+    );
+    let list = "expected an array of non-negative integers";
+    assert_eq!(
+        msg("[parallel]\nstage_layers = 3\n"),
+        format!("{list}, found an integer")
+    );
+    assert_eq!(
+        msg("[parallel]\nstage_layers = [3, -1]\n"),
+        format!("{list}; element 1 is -1")
+    );
+    assert_eq!(
+        msg("[parallel]\nstage_layers = [\"3\"]\n"),
+        format!("{list}; element 0 is a string")
+    );
+    assert_eq!(
+        msg("[parallel]\nstage_layers = [1, 2.5]\n"),
+        format!("{list}; element 1 is the float 2.5")
+    );
+    assert_eq!(
+        msg("[parallel]\nstage_layers = [[1], 1]\n"),
+        format!("{list}; element 0 is an array")
+    );
+}
+
+/// `[parallel] stage_layers`, the one integer list: read, printed and hashed like the other
+/// keys; a wrong element is one problem at the key's value, and the rules that read the list are
+/// skipped (it takes its default, the even split).
+#[test]
+fn config_stage_layers_parse_print_and_hash() {
+    let src = "[parallel]\npp = 2\nmicro_batches = 2\nstage_layers = [1, 1]\n[cluster]\nranks_per_host = 2\n";
+    let c = parse(src);
+    assert_eq!(c.parallel.stage_layers, [1, 1]);
+    let text = c.to_toml_string();
+    assert!(text.contains("\nstage_layers = [1, 1]\n"), "{text}");
+    assert_eq!(parse(&text), c);
+    assert_eq!(parse(&c.canonical_toml()), c);
+    assert_ne!(c.hash(), {
+        let mut even = c.clone();
+        even.parallel.stage_layers.clear();
+        even.hash()
+    });
+    // Unset (or empty) is the even split, and leaves the canonical text and hash as they were.
+    let text = Config::default().to_toml_string();
+    assert!(text.contains("\n# stage_layers = [2]\n"), "{text}");
+    assert!(!Config::default().canonical_toml().contains("stage_layers"));
+    assert_eq!(parse("[parallel]\nstage_layers = []\n"), Config::default());
+    assert_eq!(
+        parse("[parallel]\nstage_layers = []\n").hash(),
+        Config::default().hash()
+    );
+    assert_eq!(
+        problems("[parallel]\n\nstage_layers = [1, -1]\n"),
+        [("parallel.stage_layers".to_owned(), 3, 16)]
     );
 }
 

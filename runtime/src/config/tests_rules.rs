@@ -100,6 +100,21 @@ const CASES: &[(&str, &str, usize)] = &[
         "data.batch_size",
         2,
     ),
+    (
+        "[parallel]\npp = 2\nmicro_batches = 2\nstage_layers = [1, 0, 1]\n[cluster]\nranks_per_host = 2\n",
+        "parallel.stage_layers",
+        4,
+    ),
+    (
+        "[parallel]\npp = 2\nmicro_batches = 2\nstage_layers = [2]\n[cluster]\nranks_per_host = 2\n",
+        "parallel.stage_layers",
+        4,
+    ),
+    (
+        "[parallel]\n\nstage_layers = [3]\n",
+        "parallel.stage_layers",
+        3,
+    ),
     // [cluster]
     ("[cluster]\nfabric = \"sim\"\n", "cluster.fabric", 2),
     ("[cluster]\ndevice = \"sim\"\n", "cluster.device", 2),
@@ -252,6 +267,58 @@ fn config_rejected_keys_do_not_trigger_rules_twice() {
     assert_eq!(
         problems("cluster = 1\n[parallel]\ndp = 2\n"),
         [("cluster".to_owned(), 1, 11)]
+    );
+}
+
+/// `stage_layers`' three rules, word for word: the count of stages (pp, or 2 * pp for
+/// dualpipev), the sum of layers, and no empty stage.
+#[test]
+fn config_stage_layers_rules_say_what_is_wrong() {
+    let one = |src: &str| match Config::from_toml_str(src, "f.toml") {
+        Ok(_) => panic!("accepted:\n{src}"),
+        Err(e) => {
+            assert_eq!(e.len(), 1, "{e}");
+            e.to_string()
+        }
+    };
+    let pp2 = |schedule: &str, micro: usize, list: &str| {
+        format!(
+            "[model]\nnum_hidden_layers = 4\n[parallel]\npp = 2\nschedule = \"{schedule}\"\n\
+             micro_batches = {micro}\nstage_layers = {list}\n[cluster]\nranks_per_host = 2\n"
+        )
+    };
+    assert_eq!(
+        one(&pp2("dualpipe", 4, "[1, 1, 2]")),
+        "f.toml:7:1: parallel.stage_layers: 3 entries, but dualpipe at pp = 2 cuts the model \
+         into 2 stages"
+    );
+    assert_eq!(
+        one(&pp2("dualpipev", 4, "[3, 1]")),
+        "f.toml:7:1: parallel.stage_layers: 2 entries, but dualpipev at pp = 2 cuts the model \
+         into 4 stages"
+    );
+    assert_eq!(
+        one(&pp2("1f1b", 2, "[3, 2]")),
+        "f.toml:7:1: parallel.stage_layers: sums to 5 layers, model.num_hidden_layers is 4"
+    );
+    assert_eq!(
+        one(&pp2("1f1b", 2, "[4, 0]")),
+        "f.toml:7:1: parallel.stage_layers: entry 1 is 0: every stage needs at least one \
+         decoder layer"
+    );
+    parse(&pp2("dualpipe", 4, "[3, 1]"))
+        .validate()
+        .expect("valid");
+    parse(&pp2("dualpipev", 4, "[1, 1, 1, 1]"))
+        .validate()
+        .expect("valid");
+    // Built in code: no position.
+    let mut c = Config::default();
+    c.parallel.stage_layers = vec![1];
+    let err = c.validate().expect_err("invalid");
+    assert_eq!(
+        err.to_string(),
+        "<config>:0:0: parallel.stage_layers: sums to 1 layer, model.num_hidden_layers is 2"
     );
 }
 

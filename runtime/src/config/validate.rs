@@ -19,9 +19,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::Config;
-use super::enums::{DataFormat, DeviceKind, FabricKind, Schedule};
+use super::enums::{DataFormat, DeviceKind, FabricKind};
 use super::error::{ConfigProblem, Pos, problem};
 use super::walk::Walk;
+
+mod parallel;
+
+use parallel::parallel;
 
 /// Collects rule violations; positions come from the schema walk, when there was a file.
 pub(crate) struct Checker<'a> {
@@ -263,132 +267,6 @@ fn model(cfg: &Config, c: &mut Checker<'_>) {
             );
         }
     }
-}
-
-fn parallel(cfg: &Config, c: &mut Checker<'_>) {
-    let p = &cfg.parallel;
-    for (key, v) in [
-        ("parallel.pp", p.pp),
-        ("parallel.ep", p.ep),
-        ("parallel.dp", p.dp),
-        ("parallel.micro_batches", p.micro_batches),
-        ("parallel.max_hosts_per_token", p.max_hosts_per_token),
-        ("parallel.dp_bucket_mib", p.dp_bucket_mib),
-    ] {
-        c.at_least_one(key, n(v));
-    }
-    if p.pp == 0 || p.ep == 0 || p.dp == 0 || p.micro_batches == 0 {
-        return; // the ratios below are meaningless; the zero is already reported
-    }
-    let world = cfg.cluster.world_size();
-    c.rule(
-        &[
-            "parallel.pp",
-            "parallel.ep",
-            "parallel.dp",
-            "cluster.hosts",
-            "cluster.ranks_per_host",
-        ],
-        p.world_size() == world || world == 0,
-        || {
-            format!(
-                "pp * ep * dp = {} * {} * {} = {} ranks, but the cluster has hosts * \
-                 ranks_per_host = {} * {} = {world}",
-                p.pp,
-                p.ep,
-                p.dp,
-                p.world_size(),
-                cfg.cluster.hosts,
-                cfg.cluster.ranks_per_host
-            )
-        },
-    );
-    let experts = cfg.model.n_routed_experts;
-    c.rule(
-        &["parallel.ep", "model.n_routed_experts"],
-        experts.is_multiple_of(p.ep),
-        || {
-            format!(
-                "ep = {} does not divide model.n_routed_experts = {experts}",
-                p.ep
-            )
-        },
-    );
-    let (stages, layers) = (p.stages(), cfg.model.pipeline_layers());
-    c.rule(
-        &[
-            "parallel.pp",
-            "parallel.schedule",
-            "model.num_hidden_layers",
-            "model.num_nextn_predict_layers",
-        ],
-        layers >= stages,
-        || {
-            format!(
-                "{} with pp = {} needs {stages} pipeline stages, but the model has only {layers} \
-                 layers (num_hidden_layers + num_nextn_predict_layers)",
-                p.schedule, p.pp
-            )
-        },
-    );
-    let sched_keys = ["parallel.pp", "parallel.schedule"];
-    let mb_keys = ["parallel.micro_batches", "parallel.pp", "parallel.schedule"];
-    match p.schedule {
-        Schedule::DualPipe | Schedule::DualPipeV => {
-            if p.schedule == Schedule::DualPipe {
-                c.rule(&sched_keys, p.pp.is_multiple_of(2), || {
-                    format!(
-                        "dualpipe needs an even pp (ranks pair up stage i with pp-1-i), found {}",
-                        p.pp
-                    )
-                });
-            }
-            if p.schedule == Schedule::DualPipe {
-                c.rule(&mb_keys, p.micro_batches.is_multiple_of(2), || {
-                    format!(
-                        "dualpipe feeds half the micro-batches from each end, so it needs an even \
-                         micro_batches, found {}",
-                        p.micro_batches
-                    )
-                });
-            }
-            let need = p.pp.saturating_mul(2);
-            c.rule(&mb_keys, p.micro_batches >= need, || {
-                format!(
-                    "{} needs micro_batches >= 2 * pp = {need}, found {}",
-                    p.schedule, p.micro_batches
-                )
-            });
-        }
-        Schedule::OneFOneB | Schedule::Zb1p => {
-            c.rule(&mb_keys, p.micro_batches >= p.pp, || {
-                format!(
-                    "{} needs micro_batches >= pp = {}, found {}",
-                    p.schedule, p.pp, p.micro_batches
-                )
-            });
-        }
-        Schedule::GPipe => {}
-    }
-    // Expert-parallel ranks train on different data (the attention is data-parallel over
-    // dp * ep ranks), so the global batch splits over dp * ep * micro_batches.
-    let per_step = p.dp.saturating_mul(p.ep).saturating_mul(p.micro_batches);
-    let batch = cfg.data.batch_size;
-    c.rule(
-        &[
-            "data.batch_size",
-            "parallel.dp",
-            "parallel.ep",
-            "parallel.micro_batches",
-        ],
-        batch.is_multiple_of(per_step),
-        || {
-            format!(
-                "batch_size = {batch} is not divisible by dp * ep * micro_batches = {} * {} * {} = {per_step}",
-                p.dp, p.ep, p.micro_batches
-            )
-        },
-    );
 }
 
 /// `host:port` with a non-empty host and a non-zero port (hostnames allowed).

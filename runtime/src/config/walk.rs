@@ -167,6 +167,19 @@ fn check_value(ty: &Ty, value: &Value) -> Result<(), String> {
             }
             Ok(())
         }
+        (Ty::UsizeList, Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let bad = match item {
+                    Value::Integer(n) if usize::try_from(*n.value()).is_ok() => continue,
+                    // Negative, or past `usize::MAX` on a 32-bit target.
+                    Value::Integer(n) => format!("element {i} is {}", n.value()),
+                    Value::Float(x) => format!("element {i} is the float {}", x.value()),
+                    other => format!("element {i} is {}", article(other.type_name())),
+                };
+                return Err(format!("expected {}; {bad}", ty.describe()));
+            }
+            Ok(())
+        }
         _ => Err(mismatch(ty, found)),
     }
 }
