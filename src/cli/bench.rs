@@ -44,10 +44,10 @@ pub struct PipelineArgs {
     #[arg(long, default_value_t = 2)]
     ep: usize,
     /// Micro-batches per step (even, at least 2·pp).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     micro_batches: usize,
     /// Global batch, sequences (divisible by ep · micro-batches).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Sequence length, tokens.
     #[arg(long, default_value_t = 128)]
@@ -61,6 +61,10 @@ pub struct PipelineArgs {
     /// MTP modules.
     #[arg(long, default_value_t = 1)]
     mtp_depth: usize,
+    /// Decoder layers per pipeline stage, e.g. `3,1` (default: the split that balances the
+    /// stages' MoE layers, counting the MTP modules on the last).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    stage_layers: Vec<usize>,
     /// Untimed steps per run.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -215,6 +219,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 layers: a.layers,
                 dense_layers: a.dense_layers,
                 mtp_depth: a.mtp_depth,
+                stage_layers: a.stage_layers,
                 warmup: a.warmup,
                 steps: a.steps,
                 latency_us: a.latency_us,

@@ -619,10 +619,15 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
 }
 
 /// `bench pipeline` on a tiny job: every way of overlapping runs, the summary has the ratios,
-/// and the peaks are the report's (DualPipe PP + 1 on every rank, 1F1B PP − r); a bad
-/// `--streams` is refused by name.
+/// and the peaks are the report's (DualPipe PP + 1 on every rank, 1F1B PP − r); the stages are
+/// the balanced split; `--trace` writes a Chrome trace and a profile per rank; a bad
+/// `--streams` or `--stage-layers` is refused by name.
 #[test]
 fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
+    let dir = tmp("bench-pipeline");
+    std::fs::create_dir_all(&dir.0).expect("scratch dir");
+    let trace = dir.0.join("trace.json");
+    let trace_arg = trace.to_string_lossy().into_owned();
     let out = flotilla_ok(&[
         "bench",
         "pipeline",
@@ -638,6 +643,8 @@ fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
         "--steps",
         "1",
         "--no-pin",
+        "--trace",
+        &trace_arg,
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     let records: Vec<serde_json::Value> = text
@@ -677,7 +684,31 @@ fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
         serde_json::json!([3, 3, 3, 3])
     );
     assert_eq!(s["peak_activations_1f1b"], serde_json::json!([2, 2, 1, 1]));
+    assert_eq!(records[0]["stage_layers"], serde_json::json!([3, 1]));
+    assert_eq!(records[0]["turn_order"], "schedule");
 
+    // The profile: every rank's step split into compute and idle, and a trace to open.
+    let profiles: Vec<_> = records
+        .iter()
+        .filter(|r| r["bench"] == "pipeline_profile")
+        .collect();
+    assert_eq!(profiles.len(), 4);
+    for p in profiles {
+        let (step, compute) = (p["step_s"].as_f64(), p["compute_s"].as_f64());
+        let (step, compute) = (step.unwrap_or(0.0), compute.unwrap_or(0.0));
+        assert!(compute > 0.0 && compute <= step * 1.001, "{p}");
+        assert!(p["all_to_all_waits"].as_u64().unwrap_or(0) > 0, "{p}");
+    }
+    let chrome: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trace).expect("the trace file")).expect("JSON");
+    let events = chrome["traceEvents"].as_array().expect("traceEvents");
+    for cat in ["compute", "wait all-to-all", "wire"] {
+        assert!(events.iter().any(|e| e["cat"] == cat), "no {cat} event");
+    }
+
+    let bad = flotilla(&["bench", "pipeline", "--stage-layers", "2,1"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.stage_layers"));
     let bad = flotilla(&["bench", "pipeline", "--streams", "5"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--streams"));

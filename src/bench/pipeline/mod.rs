@@ -112,6 +112,8 @@ pub struct PipelineArgs {
     pub dense_layers: usize,
     /// MTP modules (the model's `num_nextn_predict_layers`).
     pub mtp_depth: usize,
+    /// Decoder layers per pipeline stage (`parallel.stage_layers`); empty: [`balanced_split`].
+    pub stage_layers: Vec<usize>,
     /// Untimed steps per run.
     pub warmup: usize,
     /// Timed steps per run (the median is reported).
@@ -135,12 +137,13 @@ impl Default for PipelineArgs {
         PipelineArgs {
             pp: 2,
             ep: 2,
-            micro_batches: 16,
-            batch: 64,
+            micro_batches: 32,
+            batch: 256,
             seq: 128,
             layers: 4,
             dense_layers: 1,
             mtp_depth: 1,
+            stage_layers: Vec::new(),
             warmup: 2,
             steps: 5,
             latency_us: 10.0,
@@ -178,7 +181,50 @@ pub fn job_config(a: &PipelineArgs, schedule: Schedule) -> Config {
     c.parallel.dp = 1;
     c.parallel.schedule = schedule;
     c.parallel.micro_batches = a.micro_batches;
+    c.parallel.stage_layers = if a.stage_layers.is_empty() {
+        balanced_split(a, c.parallel.stages())
+    } else {
+        a.stage_layers.clone()
+    };
     c
+}
+
+/// The contiguous split of the decoder layers into `stages` stages (at least one layer each)
+/// whose heaviest stage is lightest, counting a MoE layer 1, a dense layer ½ (compute, no
+/// all-to-all) and each MTP module 1 on the last stage (its block is a MoE layer). Balanced
+/// stages give every F&B pair halves with as many all-to-alls; the even split of the default
+/// model gives the first stage one MoE layer and the last three (two, and MTP).
+pub fn balanced_split(a: &PipelineArgs, stages: usize) -> Vec<usize> {
+    let (n, stages) = (a.layers, stages.max(1));
+    if n < stages {
+        return Vec::new(); // The config's validation names the problem.
+    }
+    let w = |l: usize| if l < a.dense_layers { 0.5 } else { 1.0 };
+    let cost = |from: usize, to: usize, last: bool| {
+        (from..to).map(w).sum::<f64>() + if last { a.mtp_depth as f64 } else { 0.0 }
+    };
+    // best[s][i]: the lightest heaviest stage for the first i layers in s stages, and its cut.
+    let mut best = vec![vec![(f64::INFINITY, 0usize); n + 1]; stages + 1];
+    best[0][0] = (0.0, 0);
+    for s in 1..=stages {
+        for i in s..=n {
+            for j in (s - 1)..i {
+                let prev = best[s - 1][j].0;
+                let c = prev.max(cost(j, i, s == stages && i == n));
+                if c < best[s][i].0 - 1e-12 {
+                    best[s][i] = (c, j);
+                }
+            }
+        }
+    }
+    let mut split = vec![0; stages];
+    let mut i = n;
+    for s in (1..=stages).rev() {
+        let j = best[s][i].1;
+        split[s - 1] = i - j;
+        i = j;
+    }
+    split
 }
 
 /// One rank's medians over the timed steps of a run.
@@ -290,6 +336,12 @@ fn run_job(
     let world = cfg.world_size();
     let latency = Duration::from_secs_f64(a.latency_us.max(0.0) * 1e-6);
     let net = DelayNet::new(world, bytes_per_s, latency, rt.handle().clone());
+    // With a core to spare for it (one per rank, one for the tokio workers), the delivery
+    // thread spins for its next delivery instead of waking late from a sleep.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > world + 2 {
+        net.spin_for(Duration::from_micros(200));
+    }
     let barrier = Barrier::new(world);
     let abort = AtomicBool::new(false);
     let cpus = if a.pin {
@@ -452,6 +504,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "bench": "pipeline_setup", "ranks": world, "cores": cores, "pp": a.pp, "ep": a.ep,
         "dp": 1, "micro_batches": a.micro_batches, "batch": a.batch, "seq": a.seq,
         "layers": a.layers, "dense_layers": a.dense_layers, "mtp_depth": a.mtp_depth,
+        "stage_layers": dual.parallel.stage_layers,
         "cpu_threads_per_rank": 1, "warmup": a.warmup, "steps": a.steps,
         "latency_us": a.latency_us, "comm_over_compute_target": a.comm_over_compute,
         "pinned": pinned,
@@ -684,5 +737,38 @@ pub fn print_table(report: &Report) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_balanced_split_evens_out_moe_layers_and_mtp() {
+        let a = PipelineArgs::default();
+        // Dense layer 0 (½), MoE 1..4 (1 each), MTP (1) on the last stage: 2.5 against 2.
+        assert_eq!(balanced_split(&a, 2), vec![3, 1]);
+        let b = PipelineArgs {
+            dense_layers: 0,
+            mtp_depth: 0,
+            ..PipelineArgs::default()
+        };
+        assert_eq!(balanced_split(&b, 2), vec![2, 2]);
+        assert_eq!(balanced_split(&b, 4), vec![1, 1, 1, 1]);
+        let c = PipelineArgs {
+            layers: 8,
+            ..PipelineArgs::default()
+        };
+        // 7.5 + 1 over four stages: at most 2.5 on any one.
+        let s = balanced_split(&c, 4);
+        assert_eq!((s.len(), s.iter().sum::<usize>()), (4, 8));
+        assert_eq!(s, vec![3, 2, 2, 1]);
+        assert!(balanced_split(&b, 5).is_empty());
+        // The split is what the job config carries.
+        assert_eq!(
+            job_config(&a, Schedule::DualPipe).parallel.stage_layers,
+            vec![3, 1]
+        );
     }
 }
