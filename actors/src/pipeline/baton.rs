@@ -145,7 +145,7 @@ mod tests {
                     order.lock().expect("order").push(i);
                     b.release();
                 });
-                until_waiting(&b, i + 1);
+                until_waiting(b, i + 1);
             }
             b.release();
         });
@@ -167,7 +167,7 @@ mod tests {
                         b.release();
                     })
                 });
-                until_waiting(&b, i + 1);
+                until_waiting(b, i + 1);
             }
             // Asked first, but least urgent: 9 goes after 2 (and after the holder's second
             // turn at urgency 5, asked for last).

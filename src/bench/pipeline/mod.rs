@@ -1,9 +1,12 @@
 //! `flotilla bench pipeline`: does DualPipe hide the expert all-to-all behind compute?
 //!
 //! The job is the real parallel trainer ([`flotilla_actors::pipeline::new_rank`]): by default the
-//! built-in model with four layers, DualPipe, pp = 2 × ep = 2 (four ranks, one core and one
-//! GEMM thread each), 16 micro-batches (the `--micro-batches` flag; with 8, 44% of the
-//! compute is in unpaired warm-up and drain actions, see below). Every rank runs on its own OS thread over one
+//! built-in model with four layers (the first dense, one MTP module), DualPipe, pp = 2 × ep = 2
+//! (four ranks, one core and one GEMM thread each), 32 micro-batches of 8 sequences (`--batch
+//! 256`; with 8 micro-batches, 44% of the compute is in unpaired warm-up and drain actions, see
+//! below). The stages are cut where their all-to-alls balance ([`job::balanced_split`]: layers
+//! `[3, 1]` for the default model, whose even split `[2, 2]` gives the last stage three MoE
+//! blocks against one; `--stage-layers` sets it). Every rank runs on its own OS thread over one
 //! in-process hub, as in `actors/tests/parallel.rs`, and all ranks step together (a barrier
 //! before each step; a rank's step time is from the barrier to its `step()` returning).
 //!
@@ -13,7 +16,8 @@
 //! port for `b / bandwidth` (a port sends one message at a time, in order, like
 //! `runtime/src/fabric/sim.rs` but in real time) and arrives a latency after it has left. `send`
 //! returns at once — the CPU is not busy while a NIC moves bytes — and a delivery thread (one per
-//! network, sleeping on a condition variable, which is finer than tokio's 1 ms timer) hands the
+//! network, sleeping on a condition variable, which is finer than tokio's 1 ms timer, and
+//! spinning for the last 200 µs where the machine has a core to spare for it) hands the
 //! message to the hub at its arrival time. Other channels (stage boundaries, gradient and
 //! statistics all-reduces) pass straight through. Per (src, dst, tag) order is kept: deliveries
 //! are in arrival order, and a port's arrivals never go backwards.
@@ -61,25 +65,41 @@
 //! 19% with 16, 10% with 32): with F&B pairs only their all-to-alls stay exposed, the streams
 //! overlap them with the next forward or backward. Every all-to-all is also a
 //! rendezvous: it completes when the slower of the peers has computed its share and its bytes have
-//! arrived, so imbalance between EP peers shows as waiting on any link. The executor's
-//! streams take turns on the core (a baton); only a W lets a waiting stream go first, between
-//! its layers. With the default model the stages are uneven (a dense layer in the first, three
-//! MoE layers with MTP in the last), so each F&B pair pairs a half with three times the other's
-//! all-to-alls, which the lighter half cannot hide; `--dense-layers 0 --mtp-depth 0` balances
-//! them. Measured (`docs/benchmarks.md`, "Pipeline"): without overlap the step is 0.89–0.95 ×
+//! arrived, so imbalance between EP peers shows as waiting on any link. With uneven stages
+//! (the default model's even split) each F&B pair pairs a half with three times the other's
+//! all-to-alls, which the lighter half cannot hide — hence the balanced split. The executor's
+//! streams take turns on the core (a baton, [`TurnOrder`]): by default the earliest piece of
+//! the schedule first, every F and B before every W (`--turns arrival`: first come, first
+//! served); the holder computes until it waits, a W also hands over between its layers.
+//!
+//! Measured (`docs/benchmarks.md`, "Pipeline"): without overlap the step is 0.89–0.95 ×
 //! compute + communication on dedicated cores (the MoE layer itself computes the shared expert
-//! and this rank's own rows while its all-to-alls are in flight); with communication ≈ compute the DualPipe step
-//! on streams is about 1.4–1.5 × max(compute, communication) with the defaults and 1.18–1.28 ×
-//! with balanced stages and 32 or 64 micro-batches, not ≤ 1.15 ×: the acceptance ratio is not
-//! met.
+//! and this rank's own rows while its all-to-alls are in flight); with communication ≈ compute
+//! the DualPipe step on streams is 1.19–1.37 × max(compute, communication) with the defaults
+//! (median 1.22 over seven runs; 1.21–1.44 with `--turns arrival`), not ≤ 1.15 ×: the
+//! acceptance ratio is not met. `--trace` shows why: the EP peers' routed loads differ by
+//! 15–20% at this model's initialisation, so the heavier rank's all-to-alls wait for the
+//! lighter one's sends and the lighter's for the heavier's, and each F or B piece's own chain of
+//! compute and all-to-alls is nearly as long as the F&B pair it has to finish within.
+//!
+//! **`--trace FILE`**: the last step of the DualPipe streams run on the link as a Chrome trace
+//! (`trace.rs`: every rank's streams, their compute and waits, and its egress port), and a
+//! `pipeline_profile` record per rank: compute, idle, what the idle core waited for, and the
+//! all-to-all waits split by cause (the peer had not sent yet, on the link, after it was due).
 //!
 //! The delivery thread asks for a timer slack of 1 ns ([`affinity::precise_timers`]): with
 //! Linux's default of 50 µs every message arrived about 50 µs late (more than the modelled
-//! latency); the JSON reports the measured lateness (`delivery_late_mean_us`).
+//! latency). The JSON reports the measured lateness (`delivery_late_mean_us`): 7–25 µs with
+//! the slack alone, 1–4 µs with the spin.
 
 mod affinity;
+mod job;
 mod link;
+mod table;
 mod trace;
+
+use job::job_config;
+pub use table::print_table;
 
 use link::{DelayNet, LinkUse, Wire};
 use trace::RankStep;
@@ -112,7 +132,7 @@ pub struct PipelineArgs {
     pub dense_layers: usize,
     /// MTP modules (the model's `num_nextn_predict_layers`).
     pub mtp_depth: usize,
-    /// Decoder layers per pipeline stage (`parallel.stage_layers`); empty: [`balanced_split`].
+    /// Decoder layers per pipeline stage (`parallel.stage_layers`); empty: [`job::balanced_split`].
     pub stage_layers: Vec<usize>,
     /// Untimed steps per run.
     pub warmup: usize,
@@ -154,77 +174,6 @@ impl Default for PipelineArgs {
             trace: None,
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-// ---------------------------------------------------------------------------------------------
-// The job.
-
-/// The benchmark's job config for `schedule`.
-pub fn job_config(a: &PipelineArgs, schedule: Schedule) -> Config {
-    let mut c = Config::default();
-    c.job.steps = (a.warmup + a.steps) as u64;
-    c.optimizer.warmup_steps = 1;
-    c.model.num_hidden_layers = a.layers;
-    c.model.first_k_dense_replace = a.dense_layers;
-    c.model.num_nextn_predict_layers = a.mtp_depth;
-    c.data.batch_size = a.batch;
-    c.data.seq_len = a.seq;
-    c.cluster.cpu_threads = Some(1);
-    c.cluster.hosts = 1;
-    c.cluster.ranks_per_host = a.pp * a.ep;
-    c.checkpoint.interval = 0;
-    c.metrics.jsonl = false;
-    c.parallel.pp = a.pp;
-    c.parallel.ep = a.ep;
-    c.parallel.dp = 1;
-    c.parallel.schedule = schedule;
-    c.parallel.micro_batches = a.micro_batches;
-    c.parallel.stage_layers = if a.stage_layers.is_empty() {
-        balanced_split(a, c.parallel.stages())
-    } else {
-        a.stage_layers.clone()
-    };
-    c
-}
-
-/// The contiguous split of the decoder layers into `stages` stages (at least one layer each)
-/// whose heaviest stage is lightest, counting a MoE layer 1, a dense layer ½ (compute, no
-/// all-to-all) and each MTP module 1 on the last stage (its block is a MoE layer). Balanced
-/// stages give every F&B pair halves with as many all-to-alls; the even split of the default
-/// model gives the first stage one MoE layer and the last three (two, and MTP).
-pub fn balanced_split(a: &PipelineArgs, stages: usize) -> Vec<usize> {
-    let (n, stages) = (a.layers, stages.max(1));
-    if n < stages {
-        return Vec::new(); // The config's validation names the problem.
-    }
-    let w = |l: usize| if l < a.dense_layers { 0.5 } else { 1.0 };
-    let cost = |from: usize, to: usize, last: bool| {
-        (from..to).map(w).sum::<f64>() + if last { a.mtp_depth as f64 } else { 0.0 }
-    };
-    // best[s][i]: the lightest heaviest stage for the first i layers in s stages, and its cut.
-    let mut best = vec![vec![(f64::INFINITY, 0usize); n + 1]; stages + 1];
-    best[0][0] = (0.0, 0);
-    for s in 1..=stages {
-        for i in s..=n {
-            for j in (s - 1)..i {
-                let prev = best[s - 1][j].0;
-                let c = prev.max(cost(j, i, s == stages && i == n));
-                if c < best[s][i].0 - 1e-12 {
-                    best[s][i] = (c, j);
-                }
-            }
-        }
-    }
-    let mut split = vec![0; stages];
-    let mut i = n;
-    for s in (1..=stages).rev() {
-        let j = best[s][i].1;
-        split[s - 1] = i - j;
-        i = j;
-    }
-    split
 }
 
 /// One rank's medians over the timed steps of a run.
@@ -671,104 +620,4 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "pinned": pinned,
     }}));
     Ok(report)
-}
-
-/// The short human-readable table of a report.
-pub fn print_table(report: &Report) {
-    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    for r in &report.records {
-        match r.get("bench").and_then(Value::as_str) {
-            Some("pipeline_setup") => println!(
-                "pipeline bench: {} ranks on {} cores, pp={} ep={} micro-batches={} batch={} seq={} layers={}",
-                r["ranks"],
-                r["cores"],
-                r["pp"],
-                r["ep"],
-                r["micro_batches"],
-                r["batch"],
-                r["seq"],
-                r["layers"]
-            ),
-            Some("pipeline_run") => {
-                if r["run"] == "dualpipe_free_link_streams" {
-                    println!(
-                        "{:<32} {:>9} {:>9} {:>10}",
-                        "run", "step s", "comm s", "peak act"
-                    );
-                }
-                let peaks: Vec<String> = r["per_rank"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .map(|x| x["peak_activations"].to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                println!(
-                    "{:<32} {:>9.3} {:>9.3} {:>10}",
-                    r["run"].as_str().unwrap_or("?"),
-                    f(r, "step_s"),
-                    f(r, "comm_s"),
-                    peaks.join(",")
-                );
-            }
-            _ => {
-                if let Some(s) = r.get("summary") {
-                    println!(
-                        "compute {:.3} s, communication {:.3} s, DualPipe step without overlap {:.3} s, \
-                         F&B pairs {:.3} s ({:.2} ×), streams {:.3} s: {:.2} × max(compute, communication); \
-                         1F1B {:.3} s",
-                        f(s, "compute_s"),
-                        f(s, "comm_s"),
-                        f(s, "step_no_overlap_s"),
-                        f(s, "step_pairs_s"),
-                        f(s, "pairs_step_over_max_compute_comm"),
-                        f(s, "step_overlap_s"),
-                        f(s, "dualpipe_step_over_max_compute_comm"),
-                        f(s, "step_1f1b_s"),
-                    );
-                    println!(
-                        "peak activations per rank (stage micro-batches): 1F1B {} (report: PP = {}), DualPipe {} (report: PP+1 = {})",
-                        s["peak_activations_1f1b"],
-                        s["expected_peak_1f1b_max"],
-                        s["peak_activations_dualpipe"],
-                        s["expected_peak_dualpipe"]
-                    );
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_balanced_split_evens_out_moe_layers_and_mtp() {
-        let a = PipelineArgs::default();
-        // Dense layer 0 (½), MoE 1..4 (1 each), MTP (1) on the last stage: 2.5 against 2.
-        assert_eq!(balanced_split(&a, 2), vec![3, 1]);
-        let b = PipelineArgs {
-            dense_layers: 0,
-            mtp_depth: 0,
-            ..PipelineArgs::default()
-        };
-        assert_eq!(balanced_split(&b, 2), vec![2, 2]);
-        assert_eq!(balanced_split(&b, 4), vec![1, 1, 1, 1]);
-        let c = PipelineArgs {
-            layers: 8,
-            ..PipelineArgs::default()
-        };
-        // 7.5 + 1 over four stages: at most 2.5 on any one.
-        let s = balanced_split(&c, 4);
-        assert_eq!((s.len(), s.iter().sum::<usize>()), (4, 8));
-        assert_eq!(s, vec![3, 2, 2, 1]);
-        assert!(balanced_split(&b, 5).is_empty());
-        // The split is what the job config carries.
-        assert_eq!(
-            job_config(&a, Schedule::DualPipe).parallel.stage_layers,
-            vec![3, 1]
-        );
-    }
 }
