@@ -167,6 +167,7 @@ impl Trainer {
                     pp: cfg.parallel.pp,
                     ep: cfg.parallel.ep,
                     dp: cfg.parallel.dp,
+                    stage_layers: uneven_split(cfg),
                 },
                 config_hash: cfg.hash_hex(),
             },
@@ -216,6 +217,24 @@ impl Trainer {
     /// have taken. Checks everything first and changes nothing when it fails.
     pub fn restore(&mut self, snap: &Snapshot) -> Result<(), JobError> {
         let bad = |why: String| Err(JobError::Checkpoint(why));
+        let (saved, here) = (&snap.meta.layout, &self.meta.layout);
+        if (saved.pp, saved.ep, saved.dp) == (here.pp, here.ep, here.dp)
+            && saved.stage_layers != here.stage_layers
+        {
+            let show = |s: &[usize]| {
+                if s.is_empty() {
+                    "the even split".to_string()
+                } else {
+                    format!("{s:?}")
+                }
+            };
+            return bad(format!(
+                "the snapshot's stage split is {} (parallel.stage_layers), this job's is {}: its \
+                 stages hold other tensors",
+                show(&saved.stage_layers),
+                show(&here.stage_layers)
+            ));
+        }
         if snap.meta.layout != self.meta.layout {
             return bad(format!(
                 "the snapshot's layout {:?} differs from this job's {:?} (resharding is not \
@@ -499,4 +518,17 @@ pub(crate) fn adamw_step(
     };
     put_back(weights, taken);
     r
+}
+
+/// `parallel.stage_layers` as a checkpoint's [`Layout`] records it: empty when it is the even
+/// split (or absent), so that both name the same layout.
+fn uneven_split(cfg: &Config) -> Vec<usize> {
+    let split = &cfg.parallel.stage_layers;
+    let even =
+        flotilla_model::StageSpec::even_layers(cfg.model.num_hidden_layers, cfg.parallel.stages());
+    if split.is_empty() || *split == even {
+        Vec::new()
+    } else {
+        split.clone()
+    }
 }

@@ -131,3 +131,48 @@ async fn resuming_from_step_3_matches_the_uninterrupted_run() {
     let loaded = engine.load(Which::Latest, true).await.expect("load");
     assert_eq!(loaded.step, 6, "the resumed run checkpointed step 6 again");
 }
+
+/// A pipeline rank's snapshot records an uneven stage split: restoring it into a job that cuts
+/// the model otherwise is refused by name (the stages would hold other tensors); the even split
+/// named explicitly is the same layout as no split at all.
+#[test]
+fn a_snapshot_of_another_stage_split_is_refused_by_name() {
+    use flotilla_runtime::config::Schedule;
+    use flotilla_runtime::fabric::Fabric;
+    use flotilla_runtime::fabric::inproc::InprocHub;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let hub = InprocHub::new(2);
+    let rank0 = |split: Vec<usize>| {
+        let mut c = tiny(2);
+        c.model.num_hidden_layers = 4;
+        c.parallel.pp = 2;
+        c.parallel.schedule = Schedule::OneFOneB;
+        c.parallel.micro_batches = 2;
+        c.cluster.ranks_per_host = 2;
+        c.parallel.stage_layers = split;
+        let fabric = Arc::new(hub.endpoint(0)) as Arc<dyn Fabric>;
+        flotilla_actors::pipeline::new_rank(&c, 0, fabric, rt.handle().clone()).expect("rank 0")
+    };
+    let uneven = rank0(vec![3, 1]).snapshot().expect("snapshot");
+    assert_eq!(uneven.meta.layout.stage_layers, vec![3, 1]);
+    let mut even = rank0(Vec::new());
+    let before = even.snapshot().expect("snapshot");
+    assert!(before.meta.layout.stage_layers.is_empty());
+    let err = even
+        .restore(&uneven)
+        .expect_err("another split")
+        .to_string();
+    assert!(
+        err.contains("parallel.stage_layers") && err.contains("[3, 1]"),
+        "{err}"
+    );
+    assert_eq!(even.snapshot().expect("snapshot"), before);
+    rank0(vec![2, 2])
+        .restore(&before)
+        .expect("[2, 2] is the even split");
+}

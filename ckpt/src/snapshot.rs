@@ -105,6 +105,11 @@ pub struct Layout {
     pub pp: usize,
     pub ep: usize,
     pub dp: usize,
+    /// Decoder layers per pipeline stage when the job cut the model otherwise than evenly
+    /// (`parallel.stage_layers`); empty for the even split, and then not written, so files of
+    /// jobs without a split are unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_layers: Vec<usize>,
 }
 
 impl Layout {
@@ -115,6 +120,7 @@ impl Layout {
             pp: 1,
             ep: 1,
             dp: 1,
+            stage_layers: Vec::new(),
         }
     }
 }

@@ -23,6 +23,7 @@ fn snapshot(rank: usize, world: usize, step: u64, n: usize) -> Snapshot {
             pp: 1,
             ep: world,
             dp: 1,
+            stage_layers: Vec::new(),
         },
         config_hash: "0123456789abcdef".into(),
     };

@@ -25,6 +25,7 @@ fn snapshot(rank: usize, world: usize, step: u64) -> Snapshot {
             pp: 1,
             ep: 1,
             dp: world,
+            stage_layers: Vec::new(),
         },
         config_hash: "cafe".into(),
     };

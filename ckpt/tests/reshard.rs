@@ -127,6 +127,7 @@ async fn a_checkpoint_saved_with_ep2_loads_as_ep1_ep4_and_dp2() {
         pp: 1,
         ep: 2,
         dp: 1,
+        stage_layers: Vec::new(),
     };
     let shards: Vec<Snapshot> = (0..2)
         .map(|r| rank_snapshot(r, saved.clone(), &names_of(2, r)))
@@ -143,6 +144,7 @@ async fn a_checkpoint_saved_with_ep2_loads_as_ep1_ep4_and_dp2() {
             pp: 1,
             ep,
             dp,
+            stage_layers: Vec::new(),
         };
         for rank in 0..ep * dp {
             let names = names_of(ep, rank % ep);
