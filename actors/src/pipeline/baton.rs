@@ -43,10 +43,9 @@ pub fn with_urgency<R>(urgency: u64, f: impl FnOnce() -> R) -> R {
 #[derive(Debug, Default)]
 struct Turns {
     next_ticket: u64,
-    held: bool,
     /// Who waits: (urgency, ticket), the first is served next.
     waiting: BTreeSet<(u64, u64)>,
-    /// When the holder took it, and the seconds it was held before.
+    /// When the holder took it (`None`: nobody holds it), and the seconds it was held before.
     since: Option<Instant>,
     held_s: f64,
 }
@@ -79,14 +78,13 @@ impl Baton {
         let me = (URGENCY.get(), t.next_ticket);
         t.next_ticket += 1;
         t.waiting.insert(me);
-        while t.held || t.waiting.first() != Some(&me) {
+        while t.since.is_some() || t.waiting.first() != Some(&me) {
             match self.0.cv.wait(t) {
                 Ok(g) => t = g,
                 Err(_) => return,
             }
         }
         t.waiting.remove(&me);
-        t.held = true;
         t.since = Some(Instant::now());
     }
 
@@ -99,7 +97,6 @@ impl Baton {
             t.held_s += since.elapsed().as_secs_f64();
             self.1.record(Activity::Compute, 0, since);
         }
-        t.held = false;
         drop(t);
         self.0.cv.notify_all();
     }
