@@ -30,14 +30,7 @@ thread_local! {
 
 /// Runs `f` with the calling thread asking for the baton at `urgency` (lower goes first).
 pub fn with_urgency<R>(urgency: u64, f: impl FnOnce() -> R) -> R {
-    struct Restore(u64);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            URGENCY.set(self.0);
-        }
-    }
-    let _restore = Restore(URGENCY.replace(urgency));
-    f()
+    super::with_thread_value(&URGENCY, urgency, f)
 }
 
 #[derive(Debug, Default)]
@@ -129,39 +122,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn equal_urgency_is_first_come_first_served() {
+    /// The order in which callers asking at `urgencies` (in that order, each queued before the
+    /// next asks) are served once the holder lets go; each reports its index.
+    fn served(urgencies: &[u64]) -> Vec<usize> {
         let b = Baton::default();
         let order = Mutex::new(Vec::new());
         b.acquire();
         std::thread::scope(|s| {
-            for i in 0..3 {
-                let (b, order) = (&b, &order);
-                s.spawn(move || {
-                    b.acquire();
-                    order.lock().expect("order").push(i);
-                    b.release();
-                });
-                until_waiting(b, i + 1);
-            }
-            b.release();
-        });
-        assert_eq!(*order.lock().expect("order"), vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn the_most_urgent_waiter_goes_first() {
-        let b = Baton::default();
-        let order = Mutex::new(Vec::new());
-        b.acquire();
-        std::thread::scope(|s| {
-            // Asked for in the order 9, 2, 5: served 2, 5, 9 once the holder lets go.
-            for (i, u) in [9u64, 2, 5].into_iter().enumerate() {
+            for (i, &u) in urgencies.iter().enumerate() {
                 let (b, order) = (&b, &order);
                 s.spawn(move || {
                     with_urgency(u, || {
                         b.acquire();
-                        order.lock().expect("order").push(u);
+                        order.lock().expect("order").push(i);
                         b.release();
                     })
                 });
@@ -169,6 +142,17 @@ mod tests {
             }
             b.release();
         });
-        assert_eq!(*order.lock().expect("order"), vec![2, 5, 9]);
+        order.into_inner().expect("order")
+    }
+
+    #[test]
+    fn equal_urgency_is_first_come_first_served() {
+        assert_eq!(served(&[LEAST, LEAST, LEAST]), vec![0, 1, 2]);
+        assert_eq!(served(&[4, 4, 4]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn the_most_urgent_waiter_goes_first() {
+        assert_eq!(served(&[9, 2, 5]), vec![1, 2, 0]);
     }
 }

@@ -29,6 +29,23 @@ pub mod work;
 #[cfg(test)]
 mod tests;
 
+/// Runs `f` with the calling thread's `key` set to `value`, restoring it afterwards (also when
+/// `f` panics): a stream's urgency on the baton, the piece its profile events name.
+fn with_thread_value<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.set(self.1);
+        }
+    }
+    let _restore = Restore(key, key.replace(value));
+    f()
+}
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -45,14 +45,7 @@ thread_local! {
 
 /// Runs `f` with the calling thread's events labelled with `piece`.
 pub fn in_piece<R>(piece: (Op, usize, usize), f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<(Op, usize, usize)>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            PIECE.set(self.0);
-        }
-    }
-    let _restore = Restore(PIECE.replace(Some(piece)));
-    f()
+    super::with_thread_value(&PIECE, Some(piece), f)
 }
 
 /// A step's events, shared by the rank's threads; a no-op when off.

@@ -81,8 +81,6 @@ pub(super) fn parallel(cfg: &Config, c: &mut Checker<'_>) {
                         p.pp
                     )
                 });
-            }
-            if p.schedule == Schedule::DualPipe {
                 c.rule(&mb_keys, p.micro_batches.is_multiple_of(2), || {
                     format!(
                         "dualpipe feeds half the micro-batches from each end, so it needs an even \
