@@ -94,7 +94,7 @@ impl Trainer {
     /// Build the model (random init from `job.seed`, or HF weights from `model.hf_dir`), the
     /// optimizer, the schedule and the data loader.
     pub fn new(cfg: &Config) -> Result<Trainer, JobError> {
-        let micro = cfg.data.batch_size / cfg.parallel.micro_batches.max(1);
+        let micro = cfg.data.batch_size / cfg.parallel.sub_batches_per_step().max(1);
         Self::build(
             cfg,
             LoaderConfig::single(cfg.data.batch_size, micro.max(1)),

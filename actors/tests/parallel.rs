@@ -266,6 +266,44 @@ fn dualpipe_with_stage_layers_matches_single_rank() {
     );
 }
 
+/// `sub_batches = 2`: each micro-batch runs as two sub-batches side by side in DualPipe's list
+/// (pp = 2, ep = 2). The job still trains as the single rank does, the executor's overlaps
+/// still agree bit for bit, and its peak is twice the schedule's in sub-batches: the same
+/// activation memory.
+#[test]
+fn dualpipe_with_sub_batches_matches_single_rank() {
+    let steps = 4;
+    let mut cfg = layout(Schedule::DualPipe, 2, 2, 1);
+    cfg.parallel.micro_batches = 4;
+    cfg.parallel.sub_batches = 2;
+    cfg.validate().expect("sub_batches = 2 is valid here");
+    let placement = pipeline::placement(&cfg).expect("placement");
+    assert_eq!(
+        placement.schedule.chunks, 8,
+        "4 micro-batches, 2 sub-batches each"
+    );
+    let got = parallel_with(&cfg, Overlap::default(), steps);
+    compare(
+        "dualpipe pp=2 ep=2 sub_batches=2",
+        &got,
+        &reference_for(2, 1, steps),
+    );
+    let off = parallel_with(&cfg, Overlap::Off, steps);
+    assert_eq!(
+        off.0, got.0,
+        "sub-batches: losses one at a time and on streams"
+    );
+    for (name, v) in &off.1 {
+        assert!(
+            got.1[name]
+                .iter()
+                .zip(v)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "sub-batches: {name} differs between one at a time and streams"
+        );
+    }
+}
+
 /// How the executor overlaps its actions changes when things run, never what they compute: one
 /// at a time, F&B pairs and two or three streams give the same losses and parameters, bit for
 /// bit (W's are applied and losses summed in list order), for DualPipe with EP (its pairs) and

@@ -46,7 +46,12 @@ pub struct PipelineArgs {
     /// Micro-batches per step (even, at least 2·pp).
     #[arg(long, default_value_t = 32)]
     micro_batches: usize,
-    /// Global batch, sequences (divisible by ep · micro-batches).
+    /// Each micro-batch runs as this many sub-batches (`parallel.sub_batches`): more all-to-alls
+    /// in flight within DualPipe's activation memory.
+    #[arg(long, default_value_t = 2,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
+    sub_batches: usize,
+    /// Global batch, sequences (divisible by ep · micro-batches · sub-batches).
     #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Sequence length, tokens.
@@ -80,10 +85,9 @@ pub struct PipelineArgs {
     /// Do not pin rank r (and its F&B threads) to one core.
     #[arg(long)]
     no_pin: bool,
-    /// Streams of the overlapped executor (1 to 4).
-    #[arg(long, default_value_t = flotilla_actors::pipeline::Overlap::DEFAULT_STREAMS,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4))]
-    streams: usize,
+    /// Streams of the overlapped executor, 1 to 8 (default: 3 per sub-batch, at most 8).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
+    streams: Option<usize>,
     /// Which of a rank's waiting streams computes first: the earliest piece of the schedule
     /// (every F and B before every W), or the first to ask.
     #[arg(long, value_enum, default_value_t = Turns::Schedule)]
@@ -214,6 +218,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 pp: a.pp,
                 ep: a.ep,
                 micro_batches: a.micro_batches,
+                sub_batches: a.sub_batches,
                 batch: a.batch,
                 seq: a.seq,
                 layers: a.layers,

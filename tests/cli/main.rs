@@ -619,8 +619,8 @@ fn parallel_training_checkpoints_and_resumes_bit_identically() {
 }
 
 /// `bench pipeline` on a tiny job: every way of overlapping runs, the summary has the ratios,
-/// and the peaks are the report's (DualPipe PP + 1 on every rank, 1F1B PP − r); the stages are
-/// the balanced split; `--trace` writes a Chrome trace and a profile per rank; a bad
+/// and the peaks are the report's (DualPipe PP + 1 on every rank, 1F1B PP − r, in micro-batches
+/// of two sub-batches each); the stages are the balanced split; `--trace` writes a Chrome trace and a profile per rank; a bad
 /// `--streams` or `--stage-layers` is refused by name.
 #[test]
 fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
@@ -635,7 +635,7 @@ fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
         "--micro-batches",
         "4",
         "--batch",
-        "8",
+        "16",
         "--seq",
         "16",
         "--warmup",
@@ -681,9 +681,14 @@ fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
     }
     assert_eq!(
         s["peak_activations_dualpipe"],
-        serde_json::json!([3, 3, 3, 3])
+        serde_json::json!([3.0, 3.0, 3.0, 3.0])
     );
-    assert_eq!(s["peak_activations_1f1b"], serde_json::json!([2, 2, 1, 1]));
+    assert_eq!(
+        s["peak_activations_1f1b"],
+        serde_json::json!([2.0, 2.0, 1.0, 1.0])
+    );
+    assert_eq!(records[0]["sub_batches"], 2);
+    assert_eq!(records[0]["streams_per_rank"], 6);
     assert_eq!(records[0]["stage_layers"], serde_json::json!([3, 1]));
     assert_eq!(records[0]["turn_order"], "schedule");
 
@@ -709,7 +714,7 @@ fn bench_pipeline_compares_every_overlap_with_the_reports_peaks() {
     let bad = flotilla(&["bench", "pipeline", "--stage-layers", "2,1"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.stage_layers"));
-    let bad = flotilla(&["bench", "pipeline", "--streams", "5"]);
+    let bad = flotilla(&["bench", "pipeline", "--streams", "9"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--streams"));
 }

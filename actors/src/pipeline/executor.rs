@@ -79,6 +79,13 @@ impl Overlap {
     /// Measured best on the pipeline bench (`docs/benchmarks.md`): three streams let a
     /// forward, a backward and a W be in flight at once.
     pub const DEFAULT_STREAMS: usize = 3;
+
+    /// The default for a job whose micro-batches run as `sub_batches` sub-batches
+    /// (`parallel.sub_batches`): [`Overlap::DEFAULT_STREAMS`] streams per sub-batch, at most
+    /// one per [`Lane`].
+    pub fn for_sub_batches(sub_batches: usize) -> Overlap {
+        Overlap::Streams((Self::DEFAULT_STREAMS * sub_batches.max(1)).min(Lane::MAX))
+    }
 }
 
 impl Default for Overlap {

@@ -93,7 +93,8 @@ pub fn placement(cfg: &Config) -> Result<Placement, JobError> {
     )
     .map_err(|e| JobError::Config(e.to_string()))?;
     let sched = schedule::build(kind_of(p.schedule), p.pp, p.micro_batches)
-        .map_err(|e| JobError::Config(format!("parallel.schedule: {e}")))?;
+        .map_err(|e| JobError::Config(format!("parallel.schedule: {e}")))?
+        .split(p.sub_batches);
     let mcfg = model_config(&cfg.model)?;
     if p.ep > 1 && !mcfg.n_routed_experts.is_multiple_of(p.ep) {
         return Err(JobError::Config(format!(
@@ -176,11 +177,10 @@ pub fn new_rank(
         )));
     }
     let data_ranks = placement.data_ranks();
-    let micro_batches = cfg.parallel.micro_batches.max(1);
-    let per = data_ranks * micro_batches;
+    let per = data_ranks * cfg.parallel.sub_batches_per_step().max(1);
     if !cfg.data.batch_size.is_multiple_of(per) {
         return Err(JobError::Config(format!(
-            "data.batch_size = {} is not divisible by dp * ep * micro_batches = {per}",
+            "data.batch_size = {} is not divisible by dp * ep * micro_batches * sub_batches = {per}",
             cfg.data.batch_size
         )));
     }
@@ -242,7 +242,7 @@ pub fn new_rank(
         sync: Mutex::new(sync),
         moe_layers,
         canonical,
-        overlap: Overlap::default(),
+        overlap: Overlap::for_sub_batches(cfg.parallel.sub_batches),
         turns: executor::TurnOrder::default(),
         last_trace: None,
         last_exchange: Default::default(),

@@ -33,6 +33,11 @@
 //! - Each thread issues its device work on a lane of its own ([`Lane`]): a piece blocked inside
 //!   its device work never sits on a thread another stream needs.
 //!
+//! With `parallel.sub_batches = s` the list already holds each action once per sub-batch, side
+//! by side (`Schedule::split`), and the trainer defaults to three streams per sub-batch: a
+//! sub-batch's all-to-all is in flight while its twin computes, which halves each piece's own
+//! chain of compute and all-to-alls without holding more activation memory.
+//!
 //! Memory stays as the schedule says: a forward takes its stage activation when it starts and
 //! waits while the rank already holds as many as the list holds one action at a time (the
 //! report's PP + 1 for DualPipe); a backward frees one when its input gradient is done. The

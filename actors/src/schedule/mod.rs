@@ -187,6 +187,23 @@ pub enum Action {
 }
 
 impl Action {
+    /// The same action on chunk `s·c + j` for each of its chunks `c` (see [`Schedule::split`]).
+    pub fn on_sub_batch(&self, s: usize, j: usize) -> Action {
+        let sub = |c: &mut usize| *c = *c * s + j;
+        let mut a = *self;
+        match &mut a {
+            Action::F { chunk, .. }
+            | Action::B { chunk, .. }
+            | Action::W { chunk, .. }
+            | Action::BW { chunk, .. } => sub(chunk),
+            Action::FB { f, b } => {
+                sub(&mut f.0);
+                sub(&mut b.0);
+            }
+        }
+        a
+    }
+
     /// `"F"`, `"B"`, `"W"` or `"FB"`.
     pub fn op_name(&self) -> &'static str {
         match self {
@@ -317,6 +334,30 @@ impl Schedule {
                     2 * self.pp - 1 - stage
                 }
             }
+        }
+    }
+
+    /// Each micro-batch as `s` sub-batches: chunk `c` becomes chunks `s·c .. s·c + s`, and each
+    /// action becomes `s` actions, one per sub-batch, side by side in the list. The order between
+    /// a chunk's actions is the original one for each sub-batch, so the split schedule is as
+    /// dependency-correct and deadlock-free as the original (the checker proves it), and one
+    /// action at a time it holds `s` times the original's peak in sub-batches: the same
+    /// activation memory. Every sub-batch keeps its micro-batch's direction through DualPipe.
+    pub fn split(&self, s: usize) -> Schedule {
+        let s = s.max(1);
+        Schedule {
+            kind: self.kind,
+            pp: self.pp,
+            chunks: self.chunks * s,
+            ranks: self
+                .ranks
+                .iter()
+                .map(|acts| {
+                    acts.iter()
+                        .flat_map(|a| (0..s).map(move |j| a.on_sub_batch(s, j)))
+                        .collect()
+                })
+                .collect(),
         }
     }
 

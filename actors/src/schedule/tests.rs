@@ -308,6 +308,47 @@ fn schedule_peak_activation_memory() {
     }
 }
 
+/// `Schedule::split`: every kind, each micro-batch as 2 or 3 sub-batches, is still proven
+/// correct and deadlock-free, holds at most `s` times the peak in sub-batches (the same memory;
+/// where the peak is an F&B pair's, whose forward is held before its backward frees, the split
+/// pairs of one micro-batch free in turn: `s − 1` fewer), and keeps every sub-batch on its
+/// micro-batch's ranks (DualPipe's two directions).
+#[test]
+fn schedule_split_into_sub_batches_keeps_correctness_and_memory() {
+    for kind in Kind::ALL {
+        for pp in [2, 4] {
+            let chunks = 2 * pp + 2;
+            let whole = build(kind, pp, chunks).expect("valid parameters");
+            let peak = simulate(&whole, &Costs::default())
+                .expect("checks")
+                .peak_activations;
+            for s in [2, 3] {
+                let split = whole.split(s);
+                check(&split).unwrap_or_else(|e| panic!("{kind} pp={pp} split {s}: {e}"));
+                assert_eq!(split.chunks, chunks * s);
+                let t = simulate(&split, &Costs::default()).expect("simulates");
+                for (got, p) in t.peak_activations.iter().zip(&peak) {
+                    assert!(
+                        (p * s - (s - 1)..=p * s).contains(got),
+                        "{kind} pp={pp} split {s}: peak {got} for {p} micro-batches"
+                    );
+                }
+                for c in 0..split.chunks {
+                    for stage in 0..split.stages() {
+                        assert_eq!(
+                            split.rank_of(c, stage),
+                            whole.rank_of(c / s, stage),
+                            "{kind} pp={pp} split {s}: chunk {c} stage {stage}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let one = build(Kind::DualPipe, 2, 4).expect("valid");
+    assert_eq!(one.split(1), one, "one sub-batch is the schedule itself");
+}
+
 #[test]
 fn schedule_dualpipe_phases_follow_the_report() {
     // pp = 8, 20 micro-batches (the report's figure): rank 0 starts with 6 warm-up forwards of

@@ -1,5 +1,5 @@
-//! Lanes: the two concurrent streams of device work of one rank (the halves of an overlapped
-//! F&B pair), kept on separate host threads.
+//! Lanes: the concurrent streams of device work of one rank (the halves of an overlapped F&B
+//! pair, or the pipeline executor's streams, up to [`Lane::MAX`]), kept on separate host threads.
 //!
 //! A half of a pair blocks inside its device work: the expert all-to-all waits for the EP peers
 //! and for the rank's compute baton. If both halves' work shared one rayon pool, work stealing
@@ -19,8 +19,9 @@ use std::cell::Cell;
 pub struct Lane(u8);
 
 impl Lane {
-    /// How many lanes a device keeps apart.
-    pub const MAX: usize = 4;
+    /// How many lanes a device keeps apart: three streams per sub-batch for up to two
+    /// sub-batches, and room to try more (a lane's pool is only built when used).
+    pub const MAX: usize = 8;
     pub const FIRST: Lane = Lane(0);
 
     /// Lane `i` (`i < MAX`; larger values wrap around).

@@ -204,6 +204,7 @@ impl Config {
             ..RopeScaling::default()
         });
         c.parallel.stage_layers = vec![c.model.num_hidden_layers];
+        c.parallel.sub_batches = 2;
         c.cluster.cpu_threads = Some(2);
         c.data.seed = Some(c.job.seed);
         c.metrics.prometheus = Some("127.0.0.1:9090".to_owned());

@@ -347,6 +347,11 @@ static PARALLEL: &[Field] = &[
         USIZE,
         "Micro-batches per step (>= pp for 1f1b/zb1p, >= 2*pp for dualpipe/dualpipev).",
     ),
+    opt(
+        "sub_batches",
+        USIZE,
+        "Each micro-batch runs as this many sub-batches, overlapped on the executor's streams (absent: 1).",
+    ),
     f(
         "max_hosts_per_token",
         USIZE,

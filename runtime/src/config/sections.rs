@@ -59,6 +59,13 @@ pub struct ParallelConfig {
     pub schedule: Schedule,
     /// Micro-batches per step per pipeline.
     pub micro_batches: usize,
+    /// Each micro-batch runs as this many equal sub-batches: every action of the schedule
+    /// becomes one per sub-batch, side by side in the list, so the overlapped executor has more
+    /// all-to-alls in flight within the same activation memory (as two-batch overlap does in
+    /// inference). 1 (the default) is off; not serialized when 1, so configs without it keep
+    /// their canonical text and hash.
+    #[serde(skip_serializing_if = "is_one")]
+    pub sub_batches: usize,
     /// Node-limited routing: a token's routed experts span at most this many hosts (M).
     pub max_hosts_per_token: usize,
     /// Gradient all-reduce bucket size for data parallelism, in MiB.
@@ -78,6 +85,7 @@ impl Default for ParallelConfig {
             dp: 1,
             schedule: Schedule::OneFOneB,
             micro_batches: 1,
+            sub_batches: 1,
             max_hosts_per_token: 4,
             dp_bucket_mib: 25,
             stage_layers: Vec::new(),
@@ -85,7 +93,16 @@ impl Default for ParallelConfig {
     }
 }
 
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
 impl ParallelConfig {
+    /// Sub-batches per step per pipeline: `micro_batches × sub_batches` (saturating).
+    pub fn sub_batches_per_step(&self) -> usize {
+        self.micro_batches.saturating_mul(self.sub_batches)
+    }
+
     /// Ranks the parallel layout needs: `pp × ep × dp` (saturating).
     pub fn world_size(&self) -> usize {
         self.pp.saturating_mul(self.ep).saturating_mul(self.dp)

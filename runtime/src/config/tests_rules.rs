@@ -95,6 +95,12 @@ const CASES: &[(&str, &str, usize)] = &[
         "parallel.micro_batches",
         2,
     ),
+    ("[parallel]\nsub_batches = 0\n", "parallel.sub_batches", 2),
+    (
+        "[data]\nbatch_size = 8\n[parallel]\nmicro_batches = 4\nsub_batches = 4\n",
+        "data.batch_size",
+        2,
+    ),
     (
         "[data]\nbatch_size = 7\n[parallel]\nmicro_batches = 2\n",
         "data.batch_size",

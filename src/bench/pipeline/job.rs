@@ -24,6 +24,7 @@ pub fn job_config(a: &PipelineArgs, schedule: Schedule) -> Config {
     c.parallel.dp = 1;
     c.parallel.schedule = schedule;
     c.parallel.micro_batches = a.micro_batches;
+    c.parallel.sub_batches = a.sub_batches;
     c.parallel.stage_layers = if a.stage_layers.is_empty() {
         balanced_split(a, c.parallel.stages())
     } else {

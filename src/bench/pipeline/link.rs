@@ -180,6 +180,11 @@ impl DelayNet {
         u
     }
 
+    /// Set the link's bandwidth (`None`: a free link) for the messages sent from now on.
+    pub fn set_bandwidth(&self, bytes_per_s: Option<f64>) {
+        self.shared.lock().bytes_per_s = bytes_per_s;
+    }
+
     /// Spin for deliveries due within `d` instead of sleeping (waking from a sleep is late by
     /// tens of microseconds); only worth it where the delivery thread has a core of its own.
     pub fn spin_for(&self, d: Duration) {

@@ -4,7 +4,9 @@
 //! built-in model with four layers (the first dense, one MTP module), DualPipe, pp = 2 × ep = 2
 //! (four ranks, one core and one GEMM thread each), 32 micro-batches of 8 sequences (`--batch
 //! 256`; with 8 micro-batches, 44% of the compute is in unpaired warm-up and drain actions, see
-//! below). The stages are cut where their all-to-alls balance ([`job::balanced_split`]: layers
+//! below), each run as two sub-batches of 4 (`--sub-batches`, the job's `parallel.sub_batches`:
+//! every action of the schedule becomes one per sub-batch, side by side, on 3 streams per
+//! sub-batch; the activation memory stays the schedule's). The stages are cut where their all-to-alls balance ([`job::balanced_split`]: layers
 //! `[3, 1]` for the default model, whose even split `[2, 2]` gives the last stage three MoE
 //! blocks against one; `--stage-layers` sets it). Every rank runs on its own OS thread over one
 //! in-process hub, as in `actors/tests/parallel.rs`, and all ranks step together (a barrier
@@ -30,17 +32,24 @@
 //! even per micro-batch), and a ratio against it is reported as
 //! `dualpipe_step_over_max_compute_egress`.
 //!
-//! **The runs** (same process, same config, same data, fresh ranks and network each):
+//! **The runs** (same process, same config, same data, ranks and a network of their own each):
 //! 1. DualPipe on a free link (no delay), with the executor's three ways of overlapping
 //!    ([`Overlap`]): streams (the default; `--streams` of them), F&B pairs only, and none.
 //!    **compute** is the fastest of the three (the conservative choice: the denominator of the
 //!    ratio is never inflated by thread oversubscription). The link counts each rank's
 //!    all-to-all bytes (in the sense above).
-//! 2. The link's bandwidth is set so that the busiest rank's communication ≈ compute (its bytes /
-//!    compute, times `--comm-over-compute`), then DualPipe without overlap (communication adds to
-//!    compute), with the F&B pairs' halves overlapped, and on streams.
+//! 2. DualPipe on the modelled link, without overlap (communication adds to compute), with the
+//!    F&B pairs' halves overlapped, and on streams.
 //! 3. 1F1B on the same job, free link and modelled link, for reference: one action at a time, so
 //!    nothing hides its all-to-alls.
+//!
+//! The eight jobs run side by side, one step of one job at a time, in rounds (`runner.rs`), so
+//! that the machine's drift lands on all of them alike: `--warmup` + 2 calibration rounds on free
+//! links, after which the link's bandwidth is set so that the busiest rank's communication ≈
+//! compute (its bytes over the calibration's compute, times `--comm-over-compute`), one round to
+//! settle, then `--steps` timed rounds (medians reported; `ratio_per_round` gives the spread).
+//! Compute and communication of the timed rounds drift from the calibration's by up to ±10%;
+//! the ratio's denominator takes the larger.
 //!
 //! The ratio is `dualpipe_step_over_max_compute_comm = step(DualPipe, overlap) / max(compute,
 //! communication)`, communication being the busiest rank's all-to-all time in the same run.
@@ -72,15 +81,14 @@
 //! the schedule first, every F and B before every W (`--turns arrival`: first come, first
 //! served); the holder computes until it waits, a W also hands over between its layers.
 //!
-//! Measured (`docs/benchmarks.md`, "Pipeline"): without overlap the step is 0.89–0.95 ×
-//! compute + communication on dedicated cores (the MoE layer itself computes the shared expert
-//! and this rank's own rows while its all-to-alls are in flight); with communication ≈ compute
-//! the DualPipe step on streams is 1.19–1.37 × max(compute, communication) with the defaults
-//! (median 1.22 over seven runs; 1.21–1.44 with `--turns arrival`), not ≤ 1.15 ×: the
-//! acceptance ratio is not met. `--trace` shows why: the EP peers' routed loads differ by
-//! 15–20% at this model's initialisation, so the heavier rank's all-to-alls wait for the
-//! lighter one's sends and the lighter's for the heavier's, and each F or B piece's own chain of
-//! compute and all-to-alls is nearly as long as the F&B pair it has to finish within.
+//! Measured (`docs/benchmarks.md`, "Pipeline", session 7, 16-core H200 host): without overlap
+//! the step is 0.87–0.95 × compute + communication on dedicated cores (the MoE layer itself
+//! computes the shared expert and this rank's own rows while its all-to-alls are in flight);
+//! with the defaults the DualPipe step on streams is 1.07 and 1.14 × max(compute,
+//! communication) (communication 0.91 × compute in those runs), against 1.15 with one
+//! sub-batch in the same call. Without sub-batches (sessions 5–6) it was 1.19–1.37, median
+//! 1.22: `--trace` showed each F or B piece's own chain of compute and all-to-alls to be nearly
+//! as long as the F&B pair it has to finish within, and two sub-batches halve that chain.
 //!
 //! **`--trace FILE`**: the last step of the DualPipe streams run on the link as a Chrome trace
 //! (`trace.rs`: every rank's streams, their compute and waits, and its egress port), and a
@@ -95,26 +103,21 @@
 mod affinity;
 mod job;
 mod link;
+mod runner;
 mod table;
 mod trace;
 
 use job::job_config;
 pub use table::print_table;
 
-use link::{DelayNet, LinkUse, Wire};
-use trace::RankStep;
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use runner::{JobSpec, Run};
 
 use anyhow::{Context, Result, anyhow, bail};
 use flotilla_actors::pipeline::executor::TurnOrder;
-use flotilla_actors::pipeline::{self, Overlap, transport::ExchangeStats};
-use flotilla_actors::schedule::{self, Action, timeline};
-use flotilla_runtime::config::{Config, Schedule};
-use flotilla_runtime::fabric::Fabric;
-use serde_json::{Value, json};
+use flotilla_actors::pipeline::{self, Overlap};
+use flotilla_actors::schedule::{self, timeline};
+use flotilla_runtime::config::Schedule;
+use serde_json::json;
 
 use super::Report;
 
@@ -124,6 +127,8 @@ pub struct PipelineArgs {
     pub pp: usize,
     pub ep: usize,
     pub micro_batches: usize,
+    /// Sub-batches per micro-batch (`parallel.sub_batches`).
+    pub sub_batches: usize,
     /// Global batch (sequences per step).
     pub batch: usize,
     pub seq: usize,
@@ -144,8 +149,8 @@ pub struct PipelineArgs {
     pub comm_over_compute: f64,
     /// Pin rank `r` to the `r mod n`-th allowed CPU.
     pub pin: bool,
-    /// Streams of the overlapped executor.
-    pub streams: usize,
+    /// Streams of the overlapped executor (`None`: [`Overlap::for_sub_batches`]).
+    pub streams: Option<usize>,
     /// Which waiting stream gets the compute first.
     pub turns: TurnOrder,
     /// Write the last step of the DualPipe streams run on the link as a Chrome trace here.
@@ -158,6 +163,7 @@ impl Default for PipelineArgs {
             pp: 2,
             ep: 2,
             micro_batches: 32,
+            sub_batches: 2,
             batch: 256,
             seq: 128,
             layers: 4,
@@ -169,262 +175,11 @@ impl Default for PipelineArgs {
             latency_us: 10.0,
             comm_over_compute: 1.0,
             pin: true,
-            streams: Overlap::DEFAULT_STREAMS,
+            streams: None,
             turns: TurnOrder::default(),
             trace: None,
         }
     }
-}
-
-/// One rank's medians over the timed steps of a run.
-#[derive(Debug, Clone, Default)]
-struct RankRun {
-    step_s: f64,
-    /// The rank's all-to-all transfer time ([`LinkUse::a2a_s`]).
-    comm_s: f64,
-    /// Its egress port's busy time ([`LinkUse::busy_s`]).
-    comm_egress_s: f64,
-    /// [`LinkUse::a2a_bytes`] per step.
-    a2a_bytes: u64,
-    /// EP bytes sent per step (exchange statistics).
-    ep_bytes: u64,
-    exchange_wait_s: f64,
-    /// The rank's compute: seconds its baton was held.
-    baton_held_s: f64,
-    /// All-to-alls per step.
-    exchanges: u64,
-    /// EP bytes sent per step, counted by the link (a cross-check of `ep_bytes`).
-    link_bytes: u64,
-    /// The executor's busy time and schedule end (last timed step).
-    busy_s: f64,
-    schedule_s: f64,
-    /// Time in actions that are not F&B pairs (warm-up forwards, drain backwards).
-    unpaired_s: f64,
-    peak_activations: usize,
-}
-
-#[derive(Debug, Clone)]
-struct Run {
-    name: &'static str,
-    schedule: Schedule,
-    overlap: Overlap,
-    bytes_per_s: Option<f64>,
-    ranks: Vec<RankRun>,
-    /// Median over steps of the slowest rank's step time.
-    step_s: f64,
-    late_mean_s: f64,
-    late_max_s: f64,
-    /// With `profile`: every rank's last step, and the link's messages during it.
-    profile: Option<(Vec<RankStep>, Vec<Wire>)>,
-}
-
-impl Run {
-    fn comm_s(&self) -> f64 {
-        self.ranks.iter().map(|r| r.comm_s).fold(0.0, f64::max)
-    }
-
-    fn comm_egress_s(&self) -> f64 {
-        self.ranks
-            .iter()
-            .map(|r| r.comm_egress_s)
-            .fold(0.0, f64::max)
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "bench": "pipeline_run", "run": self.name, "schedule": self.schedule.to_string(),
-            "overlap": format!("{:?}", self.overlap).to_lowercase(),
-            "link_gbytes_per_s": self.bytes_per_s.map(|b| b / 1e9),
-            "step_s": self.step_s, "comm_s": self.comm_s(), "comm_egress_s": self.comm_egress_s(),
-            "delivery_late_mean_us": self.late_mean_s * 1e6,
-            "delivery_late_max_us": self.late_max_s * 1e6,
-            "per_rank": self.ranks.iter().enumerate().map(|(r, x)| json!({
-                "rank": r, "step_s": x.step_s, "comm_s": x.comm_s,
-                "comm_egress_s": x.comm_egress_s, "a2a_bytes": x.a2a_bytes, "ep_bytes": x.ep_bytes,
-                "link_bytes": x.link_bytes,
-                "exchange_wait_s": x.exchange_wait_s, "exchanges": x.exchanges,
-                "baton_held_s": x.baton_held_s,
-                "busy_s": x.busy_s,
-                "schedule_s": x.schedule_s, "unpaired_s": x.unpaired_s,
-                "peak_activations": x.peak_activations,
-            })).collect::<Vec<_>>(),
-        })
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// One timed step of one rank.
-struct Sample {
-    step_s: f64,
-    link: LinkUse,
-    exchange: ExchangeStats,
-}
-
-/// Run the job of `cfg` with every rank on its own thread over a fresh [`DelayNet`].
-fn run_job(
-    name: &'static str,
-    cfg: &Config,
-    a: &PipelineArgs,
-    overlap: Overlap,
-    bytes_per_s: Option<f64>,
-    profile: bool,
-    rt: &tokio::runtime::Runtime,
-) -> Result<Run> {
-    let world = cfg.world_size();
-    let latency = Duration::from_secs_f64(a.latency_us.max(0.0) * 1e-6);
-    let net = DelayNet::new(world, bytes_per_s, latency, rt.handle().clone());
-    // With a core to spare for it (one per rank, one for the tokio workers), the delivery
-    // thread spins for its next delivery instead of waking late from a sleep.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores > world + 2 {
-        net.spin_for(Duration::from_micros(200));
-    }
-    let barrier = Barrier::new(world);
-    let abort = AtomicBool::new(false);
-    let cpus = if a.pin {
-        affinity::allowed()
-    } else {
-        Vec::new()
-    };
-    type RankResult = Result<(Vec<Sample>, RankRun, Option<RankStep>), String>;
-    let results: Vec<RankResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|r| {
-                let fabric: Arc<dyn Fabric> = Arc::new(net.endpoint(r));
-                let (net, barrier, abort) = (&net, &barrier, &abort);
-                let handle = rt.handle().clone();
-                let cpu = (!cpus.is_empty()).then(|| cpus[r % cpus.len()]);
-                s.spawn(move || -> RankResult {
-                    if let Some(c) = cpu {
-                        affinity::pin(c);
-                    }
-                    let fail = |why: String| {
-                        net.hub().fail_rank(r, why.clone());
-                        why
-                    };
-                    let built = pipeline::new_rank(cfg, r, fabric, handle);
-                    if built.is_err() {
-                        abort.store(true, Ordering::SeqCst);
-                    }
-                    // Every rank reaches the first barrier, built or not, so none waits forever.
-                    barrier.wait();
-                    let mut t = built.map_err(|e| fail(format!("rank {r}: {e}")))?;
-                    if abort.load(Ordering::SeqCst) {
-                        return Err(format!("rank {r}: another rank failed to start"));
-                    }
-                    t.set_overlap(overlap);
-                    t.set_turn_order(a.turns);
-                    let mut samples = Vec::new();
-                    let mut exchanges = 0;
-                    let mut last = None;
-                    let total = a.warmup + a.steps;
-                    for i in 0..total {
-                        // The last step is the profiled one (the barrier orders the switch).
-                        if profile && i + 1 == total {
-                            t.set_profile(true);
-                            if r == 0 {
-                                net.record(true);
-                            }
-                        }
-                        barrier.wait();
-                        let t0 = Instant::now();
-                        t.step().map_err(|e| fail(format!("rank {r}: {e}")))?;
-                        let dt = t0.elapsed().as_secs_f64();
-                        if profile && i + 1 == total {
-                            last = Some(RankStep {
-                                start: t0,
-                                step_s: dt,
-                                events: t.last_profile().to_vec(),
-                            });
-                        }
-                        let link = net.take(r);
-                        let ex = t.last_exchange().unwrap_or_default();
-                        if i >= a.warmup {
-                            exchanges = ex.exchanges;
-                            samples.push(Sample {
-                                step_s: dt,
-                                link,
-                                exchange: ex,
-                            });
-                        }
-                    }
-                    let trace = t.last_trace().cloned().unwrap_or_default();
-                    let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-                    let rr = RankRun {
-                        step_s: med(&|s| s.step_s),
-                        comm_s: med(&|s| s.link.a2a_s),
-                        comm_egress_s: med(&|s| s.link.busy_s),
-                        a2a_bytes: med(&|s| s.link.a2a_bytes as f64) as u64,
-                        ep_bytes: med(&|s| s.exchange.bytes_sent as f64) as u64,
-                        exchange_wait_s: med(&|s| s.exchange.wait_s),
-                        baton_held_s: med(&|s| s.exchange.baton_held_s),
-                        exchanges,
-                        link_bytes: med(&|s| s.link.bytes as f64) as u64,
-                        busy_s: trace.busy(),
-                        schedule_s: trace.end(),
-                        unpaired_s: trace
-                            .spans
-                            .iter()
-                            .filter(|s| !matches!(s.action, Action::FB { .. }))
-                            .map(|s| s.end - s.start)
-                            .sum(),
-                        peak_activations: trace.peak_activations,
-                    };
-                    Ok((samples, rr, last))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("a rank thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut ranks = Vec::new();
-    let mut per_step: Vec<f64> = vec![0.0; a.steps];
-    let mut errors = Vec::new();
-    let mut steps = Vec::new();
-    for res in results {
-        match res {
-            Ok((samples, rr, last)) => {
-                for (i, s) in samples.iter().enumerate() {
-                    per_step[i] = per_step[i].max(s.step_s);
-                }
-                ranks.push(rr);
-                steps.extend(last);
-            }
-            Err(e) => errors.push(e),
-        }
-    }
-    if !errors.is_empty() {
-        bail!("{name}: {}", errors.join("; "));
-    }
-    let (late_mean_s, late_max_s, _) = net.lateness();
-    Ok(Run {
-        name,
-        schedule: cfg.parallel.schedule,
-        overlap,
-        bytes_per_s,
-        ranks,
-        step_s: median(per_step),
-        late_mean_s,
-        late_max_s,
-        profile: profile.then(|| (steps, net.log())),
-    })
 }
 
 /// Run the benchmark.
@@ -448,10 +203,14 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         .build()
         .context("starting the tokio runtime")?;
 
+    let streams = a
+        .streams
+        .map_or(Overlap::for_sub_batches(a.sub_batches), Overlap::Streams);
     let mut report = Report::default();
     report.push(json!({
         "bench": "pipeline_setup", "ranks": world, "cores": cores, "pp": a.pp, "ep": a.ep,
-        "dp": 1, "micro_batches": a.micro_batches, "batch": a.batch, "seq": a.seq,
+        "dp": 1, "micro_batches": a.micro_batches, "sub_batches": a.sub_batches,
+        "batch": a.batch, "seq": a.seq,
         "layers": a.layers, "dense_layers": a.dense_layers, "mtp_depth": a.mtp_depth,
         "stage_layers": dual.parallel.stage_layers,
         "cpu_threads_per_rank": 1, "warmup": a.warmup, "steps": a.steps,
@@ -459,87 +218,84 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "pinned": pinned,
         "cores_per_rank": if pinned { (allowed.len() as f64 / world as f64).min(1.0) } else { cores as f64 / world as f64 },
         "threads_per_rank_in_fb_pair": 2,
-        "streams_per_rank": a.streams,
+        "streams_per_rank": match streams { Overlap::Streams(n) => n, _ => 1 },
         "turn_order": format!("{:?}", a.turns).to_lowercase(),
     }));
 
-    // 1. Compute: a free link.
-    let free_on = run_job(
-        "dualpipe_free_link_streams",
-        &dual,
-        a,
-        Overlap::Streams(a.streams),
-        None,
-        false,
-        &rt,
-    )?;
-    let free_pairs = run_job(
-        "dualpipe_free_link_pairs",
-        &dual,
-        a,
-        Overlap::Pairs,
-        None,
-        false,
-        &rt,
-    )?;
-    let free_off = run_job(
-        "dualpipe_free_link_no_overlap",
-        &dual,
-        a,
-        Overlap::Off,
-        None,
-        false,
-        &rt,
-    )?;
-    let compute_s = free_on.step_s.min(free_off.step_s).min(free_pairs.step_s);
-    let max_bytes = free_on.ranks.iter().map(|r| r.a2a_bytes).max().unwrap_or(0);
-    if max_bytes == 0 {
-        bail!("the job sent no expert all-to-all bytes (is ep > 1 and a layer MoE?)");
-    }
-    // 2. A link on which the busiest rank's all-to-alls take `comm_over_compute × compute`.
-    let bw = max_bytes as f64 / (compute_s * a.comm_over_compute.max(1e-3));
-    let link_off = run_job(
-        "dualpipe_link_no_overlap",
-        &dual,
-        a,
-        Overlap::Off,
-        Some(bw),
-        false,
-        &rt,
-    )?;
-    let link_pairs = run_job(
-        "dualpipe_link_pairs",
-        &dual,
-        a,
-        Overlap::Pairs,
-        Some(bw),
-        false,
-        &rt,
-    )?;
-    let link_on = run_job(
-        "dualpipe_link_streams",
-        &dual,
-        a,
-        Overlap::Streams(a.streams),
-        Some(bw),
-        a.trace.is_some(),
-        &rt,
-    )?;
-    // 3. 1F1B for reference, one action at a time as its schedule says.
-    let one_free = run_job("1f1b_free_link", &one, a, Overlap::Off, None, false, &rt)?;
-    let one_link = run_job("1f1b_link", &one, a, Overlap::Off, Some(bw), false, &rt)?;
-
-    let runs = [
-        &free_on,
-        &free_pairs,
-        &free_off,
-        &link_off,
-        &link_pairs,
-        &link_on,
-        &one_free,
-        &one_link,
+    // Every job, built once and stepped in rounds (`runner.rs`). The first job's calibration
+    // sets the link: the busiest rank's all-to-alls take `comm_over_compute × compute` on it.
+    let spec = |name, cfg, overlap, link, profile| JobSpec {
+        name,
+        cfg,
+        overlap,
+        link,
+        profile,
+    };
+    let jobs = [
+        // 1. Compute: DualPipe on a free link, in the executor's three ways of overlapping.
+        spec("dualpipe_free_link_streams", &dual, streams, false, false),
+        spec(
+            "dualpipe_free_link_pairs",
+            &dual,
+            Overlap::Pairs,
+            false,
+            false,
+        ),
+        spec(
+            "dualpipe_free_link_no_overlap",
+            &dual,
+            Overlap::Off,
+            false,
+            false,
+        ),
+        // 2. The modelled link: no overlap, F&B pairs, streams.
+        spec("dualpipe_link_no_overlap", &dual, Overlap::Off, true, false),
+        spec("dualpipe_link_pairs", &dual, Overlap::Pairs, true, false),
+        spec(
+            "dualpipe_link_streams",
+            &dual,
+            streams,
+            true,
+            a.trace.is_some(),
+        ),
+        // 3. 1F1B for reference, one action at a time as its schedule says.
+        spec("1f1b_free_link", &one, Overlap::Off, false, false),
+        spec("1f1b_link", &one, Overlap::Off, true, false),
     ];
-    for r in runs {
+    // The link from the calibration rounds: compute as the ratio's denominator takes it (the
+    // fastest of the three free-link DualPipe jobs), the busiest rank's all-to-all bytes.
+    let mut calibration = None;
+    let (runs, bw) = runner::run_jobs(
+        &jobs,
+        a,
+        a.warmup + 2,
+        |c| {
+            let compute = c.step_s[..3].iter().copied().fold(f64::INFINITY, f64::min);
+            let bytes = c.a2a_bytes[..3].iter().copied().max().unwrap_or(0);
+            calibration = Some(compute);
+            if bytes == 0 {
+                bail!("the job sent no expert all-to-all bytes (is ep > 1 and a layer MoE?)");
+            }
+            Ok(bytes as f64 / (compute * a.comm_over_compute.max(1e-3)))
+        },
+        &rt,
+    )?;
+    let [
+        free_on,
+        free_pairs,
+        free_off,
+        link_off,
+        link_pairs,
+        link_on,
+        one_free,
+        one_link,
+    ] = &runs[..]
+    else {
+        bail!("internal: {} runs for 8 jobs", runs.len());
+    };
+    let compute_s = free_on.step_s.min(free_off.step_s).min(free_pairs.step_s);
+
+    for r in &runs {
         report.push(r.json());
     }
     if let (Some(path), Some((steps, wires))) = (&a.trace, &link_on.profile) {
@@ -556,10 +312,13 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
     let sched_one = schedule::build(pipeline::kind_of(Schedule::OneFOneB), a.pp, a.micro_batches)
         .map_err(|e| anyhow!("{e}"))?;
     let pp_of = |r: usize| r / a.ep;
+    // Peaks in micro-batches: the executor counts sub-batches.
+    let sub = a.sub_batches.max(1) as f64;
+    let in_micro = |p: usize| p as f64 / sub;
     let peak = |run: &Run| {
         run.ranks
             .iter()
-            .map(|x| x.peak_activations)
+            .map(|x| in_micro(x.peak_activations))
             .collect::<Vec<_>>()
     };
     for r in 0..world {
@@ -580,9 +339,10 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
             "exchange_wait_no_overlap_s": link_off.ranks[r].exchange_wait_s,
             "exchange_wait_overlap_s": link_on.ranks[r].exchange_wait_s,
             "step_1f1b_s": one_link.ranks[r].step_s,
-            "peak_activations_1f1b": one_link.ranks[r].peak_activations,
+            "peak_activations_1f1b": in_micro(one_link.ranks[r].peak_activations),
             "expected_1f1b": timeline::peak_activations(&sched_one.ranks[pr]),
-            "peak_activations_dualpipe": link_on.ranks[r].peak_activations,
+            "peak_activations_dualpipe": in_micro(link_on.ranks[r].peak_activations),
+            "peak_sub_batches_dualpipe": link_on.ranks[r].peak_activations,
             "expected_dualpipe": timeline::peak_activations(&sched_dual.ranks[pr]),
         }));
     }
@@ -594,8 +354,21 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         .map(|x| x.unpaired_s / x.busy_s.max(1e-12))
         .fold(0.0, f64::max);
     let ratio = link_on.step_s / compute_s.max(comm_s);
+    // The same ratio per round: each round's jobs ran back to back.
+    let by_round: Vec<f64> = (0..a.steps)
+        .map(|i| {
+            let c = [free_on, free_pairs, free_off]
+                .iter()
+                .map(|r| r.per_step.get(i).copied().unwrap_or(f64::NAN))
+                .fold(f64::INFINITY, f64::min);
+            link_on.per_step.get(i).copied().unwrap_or(f64::NAN) / c.max(comm_s)
+        })
+        .collect();
     report.push(json!({"summary": {
         "dualpipe_step_over_max_compute_comm": ratio,
+        "ratio_per_round": by_round,
+        "link_gbytes_per_s": bw / 1e9,
+        "calibration_compute_s": calibration,
         "compute_s": compute_s,
         "compute_overlap_free_link_s": free_on.step_s,
         "compute_no_overlap_free_link_s": free_off.step_s,
@@ -611,8 +384,8 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "unpaired_compute_fraction": unpaired,
         "step_1f1b_s": one_link.step_s,
         "compute_1f1b_s": one_free.step_s,
-        "peak_activations_1f1b": peak(&one_link),
-        "peak_activations_dualpipe": peak(&link_on),
+        "peak_activations_1f1b": peak(one_link),
+        "peak_activations_dualpipe": peak(link_on),
         "expected_peak_1f1b_max": a.pp,
         "expected_peak_dualpipe": a.pp + 1,
         "ranks": world,

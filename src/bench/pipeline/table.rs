@@ -24,7 +24,7 @@ pub fn print_table(report: &Report) {
                 if r["run"] == "dualpipe_free_link_streams" {
                     println!(
                         "{:<32} {:>9} {:>9} {:>10}",
-                        "run", "step s", "comm s", "peak act"
+                        "run", "step s", "comm s", "peak held"
                     );
                 }
                 let peaks: Vec<String> = r["per_rank"]
@@ -59,7 +59,7 @@ pub fn print_table(report: &Report) {
                         f(s, "step_1f1b_s"),
                     );
                     println!(
-                        "peak activations per rank (stage micro-batches): 1F1B {} (report: PP = {}), DualPipe {} (report: PP+1 = {})",
+                        "peak activations per rank (stage micro-batches; the runs above count sub-batches): 1F1B {} (report: PP = {}), DualPipe {} (report: PP+1 = {})",
                         s["peak_activations_1f1b"],
                         s["expected_peak_1f1b_max"],
                         s["peak_activations_dualpipe"],

@@ -10,12 +10,13 @@ pub(super) fn parallel(cfg: &Config, c: &mut Checker<'_>) {
         ("parallel.ep", p.ep),
         ("parallel.dp", p.dp),
         ("parallel.micro_batches", p.micro_batches),
+        ("parallel.sub_batches", p.sub_batches),
         ("parallel.max_hosts_per_token", p.max_hosts_per_token),
         ("parallel.dp_bucket_mib", p.dp_bucket_mib),
     ] {
         c.at_least_one(key, n(v));
     }
-    if p.pp == 0 || p.ep == 0 || p.dp == 0 || p.micro_batches == 0 {
+    if p.pp == 0 || p.ep == 0 || p.dp == 0 || p.micro_batches == 0 || p.sub_batches == 0 {
         return; // the ratios below are meaningless; the zero is already reported
     }
     let world = cfg.cluster.world_size();
@@ -108,24 +109,34 @@ pub(super) fn parallel(cfg: &Config, c: &mut Checker<'_>) {
         Schedule::GPipe => {}
     }
     // Expert-parallel ranks train on different data (the attention is data-parallel over
-    // dp * ep ranks), so the global batch splits over dp * ep * micro_batches.
-    let per_step = p.dp.saturating_mul(p.ep).saturating_mul(p.micro_batches);
+    // dp * ep ranks), so the global batch splits over dp * ep * micro_batches (* sub_batches).
+    let per_step =
+        p.dp.saturating_mul(p.ep)
+            .saturating_mul(p.sub_batches_per_step());
     let batch = cfg.data.batch_size;
-    c.rule(
-        &[
-            "data.batch_size",
-            "parallel.dp",
-            "parallel.ep",
-            "parallel.micro_batches",
-        ],
-        batch.is_multiple_of(per_step),
-        || {
+    let mut keys = vec![
+        "data.batch_size",
+        "parallel.dp",
+        "parallel.ep",
+        "parallel.micro_batches",
+    ];
+    if p.sub_batches > 1 {
+        keys.push("parallel.sub_batches");
+    }
+    c.rule(&keys, batch.is_multiple_of(per_step), || {
+        if p.sub_batches > 1 {
+            format!(
+                "batch_size = {batch} is not divisible by dp * ep * micro_batches * sub_batches = \
+                 {} * {} * {} * {} = {per_step}",
+                p.dp, p.ep, p.micro_batches, p.sub_batches
+            )
+        } else {
             format!(
                 "batch_size = {batch} is not divisible by dp * ep * micro_batches = {} * {} * {} = {per_step}",
                 p.dp, p.ep, p.micro_batches
             )
-        },
-    );
+        }
+    });
 }
 
 /// `stage_layers`, when set: one entry per model stage, each at least 1, summing to the model's
