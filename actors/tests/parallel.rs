@@ -267,9 +267,8 @@ fn dualpipe_with_stage_layers_matches_single_rank() {
 }
 
 /// `sub_batches = 2`: each micro-batch runs as two sub-batches side by side in DualPipe's list
-/// (pp = 2, ep = 2). The job still trains as the single rank does, the executor's overlaps
-/// still agree bit for bit, and its peak is twice the schedule's in sub-batches: the same
-/// activation memory.
+/// (pp = 2, ep = 2). The job still trains as the single rank does, and the executor's overlaps
+/// still agree bit for bit (the split schedule's memory: `schedule/tests.rs`).
 #[test]
 fn dualpipe_with_sub_batches_matches_single_rank() {
     let steps = 4;
@@ -288,19 +287,25 @@ fn dualpipe_with_sub_batches_matches_single_rank() {
         &got,
         &reference_for(2, 1, steps),
     );
+    // Three streams, and the trainer's default for two sub-batches (six), against one at a time.
     let off = parallel_with(&cfg, Overlap::Off, steps);
-    assert_eq!(
-        off.0, got.0,
-        "sub-batches: losses one at a time and on streams"
-    );
-    for (name, v) in &off.1 {
-        assert!(
-            got.1[name]
-                .iter()
-                .zip(v)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "sub-batches: {name} differs between one at a time and streams"
-        );
+    for (overlap, run) in [
+        (Overlap::default(), got),
+        (
+            Overlap::for_sub_batches(2),
+            parallel_with(&cfg, Overlap::for_sub_batches(2), steps),
+        ),
+    ] {
+        assert_eq!(off.0, run.0, "sub-batches, {overlap:?}: losses");
+        for (name, v) in &off.1 {
+            assert!(
+                run.1[name]
+                    .iter()
+                    .zip(v)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "sub-batches, {overlap:?}: {name} differs from one at a time"
+            );
+        }
     }
 }
 

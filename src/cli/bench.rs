@@ -70,10 +70,11 @@ pub struct PipelineArgs {
     /// stages' MoE layers, counting the MTP modules on the last).
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     stage_layers: Vec<usize>,
-    /// Untimed steps per run.
+    /// Warm-up rounds; with two more (at least 3 in all) they calibrate the link, and one more
+    /// lets it settle, all untimed.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Timed steps per run (medians are reported).
+    /// Timed rounds, one step of every run each (medians are reported).
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// One-way latency of each modelled all-to-all message, microseconds.

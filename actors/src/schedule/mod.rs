@@ -341,8 +341,9 @@ impl Schedule {
     /// action becomes `s` actions, one per sub-batch, side by side in the list. The order between
     /// a chunk's actions is the original one for each sub-batch, so the split schedule is as
     /// dependency-correct and deadlock-free as the original (the checker proves it), and one
-    /// action at a time it holds `s` times the original's peak in sub-batches: the same
-    /// activation memory. Every sub-batch keeps its micro-batch's direction through DualPipe.
+    /// action at a time it holds at most `s` times the original's peak in sub-batches (`s − 1`
+    /// fewer where the peak is an F&B pair's: the split pairs free in turn): no more activation
+    /// memory. Every sub-batch keeps its micro-batch's direction through DualPipe.
     pub fn split(&self, s: usize) -> Schedule {
         let s = s.max(1);
         Schedule {

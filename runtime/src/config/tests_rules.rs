@@ -97,6 +97,11 @@ const CASES: &[(&str, &str, usize)] = &[
     ),
     ("[parallel]\nsub_batches = 0\n", "parallel.sub_batches", 2),
     (
+        "[data]\nbatch_size = 131072\n[parallel]\nmicro_batches = 512\nsub_batches = 256\n",
+        "parallel.micro_batches",
+        4,
+    ),
+    (
         "[data]\nbatch_size = 8\n[parallel]\nmicro_batches = 4\nsub_batches = 4\n",
         "data.batch_size",
         2,

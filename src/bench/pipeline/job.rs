@@ -7,7 +7,7 @@ use super::PipelineArgs;
 /// The benchmark's job config for `schedule`.
 pub fn job_config(a: &PipelineArgs, schedule: Schedule) -> Config {
     let mut c = Config::default();
-    c.job.steps = (a.warmup + a.steps) as u64;
+    c.job.steps = (a.untimed_rounds() + a.steps) as u64;
     c.optimizer.warmup_steps = 1;
     c.model.num_hidden_layers = a.layers;
     c.model.first_k_dense_replace = a.dense_layers;

@@ -6,7 +6,8 @@
 //! 256`; with 8 micro-batches, 44% of the compute is in unpaired warm-up and drain actions, see
 //! below), each run as two sub-batches of 4 (`--sub-batches`, the job's `parallel.sub_batches`:
 //! every action of the schedule becomes one per sub-batch, side by side, on 3 streams per
-//! sub-batch; the activation memory stays the schedule's). The stages are cut where their all-to-alls balance ([`job::balanced_split`]: layers
+//! sub-batch; the activation memory stays the schedule's). The stages are cut where their
+//! all-to-alls balance ([`job::balanced_split`]: layers
 //! `[3, 1]` for the default model, whose even split `[2, 2]` gives the last stage three MoE
 //! blocks against one; `--stage-layers` sets it). Every rank runs on its own OS thread over one
 //! in-process hub, as in `actors/tests/parallel.rs`, and all ranks step together (a barrier
@@ -44,10 +45,11 @@
 //!    nothing hides its all-to-alls.
 //!
 //! The eight jobs run side by side, one step of one job at a time, in rounds (`runner.rs`), so
-//! that the machine's drift lands on all of them alike: `--warmup` + 2 calibration rounds on free
-//! links, after which the link's bandwidth is set so that the busiest rank's communication ≈
+//! that the machine's drift lands on all of them alike: `--warmup` + 2 calibration rounds (at
+//! least 3) on free links, after which the link's bandwidth is set so that the busiest rank's communication ≈
 //! compute (its bytes over the calibration's compute, times `--comm-over-compute`), one round to
-//! settle, then `--steps` timed rounds (medians reported; `ratio_per_round` gives the spread).
+//! settle, then `--steps` timed rounds (medians reported; `ratio_per_round` gives the spread,
+//! each round's step over that round's compute or the run's median communication).
 //! Compute and communication of the timed rounds drift from the calibration's by up to ±10%;
 //! the ratio's denominator takes the larger.
 //!
@@ -84,7 +86,7 @@
 //! Measured (`docs/benchmarks.md`, "Pipeline", session 7, 16-core H200 host): without overlap
 //! the step is 0.87–0.95 × compute + communication on dedicated cores (the MoE layer itself
 //! computes the shared expert and this rank's own rows while its all-to-alls are in flight);
-//! with the defaults the DualPipe step on streams is 1.07 and 1.14 × max(compute,
+//! with the defaults the DualPipe step on streams is 1.066 and 1.137 × max(compute,
 //! communication) (communication 0.91 × compute in those runs), against 1.15 with one
 //! sub-batch in the same call. Without sub-batches (sessions 5–6) it was 1.19–1.37, median
 //! 1.22: `--trace` showed each F or B piece's own chain of compute and all-to-alls to be nearly
@@ -139,7 +141,7 @@ pub struct PipelineArgs {
     pub mtp_depth: usize,
     /// Decoder layers per pipeline stage (`parallel.stage_layers`); empty: [`job::balanced_split`].
     pub stage_layers: Vec<usize>,
-    /// Untimed steps per run.
+    /// Warm-up rounds: with two more they are the calibration ([`Self::calibration_rounds`]).
     pub warmup: usize,
     /// Timed steps per run (the median is reported).
     pub steps: usize,
@@ -155,6 +157,19 @@ pub struct PipelineArgs {
     pub turns: TurnOrder,
     /// Write the last step of the DualPipe streams run on the link as a Chrome trace here.
     pub trace: Option<std::path::PathBuf>,
+}
+
+impl PipelineArgs {
+    /// Rounds on free links before the link is set: `warmup + 2`, at least 3 (the link is
+    /// calibrated on the last three).
+    pub fn calibration_rounds(&self) -> usize {
+        (self.warmup + 2).max(3)
+    }
+
+    /// Untimed rounds: the calibration and one round for the link to settle.
+    pub fn untimed_rounds(&self) -> usize {
+        self.calibration_rounds() + 1
+    }
 }
 
 impl Default for PipelineArgs {
@@ -222,8 +237,7 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
         "turn_order": format!("{:?}", a.turns).to_lowercase(),
     }));
 
-    // Every job, built once and stepped in rounds (`runner.rs`). The first job's calibration
-    // sets the link: the busiest rank's all-to-alls take `comm_over_compute × compute` on it.
+    // Every job, built once and stepped in rounds (`runner.rs`).
     let spec = |name, cfg, overlap, link, profile| JobSpec {
         name,
         cfg,
@@ -268,10 +282,15 @@ pub fn run(a: &PipelineArgs) -> Result<Report> {
     let (runs, bw) = runner::run_jobs(
         &jobs,
         a,
-        a.warmup + 2,
         |c| {
-            let compute = c.step_s[..3].iter().copied().fold(f64::INFINITY, f64::min);
-            let bytes = c.a2a_bytes[..3].iter().copied().max().unwrap_or(0);
+            // Jobs 0..3: DualPipe on free links.
+            let compute = c
+                .step_s
+                .iter()
+                .take(3)
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            let bytes = c.a2a_bytes.iter().take(3).copied().max().unwrap_or(0);
             calibration = Some(compute);
             if bytes == 0 {
                 bail!("the job sent no expert all-to-all bytes (is ep > 1 and a layer MoE?)");

@@ -4,8 +4,9 @@
 //! Each job (a config, an [`Overlap`], a free or a modelled link) has its ranks on threads of
 //! their own over its own [`DelayNet`], built once. A conductor (the calling thread) gives the
 //! turns in rounds; in each round every job runs one step, each round in another order (job `k`
-//! of round `i` is `(i + k) mod n`). The first `calibration` rounds run every link free; then
-//! the jobs' compute and all-to-all bytes in them set the modelled links' bandwidth
+//! of round `i` is `(i + k) mod n`). The first `--warmup` + 2 rounds (at least 3) run every
+//! link free; then the jobs' compute and all-to-all bytes in the last three set the modelled
+//! links' bandwidth
 //! ([`Calibration`]), one more round lets the links settle, and `steps` timed rounds follow.
 //! Ranks of jobs not on turn sleep on their job's condition variable; a rank that finishes wakes
 //! only the conductor, so nothing wakes on a core that a running rank computes on.
@@ -207,28 +208,42 @@ impl Turns {
     }
 }
 
-/// Marks the run failed when its rank thread unwinds, so that the conductor never waits for a
-/// thread that is gone.
-struct PanicGuard<'a>(&'a Turns);
+/// When a rank thread unwinds: fails the rank on its hub (its peers' waits end) and the run
+/// (the conductor gives no more turns), so that nothing waits for a thread that is gone.
+struct PanicGuard<'a> {
+    turns: &'a Turns,
+    net: &'a DelayNet,
+    rank: usize,
+}
 
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.lock().failed = true;
-            self.0.conductor.notify_all();
+            let why = format!("rank {} panicked", self.rank);
+            self.net.hub().fail_rank(self.rank, why);
+            self.turns.lock().failed = true;
+            self.turns.conductor.notify_all();
         }
+    }
+}
+
+/// Stops every rank thread when the conductor is done, also when it unwinds.
+struct StopOnDrop<'a>(&'a Turns);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
 type RankResult = Result<(Vec<Sample>, RankRun, Option<RankStep>), String>;
 
-/// Run `jobs` interleaved (see the module doc): `calibration` rounds (at least 4), one to
-/// settle, `a.steps` timed. `bandwidth` turns the calibration into the modelled links' bytes
+/// Run `jobs` interleaved (see the module doc): [`PipelineArgs::calibration_rounds`], one round
+/// to settle, `a.steps` timed. `bandwidth` turns the calibration into the modelled links' bytes
 /// per second. Returns the runs in `jobs`' order and that bandwidth.
 pub fn run_jobs(
     jobs: &[JobSpec<'_>],
     a: &PipelineArgs,
-    calibration: usize,
     bandwidth: impl FnOnce(Calibration) -> Result<f64>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(Vec<Run>, f64)> {
@@ -250,8 +265,8 @@ pub fn run_jobs(
             net
         })
         .collect();
-    let calibration = calibration.max(4);
-    let first_timed = calibration + 1;
+    let calibration = a.calibration_rounds();
+    let first_timed = a.untimed_rounds();
     let total = first_timed + a.steps;
     let turns = Turns {
         state: Mutex::new(TurnState {
@@ -278,7 +293,11 @@ pub fn run_jobs(
                 let handle = rt.handle().clone();
                 let cpu = (!cpus.is_empty()).then(|| cpus[r % cpus.len()]);
                 handles.push(s.spawn(move || -> RankResult {
-                    let _guard = PanicGuard(turns);
+                    let _guard = PanicGuard {
+                        turns,
+                        net,
+                        rank: r,
+                    };
                     if let Some(c) = cpu {
                         affinity::pin(c);
                     }
@@ -296,7 +315,7 @@ pub fn run_jobs(
                         g.failed |= built.is_err();
                         turns.conductor.notify_all();
                     }
-                    let mut t = built.map_err(|e| format!("rank {r}: {e}"))?;
+                    let mut t = built.map_err(|e| fail(format!("rank {r}: {e}")))?;
                     t.set_overlap(spec.overlap);
                     t.set_turn_order(a.turns);
                     let mut samples = Vec::new();
@@ -364,8 +383,9 @@ pub fn run_jobs(
             }
         }
         let links: Vec<bool> = jobs.iter().map(|j| j.link).collect();
+        let stop = StopOnDrop(turns);
         let bw = conduct(turns, world, calibration, total, &nets, &links, bandwidth);
-        turns.stop();
+        drop(stop);
         let results: Vec<RankResult> = handles
             .into_iter()
             .map(|h| {
@@ -447,7 +467,7 @@ fn conduct(
         if round == calibration {
             let cal = {
                 let g = turns.lock();
-                let last = |j: usize| &g.steps[j][calibration - 3..calibration];
+                let last = |j: usize| &g.steps[j][calibration.saturating_sub(3)..calibration];
                 Calibration {
                     step_s: (0..n)
                         .map(|j| median(last(j).iter().map(|x| x.0).collect()))

@@ -108,6 +108,19 @@ pub(super) fn parallel(cfg: &Config, c: &mut Checker<'_>) {
         }
         Schedule::GPipe => {}
     }
+    // A message tag carries 16 bits of the (sub-)micro-batch index (`actors/src/pipeline/
+    // transport.rs`): more would make two micro-batches' messages collide.
+    let mut mb_sub = vec!["parallel.micro_batches"];
+    if p.sub_batches > 1 {
+        mb_sub.push("parallel.sub_batches");
+    }
+    c.rule(&mb_sub, p.sub_batches_per_step() <= 1 << 16, || {
+        format!(
+            "micro_batches * sub_batches = {} exceeds 65536, the most a step's messages can tell \
+             apart",
+            p.sub_batches_per_step()
+        )
+    });
     // Expert-parallel ranks train on different data (the attention is data-parallel over
     // dp * ep ranks), so the global batch splits over dp * ep * micro_batches (* sub_batches).
     let per_step =
