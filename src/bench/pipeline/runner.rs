@@ -236,7 +236,7 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-type RankResult = Result<(Vec<Sample>, RankRun, Option<RankStep>), String>;
+type RankResult = Result<(RankRun, Option<RankStep>), String>;
 
 /// Run `jobs` interleaved (see the module doc): [`PipelineArgs::calibration_rounds`], one round
 /// to settle, `a.steps` timed. `bandwidth` turns the calibration into the modelled links' bytes
@@ -377,8 +377,7 @@ pub fn run_jobs(
                         turns.conductor.notify_all();
                     }
                     let trace = t.last_trace().cloned().unwrap_or_default();
-                    let rr = rank_run(&samples, exchanges, &trace);
-                    Ok((samples, rr, last))
+                    Ok((rank_run(&samples, exchanges, &trace), last))
                 }));
             }
         }
@@ -398,24 +397,24 @@ pub fn run_jobs(
     let mut errors: Vec<String> = Vec::new();
     let mut runs = Vec::new();
     let mut results = results.into_iter();
+    let recorded = std::mem::take(&mut turns.lock().steps);
     for (j, spec) in jobs.iter().enumerate() {
         let mut ranks = Vec::new();
-        let mut per_step: Vec<f64> = vec![0.0; a.steps];
         let mut steps = Vec::new();
         for res in results.by_ref().take(world) {
             match res {
-                Ok((samples, rr, last)) => {
-                    for (i, s) in samples.iter().enumerate() {
-                        if let Some(p) = per_step.get_mut(i) {
-                            *p = p.max(s.step_s);
-                        }
-                    }
+                Ok((rr, last)) => {
                     ranks.push(rr);
                     steps.extend(last);
                 }
                 Err(e) => errors.push(format!("{}: {e}", spec.name)),
             }
         }
+        // The slowest rank's step in each timed round, as the conductor recorded it.
+        let per_step: Vec<f64> = recorded
+            .get(j)
+            .map(|v| v.iter().skip(first_timed).map(|x| x.0).collect())
+            .unwrap_or_default();
         let (late_mean_s, late_max_s, _) = nets[j].lateness();
         runs.push(Run {
             name: spec.name,

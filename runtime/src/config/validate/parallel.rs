@@ -108,47 +108,47 @@ pub(super) fn parallel(cfg: &Config, c: &mut Checker<'_>) {
         }
         Schedule::GPipe => {}
     }
+    // Micro-batches per step as the rules name them: `sub_batches` only when it is set.
+    let sub = p.sub_batches > 1;
+    let with_mb = |mut keys: Vec<&'static str>| {
+        keys.push("parallel.micro_batches");
+        if sub {
+            keys.push("parallel.sub_batches");
+        }
+        keys
+    };
+    let (mb_name, mb_values) = if sub {
+        (
+            "micro_batches * sub_batches",
+            format!("{} * {}", p.micro_batches, p.sub_batches),
+        )
+    } else {
+        ("micro_batches", p.micro_batches.to_string())
+    };
     // A message tag carries 16 bits of the (sub-)micro-batch index (`actors/src/pipeline/
     // transport.rs`): more would make two micro-batches' messages collide.
-    let mut mb_sub = vec!["parallel.micro_batches"];
-    if p.sub_batches > 1 {
-        mb_sub.push("parallel.sub_batches");
-    }
-    c.rule(&mb_sub, p.sub_batches_per_step() <= 1 << 16, || {
-        format!(
-            "micro_batches * sub_batches = {} exceeds 65536, the most a step's messages can tell \
-             apart",
-            p.sub_batches_per_step()
-        )
-    });
+    c.rule(
+        &with_mb(vec![]),
+        p.sub_batches_per_step() <= 1 << 16,
+        || {
+            format!(
+                "{mb_name} = {mb_values} exceeds 65536, the most a step's messages can tell apart"
+            )
+        },
+    );
     // Expert-parallel ranks train on different data (the attention is data-parallel over
     // dp * ep ranks), so the global batch splits over dp * ep * micro_batches (* sub_batches).
     let per_step =
         p.dp.saturating_mul(p.ep)
             .saturating_mul(p.sub_batches_per_step());
     let batch = cfg.data.batch_size;
-    let mut keys = vec![
-        "data.batch_size",
-        "parallel.dp",
-        "parallel.ep",
-        "parallel.micro_batches",
-    ];
-    if p.sub_batches > 1 {
-        keys.push("parallel.sub_batches");
-    }
+    let keys = with_mb(vec!["data.batch_size", "parallel.dp", "parallel.ep"]);
     c.rule(&keys, batch.is_multiple_of(per_step), || {
-        if p.sub_batches > 1 {
-            format!(
-                "batch_size = {batch} is not divisible by dp * ep * micro_batches * sub_batches = \
-                 {} * {} * {} * {} = {per_step}",
-                p.dp, p.ep, p.micro_batches, p.sub_batches
-            )
-        } else {
-            format!(
-                "batch_size = {batch} is not divisible by dp * ep * micro_batches = {} * {} * {} = {per_step}",
-                p.dp, p.ep, p.micro_batches
-            )
-        }
+        format!(
+            "batch_size = {batch} is not divisible by dp * ep * {mb_name} = {} * {} * {mb_values} \
+             = {per_step}",
+            p.dp, p.ep
+        )
     });
 }
 
