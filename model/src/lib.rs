@@ -4,7 +4,7 @@
 //!
 //! Entry points: [`device::Device`] (with [`device::cpu::CpuDevice`] and [`device::sim::SimDevice`]),
 //! [`config::ModelConfig`], [`model::DeepSeekV3`] (init, `forward_backward`, bias update) and its
-//! stage API in [`stage`] (expert parallelism over an [`ExpertExchange`]), [`hf`] load/save,
+//! stage API in [`stage`] (passes that stop at every expert exchange), [`hf`] load/save,
 //! [`params::params_sha256`], [`flops`].
 
 pub mod config;
@@ -25,8 +25,12 @@ pub use config::ModelConfig;
 pub use device::cpu::CpuDevice;
 pub use device::sim::{SimDevice, SimProfile};
 pub use device::{Cost, Device};
-pub use layers::expert_exchange::{ExchangePhase, ExpertExchange};
+pub use layers::ep::EpGroup;
+pub use layers::local::LocalExperts;
 pub use model::{Batch, DeepSeekV3, LossParts, StepOptions, StepOutput, Weights};
 pub use params::params_sha256;
-pub use stage::{StageCache, StageOutput, StageSpec, StageSplitError};
+pub use stage::{
+    BackwardPass, ForwardPass, PassError, StageCache, StageOutput, StageSpec, StageSplitError,
+    Yield,
+};
 pub use tensor::Tensor;

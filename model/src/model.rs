@@ -10,13 +10,15 @@ use crate::config::{ConfigError, ModelConfig};
 use crate::device::Device;
 use crate::layers::block::Block;
 use crate::layers::embedding::Embedding;
+use crate::layers::ep::EpGroup;
 use crate::layers::linear::Linear;
+use crate::layers::local::LocalExperts;
 use crate::layers::mtp::MtpLayer;
 use crate::layers::rmsnorm::RmsNorm;
 use crate::layers::router::ExpertLoad;
 use crate::layers::zeros_like;
 use crate::params::{Kind, Params};
-use crate::stage::StageSpec;
+use crate::stage::{BackwardPass, ForwardPass, PassError, StageSpec};
 use crate::tensor::Tensor;
 
 /// All of the model's tensors (and, in a second value, their gradients).
@@ -62,6 +64,15 @@ impl Params for Weights {
 }
 
 impl Weights {
+    /// The MoE of layer `layer` (decoder layers first, then the MTP modules' blocks), mutably.
+    pub fn moe_mut(&mut self, layer: usize) -> Option<&mut crate::layers::moe::Moe> {
+        let n = self.layers.len();
+        match self.layers.get_mut(layer) {
+            Some(b) => b.moe_mut(),
+            None => self.mtp.get_mut(layer - n)?.block.moe_mut(),
+        }
+    }
+
     /// Trainable tensors by HF name, sorted (buffers left out).
     pub fn trainable(&self) -> BTreeMap<String, &Tensor> {
         let mut out = BTreeMap::new();
@@ -237,30 +248,35 @@ impl DeepSeekV3 {
         crate::params::params_sha256(&self.weights, dev)
     }
 
-    /// One training step on one micro-batch: forward, B and W over the whole model. Gradients are
-    /// *accumulated* into `grads` (zero it between optimizer steps).
+    /// One training step on one micro-batch: forward, B and W over the whole model, every
+    /// routed expert on this rank. Gradients are *accumulated* into `grads` (zero it between
+    /// optimizer steps).
     pub fn forward_backward(
         &self,
         dev: &dyn Device,
         batch: &Batch,
         opts: &StepOptions,
         grads: &mut Weights,
-    ) -> Result<StepOutput, ConfigError> {
+    ) -> Result<StepOutput, PassError> {
         let spec = StageSpec::whole(&self.config);
         let mut result = None;
         // On the device's threads, so that the stages' `Device::join`s cost next to nothing.
         dev.on_device_threads(&mut || {
-            result = Some(self.stage_forward(dev, &spec, batch, None, opts).map(
-                |(out, mut cache)| {
-                    self.stage_backward_input(dev, &mut cache, None);
-                    self.stage_backward_weight(dev, cache, grads);
-                    StepOutput {
-                        losses: out.losses,
-                        logits: out.logits,
-                        loads: out.loads,
-                    }
-                },
-            ));
+            result = Some((|| {
+                let mut experts = LocalExperts::default();
+                let mut f = ForwardPass::new(&spec, batch.clone(), None, opts, EpGroup::ALONE)?;
+                self.drive_local(dev, &mut experts, |back| f.step(self, dev, back))?;
+                let (out, cache) = f.finish()?;
+                let mut b = BackwardPass::new(cache, None)?;
+                self.drive_local(dev, &mut experts, |back| b.step(self, dev, back))?;
+                let (_, cache) = b.finish()?;
+                self.stage_backward_weight(dev, cache, grads, Some(&mut experts))?;
+                Ok(StepOutput {
+                    losses: out.losses,
+                    logits: out.logits,
+                    loads: out.loads,
+                })
+            })());
         });
         result.expect("the step ran")
     }
@@ -271,9 +287,12 @@ impl DeepSeekV3 {
         dev: &dyn Device,
         batch: &Batch,
         opts: &StepOptions,
-    ) -> Result<StepOutput, ConfigError> {
+    ) -> Result<StepOutput, PassError> {
         let spec = StageSpec::whole(&self.config);
-        let (out, _cache) = self.stage_forward(dev, &spec, batch, None, opts)?;
+        let mut experts = LocalExperts::default();
+        let mut f = ForwardPass::new(&spec, batch.clone(), None, opts, EpGroup::ALONE)?;
+        self.drive_local(dev, &mut experts, |back| f.step(self, dev, back))?;
+        let (out, _cache) = f.finish()?;
         Ok(StepOutput {
             losses: out.losses,
             logits: out.logits,

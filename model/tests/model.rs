@@ -6,7 +6,8 @@ use flotilla_model::layers::loss::{self, shifted_targets};
 use flotilla_model::layers::rope;
 use flotilla_model::params::Params;
 use flotilla_model::{
-    Batch, CpuDevice, DeepSeekV3, Device, ModelConfig, StageSpec, StepOptions, Weights,
+    BackwardPass, Batch, CpuDevice, DeepSeekV3, Device, EpGroup, ForwardPass, LocalExperts,
+    ModelConfig, StageSpec, StepOptions, Weights,
 };
 
 fn batch(b: usize, t: usize, seed: u32) -> Batch {
@@ -53,25 +54,38 @@ fn pipeline_stages_reproduce_the_whole_model_step() {
     for n_stages in [2, 3] {
         let specs = StageSpec::split(&cfg, n_stages);
         let mut grads = model.zero_grads(&dev);
+        let mut experts = LocalExperts::default();
         let mut caches = Vec::new();
         let mut losses = flotilla_model::LossParts::default();
         let mut hidden = None;
         for spec in &specs {
-            let (out, cache) = model
-                .stage_forward(&dev, spec, &b, hidden.take(), &opts)
+            let mut f = ForwardPass::new(spec, b.clone(), hidden.take(), &opts, EpGroup::ALONE)
+                .expect("pass");
+            model
+                .drive_local(&dev, &mut experts, |back| f.step(&model, &dev, back))
                 .expect("forward");
+            let (out, cache) = f.finish().expect("forward");
             losses.merge(&out.losses);
             hidden = out.hidden;
             caches.push(cache);
         }
         // All B passes first (last stage to first), then the W passes: a zero-bubble order.
         let mut d = None;
-        for cache in caches.iter_mut().rev() {
-            d = model.stage_backward_input(&dev, cache, d.take());
+        let mut done = Vec::new();
+        for cache in caches.into_iter().rev() {
+            let mut bp = BackwardPass::new(cache, d.take()).expect("pass");
+            model
+                .drive_local(&dev, &mut experts, |back| bp.step(&model, &dev, back))
+                .expect("B");
+            let (dx, cache) = bp.finish().expect("B");
+            d = dx;
+            done.push(cache);
         }
         assert!(d.is_none(), "the first stage has no input gradient");
-        for cache in caches {
-            model.stage_backward_weight(&dev, cache, &mut grads);
+        for cache in done {
+            model
+                .stage_backward_weight(&dev, cache, &mut grads, Some(&mut experts))
+                .expect("W");
         }
         assert_eq!(losses, reference.losses, "{n_stages} stages");
         assert_eq!(
@@ -106,17 +120,18 @@ fn mtp_loss_follows_the_report() {
         seq: t,
         rope: &table,
         balance_alpha: 0.0,
-        ep: None,
     };
+    let mut ex = LocalExperts::default();
     let mut h = w.embed_tokens.forward(&dev, &b.input_ids);
     for block in &w.layers {
-        h = block.forward(&ctx, h).0;
+        h = block.forward_local(&ctx, h, &mut ex).0;
     }
     let next: Vec<u32> = (0..bs * t)
         .map(|i| if i % t + 1 < t { b.input_ids[i + 1] } else { 0 })
         .collect();
     let m = &w.mtp[0];
-    let (h1, _) = m.forward(&ctx, &h, w.embed_tokens.forward(&dev, &next));
+    let (z, _) = m.pre(&ctx, &h, w.embed_tokens.forward(&dev, &next));
+    let (h1, _) = m.block.forward_local(&ctx, z, &mut ex);
     let targets = shifted_targets(&b.labels, bs, t, 2);
     let l1 = loss::forward(
         &dev,

@@ -367,7 +367,6 @@ mod tests {
             seq: n,
             rope: &rope,
             balance_alpha: 0.0,
-            ep: None,
         };
         let (_, c) = router.forward(&ctx, &x);
         let hosts = p.expert_hosts(0);

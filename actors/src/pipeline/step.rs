@@ -82,6 +82,7 @@ pub fn run(t: &mut Trainer) -> Result<StepStats, JobError> {
         link: &link,
         ep: par.ep.clone(),
         caches: Mutex::new(Default::default()),
+        experts: Mutex::new(Default::default()),
         grads: &grads,
         sync: &par.sync,
         losses: Mutex::new(ForwardOutputs::default()),

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_model::{ExchangePhase, ExpertExchange};
 use flotilla_runtime::fabric::{Fabric, FabricError, Payload, Rank, Tag};
 use tokio::runtime::Handle;
 
@@ -23,6 +22,19 @@ use super::profile::Activity;
 pub const PIPE_CHANNEL: u32 = 0x5050_0000;
 /// Fabric channel of the expert-parallel all-to-all.
 pub const EP_CHANNEL: u32 = 0x4550_0000;
+
+/// Which of a MoE layer's four all-to-alls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExchangePhase {
+    /// Forward: token-owner → expert-owner, the per-expert row counts and the dispatched rows.
+    Dispatch,
+    /// Forward: expert-owner → token-owner, the experts' output rows.
+    Combine,
+    /// B: token-owner → expert-owner, the gradient of the experts' output rows.
+    GradDispatch,
+    /// B: expert-owner → token-owner, the gradient of the experts' input rows.
+    GradCombine,
+}
 
 /// Direction of a pipeline message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,24 +298,23 @@ fn phase_code(phase: ExchangePhase) -> u64 {
     }
 }
 
-impl ExpertExchange for FabricExchange {
-    fn size(&self) -> usize {
+impl FabricExchange {
+    /// EP group size.
+    pub fn size(&self) -> usize {
         self.group.len()
     }
 
-    fn index(&self) -> usize {
-        self.index
-    }
-
-    fn post(&self, layer: usize, phase: ExchangePhase, send: Vec<Vec<f32>>) {
+    /// Starts the all-to-all `(layer, phase)`: `send[p]` goes to EP index `p` (this rank's own
+    /// part is kept for [`FabricExchange::wait`]). A failure is recorded for the executor.
+    pub fn post(&self, layer: usize, phase: ExchangePhase, send: Vec<Vec<f32>>) {
         if let Err(why) = self.send_all(self.tag(layer, phase), send) {
             self.link.failure.set(why);
         }
     }
 
-    /// On a failure (recorded for the executor) every part comes back empty: the layer reads
-    /// zeros and finishes, and the step reports the failure.
-    fn wait(&self, layer: usize, phase: ExchangePhase) -> Vec<Vec<f32>> {
+    /// Completes the all-to-all `(layer, phase)`: `recv[q]` is what EP index `q` sent. On a
+    /// failure (recorded for the executor) every part comes back empty.
+    pub fn wait(&self, layer: usize, phase: ExchangePhase) -> Vec<Vec<f32>> {
         self.recv_all(self.tag(layer, phase)).unwrap_or_else(|why| {
             self.link.failure.set(why);
             vec![Vec::new(); self.group.len()]

@@ -422,6 +422,42 @@ impl Device for CpuDevice {
         })
     }
 
+    fn concat_rows(&self, parts: &[&Tensor], cols: usize) -> Tensor {
+        assert!(
+            parts.iter().all(|p| p.cols() == cols),
+            "concat_rows: parts of another width than {cols}"
+        );
+        let rows = parts.iter().map(|p| p.rows()).sum::<usize>();
+        self.timed("concat_rows", cost::copy(rows * cols), || {
+            let mut out = self.out(&[rows, cols]);
+            let mut at = 0;
+            let o = out.hm();
+            for p in parts {
+                let v = p.h();
+                o[at..at + v.len()].copy_from_slice(v);
+                at += v.len();
+            }
+            out
+        })
+    }
+
+    fn split_rows(&self, t: &Tensor, rows: &[usize]) -> Vec<Tensor> {
+        assert_eq!(rows.iter().sum::<usize>(), t.rows(), "split_rows {rows:?}");
+        let c = t.cols();
+        self.timed("split_rows", cost::copy(t.numel()), || {
+            let src = t.h();
+            let mut at = 0;
+            rows.iter()
+                .map(|&r| {
+                    let mut out = self.out(&[r, c]);
+                    out.hm().copy_from_slice(&src[at..at + r * c]);
+                    at += r * c;
+                    out
+                })
+                .collect()
+        })
+    }
+
     fn scatter_add_rows(&self, dst: &mut Tensor, src: &Tensor, index: &[u32]) {
         let c = dst.cols();
         assert!(

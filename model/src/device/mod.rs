@@ -224,6 +224,11 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn write_cols(&self, dst: &mut Tensor, col0: usize, src: &Tensor);
     /// `out[r] = src[index[r]]`: a `[index.len(), src.cols()]` tensor.
     fn gather_rows(&self, src: &Tensor, index: &[u32]) -> Tensor;
+    /// The rows of `parts` one after the other (all with the same number of columns, `cols`,
+    /// which is also the width of the result when `parts` is empty).
+    fn concat_rows(&self, parts: &[&Tensor], cols: usize) -> Tensor;
+    /// `t` cut into consecutive row blocks of `rows[i]` rows each (the sizes sum to `t.rows()`).
+    fn split_rows(&self, t: &Tensor, rows: &[usize]) -> Vec<Tensor>;
     /// `dst[index[r]] += src[r]` for every row `r` of `src`.
     fn scatter_add_rows(&self, dst: &mut Tensor, src: &Tensor, index: &[u32]);
     /// `x[r] *= s[r]` with `s` of shape `[x.rows(), 1]`.

@@ -159,6 +159,19 @@ impl Device for SimDevice {
         so(&[index.len(), src.cols()])
     }
 
+    fn concat_rows(&self, parts: &[&Tensor], cols: usize) -> Tensor {
+        assert!(parts.iter().all(|p| p.cols() == cols), "concat_rows");
+        let rows = parts.iter().map(|p| p.rows()).sum::<usize>();
+        self.charge(cost::copy(rows * cols));
+        so(&[rows, cols])
+    }
+
+    fn split_rows(&self, t: &Tensor, rows: &[usize]) -> Vec<Tensor> {
+        assert_eq!(rows.iter().sum::<usize>(), t.rows(), "split_rows");
+        self.charge(cost::copy(t.numel()));
+        rows.iter().map(|&r| so(&[r, t.cols()])).collect()
+    }
+
     fn scatter_add_rows(&self, dst: &mut Tensor, src: &Tensor, index: &[u32]) {
         assert!(
             src.cols() == dst.cols() && src.rows() == index.len(),

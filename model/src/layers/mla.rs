@@ -388,7 +388,6 @@ mod tests {
             seq: t,
             rope: &rope,
             balance_alpha: 0.0,
-            ep: None,
         };
         let x = randn(&[b * t, cfg.hidden_size], 1, 1.0);
         let mla = Mla::init(&d, cfg, "a.", 5);

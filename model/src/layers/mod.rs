@@ -12,10 +12,11 @@
 
 pub mod block;
 pub mod embedding;
-pub mod expert_exchange;
+pub mod ep;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod linear;
+pub mod local;
 pub mod loss;
 pub mod mla;
 pub mod mlp;
@@ -39,9 +40,6 @@ pub struct Ctx<'a> {
     pub rope: &'a Tensor,
     /// Sequence-wise balance-loss weight α (0: off).
     pub balance_alpha: f32,
-    /// The expert-parallel group the MoE layers exchange rows over (`None`, or a group of one:
-    /// every routed expert is local).
-    pub ep: Option<&'a dyn expert_exchange::ExpertExchange>,
 }
 
 impl Ctx<'_> {

@@ -30,13 +30,19 @@ pub struct MtpLayer {
     pub shared_head_norm: RmsNorm,
 }
 
-/// Activations of one MTP module (owns the embedding input; `h_{k-1}` is kept by the caller).
+/// Activations of the part before the block (owns the embedding input).
 #[derive(Debug)]
-pub struct MtpCache {
+pub struct MtpPre {
     emb: Tensor,
     e_norm: RmsNormCache,
     h_norm: RmsNormCache,
     cat: Tensor,
+}
+
+/// Activations of one MTP module (`h_{k-1}` is kept by the caller).
+#[derive(Debug)]
+pub struct MtpCache {
+    pub pre: MtpPre,
     pub block: BlockCache,
 }
 
@@ -69,8 +75,9 @@ impl MtpLayer {
         }
     }
 
-    /// `h_k` from `h_prev = h_{k-1}` and `emb = Emb(t_{i+k})`.
-    pub fn forward(&self, ctx: &Ctx<'_>, h_prev: &Tensor, emb: Tensor) -> (Tensor, MtpCache) {
+    /// Forward up to the module's block: `z = eh_proj([enorm(emb); hnorm(h_prev)])`, the block's
+    /// input, from `h_prev = h_{k-1}` and `emb = Emb(t_{i+k})`.
+    pub fn pre(&self, ctx: &Ctx<'_>, h_prev: &Tensor, emb: Tensor) -> (Tensor, MtpPre) {
         let dev = ctx.dev;
         let d = emb.cols();
         let (e_n, e_norm) = self.enorm.forward(dev, &emb);
@@ -79,35 +86,38 @@ impl MtpLayer {
         dev.write_cols(&mut cat, 0, &e_n);
         dev.write_cols(&mut cat, d, &h_n);
         let z = self.eh_proj.forward(dev, &cat);
-        let (h, block) = self.block.forward(ctx, z);
         (
-            h,
-            MtpCache {
+            z,
+            MtpPre {
                 emb,
                 e_norm,
                 h_norm,
                 cat,
-                block,
             },
         )
     }
 
-    /// B: returns `(d h_prev, d emb)`.
-    pub fn backward_input(
+    /// B of the part before the block, from the gradient of the block's input: returns
+    /// `(d h_prev, d emb)` and what W needs.
+    pub fn pre_backward(
         &self,
         ctx: &Ctx<'_>,
         h_prev: &Tensor,
         c: &MtpCache,
-        dh: &Tensor,
+        d_z: Tensor,
+        block: BlockDys,
     ) -> (Tensor, Tensor, MtpDys) {
         let dev = ctx.dev;
-        let d = c.emb.cols();
-        let (d_z, block) = self.block.backward_input(ctx, &c.block, dh);
+        let d = c.pre.emb.cols();
         let d_cat = self.eh_proj.backward_input(dev, &d_z);
         let d_cat_e = dev.slice_cols(&d_cat, 0..d);
         let d_cat_h = dev.slice_cols(&d_cat, d..2 * d);
-        let d_emb = self.enorm.backward_input(dev, &c.emb, &c.e_norm, &d_cat_e);
-        let d_prev = self.hnorm.backward_input(dev, h_prev, &c.h_norm, &d_cat_h);
+        let d_emb = self
+            .enorm
+            .backward_input(dev, &c.pre.emb, &c.pre.e_norm, &d_cat_e);
+        let d_prev = self
+            .hnorm
+            .backward_input(dev, h_prev, &c.pre.h_norm, &d_cat_h);
         (
             d_prev,
             d_emb,
@@ -120,7 +130,8 @@ impl MtpLayer {
         )
     }
 
-    /// W: weight gradients of the module (not of the shared embedding / head).
+    /// W: weight gradients of the module (not of the shared embedding / head, nor of its block's
+    /// routed experts, which are their owner's).
     pub fn backward_weight(
         &self,
         ctx: &Ctx<'_>,
@@ -133,11 +144,11 @@ impl MtpLayer {
         self.block
             .backward_weight(ctx, &c.block, &dys.block, &mut g.block);
         self.eh_proj
-            .backward_weight(dev, &c.cat, &dys.d_z, &mut g.eh_proj);
+            .backward_weight(dev, &c.pre.cat, &dys.d_z, &mut g.eh_proj);
         self.enorm
-            .backward_weight(dev, &c.emb, &c.e_norm, &dys.d_cat_e, &mut g.enorm);
+            .backward_weight(dev, &c.pre.emb, &c.pre.e_norm, &dys.d_cat_e, &mut g.enorm);
         self.hnorm
-            .backward_weight(dev, h_prev, &c.h_norm, &dys.d_cat_h, &mut g.hnorm);
+            .backward_weight(dev, h_prev, &c.pre.h_norm, &dys.d_cat_h, &mut g.hnorm);
     }
 }
 
@@ -164,6 +175,7 @@ impl Params for MtpLayer {
 mod tests {
     use super::*;
     use crate::layers::gradcheck::{check, dev, project, randn, rope_table, small_config};
+    use crate::layers::local::LocalExperts;
     use crate::layers::zeros_like;
 
     #[test]
@@ -178,19 +190,32 @@ mod tests {
             seq: t,
             rope: &rope,
             balance_alpha: 0.0,
-            ep: None,
         };
         let h = randn(&[b * t, cfg.hidden_size], 1, 1.0);
         let emb = randn(&[b * t, cfg.hidden_size], 2, 1.0);
         let m = MtpLayer::init(&d, &cfg, 2, 6);
         let r = randn(&[b * t, cfg.hidden_size], 3, 1.0);
-        let (_, c) = m.forward(&ctx, &h, emb.clone());
-        let (dh, demb, dys) = m.backward_input(&ctx, &h, &c, &r);
+        let forward = |m: &MtpLayer, h: &Tensor, emb: Tensor, ex: &mut LocalExperts| {
+            let (z, pre) = m.pre(&ctx, h, emb);
+            let (y, block) = m.block.forward_local(&ctx, z, ex);
+            (y, MtpCache { pre, block })
+        };
+        let mut ex = LocalExperts::default();
+        let (_, c) = forward(&m, &h, emb.clone(), &mut ex);
+        let (d_z, block_dys) = m
+            .block
+            .backward_input_local(&ctx, &c.block, r.clone(), &mut ex);
+        let (dh, demb, dys) = m.pre_backward(&ctx, &h, &c, d_z, block_dys);
         let mut g = zeros_like(&m, &d);
         m.backward_weight(&ctx, &h, &c, &dys, &mut g);
+        if let (Some(bm), Some(gm)) = (m.block.moe(), g.block.moe_mut()) {
+            ex.backward_weight(&d, bm, gm).expect("experts' W");
+        }
         let mut st = (m, h, emb);
-        let loss =
-            |s: &(MtpLayer, Tensor, Tensor)| project(&s.0.forward(&ctx, &s.1, s.2.clone()).0, &r);
+        let loss = |s: &(MtpLayer, Tensor, Tensor)| {
+            let y = forward(&s.0, &s.1, s.2.clone(), &mut LocalExperts::default());
+            project(&y.0, &r)
+        };
         check("mtp d h_prev", &mut st, |s| &mut s.1, loss, &dh, 30);
         check("mtp d emb", &mut st, |s| &mut s.2, loss, &demb, 30);
         check(

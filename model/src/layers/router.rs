@@ -221,7 +221,6 @@ mod tests {
                 seq: t,
                 rope: &rope,
                 balance_alpha: alpha,
-                ep: None,
             };
             let mut router = Router::init(&d, &cfg, "g.", 3);
             router.e_score_correction_bias = randn(&[6], 8, 0.05);
@@ -275,7 +274,6 @@ mod tests {
             seq: t,
             rope: &rope,
             balance_alpha: 0.0,
-            ep: None,
         };
         let mut router = Router::init(&d, &cfg, "g.", 11);
         // Tokens share a common direction, and experts 0 and 1 are aligned with it: they win.

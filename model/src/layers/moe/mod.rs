@@ -1,31 +1,27 @@
-//! DeepSeekMoE (HF `DeepseekV3MoE`): shared expert(s) + routed experts, with dispatch and combine
-//! as explicit functions.
+//! DeepSeekMoE (HF `DeepseekV3MoE`): shared expert(s) + routed experts, split at its two
+//! communication points into the phases that the DeepSeek-V3 report overlaps (§3.2.1, Fig. 4).
 //!
 //! ```text
-//! weights, topk = router(x)
-//! plan          = plan_dispatch(topk)          tokens → per-expert contiguous row ranges
-//! xe            = dispatch(x, plan)            [n·k, d], grouped by expert   (EP: all-to-all here)
-//! ye[rows_e]    = expert_e(xe[rows_e])         one batched GEMM chain per expert
-//! y             = combine(ye, weights, plan)   Σ_j w_j · ye                   (EP: all-to-all back)
-//!               + shared_experts(x)
+//! token-owner                                  expert-owner (every EP index, this one included)
+//! route:   weights, topk = router(x)
+//!          plan = plan_dispatch(topk)          tokens → per-expert contiguous rows
+//!          xe   = dispatch(x, plan)            cut by EP index ─── dispatch ───► shard::forward:
+//! shared_forward(x)   (while the rows travel)                                   expert GEMMs
+//! combine: ye   = rows back, in xe's order  ◄──────────── combine ───────────── per source
+//!          y    = Σ_j w_j · ye  + shared(x)
 //! ```
-//! Expert parallelism: with an [`ExpertExchange`] of size `P > 1` in [`Ctx::ep`], this rank runs
-//! only its share of the routed experts ([`crate::layers::expert_exchange::experts_of`]). `xe`'s
-//! per-peer row ranges go to the expert-owners with their per-expert counts (`Dispatch`) and the
-//! outputs come back in `xe`'s order (`Combine`); B sends `d_ye` out (`GradDispatch`) and `d_xe`
-//! back (`GradCombine`); see `moe/ep.rs`. Each exchange is posted, then waited for, with
-//! independent work in between: the shared expert's forward during the dispatch, its B during
-//! the gradient dispatch, the router's B during the gradient combine (as DeepSeek-V3 overlaps the
-//! shared expert with the dispatch). This rank's own rows for its own experts never enter the
-//! exchange: its experts run on them apart from the peers' rows, during the combine (forward)
-//! and the gradient combine (B), after the peers' rows have gone back. The router, the
-//! shared experts, the balance loss and [`Moe::load`] stay on the token-owner; the experts'
-//! activations and output-gradients stay on the expert-owner, whose W is local. Without an
-//! exchange (or with `P = 1`) every expert runs here on `xe` itself, exactly as before EP.
+//! B the same way in reverse: [`Moe::combine_backward`] yields the output-gradient rows for the
+//! expert-owners (gradient dispatch), [`Moe::shared_backward`] runs while they travel,
+//! [`Moe::route_backward`] takes the input-gradient rows back (gradient combine) and finishes
+//! with the router's B. W: the router and the shared expert here ([`Moe::backward_weight`]), the
+//! routed experts on their owner ([`shard::backward_weight`]). These functions never wait: who
+//! runs them moves the parts between token-owners and expert-owners. Under EP rank `i` owns the
+//! experts [`EpGroup::mine`]; the rest of the layer stays on the token-owner. Without EP
+//! (a group of one) the only part is `xe` itself, and the rows come back unchanged in order.
 
 mod dispatch;
-mod ep;
 mod experts;
+pub mod shard;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -34,17 +30,16 @@ mod tests_ep;
 pub use dispatch::{
     DispatchPlan, combine, combine_backward, dispatch, dispatch_backward, plan_dispatch,
 };
+pub use shard::{DispatchPart, ShardCache, ShardError};
 
 use crate::config::ModelConfig;
 use crate::device::Device;
 use crate::layers::Ctx;
-use crate::layers::expert_exchange::{ExchangePhase, ExpertExchange};
+use crate::layers::ep::EpGroup;
 use crate::layers::mlp::{Mlp, MlpCache, MlpDys};
 use crate::layers::router::{ExpertLoad, Router, RouterCache, RouterDys};
 use crate::params::{Kind, Params};
 use crate::tensor::Tensor;
-use ep::EpRoute;
-use experts::{ExpertDys, ExpertRows};
 
 #[derive(Clone, Debug)]
 pub struct Moe {
@@ -53,39 +48,57 @@ pub struct Moe {
     pub experts: Vec<Mlp>,
     pub gate: Router,
     pub shared_experts: Mlp,
-    /// Decoder layer index (for load reports, and the EP exchange's layer id).
+    /// Decoder layer index (for load reports and the exchange's layer id).
     pub layer: usize,
 }
 
-/// Activations of a MoE forward.
+/// Why what came back from the expert-owners does not fit the layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoeError {
+    #[error("layer {layer}: {got} parts came back from an EP group of {want}")]
+    Parts {
+        layer: usize,
+        got: usize,
+        want: usize,
+    },
+    #[error("layer {layer}: EP index {index} sent back {got} rows for the {want} it was sent")]
+    Rows {
+        layer: usize,
+        index: usize,
+        got: usize,
+        want: usize,
+    },
+}
+
+/// What [`Moe::route`] leaves for [`Moe::combine`].
+#[derive(Debug)]
+pub struct MoeRouted {
+    router: RouterCache,
+    plan: DispatchPlan,
+    /// Combine weights `[n·k, 1]`, token-major.
+    weights: Tensor,
+    /// `xe` rows `send[p] .. send[p + 1]` went to EP index `p` (length `P + 1`).
+    send: Vec<usize>,
+}
+
+/// Activations of a MoE forward, on the token-owner.
 #[derive(Debug)]
 pub struct MoeCache {
     pub router: RouterCache,
     pub plan: DispatchPlan,
-    /// The rows this rank's experts ran on: `xe` itself, or (EP) the rows peers sent here.
-    experts: ExpertRows,
-    /// EP: this rank's own rows for its own experts (they never leave the rank).
-    own_experts: Option<ExpertRows>,
-    /// EP: how rows moved between token-owners and expert-owners (`None`: every expert local).
-    route: Option<EpRoute>,
     /// The experts' outputs in `xe`'s row order.
     ye: Tensor,
     w_perm: Tensor,
     shared: MlpCache,
+    send: Vec<usize>,
 }
 
-/// Output-gradients for the W pass.
+/// Output-gradients for the W pass (the router and the shared expert; the routed experts keep
+/// theirs on their owner).
 #[derive(Debug)]
 pub struct MoeDys {
-    experts: ExpertDys,
-    own_experts: Option<ExpertDys>,
     router: RouterDys,
     shared: MlpDys,
-}
-
-/// The EP group the layer exchanges over, when there is one of more than one rank.
-fn ep_group<'a>(ctx: &Ctx<'a>) -> Option<&'a dyn ExpertExchange> {
-    ctx.ep.filter(|x| x.size() > 1)
 }
 
 impl Moe {
@@ -112,91 +125,125 @@ impl Moe {
         }
     }
 
-    pub fn forward(&self, ctx: &Ctx<'_>, x: &Tensor) -> (Tensor, MoeCache) {
-        if let Some(ex) = ep_group(ctx) {
-            return self.forward_ep(ctx, x, ex);
-        }
-        let dev = ctx.dev;
-        let n = x.rows();
-        let n_experts = self.experts.len();
-        // The routed experts and the shared expert are independent until their outputs are
-        // summed: the device runs them side by side.
-        let mut routed_out = None;
-        let mut routed = || {
-            let (weights, router) = self.gate.forward(ctx, x);
-            let plan = plan_dispatch(&router.topk, n_experts, self.gate.spec.top_k);
-            let xe = dispatch(dev, x, &plan);
-            let offsets = plan.offsets.clone();
-            let (ye, experts) = ExpertRows::forward(dev, &self.experts, 0..n_experts, offsets, xe);
-            let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
-            let y = combine(dev, &ye, &w_perm, &plan, n);
-            routed_out = Some((y, router, plan, experts, None, ye, w_perm));
-        };
-        let mut shared_out = None;
-        let mut shared = || shared_out = Some(self.shared_experts.forward(dev, x));
-        dev.join(&mut routed, &mut shared);
-        let (mut y, router, plan, experts, route, ye, w_perm) =
-            routed_out.expect("the routed experts ran");
-        let (ys, shared) = shared_out.expect("the shared expert ran");
-        dev.add_assign(&mut y, &ys);
-        (
-            y,
-            MoeCache {
-                router,
-                plan,
-                experts,
-                own_experts: None,
-                route,
-                ye,
-                w_perm,
-                shared,
-            },
-        )
+    /// Routed experts of the layer (`E`).
+    pub fn n_experts(&self) -> usize {
+        self.experts.len()
     }
 
-    /// Forward under EP. The shared expert computes while the dispatch is on the wire, and this
-    /// rank's experts on its own rows while the combine is (the combine's sums are the same as
-    /// without EP, in the same order).
-    fn forward_ep(&self, ctx: &Ctx<'_>, x: &Tensor, ex: &dyn ExpertExchange) -> (Tensor, MoeCache) {
+    /// Forward, token-owner, first phase: routes `x` and cuts the dispatched rows into one
+    /// part per EP index (`parts[p]` goes to index `p`, this rank's own part included).
+    pub fn route(&self, ctx: &Ctx<'_>, x: &Tensor, ep: EpGroup) -> (MoeRouted, Vec<DispatchPart>) {
         let dev = ctx.dev;
         let n_experts = self.experts.len();
         let (weights, router) = self.gate.forward(ctx, x);
         let plan = plan_dispatch(&router.topk, n_experts, self.gate.spec.top_k);
         let xe = dispatch(dev, x, &plan);
-        let posted = EpRoute::post_dispatch(ex, dev, self.layer, &plan, n_experts, &xe);
-        let own = posted.own_rows(&plan);
-        let x_own = own.take(dev, &xe);
-        drop(xe);
-        let (ys, shared) = self.shared_experts.forward(dev, x);
-        let (route, local, xl) = posted.wait(ex, dev);
-        let (yl, experts) = ExpertRows::forward(dev, &self.experts, local.ids, local.offsets, xl);
-        route.post_to_tokens(ex, dev, ExchangePhase::Combine, &yl);
-        drop(yl);
-        let (y_own, own_experts) = ExpertRows::forward(
-            dev,
-            &self.experts,
-            own.experts.ids,
-            own.experts.offsets,
-            x_own,
-        );
-        let w_perm = dev.gather_rows(&weights, &plan.slot_of_row);
-        let ye = route.wait_to_tokens(ex, dev, ExchangePhase::Combine, &y_own);
-        drop(y_own);
-        let mut y = combine(dev, &ye, &w_perm, &plan, x.rows());
-        dev.add_assign(&mut y, &ys);
+        let size = ep.size.max(1);
+        let row = |e: usize| plan.offsets.get(e).copied().unwrap_or(0);
+        let send: Vec<usize> = (0..size)
+            .map(|p| row(ep.experts_of(n_experts, p).start))
+            .chain([row(n_experts)])
+            .collect();
+        let counts = plan.counts();
+        let counts_of = |p: usize| counts[ep.experts_of(n_experts, p)].to_vec();
+        let parts = if size == 1 {
+            vec![DispatchPart {
+                counts: counts_of(0),
+                rows: xe,
+            }]
+        } else {
+            let sizes: Vec<usize> = send.windows(2).map(|w| w[1] - w[0]).collect();
+            dev.split_rows(&xe, &sizes)
+                .into_iter()
+                .enumerate()
+                .map(|(p, rows)| DispatchPart {
+                    counts: counts_of(p),
+                    rows,
+                })
+                .collect()
+        };
         (
-            y,
-            MoeCache {
+            MoeRouted {
                 router,
                 plan,
-                experts,
-                own_experts: Some(own_experts),
-                route: Some(route),
+                weights,
+                send,
+            },
+            parts,
+        )
+    }
+
+    /// Forward of the shared expert(s) on the layer's input (independent of the routed part:
+    /// it runs while the dispatch travels).
+    pub fn shared_forward(&self, dev: &dyn Device, x: &Tensor) -> (Tensor, MlpCache) {
+        self.shared_experts.forward(dev, x)
+    }
+
+    /// Forward, token-owner, last phase: `back[p]` is what EP index `p` sent back (its experts'
+    /// outputs on the rows it was sent, in that order), `shared` the shared expert's forward;
+    /// returns the layer's output (`[n, hidden]`, `n` tokens) and its cache.
+    pub fn combine(
+        &self,
+        ctx: &Ctx<'_>,
+        r: MoeRouted,
+        back: Vec<Tensor>,
+        shared: (Tensor, MlpCache),
+        n: usize,
+    ) -> Result<(Tensor, MoeCache), MoeError> {
+        let dev = ctx.dev;
+        let ye = self.join_parts(dev, &r.send, back)?;
+        let w_perm = dev.gather_rows(&r.weights, &r.plan.slot_of_row);
+        let mut y = combine(dev, &ye, &w_perm, &r.plan, n);
+        let (ys, shared) = shared;
+        dev.add_assign(&mut y, &ys);
+        Ok((
+            y,
+            MoeCache {
+                router: r.router,
+                plan: r.plan,
                 ye,
                 w_perm,
                 shared,
+                send: r.send,
             },
-        )
+        ))
+    }
+
+    /// The parts that came back from each EP index, checked against what was sent and put in
+    /// `xe`'s row order.
+    fn join_parts(
+        &self,
+        dev: &dyn Device,
+        send: &[usize],
+        mut back: Vec<Tensor>,
+    ) -> Result<Tensor, MoeError> {
+        let layer = self.layer;
+        let want = send.len().saturating_sub(1);
+        if back.len() != want {
+            return Err(MoeError::Parts {
+                layer,
+                got: back.len(),
+                want,
+            });
+        }
+        let hidden = self.gate.gate.weight.cols();
+        for (index, (t, w)) in back.iter().zip(send.windows(2)).enumerate() {
+            let rows = w[1] - w[0];
+            if t.rows() != rows || (rows > 0 && t.cols() != hidden) {
+                return Err(MoeError::Rows {
+                    layer,
+                    index,
+                    got: t.rows(),
+                    want: rows,
+                });
+            }
+        }
+        Ok(if back.len() == 1 {
+            back.remove(0)
+        } else {
+            let refs: Vec<&Tensor> = back.iter().collect();
+            dev.concat_rows(&refs, hidden)
+        })
     }
 
     /// Tokens each expert received in this forward (all `E` experts, from this rank's tokens).
@@ -207,109 +254,56 @@ impl Moe {
         }
     }
 
-    /// B: `dx` from `dy`. A forward that ran under EP needs the same group in `ctx.ep` here
-    /// (panics otherwise: a programming error).
-    pub fn backward_input(&self, ctx: &Ctx<'_>, c: &MoeCache, dy: &Tensor) -> (Tensor, MoeDys) {
-        if let Some(route) = &c.route {
-            let ex =
-                ep_group(ctx).expect("Moe::backward_input: forward ran under EP, B has no group");
-            return self.backward_input_ep(ctx, c, dy, route, ex);
-        }
-        let dev = ctx.dev;
-        let n = dy.rows();
-        // As in forward: the routed experts' B beside the shared expert's.
-        let mut routed_out = None;
-        let mut routed = || {
-            let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
-            let (d_xe, experts) = c.experts.backward_input(dev, &self.experts, d_ye);
-            let mut dx = dispatch_backward(dev, &d_xe, &c.plan, n);
-
-            let (dx_router, router) = self.router_backward_input(ctx, c, &d_w_perm);
-            dev.add_assign(&mut dx, &dx_router);
-            routed_out = Some((dx, experts, router));
-        };
-        let mut shared_out = None;
-        let mut shared =
-            || shared_out = Some(self.shared_experts.backward_input(dev, &c.shared, dy));
-        dev.join(&mut routed, &mut shared);
-        let (mut dx, experts, router) = routed_out.expect("the routed experts' B ran");
-        let (dx_shared, shared) = shared_out.expect("the shared expert's B ran");
-        dev.add_assign(&mut dx, &dx_shared);
-        (
-            dx,
-            MoeDys {
-                experts,
-                own_experts: None,
-                router,
-                shared,
-            },
-        )
-    }
-
-    /// The router's B, from the gradient of the permuted combine weights.
-    fn router_backward_input(
-        &self,
-        ctx: &Ctx<'_>,
-        c: &MoeCache,
-        d_w_perm: &Tensor,
-    ) -> (Tensor, RouterDys) {
-        let dev = ctx.dev;
-        let mut d_weights = dev.zeros(&[c.router.topk.len(), 1]);
-        dev.scatter_add_rows(&mut d_weights, d_w_perm, &c.plan.slot_of_row);
-        self.gate.backward_input(ctx, &c.router, &d_weights)
-    }
-
-    /// B under EP: the shared expert's B while the output gradients travel to the experts, this
-    /// rank's experts' B on its own rows and the router's while the input gradients travel back
-    /// (the sums in the same order as without EP).
-    fn backward_input_ep(
+    /// B, token-owner, first phase: from the output-gradient `dy`, the gradients of the rows
+    /// the expert-owners sent back (`parts[p]` for EP index `p`), and the gradient of the
+    /// combine weights, which [`Moe::route_backward`] needs.
+    pub fn combine_backward(
         &self,
         ctx: &Ctx<'_>,
         c: &MoeCache,
         dy: &Tensor,
-        route: &EpRoute,
-        ex: &dyn ExpertExchange,
-    ) -> (Tensor, MoeDys) {
+    ) -> (Tensor, Vec<Tensor>) {
         let dev = ctx.dev;
         let (d_ye, d_w_perm) = combine_backward(dev, dy, &c.ye, &c.w_perm, &c.plan);
-        route.post_to_experts(ex, dev, ExchangePhase::GradDispatch, &d_ye);
-        let d_y_own = route.take_own(dev, &d_ye);
-        drop(d_ye);
-        let (dx_shared, shared) = self.shared_experts.backward_input(dev, &c.shared, dy);
-        let d_yl = route.wait_to_experts(ex, dev, ExchangePhase::GradDispatch);
-        let (d_xl, experts) = c.experts.backward_input(dev, &self.experts, d_yl);
-        route.post_to_tokens(ex, dev, ExchangePhase::GradCombine, &d_xl);
-        drop(d_xl);
-        let own = c
-            .own_experts
-            .as_ref()
-            .map(|o| o.backward_input(dev, &self.experts, d_y_own));
-        let (dx_router, router) = self.router_backward_input(ctx, c, &d_w_perm);
-        let none;
-        let d_x_own = match &own {
-            Some((d, _)) => d,
-            None => {
-                none = dev.zeros(&[0, dy.cols()]);
-                &none
-            }
+        let parts = if c.send.len() <= 2 {
+            vec![d_ye]
+        } else {
+            let sizes: Vec<usize> = c.send.windows(2).map(|w| w[1] - w[0]).collect();
+            dev.split_rows(&d_ye, &sizes)
         };
-        let d_xe = route.wait_to_tokens(ex, dev, ExchangePhase::GradCombine, d_x_own);
-        let mut dx = dispatch_backward(dev, &d_xe, &c.plan, dy.rows());
-        dev.add_assign(&mut dx, &dx_router);
-        dev.add_assign(&mut dx, &dx_shared);
-        (
-            dx,
-            MoeDys {
-                experts,
-                own_experts: own.map(|(_, d)| d),
-                router,
-                shared,
-            },
-        )
+        (d_w_perm, parts)
     }
 
-    /// W: expert, router and shared-expert weight gradients. Under EP only this rank's experts
-    /// get gradients (from every source's rows); the other experts' gradients are not touched.
+    /// B of the shared expert(s) (runs while the gradient dispatch travels).
+    pub fn shared_backward(&self, dev: &dyn Device, c: &MoeCache, dy: &Tensor) -> (Tensor, MlpDys) {
+        self.shared_experts.backward_input(dev, &c.shared, dy)
+    }
+
+    /// B, token-owner, last phase: `back[p]` is the gradient of the rows sent to EP index `p`;
+    /// with the combine-weight gradient and the shared expert's B, the layer's input gradient.
+    pub fn route_backward(
+        &self,
+        ctx: &Ctx<'_>,
+        c: &MoeCache,
+        d_w_perm: &Tensor,
+        back: Vec<Tensor>,
+        shared: (Tensor, MlpDys),
+    ) -> Result<(Tensor, MoeDys), MoeError> {
+        let dev = ctx.dev;
+        let d_xe = self.join_parts(dev, &c.send, back)?;
+        let mut dx = dispatch_backward(dev, &d_xe, &c.plan, c.router.scores.rows());
+        drop(d_xe);
+        let mut d_weights = dev.zeros(&[c.router.topk.len(), 1]);
+        dev.scatter_add_rows(&mut d_weights, d_w_perm, &c.plan.slot_of_row);
+        let (dx_router, router) = self.gate.backward_input(ctx, &c.router, &d_weights);
+        dev.add_assign(&mut dx, &dx_router);
+        let (dx_shared, shared) = shared;
+        dev.add_assign(&mut dx, &dx_shared);
+        Ok((dx, MoeDys { router, shared }))
+    }
+
+    /// W on the token-owner: the router's and the shared expert's weight gradients (the routed
+    /// experts' are their owner's: [`shard::backward_weight`]).
     pub fn backward_weight(
         &self,
         ctx: &Ctx<'_>,
@@ -319,11 +313,6 @@ impl Moe {
         g: &mut Moe,
     ) {
         let dev = ctx.dev;
-        c.experts
-            .backward_weight(dev, &self.experts, &dys.experts, &mut g.experts);
-        if let (Some(own), Some(d)) = (&c.own_experts, &dys.own_experts) {
-            own.backward_weight(dev, &self.experts, d, &mut g.experts);
-        }
         self.gate.backward_weight(ctx, x, &dys.router, &mut g.gate);
         self.shared_experts
             .backward_weight(dev, x, &c.shared, &dys.shared, &mut g.shared_experts);

@@ -2,7 +2,34 @@
 
 use super::*;
 use crate::layers::gradcheck::{check, dev, project, randn, rope_table, small_config};
+use crate::layers::local::LocalExperts;
 use crate::layers::zeros_like;
+
+/// The layer's forward with every expert local.
+fn forward(ctx: &Ctx<'_>, moe: &Moe, x: &Tensor, ex: &mut LocalExperts) -> (Tensor, MoeCache) {
+    let (routed, parts) = moe.route(ctx, x, EpGroup::ALONE);
+    let back = ex.forward(ctx.dev, moe, parts).expect("local experts");
+    let shared = moe.shared_forward(ctx.dev, x);
+    moe.combine(ctx, routed, back, shared, x.rows())
+        .expect("combine")
+}
+
+/// The layer's B with every expert local.
+fn backward(
+    ctx: &Ctx<'_>,
+    moe: &Moe,
+    c: &MoeCache,
+    dy: &Tensor,
+    ex: &mut LocalExperts,
+) -> (Tensor, MoeDys) {
+    let (d_w_perm, parts) = moe.combine_backward(ctx, c, dy);
+    let back = ex
+        .backward_input(ctx.dev, moe, parts)
+        .expect("local experts");
+    let shared = moe.shared_backward(ctx.dev, c, dy);
+    moe.route_backward(ctx, c, &d_w_perm, back, shared)
+        .expect("route backward")
+}
 
 #[test]
 fn plan_groups_rows_by_expert_in_token_order() {
@@ -30,22 +57,23 @@ fn moe_backward_matches_finite_differences_with_balance_loss() {
         seq: t,
         rope: &rope,
         balance_alpha: 0.3,
-        ep: None,
     };
     let x = randn(&[b * t, cfg.hidden_size], 1, 1.0);
     let mut moe = Moe::init(&d, &cfg, "m.", 1, 9);
     moe.gate.e_score_correction_bias = randn(&[8], 4, 0.05);
     let r = randn(&[b * t, cfg.hidden_size], 3, 1.0);
-    let (_, c) = moe.forward(&ctx, &x);
+    let mut ex = LocalExperts::default();
+    let (_, c) = forward(&ctx, &moe, &x, &mut ex);
     assert!(c.router.balance_loss > 0.0);
-    let (dx, dys) = moe.backward_input(&ctx, &c, &r);
+    let (dx, dys) = backward(&ctx, &moe, &c, &r, &mut ex);
     let mut g = zeros_like(&moe, &d);
     moe.backward_weight(&ctx, &x, &c, &dys, &mut g);
+    ex.backward_weight(&d, &moe, &mut g).expect("experts' W");
     let busy = (0..8).max_by_key(|&e| c.plan.rows(e).len()).unwrap_or(0);
     let chosen = c.router.topk.clone();
     let mut st = (moe, x, busy);
     let loss = |s: &(Moe, Tensor, usize)| {
-        let (y, c) = s.0.forward(&ctx, &s.1);
+        let (y, c) = forward(&ctx, &s.0, &s.1, &mut LocalExperts::default());
         if c.router.topk != chosen {
             return f64::NAN;
         }
