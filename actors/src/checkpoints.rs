@@ -1,7 +1,8 @@
 //! The job's checkpoint schedule: after every `checkpoint.interval` steps, take a snapshot from
-//! each rank (on its compute thread) and hand it to the [`CheckpointEngine`], blocking
-//! (`mode = "sync"`) or in the background (`mode = "async"`); and, before the first step,
-//! restore the ranks from a checkpoint to resume.
+//! each rank (on its compute thread) and hand it to the checkpoint coordinator
+//! ([`crate::ckpt_coordinator`], whose writer actors persist it through the
+//! [`CheckpointEngine`]), waiting for the commit (`mode = "sync"`) or not (`mode = "async"`);
+//! and, before the first step, restore the ranks from a checkpoint to resume.
 //!
 //! In async mode a checkpoint due between steps is not copied: the next step keeps it, its
 //! optimizer update writing out of place so that the buffers it leaves hold the state before
@@ -16,13 +17,14 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_ckpt::{CheckpointEngine, Loaded, SaveHandle, Snapshot, Which};
+use flotilla_ckpt::{CheckpointEngine, Loaded, Snapshot, Which};
 use flotilla_runtime::clock::Clock;
 use flotilla_runtime::config::{CheckpointMode, Config};
 use flotilla_runtime::metrics as names;
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::storage::local::LocalStorage;
 
+use crate::ckpt_coordinator::Coordinator;
 use crate::error::JobError;
 use crate::rank::RankMsg;
 use crate::trainer::StepStats;
@@ -128,10 +130,13 @@ pub struct Checkpointer {
     engine: CheckpointEngine,
     interval: u64,
     mode: CheckpointMode,
-    pending: Option<SaveHandle>,
+    /// Where checkpoints are sent.
+    coordinator: Coordinator,
+    /// The step of the checkpoint in flight.
+    pending: Option<u64>,
     /// Snapshots whose buffers the next kept snapshot reuses (rank order).
     spares: Vec<Snapshot>,
-    /// The snapshots of the last committed checkpoint, handed back by the engine, until the
+    /// The snapshots of the last committed checkpoint, handed back by the coordinator, until the
     /// driver takes them ([`Checkpointer::take_committed`]).
     committed: Option<Vec<Snapshot>>,
     /// The model's HF `config.json` text, recorded in every checkpoint so that it can be
@@ -140,12 +145,14 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// `None` when `checkpoint.interval` is 0.
-    pub fn new(cfg: &Config, engine: CheckpointEngine) -> Option<Self> {
+    /// Checkpoints saved by `coordinator`, which writes through `engine`; `None` when
+    /// `checkpoint.interval` is 0.
+    pub fn new(cfg: &Config, engine: CheckpointEngine, coordinator: Coordinator) -> Option<Self> {
         cfg.checkpoint.enabled().then(|| Self {
             engine,
             interval: cfg.checkpoint.interval,
             mode: cfg.checkpoint.mode,
+            coordinator,
             pending: None,
             spares: Vec::new(),
             committed: None,
@@ -183,7 +190,7 @@ impl Checkpointer {
 
     /// Finish the background save if it has finished (without waiting otherwise).
     pub async fn poll(&mut self) -> Result<(), JobError> {
-        if self.pending.as_ref().is_some_and(SaveHandle::is_finished) {
+        if self.pending.is_some() && self.coordinator.is_finished().await? {
             self.finish().await?;
         }
         Ok(())
@@ -209,7 +216,7 @@ impl Checkpointer {
         // At most one background save in flight: a slow disk slows training down rather than
         // piling snapshots up in memory.
         self.finish().await?;
-        self.pending = Some(self.engine.save_async(snaps).map_err(ckpt_err)?);
+        self.pending = Some(self.coordinator.save(snaps).await?);
         if self.mode == CheckpointMode::Sync {
             self.finish().await?;
         }
@@ -218,9 +225,13 @@ impl Checkpointer {
 
     /// Wait for the background save in flight, if any.
     pub async fn finish(&mut self) -> Result<(), JobError> {
-        if let Some(h) = self.pending.take() {
-            let (_, snaps) = h.wait_with_buffers().await.map_err(ckpt_err)?;
-            self.committed = Some(snaps);
+        if let Some(step) = self.pending.take() {
+            let saved = self.coordinator.wait().await?.ok_or_else(|| {
+                JobError::Checkpoint(format!(
+                    "the coordinator holds no checkpoint of step {step}"
+                ))
+            })?;
+            self.committed = Some(saved.snapshots);
         }
         Ok(())
     }

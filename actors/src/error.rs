@@ -22,3 +22,9 @@ pub enum JobError {
     #[error("step {step}: {why}")]
     Diverged { step: u64, why: String },
 }
+
+impl From<crate::ckpt_coordinator::CheckpointError> for JobError {
+    fn from(e: crate::ckpt_coordinator::CheckpointError) -> Self {
+        JobError::Checkpoint(e.to_string())
+    }
+}

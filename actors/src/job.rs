@@ -136,6 +136,9 @@ pub async fn train_with_faults(
             .with_shutdown(policy.child_shutdown()),
         );
     }
+    // ckpt-actors wiring (1/2): the checkpoint coordinator and its writers under the root.
+    let coordinator = crate::ckpt_coordinator::child_spec(&cfg, engine.clone(), events_tx.clone())?;
+    let spec = spec.child(coordinator);
     let spec = spec.observer(events_tx).with_label("controller");
     let (sup, sup_join) = Supervisor::spawn(None, spec, None).await?;
     let event_log = log.clone();
@@ -412,7 +415,9 @@ async fn drive(
         Some(from) => resume_ranks(cfg, &ranks, clock, log, &engine, from).await?,
         None => 0,
     };
-    let mut ckpt = Checkpointer::new(cfg, engine);
+    // ckpt-actors wiring (2/2): checkpoints go to the coordinator started under `sup`.
+    let coordinator = crate::ckpt_coordinator::Coordinator::find(sup).await?;
+    let mut ckpt = Checkpointer::new(cfg, engine, coordinator);
     let mut recovery = match ckpt {
         Some(_) => Some(Recovery::new(cfg, faults)?),
         None => None,

@@ -1,8 +1,10 @@
 //! Flotilla's actors, one per file, and the training job they run: the rank actor (compute on
-//! its own thread), the trainer it drives, the job driver under the controller's supervisor, and
-//! the run's files.
+//! its own thread), the trainer it drives, the checkpoint coordinator and its writers, the job
+//! driver under the controller's supervisor, and the run's files.
 
 pub mod checkpoints;
+pub mod ckpt_coordinator;
+pub mod ckpt_writer;
 pub mod comm;
 pub mod error;
 pub mod faults;

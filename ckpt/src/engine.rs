@@ -7,7 +7,8 @@
 //! A save writes every rank's shard (`Storage::put` is atomic and durable), then the manifest,
 //! whose presence commits the step, then the `latest` pointer; then retention removes all but the
 //! last `keep` committed steps (never the one just committed) and leftovers of unfinished saves.
-//! Saves are serialised by a commit lock, so background saves commit in the order they began. A
+//! Those pieces live in [`crate::save`], where the checkpoint actors call them one by one. Saves
+//! are serialised by a commit lock, so background saves commit in the order they began. A
 //! background save runs retention (deleting old steps: a quarter of a second per GiB on some
 //! disks) in a task of its own that still holds the lock, so [`SaveHandle::wait_committed`] can
 //! return at the commit while the next save still starts after the pruning.
@@ -20,11 +21,10 @@ use flotilla_runtime::storage::local::LocalStorage;
 use flotilla_runtime::storage::{Storage, StorageError};
 use tokio::sync::Mutex;
 
-use crate::format::{
-    self, LATEST, MANIFEST, decode_shard, parse_step_dir, shard_name, shard_tensors, step_dir,
-};
-use crate::manifest::{Manifest, TensorPiece};
-use crate::snapshot::Snapshot;
+use crate::format::{LATEST, MANIFEST, decode_shard, parse_step_dir, shard_tensors, step_dir};
+use crate::manifest::Manifest;
+pub use crate::save::{Retention, SaveHandle};
+use crate::snapshot::{Snapshot, SnapshotMeta};
 use crate::verify::{check_bytes, compare_state, expected_tensors, missing_ranks};
 
 /// Why a checkpoint operation failed.
@@ -79,115 +79,60 @@ pub struct SaveReport {
     pub removed: Vec<u64>,
 }
 
-/// What a persist hands back: the report, the snapshots (their buffers), and the retention
-/// task when it was deferred.
-type Persisted = (SaveReport, Vec<Snapshot>, Option<Retention>);
-
-/// A background save in flight.
 #[derive(Debug)]
-pub struct SaveHandle {
-    step: u64,
-    join: tokio::task::JoinHandle<Result<Persisted, CkptError>>,
-}
-
-/// The retention (pruning of old steps) that follows a background save's commit.
-#[derive(Debug)]
-pub struct Retention(tokio::task::JoinHandle<Result<Vec<u64>, CkptError>>);
-
-impl Retention {
-    /// Wait for it; the steps it removed.
-    pub async fn wait(self) -> Result<Vec<u64>, CkptError> {
-        match self.0.await {
-            Ok(r) => r,
-            Err(e) => Err(CkptError::Task(e.to_string())),
-        }
-    }
-}
-
-impl SaveHandle {
-    pub fn step(&self) -> u64 {
-        self.step
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.join.is_finished()
-    }
-
-    /// Wait until the checkpoint is committed and old steps are pruned (or either failed).
-    pub async fn wait(self) -> Result<SaveReport, CkptError> {
-        Ok(self.wait_with_buffers().await?.0)
-    }
-
-    /// The same, and hand back the snapshots that were saved, so that the next checkpoint can
-    /// copy into their buffers ([`Snapshot::copy_from`]) instead of fresh memory.
-    pub async fn wait_with_buffers(self) -> Result<(SaveReport, Vec<Snapshot>), CkptError> {
-        let (mut report, snaps, retention) = self.wait_committed().await?;
-        if let Some(r) = retention {
-            report.removed = r.wait().await?;
-        }
-        Ok((report, snaps))
-    }
-
-    /// Wait only until the step is committed (durable, and named by `latest`); pruning old
-    /// steps goes on in the returned [`Retention`], which holds the commit lock, so the next
-    /// save starts after it. The report's `removed` is empty.
-    pub async fn wait_committed(self) -> Result<Persisted, CkptError> {
-        match self.join.await {
-            Ok(r) => r,
-            Err(e) => Err(CkptError::Task(e.to_string())),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     storage: Arc<dyn Storage>,
     root: String,
     keep: usize,
-    commit: Arc<Mutex<()>>,
+    pub(crate) commit: Arc<Mutex<()>>,
     /// The local directory behind `storage` when it is a [`LocalStorage`] made by
     /// [`CheckpointEngine::local`]: shards are then written straight from the snapshots'
     /// buffers ([`crate::shard_io::write_local`]) instead of being joined for `Storage::put`.
-    direct: Option<PathBuf>,
+    pub(crate) direct: Option<PathBuf>,
 }
 
 /// Saves, loads, verifies and prunes checkpoints under one root of a [`Storage`].
 #[derive(Debug, Clone)]
 pub struct CheckpointEngine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-/// Checks that `snaps` are one step's state of ranks `0..n`; returns the step.
-fn check_snapshots(snaps: &[Snapshot]) -> Result<u64, CkptError> {
+/// Checks that `items` (each a step and whose state it is) are one step's state of ranks
+/// `0..n`, each once, with one layout and config; returns the step. Snapshots are checked before
+/// they are saved, and the records of their written shards before they are committed.
+pub(crate) fn check_world<'a>(
+    items: impl IntoIterator<Item = (u64, &'a SnapshotMeta)>,
+) -> Result<u64, CkptError> {
     let bad = |m: String| Err(CkptError::BadSnapshots(m));
-    let Some(first) = snaps.first() else {
+    let mut items = items.into_iter();
+    let Some((step, first)) = items.next() else {
         return bad("no snapshots".into());
     };
-    let mut ranks = BTreeSet::new();
-    for s in snaps {
-        if s.step != first.step {
+    let mut ranks = BTreeSet::from([first.rank]);
+    for (s, meta) in items {
+        if s != step {
             return bad(format!(
-                "rank {} is at step {}, rank {} at step {}",
-                s.meta.rank, s.step, first.meta.rank, first.step
+                "rank {} is at step {s}, rank {} at step {step}",
+                meta.rank, first.rank
             ));
         }
-        if s.meta.layout != first.meta.layout || s.meta.config_hash != first.meta.config_hash {
+        if meta.layout != first.layout || meta.config_hash != first.config_hash {
             return bad(format!(
                 "rank {} has another layout or config than rank {}",
-                s.meta.rank, first.meta.rank
+                meta.rank, first.rank
             ));
         }
-        if !ranks.insert(s.meta.rank) {
-            return bad(format!("rank {} appears twice", s.meta.rank));
+        if !ranks.insert(meta.rank) {
+            return bad(format!("rank {} appears twice", meta.rank));
         }
     }
-    if ranks.len() != first.meta.layout.world_size || ranks.last() != Some(&(ranks.len() - 1)) {
+    if ranks.len() != first.layout.world_size || ranks.last() != Some(&(ranks.len() - 1)) {
         return bad(format!(
             "ranks {ranks:?} do not cover the world of {} ranks",
-            first.meta.layout.world_size
+            first.layout.world_size
         ));
     }
-    Ok(first.step)
+    Ok(step)
 }
 
 impl CheckpointEngine {
@@ -242,118 +187,6 @@ impl CheckpointEngine {
         self.inner.storage.as_ref()
     }
 
-    /// Persist one step's snapshots (every rank's) and wait until they are committed.
-    pub async fn save_sync(&self, snaps: Vec<Snapshot>) -> Result<SaveReport, CkptError> {
-        check_snapshots(&snaps)?;
-        let (report, _, _) = self.persist(snaps, false).await?;
-        Ok(report)
-    }
-
-    /// Persist in a background task and return at once; the snapshots are moved, not copied.
-    /// Must be called inside a tokio runtime.
-    pub fn save_async(&self, snaps: Vec<Snapshot>) -> Result<SaveHandle, CkptError> {
-        let step = check_snapshots(&snaps)?;
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| CkptError::Task(format!("no tokio runtime: {e}")))?;
-        let me = self.clone();
-        let join = rt.spawn(async move { me.persist(snaps, true).await });
-        Ok(SaveHandle { step, join })
-    }
-
-    /// Write and commit one step; with `defer_retention`, return at the commit and prune in a
-    /// task that keeps the commit lock until it is done (its [`SaveReport::removed`] is empty).
-    async fn persist(
-        &self,
-        snaps: Vec<Snapshot>,
-        defer_retention: bool,
-    ) -> Result<Persisted, CkptError> {
-        let commit = Arc::clone(&self.inner.commit).lock_owned().await;
-        let Some(first) = snaps.first() else {
-            return Err(CkptError::BadSnapshots("no snapshots".into()));
-        };
-        let (step, layout, config_hash) = (
-            first.step,
-            first.meta.layout.clone(),
-            first.meta.config_hash.clone(),
-        );
-        let dir = step_dir(step);
-        // Saving a step again: uncommit the old one first so that no manifest ever describes a
-        // mix of old and new shards.
-        let manifest_key = self.key(&format!("{dir}/{MANIFEST}"));
-        self.storage().remove(&manifest_key).await?;
-        let mut files = BTreeMap::new();
-        let mut tensors: BTreeMap<String, Vec<TensorPiece>> = BTreeMap::new();
-        let mut back = Vec::with_capacity(snaps.len());
-        for s in snaps {
-            let name = shard_name(s.meta.rank);
-            let key = self.key(&format!("{dir}/{name}"));
-            let corrupt = |why: String| CkptError::Corrupt {
-                key: key.clone(),
-                why,
-            };
-            // Encoding, hashing and writing are CPU and disk work: off the async threads.
-            let (entry, s) = match &self.inner.direct {
-                Some(root) => {
-                    let path = root.join(&dir).join(&name);
-                    blocking(move || {
-                        let r = crate::shard_io::write_snapshot(&path, &s);
-                        (r, s)
-                    })
-                    .await?
-                }
-                None => {
-                    let (r, s) = blocking(move || (crate::shard_io::encode_hashed(&s), s)).await?;
-                    let (bytes, entry) = r.map_err(|e| corrupt(e.to_string()))?;
-                    self.storage().put(&key, bytes).await?;
-                    (Ok(entry), s)
-                }
-            };
-            let entry = entry.map_err(corrupt)?;
-            for (global, piece) in crate::shard_io::pieces(&s, &name) {
-                tensors.entry(global).or_default().push(piece);
-            }
-            files.insert(name, entry);
-            back.push(s);
-        }
-        let manifest = Manifest {
-            format_version: format::FORMAT_VERSION,
-            step,
-            config_hash,
-            layout,
-            tensors,
-            files,
-            checksum: String::new(),
-        };
-        let bytes = manifest.encode().map_err(|e| CkptError::Corrupt {
-            key: manifest_key.clone(),
-            why: e.to_string(),
-        })?;
-        self.storage().put(&manifest_key, bytes).await?;
-        self.storage()
-            .put(&self.key(LATEST), format!("{dir}\n").into_bytes())
-            .await?;
-        let (removed, retention) = if defer_retention {
-            let me = self.clone();
-            let task = tokio::spawn(async move {
-                let _commit = commit;
-                me.retain(step).await
-            });
-            (Vec::new(), Some(Retention(task)))
-        } else {
-            let removed = self.retain(step).await?;
-            drop(commit);
-            (removed, None)
-        };
-        tracing::debug!(step, bytes = manifest.total_bytes(), "checkpoint committed");
-        let report = SaveReport {
-            step,
-            bytes: manifest.total_bytes(),
-            files: manifest.files.len(),
-            removed,
-        };
-        Ok((report, back, retention))
-    }
-
     /// Step directories present (committed or not), ascending.
     pub(crate) async fn step_dirs(&self) -> Result<Vec<u64>, CkptError> {
         let names = self.storage().list(&self.inner.root).await?;
@@ -381,7 +214,7 @@ impl CheckpointEngine {
     /// Keep the last `keep` committed steps up to `newest` (which is always kept); remove older
     /// ones and the leftovers of unfinished saves before `newest`. Steps after `newest` (from a
     /// timeline abandoned by a resume) are left alone.
-    async fn retain(&self, newest: u64) -> Result<Vec<u64>, CkptError> {
+    pub(crate) async fn retain(&self, newest: u64) -> Result<Vec<u64>, CkptError> {
         let mut committed = Vec::new();
         let mut doomed = Vec::new();
         for s in self.step_dirs().await? {
@@ -576,7 +409,7 @@ impl CheckpointEngine {
 }
 
 /// Run CPU work on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, CkptError> {
     tokio::task::spawn_blocking(f)

@@ -388,3 +388,89 @@ async fn a_save_that_dies_before_its_manifest_commits_nothing() {
         .expect("step 6 reported");
     assert!(six.problems[0].contains("never committed"), "{six:?}");
 }
+
+/// The save's pieces, driven one by one as the checkpoint actors do (shards in any order, one
+/// engine per writer is not needed: they share this one), commit exactly what one save commits.
+#[tokio::test(start_paused = true)]
+async fn shards_written_apart_commit_what_one_save_commits() {
+    let (whole, pieces) = (fast(), fast());
+    let snaps = vec![snapshot(0, 2, 4, 256), snapshot(1, 2, 4, 256)];
+    let one = CheckpointEngine::with_root(whole.clone(), "ckpt", 2);
+    one.save_sync(snaps.clone()).await.expect("save");
+
+    let engine = CheckpointEngine::with_root(pieces.clone(), "ckpt", 2);
+    let lock = engine.begin(&snaps).await.expect("begin");
+    assert_eq!(lock.step(), 4);
+    let mut records = Vec::new();
+    for s in snaps.iter().rev() {
+        let shared = Arc::new(s.clone());
+        records.push(
+            engine
+                .write_shard(Arc::clone(&shared))
+                .await
+                .expect("shard"),
+        );
+        assert_eq!(
+            Arc::strong_count(&shared),
+            1,
+            "the engine keeps no reference"
+        );
+    }
+    assert!(
+        engine.steps().await.expect("steps").is_empty(),
+        "not committed yet"
+    );
+    let report = engine.commit(&lock, records).await.expect("commit");
+    assert_eq!((report.step, report.files), (4, 2));
+    assert_eq!(engine.prune(lock).await.expect("prune"), Vec::<u64>::new());
+    for key in [
+        "ckpt/step-00000004/manifest.json",
+        "ckpt/step-00000004/rank-0.safetensors",
+        "ckpt/step-00000004/rank-1.safetensors",
+        "ckpt/latest",
+    ] {
+        assert_eq!(
+            pieces.get(key).await.expect("written"),
+            whole.get(key).await.expect("written"),
+            "{key}"
+        );
+    }
+    let loaded = engine.load(Which::Step(4), true).await.expect("load");
+    assert_eq!(loaded.snapshots, snaps);
+}
+
+/// A commit checks the records first: a missing rank or another step's shard commits nothing.
+#[tokio::test(start_paused = true)]
+async fn a_commit_refuses_records_that_do_not_cover_the_world() {
+    let storage = fast();
+    let engine = CheckpointEngine::new(storage.clone(), 2);
+    let snaps = vec![snapshot(0, 2, 6, 64), snapshot(1, 2, 6, 64)];
+    let lock = engine.begin(&snaps).await.expect("begin");
+    let r0 = engine
+        .write_shard(Arc::new(snaps[0].clone()))
+        .await
+        .expect("shard");
+    let err = engine
+        .commit(&lock, vec![r0.clone()])
+        .await
+        .expect_err("rank 1 is missing");
+    assert!(err.to_string().contains("do not cover"), "{err}");
+    let other = engine
+        .write_shard(Arc::new(snapshot(1, 2, 7, 64)))
+        .await
+        .expect("shard");
+    let err = engine
+        .commit(&lock, vec![r0, other])
+        .await
+        .expect_err("a shard of step 7");
+    assert!(err.to_string().contains("step 7"), "{err}");
+    assert!(engine.steps().await.expect("steps").is_empty());
+    assert_eq!(engine.latest().await.expect("latest"), None);
+    assert!(
+        !storage
+            .list("step-00000006")
+            .await
+            .expect("list")
+            .contains(&MANIFEST.to_string())
+    );
+}

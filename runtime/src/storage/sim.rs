@@ -17,6 +17,8 @@ struct Disk {
     blobs: BTreeMap<String, Vec<u8>>,
     busy_until: Option<Instant>,
     failing: BTreeSet<String>,
+    /// Prefixes whose next writes fail, each with how many more are to fail.
+    failing_next: Vec<(String, usize)>,
 }
 
 /// An in-memory disk with a bandwidth and latency model.
@@ -41,6 +43,14 @@ impl SimStorage {
         self.lock().failing.insert(prefix.to_string());
     }
 
+    /// Make the next `count` writes under `prefix` fail, then let writes through again (a
+    /// transient fault: a full disk that was cleaned up, a storage server that came back).
+    pub fn fail_next_writes_under(&self, prefix: &str, count: usize) {
+        if count > 0 {
+            self.lock().failing_next.push((prefix.to_string(), count));
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Disk> {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -58,12 +68,21 @@ impl SimStorage {
 
     fn check_write(&self, key: &str) -> Result<(), StorageError> {
         check_key(key)?;
-        if self
-            .lock()
-            .failing
-            .iter()
-            .any(|p| key.starts_with(p.as_str()))
+        let mut d = self.lock();
+        let mut fail = d.failing.iter().any(|p| key.starts_with(p.as_str()));
+        if !fail
+            && let Some(pos) = d
+                .failing_next
+                .iter()
+                .position(|(p, _)| key.starts_with(p.as_str()))
         {
+            fail = true;
+            d.failing_next[pos].1 -= 1;
+            if d.failing_next[pos].1 == 0 {
+                d.failing_next.remove(pos);
+            }
+        }
+        if fail {
             return Err(StorageError::Fault {
                 key: key.to_string(),
             });
@@ -167,5 +186,26 @@ mod tests {
             Err(StorageError::Fault { .. })
         ));
         s.put("other", vec![1]).await.expect("put");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_faults_fail_only_the_next_writes() {
+        let s = SimStorage::new(1e9, Duration::ZERO);
+        s.fail_next_writes_under("ckpt/a", 2);
+        s.put("ckpt/b", vec![1])
+            .await
+            .expect("another key is not affected");
+        for _ in 0..2 {
+            assert!(matches!(
+                s.put("ckpt/a", vec![1]).await,
+                Err(StorageError::Fault { .. })
+            ));
+        }
+        s.put("ckpt/a", vec![2])
+            .await
+            .expect("the third write goes through");
+        assert_eq!(s.get("ckpt/a").await.expect("get"), vec![2]);
+        s.fail_next_writes_under("x", 0);
+        s.put("x", vec![1]).await.expect("zero faults fail nothing");
     }
 }
