@@ -195,6 +195,7 @@ impl Op {
             },
             Err(Payload::F32(_)) => Err(self.wrong_type::<T>(src, "f32")),
             Err(Payload::Bf16(_)) => Err(self.wrong_type::<T>(src, "bf16")),
+            Err(Payload::Tensor(_)) => Err(self.wrong_type::<T>(src, "tensor")),
         }
     }
 

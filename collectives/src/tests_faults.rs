@@ -222,6 +222,12 @@ impl flotilla_runtime::fabric::Fabric for GoesSilent {
     > {
         self.inner.recv(src, tag, deadline)
     }
+    fn subscribe(
+        &self,
+        channel: u32,
+    ) -> Result<flotilla_runtime::fabric::Inbox, flotilla_runtime::fabric::FabricError> {
+        self.inner.subscribe(channel)
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -9,9 +9,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::oneshot;
 
-use super::{BoxFuture, Fabric, FabricError, Payload, Rank, Tag};
+use super::{BoxFuture, Delivery, Fabric, FabricError, Inbox, Payload, Rank, Tag};
 
 type Key = (Rank, Rank, Tag);
 
@@ -25,6 +26,8 @@ struct Mailbox {
 struct HubState {
     boxes: HashMap<Key, Mailbox>,
     failed: BTreeMap<Rank, String>,
+    /// Channel subscriptions, by (receiving rank, channel).
+    subs: HashMap<(Rank, u32), UnboundedSender<Delivery>>,
     closed: bool,
 }
 
@@ -65,16 +68,64 @@ impl InprocHub {
         }
     }
 
-    /// Mark `rank` failed: receives from it fail now and later, sends to it fail.
+    /// Mark `rank` failed: receives from it fail now and later, sends to it fail, and every
+    /// subscriber is told.
     pub fn fail_rank(&self, rank: Rank, why: impl Into<String>) {
         let mut st = self.lock();
-        st.failed.insert(rank, why.into());
+        let why = why.into();
+        st.failed.insert(rank, why.clone());
         // Dropping a waiter's sender wakes it; it then finds the failure.
         for ((src, _, _), mb) in st.boxes.iter_mut() {
             if *src == rank {
                 mb.waiter = None;
             }
         }
+        st.subs.retain(|_, tx| {
+            tx.send(Delivery::PeerFailed {
+                rank,
+                why: why.clone(),
+            })
+            .is_ok()
+        });
+    }
+
+    /// Subscribe `rank` to `channel` (see [`Fabric::subscribe`]).
+    fn subscribe(&self, rank: Rank, channel: u32) -> Result<Inbox, FabricError> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(FabricError::Closed);
+        }
+        let (tx, rx) = unbounded_channel();
+        // Messages that came before: their mailboxes, each in order (tags sorted, so the
+        // order does not depend on the hash map's).
+        let mut waiting: Vec<Key> = st
+            .boxes
+            .iter()
+            .filter(|((_, dst, tag), mb)| {
+                *dst == rank && tag.channel == channel && !mb.queue.is_empty()
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        waiting.sort_unstable();
+        for key in waiting {
+            if let Some(mb) = st.boxes.remove(&key) {
+                for payload in mb.queue {
+                    let _ = tx.send(Delivery::Message {
+                        src: key.0,
+                        tag: key.2,
+                        payload,
+                    });
+                }
+            }
+        }
+        for (&r, why) in &st.failed {
+            let _ = tx.send(Delivery::PeerFailed {
+                rank: r,
+                why: why.clone(),
+            });
+        }
+        st.subs.insert((rank, channel), tx);
+        Ok(rx)
     }
 
     /// Start the hub's traffic afresh, for a job rolled back to a checkpoint: forget every
@@ -87,13 +138,15 @@ impl InprocHub {
         st.boxes.clear();
     }
 
-    /// Close the hub: every pending and later operation fails with [`FabricError::Closed`].
+    /// Close the hub: every pending and later operation fails with [`FabricError::Closed`],
+    /// and every subscription's inbox closes.
     pub fn close(&self) {
         let mut st = self.lock();
         st.closed = true;
         for mb in st.boxes.values_mut() {
             mb.waiter = None;
         }
+        st.subs.clear();
     }
 
     /// Number of live mailboxes (for tests: tags must not leak).
@@ -128,6 +181,24 @@ impl InprocHub {
     fn deliver(&self, key: Key, payload: Payload) -> Result<(), FabricError> {
         let mut st = self.lock();
         self.check(&st, key.1)?;
+        let payload = match st.subs.get(&(key.1, key.2.channel)) {
+            Some(tx) => match tx.send(Delivery::Message {
+                src: key.0,
+                tag: key.2,
+                payload,
+            }) {
+                Ok(()) => return Ok(()),
+                // The subscriber is gone: back to the mailboxes.
+                Err(e) => {
+                    st.subs.remove(&(key.1, key.2.channel));
+                    match e.0 {
+                        Delivery::Message { payload, .. } => payload,
+                        Delivery::PeerFailed { .. } => return Ok(()),
+                    }
+                }
+            },
+            None => payload,
+        };
         let mb = st.boxes.entry(key).or_default();
         let payload = match mb.waiter.take() {
             Some(w) => match w.send(payload) {
@@ -246,6 +317,9 @@ impl Fabric for InprocFabric {
     ) -> BoxFuture<'_, Result<Payload, FabricError>> {
         Box::pin(self.hub.take((src, self.rank, tag), deadline))
     }
+    fn subscribe(&self, channel: u32) -> Result<Inbox, FabricError> {
+        self.hub.subscribe(self.rank, channel)
+    }
 }
 
 #[cfg(test)]
@@ -341,6 +415,53 @@ mod tests {
             s,
             Err(FabricError::NoSuchRank { rank: 5, world: 2 })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_gets_every_message_of_its_channel_and_failures() {
+        let hub = InprocHub::new(3);
+        let eps = hub.endpoints();
+        // One message before the subscription, two after, one on another channel.
+        eps[0]
+            .send(2, Tag::new(5, 1), Payload::Bytes(vec![1]))
+            .await
+            .expect("send");
+        let mut inbox = eps[2].subscribe(5).expect("subscribe");
+        eps[1]
+            .send(2, Tag::new(5, 9), Payload::Bytes(vec![2]))
+            .await
+            .expect("send");
+        eps[0]
+            .send(2, Tag::new(6, 1), Payload::Bytes(vec![3]))
+            .await
+            .expect("send");
+        eps[0]
+            .send(2, Tag::new(5, 1), Payload::Bytes(vec![4]))
+            .await
+            .expect("send");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match inbox.recv().await {
+                Some(Delivery::Message { src, tag, payload }) => {
+                    got.push((src, tag.tag, payload.into_bytes().expect("bytes")[0]))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, vec![(0, 1, 1), (1, 9, 2), (0, 1, 4)]);
+        // The other channel still goes through recv.
+        let p = eps[2].recv(0, Tag::new(6, 1), T).await.expect("recv");
+        assert_eq!(p, Payload::Bytes(vec![3]));
+        hub.fail_rank(1, "gone");
+        assert!(matches!(
+            inbox.recv().await,
+            Some(Delivery::PeerFailed { rank: 1, .. })
+        ));
+        hub.close();
+        assert!(
+            inbox.recv().await.is_none(),
+            "closing the hub closes the inbox"
+        );
     }
 
     #[tokio::test]

@@ -52,15 +52,48 @@ pub enum Payload {
     Bf16(Vec<u16>),
     /// Opaque bytes (encoded control messages, serialized state).
     Bytes(Vec<u8>),
+    /// A device tensor with integer metadata (see [`TensorMsg`]).
+    Tensor(TensorMsg),
+}
+
+/// A device tensor on the wire: integer metadata (a shape, per-expert row counts: exact at any
+/// size) and the values. In process the values move; over QUIC they are framed; a tensor of the
+/// simulated device has no values, only its size, which simulated links charge all the same.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMsg {
+    pub meta: Vec<u64>,
+    pub values: Values,
+}
+
+/// The values of a [`TensorMsg`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    /// f32 values in host memory.
+    F32(Vec<f32>),
+    /// No values: a shape-only tensor of this many bytes (the simulated device).
+    Absent { bytes: u64 },
+}
+
+impl Values {
+    /// Size of the values in bytes (modelled for [`Values::Absent`]).
+    pub fn byte_len(&self) -> u64 {
+        match self {
+            Values::F32(v) => v.len() as u64 * 4,
+            Values::Absent { bytes } => *bytes,
+        }
+    }
 }
 
 impl Payload {
-    /// Size of the body in bytes.
+    /// Size of the body in bytes (a shape-only tensor counts the bytes it stands for).
     pub fn byte_len(&self) -> usize {
         match self {
             Payload::F32(v) => v.len() * 4,
             Payload::Bf16(v) => v.len() * 2,
             Payload::Bytes(v) => v.len(),
+            Payload::Tensor(t) => {
+                t.meta.len() * 8 + usize::try_from(t.values.byte_len()).unwrap_or(usize::MAX)
+            }
         }
     }
 
@@ -70,6 +103,17 @@ impl Payload {
             Payload::F32(v) => Ok(v),
             other => Err(FabricError::WrongPayload {
                 expected: "f32",
+                got: other.kind(),
+            }),
+        }
+    }
+
+    /// The tensor, or an error naming what arrived instead.
+    pub fn into_tensor(self) -> Result<TensorMsg, FabricError> {
+        match self {
+            Payload::Tensor(t) => Ok(t),
+            other => Err(FabricError::WrongPayload {
+                expected: "tensor",
                 got: other.kind(),
             }),
         }
@@ -91,6 +135,7 @@ impl Payload {
             Payload::F32(_) => "f32",
             Payload::Bf16(_) => "bf16",
             Payload::Bytes(_) => "bytes",
+            Payload::Tensor(_) => "tensor",
         }
     }
 }
@@ -136,4 +181,25 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
         tag: Tag,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<Payload, FabricError>>;
+    /// Every message to this rank on `channel`, from any source, from now on (and those already
+    /// waiting), in arrival order and FIFO per (source, tag), instead of through
+    /// [`Fabric::recv`]; and every peer marked failed meanwhile. One subscriber per channel: a
+    /// second subscription replaces the first. The inbox closes when the fabric does.
+    fn subscribe(&self, channel: u32) -> Result<Inbox, FabricError>;
 }
+
+/// What a channel's subscriber receives ([`Fabric::subscribe`]).
+#[derive(Debug)]
+pub enum Delivery {
+    /// A message from `src` under `tag`.
+    Message {
+        src: Rank,
+        tag: Tag,
+        payload: Payload,
+    },
+    /// `rank` has failed: nothing more will come from it.
+    PeerFailed { rank: Rank, why: String },
+}
+
+/// A channel subscription's receiving end.
+pub type Inbox = tokio::sync::mpsc::UnboundedReceiver<Delivery>;

@@ -56,7 +56,7 @@ pub use self::options::{QuicError, QuicOptions};
 use self::recv::{PeerRx, read_lane};
 pub use self::tls::{JobCa, RankIdentity};
 use super::inproc::{InprocFabric, InprocHub};
-use super::{BoxFuture, Fabric, FabricError, Payload, Rank, Tag};
+use super::{BoxFuture, Fabric, FabricError, Inbox, Payload, Rank, Tag};
 
 /// Application error codes on the wire.
 const CODE_SHUTDOWN: u32 = 0;
@@ -507,5 +507,8 @@ impl Fabric for QuicFabric {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<Payload, FabricError>> {
         self.local.recv(src, tag, deadline)
+    }
+    fn subscribe(&self, channel: u32) -> Result<Inbox, FabricError> {
+        self.local.subscribe(channel)
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::clock::dilate;
 
 use super::inproc::{InprocFabric, InprocHub};
-use super::{BoxFuture, Fabric, FabricError, Payload, Rank, Tag};
+use super::{BoxFuture, Fabric, FabricError, Inbox, Payload, Rank, Tag};
 
 /// The physics of the simulated links.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +155,9 @@ impl Fabric for SimFabric {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<Payload, FabricError>> {
         self.inner.recv(src, tag, dilate(deadline))
+    }
+    fn subscribe(&self, channel: u32) -> Result<Inbox, FabricError> {
+        self.inner.subscribe(channel)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_actors::pipeline::transport::EP_CHANNEL;
 use flotilla_runtime::fabric::inproc::{InprocFabric, InprocHub};
-use flotilla_runtime::fabric::{BoxFuture, Fabric, FabricError, Payload, Rank, Tag};
+use flotilla_runtime::fabric::{BoxFuture, Fabric, FabricError, Inbox, Payload, Rank, Tag};
 use tokio::runtime::Handle;
 
 // The modelled link.
@@ -353,6 +353,10 @@ impl Fabric for DelayFabric {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<Payload, FabricError>> {
         self.inner.recv(src, tag, deadline)
+    }
+    fn subscribe(&self, channel: u32) -> Result<Inbox, FabricError> {
+        // Delayed messages reach the hub at their arrival time, and a subscription with it.
+        self.inner.subscribe(channel)
     }
 }
 

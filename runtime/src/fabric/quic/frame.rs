@@ -7,7 +7,7 @@
 //! | 0..4   | magic `FLQF`                                                    |
 //! | 4      | version (2)                                                     |
 //! | 5      | kind: 1 hello, 2 data (a whole message), 3 piece (of a striped message) |
-//! | 6      | payload dtype: 1 f32, 2 bf16, 3 bytes                           |
+//! | 6      | payload dtype: 1 f32, 2 bf16, 3 bytes, 4 tensor                 |
 //! | 7      | flags (0)                                                       |
 //! | 8..12  | source rank (u32)                                               |
 //! | 12..16 | tag channel (u32)                                               |
@@ -22,11 +22,15 @@
 //! little-endian order, so on little-endian hosts a `Vec<f32>` goes on the wire as it lies in
 //! memory ([`payload_bytes`]) and arrives straight into a typed buffer ([`payload_bytes_mut`]).
 //!
+//! A tensor's body is its metadata count (u64), the metadata (u64 each), then its f32 values; it
+//! is assembled as bytes and parsed once whole ([`finish_payload`]). A shape-only tensor (the
+//! simulated device's) has no values to send: [`tensor_body`] refuses it.
+//!
 //! Decoding never panics: every malformed or truncated input is a [`FrameError`].
 
 use bytes::Bytes;
 
-use crate::fabric::{Payload, Rank, Tag};
+use crate::fabric::{Payload, Rank, Tag, TensorMsg, Values};
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FLQF";
@@ -53,6 +57,7 @@ pub enum Dtype {
     F32 = 1,
     Bf16 = 2,
     Bytes = 3,
+    Tensor = 4,
 }
 
 impl Dtype {
@@ -61,7 +66,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::Bf16 => 2,
-            Dtype::Bytes => 1,
+            Dtype::Bytes | Dtype::Tensor => 1,
         }
     }
 
@@ -71,6 +76,7 @@ impl Dtype {
             Payload::F32(_) => Dtype::F32,
             Payload::Bf16(_) => Dtype::Bf16,
             Payload::Bytes(_) => Dtype::Bytes,
+            Payload::Tensor(_) => Dtype::Tensor,
         }
     }
 }
@@ -115,15 +121,22 @@ pub enum FrameError {
     BadPiece { len: u64, offset: u64, total: u64 },
     #[error("truncated frame: {got} of {need} bytes")]
     Truncated { need: u64, got: u64 },
+    #[error("malformed tensor body: {0}")]
+    BadTensor(String),
 }
 
 impl Header {
-    /// A data header for a whole `payload`.
+    /// A data header for a whole `payload` (not a tensor, whose body is longer than its
+    /// [`Payload::byte_len`]: use [`Header::body`] with the serialized length).
     pub fn data(src: Rank, tag: Tag, payload: &Payload) -> Self {
-        let len = payload.byte_len() as u64;
+        Self::body(src, tag, Dtype::of(payload), payload.byte_len() as u64)
+    }
+
+    /// A data header for a whole body of `len` bytes of `dtype`.
+    pub fn body(src: Rank, tag: Tag, dtype: Dtype, len: u64) -> Self {
         Self {
             kind: Kind::Data,
-            dtype: Dtype::of(payload),
+            dtype,
             src,
             tag,
             len,
@@ -204,6 +217,7 @@ impl Header {
             1 => Dtype::F32,
             2 => Dtype::Bf16,
             3 => Dtype::Bytes,
+            4 => Dtype::Tensor,
             d => return Err(FrameError::BadDtype(d)),
         };
         if b[7] != 0 {
@@ -266,7 +280,8 @@ pub fn alloc_payload(dtype: Dtype, len: usize) -> Payload {
     let mut p = match dtype {
         Dtype::F32 => Payload::F32(vec![0.0; len / 4]),
         Dtype::Bf16 => Payload::Bf16(vec![0; len / 2]),
-        Dtype::Bytes => Payload::Bytes(vec![0; len]),
+        // A tensor is assembled as bytes and parsed by `finish_payload`.
+        Dtype::Bytes | Dtype::Tensor => Payload::Bytes(vec![0; len]),
     };
     if len >= HUGE_FROM {
         advise_huge_pages(payload_bytes_mut(&mut p));
@@ -297,27 +312,84 @@ fn advise_huge_pages(buf: &mut [u8]) {
 fn advise_huge_pages(_buf: &mut [u8]) {}
 
 /// The payload's memory as bytes, to be filled with little-endian wire bytes (call
-/// [`from_wire_order`] when it is full).
+/// [`finish_payload`] when it is full). Only buffers made by [`alloc_payload`] (never a
+/// tensor: those are assembled as bytes) are filled this way.
 pub fn payload_bytes_mut(p: &mut Payload) -> &mut [u8] {
     match p {
         Payload::F32(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
         Payload::Bf16(v) => bytemuck::cast_slice_mut(v.as_mut_slice()),
         Payload::Bytes(v) => v.as_mut_slice(),
+        Payload::Tensor(_) => &mut [],
     }
 }
 
-/// Turn a payload filled by [`payload_bytes_mut`] from wire order into host order (a no-op on
-/// little-endian hosts).
-pub fn from_wire_order(p: &mut Payload) {
-    if cfg!(target_endian = "big") {
-        match p {
-            Payload::F32(v) => v
-                .iter_mut()
-                .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits()))),
-            Payload::Bf16(v) => v.iter_mut().for_each(|x| *x = u16::from_le(*x)),
-            Payload::Bytes(_) => {}
+/// Turn a payload of `dtype` filled by [`payload_bytes_mut`] into what was sent: elements from
+/// wire order into host order (a no-op on little-endian hosts), a tensor parsed from its bytes.
+pub fn finish_payload(dtype: Dtype, p: Payload) -> Result<Payload, FrameError> {
+    match (dtype, p) {
+        (Dtype::Tensor, Payload::Bytes(b)) => parse_tensor(&b).map(Payload::Tensor),
+        (_, Payload::F32(mut v)) if cfg!(target_endian = "big") => {
+            v.iter_mut()
+                .for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));
+            Ok(Payload::F32(v))
         }
+        (_, Payload::Bf16(mut v)) if cfg!(target_endian = "big") => {
+            v.iter_mut().for_each(|x| *x = u16::from_le(*x));
+            Ok(Payload::Bf16(v))
+        }
+        (_, p) => Ok(p),
     }
+}
+
+/// A tensor's body bytes: metadata count, metadata, values (all little-endian). A shape-only
+/// tensor has no values to send.
+pub fn tensor_body(t: &TensorMsg) -> Result<Vec<u8>, FrameError> {
+    let Values::F32(v) = &t.values else {
+        return Err(FrameError::BadTensor(
+            "a shape-only tensor (the simulated device's) has no values to send".into(),
+        ));
+    };
+    let mut out = Vec::with_capacity(8 + t.meta.len() * 8 + v.len() * 4);
+    out.extend_from_slice(&(t.meta.len() as u64).to_le_bytes());
+    for m in &t.meta {
+        out.extend_from_slice(&m.to_le_bytes());
+    }
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// The inverse of [`tensor_body`].
+fn parse_tensor(b: &[u8]) -> Result<TensorMsg, FrameError> {
+    let bad = |why: String| FrameError::BadTensor(why);
+    let (head, rest) = b
+        .split_first_chunk::<8>()
+        .ok_or_else(|| bad(format!("{} bytes hold no metadata count", b.len())))?;
+    let n = u64::from_le_bytes(*head);
+    let meta_bytes = n
+        .checked_mul(8)
+        .filter(|&m| m <= rest.len() as u64)
+        .ok_or_else(|| bad(format!("{n} metadata words in {} bytes", rest.len())))?;
+    let (meta, values) = rest.split_at(meta_bytes as usize);
+    if !values.len().is_multiple_of(4) {
+        return Err(bad(format!(
+            "{} value bytes are not whole f32s",
+            values.len()
+        )));
+    }
+    Ok(TensorMsg {
+        meta: meta
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        values: Values::F32(
+            values
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
+                .collect(),
+        ),
+    })
 }
 
 /// A payload's memory viewed as bytes (keeps the buffer alive inside a [`Bytes`]).
@@ -329,19 +401,23 @@ impl AsRef<[u8]> for WireBody {
             Payload::F32(v) => bytemuck::cast_slice(v.as_slice()),
             Payload::Bf16(v) => bytemuck::cast_slice(v.as_slice()),
             Payload::Bytes(v) => v.as_slice(),
+            // Tensors are turned into bytes by `payload_bytes` before they get here.
+            Payload::Tensor(_) => &[],
         }
     }
 }
 
-/// A payload's body bytes (little-endian elements). On little-endian hosts no byte is copied:
-/// the returned [`Bytes`] owns the payload's buffer.
-pub fn payload_bytes(payload: Payload) -> Bytes {
-    match payload {
+/// A payload's body bytes (little-endian elements). On little-endian hosts no byte of an f32,
+/// bf16 or bytes payload is copied: the returned [`Bytes`] owns the payload's buffer. A tensor
+/// is serialized ([`tensor_body`]); a shape-only one is an error.
+pub fn payload_bytes(payload: Payload) -> Result<Bytes, FrameError> {
+    Ok(match payload {
         Payload::Bytes(v) => Bytes::from(v),
+        Payload::Tensor(t) => Bytes::from(tensor_body(&t)?),
         p if cfg!(target_endian = "little") => Bytes::from_owner(WireBody(p)),
         Payload::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Payload::Bf16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
+    })
 }
 
 /// The payload of a whole body of `dtype`.
@@ -352,16 +428,17 @@ pub fn decode_body(dtype: Dtype, body: &[u8]) -> Result<Payload, FrameError> {
     }
     let mut p = alloc_payload(dtype, body.len());
     payload_bytes_mut(&mut p).copy_from_slice(body);
-    from_wire_order(&mut p);
-    Ok(p)
+    finish_payload(dtype, p)
 }
 
 /// One whole frame as bytes (header then body).
-pub fn encode_frame(src: Rank, tag: Tag, payload: Payload) -> Vec<u8> {
-    let h = Header::data(src, tag, &payload);
+pub fn encode_frame(src: Rank, tag: Tag, payload: Payload) -> Result<Vec<u8>, FrameError> {
+    let dtype = Dtype::of(&payload);
+    let body = payload_bytes(payload)?;
+    let h = Header::body(src, tag, dtype, body.len() as u64);
     let mut out = h.encode().to_vec();
-    out.extend_from_slice(&payload_bytes(payload));
-    out
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 /// Decode one whole-message frame from the front of `buf`: the header, the payload and the
@@ -399,6 +476,17 @@ mod tests {
                 .prop_map(Payload::F32),
             proptest::collection::vec(any::<u16>(), 0..64).prop_map(Payload::Bf16),
             proptest::collection::vec(any::<u8>(), 0..256).prop_map(Payload::Bytes),
+            (
+                proptest::collection::vec(any::<u64>(), 0..8),
+                proptest::collection::vec(
+                    any::<f32>().prop_filter("NaN != NaN", |x| !x.is_nan()),
+                    0..64
+                ),
+            )
+                .prop_map(|(meta, v)| Payload::Tensor(TensorMsg {
+                    meta,
+                    values: Values::F32(v),
+                })),
         ]
     }
 
@@ -427,7 +515,7 @@ mod tests {
             cut in any::<proptest::sample::Index>(),
         ) {
             let tag = Tag::new(ch, t);
-            let bytes = encode_frame(src, tag, p.clone());
+            let bytes = encode_frame(src, tag, p.clone()).expect("a payload with values");
             let (h, got, used) = decode_frame(&bytes, 1 << 20).expect("valid frame");
             prop_assert_eq!(used, bytes.len());
             prop_assert_eq!(h.src, src);
@@ -480,8 +568,34 @@ mod tests {
     }
 
     #[test]
+    fn a_shape_only_tensor_cannot_be_framed_and_bad_tensor_bodies_are_errors() {
+        let shape_only = Payload::Tensor(TensorMsg {
+            meta: vec![1],
+            values: Values::Absent { bytes: 64 },
+        });
+        assert!(matches!(
+            encode_frame(0, Tag::new(0, 0), shape_only),
+            Err(FrameError::BadTensor(_))
+        ));
+        for body in [
+            &[1u8, 2, 3][..],
+            &u64::MAX.to_le_bytes()[..],
+            &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0][..],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3][..],
+        ] {
+            assert!(
+                matches!(
+                    decode_body(Dtype::Tensor, body),
+                    Err(FrameError::BadTensor(_))
+                ),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
     fn typed_bodies_are_little_endian_on_the_wire() {
-        let b = payload_bytes(Payload::F32(vec![1.0, -2.5]));
+        let b = payload_bytes(Payload::F32(vec![1.0, -2.5])).expect("bytes");
         let mut want = 1.0f32.to_le_bytes().to_vec();
         want.extend_from_slice(&(-2.5f32).to_le_bytes());
         assert_eq!(&b[..], &want[..]);
@@ -490,7 +604,7 @@ mod tests {
             Ok(Payload::F32(vec![1.0, -2.5]))
         );
         assert_eq!(
-            &payload_bytes(Payload::Bf16(vec![0x3f80]))[..],
+            &payload_bytes(Payload::Bf16(vec![0x3f80])).expect("bytes")[..],
             &[0x80, 0x3f]
         );
     }

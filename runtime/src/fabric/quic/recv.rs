@@ -182,7 +182,8 @@ async fn read_frame(
         Err(ReadExactError::ReadError(e)) if quiet(&e) => return Ok(Frame::End),
         Err(ReadExactError::ReadError(e)) => return Err(format!("read from rank {peer}: {e}")),
     }
-    frame::from_wire_order(&mut payload);
+    let payload = frame::finish_payload(h.dtype, payload)
+        .map_err(|e| format!("malformed frame from rank {peer} (tag {}): {e}", h.tag))?;
     Ok(Frame::Message(h.tag, payload))
 }
 
@@ -247,12 +248,13 @@ async fn read_piece(
         }
     }
     rx.lock().remove(&h.seq);
-    let Some(mut payload) = asm.lock().payload.take() else {
+    let Some(payload) = asm.lock().payload.take() else {
         return Err(format!(
             "striped message {} from rank {peer} has two first pieces",
             h.seq
         ));
     };
-    frame::from_wire_order(&mut payload);
+    let payload = frame::finish_payload(h.dtype, payload)
+        .map_err(|e| format!("malformed striped message from rank {peer}: {e}"))?;
     Ok(Frame::Message(h.tag, payload))
 }

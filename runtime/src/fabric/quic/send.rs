@@ -63,7 +63,9 @@ impl QuicFabric {
             return self.local.send(dst, tag, payload).await;
         }
         let max = self.shared.opts.max_frame_bytes;
-        let len = payload.byte_len() as u64;
+        let dtype = frame::Dtype::of(&payload);
+        let body = frame::payload_bytes(payload).map_err(|e| self.shared.transport(dst, e))?;
+        let len = body.len() as u64;
         if len > max {
             return Err(self.shared.transport(
                 dst,
@@ -71,8 +73,7 @@ impl QuicFabric {
             ));
         }
         let pc = self.shared.peer(dst)?;
-        let whole = Header::data(rank, tag, &payload);
-        let body = frame::payload_bytes(payload);
+        let whole = Header::body(rank, tag, dtype, len);
         let lanes = pc.lanes.len();
         let home = lane_of(tag, lanes);
         let striping = pc.conns.len() > 1 && len >= self.shared.opts.stripe_bytes.max(PIECE_ALIGN);

@@ -309,7 +309,7 @@ async fn malformed_and_truncated_frames_fail_the_peer_by_name() {
         matches!(&r, Err(FabricError::PeerFailed { rank: 0, why }) if why.contains("magic")),
         "{r:?}"
     );
-    let whole = encode_frame(0, Tag::new(0, 0), Payload::Bytes(vec![1; 100]));
+    let whole = encode_frame(0, Tag::new(0, 0), Payload::Bytes(vec![1; 100])).expect("frame");
     let r = inject(&whole[..60]).await;
     assert!(
         matches!(&r, Err(FabricError::PeerFailed { rank: 0, why }) if why.contains("truncated")),
@@ -321,7 +321,7 @@ async fn malformed_and_truncated_frames_fail_the_peer_by_name() {
         "{r:?}"
     );
     // A frame that claims to come from another rank.
-    let forged = encode_frame(1, Tag::new(0, 0), Payload::Bytes(vec![1]));
+    let forged = encode_frame(1, Tag::new(0, 0), Payload::Bytes(vec![1])).expect("frame");
     let r = inject(&forged).await;
     assert!(
         matches!(&r, Err(FabricError::PeerFailed { rank: 0, why }) if why.contains("claiming")),
