@@ -104,6 +104,7 @@ pub async fn train_with_faults(
         s.max_restarts,
         s.within_s,
         s.backoff_ms,
+        s.backoff_max_ms,
         s.shutdown_timeout_ms,
     )?
     .with_strategy(Strategy::OneForAll);

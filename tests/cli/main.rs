@@ -85,7 +85,89 @@ fn config_default_is_accepted_by_check() {
         std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")).expect("configs/")
     {
         let p = example.expect("entry").path();
-        flotilla_ok(&["config", "check", p.to_str().expect("utf-8 path")]);
+        let path = p.to_str().expect("utf-8 path");
+        // The simulated cluster's layout: no command runs it yet, so its device, fabric and
+        // [cluster.sim] keys are refused, each on its own line.
+        if p.file_name().is_some_and(|n| n == "sim-256-gpus.toml") {
+            let out = flotilla(&["config", "check", path]);
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(err.lines().count(), 8, "{err}");
+            assert!(
+                err.lines().all(|l| l.contains(": not supported yet: ")),
+                "{err}"
+            );
+            for key in ["cluster.device", "cluster.fabric", "cluster.sim.link_gbps"] {
+                assert!(err.contains(&format!(": {key}: ")), "{key} missing: {err}");
+            }
+            continue;
+        }
+        flotilla_ok(&["config", "check", path]);
+    }
+}
+
+#[test]
+fn train_refuses_keys_that_are_not_supported_yet() {
+    let dir = tmp("unsupported");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("cuda.toml");
+    std::fs::write(&file, "[cluster]\ndevice = \"cuda\"\n").expect("write");
+    let out = flotilla(&[
+        "train",
+        "--config",
+        file.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cuda.toml:2:1: cluster.device: not supported yet: there is no CUDA")
+            && err.contains("cargo build --features cuda"),
+        "{err}"
+    );
+    assert!(!dir.join("summary.json").exists());
+}
+
+/// `[metrics] log_every = 3` over 7 steps: the `tracing` step line comes after steps 3 and 6.
+#[test]
+fn train_logs_every_log_every_steps() {
+    let dir = tmp("log-every");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let file = dir.join("log.toml");
+    std::fs::write(
+        &file,
+        "[job]\nsteps = 7\n[optimizer]\nwarmup_steps = 1\n[data]\nbatch_size = 2\nseq_len = 16\n\
+         [cluster]\ncpu_threads = 1\n[checkpoint]\ninterval = 0\n[metrics]\nlog_every = 3\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "train",
+            "--config",
+            file.to_str().expect("utf-8"),
+            "--out",
+            dir.join("run").to_str().expect("utf-8"),
+            "--quiet",
+        ])
+        .env("FLOTILLA_LOG", "flotilla=info")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the flotilla binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let steps: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("train step"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("step=")))
+        .collect();
+    assert_eq!(steps, ["step=3", "step=6"], "{err}");
+    for field in ["loss=", "tokens_per_s=", "lr="] {
+        assert!(
+            err.lines()
+                .filter(|l| l.contains("train step"))
+                .all(|l| l.contains(field)),
+            "{field} missing: {err}"
+        );
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! It walks the schema table (not the serde output) so that sections and keys come out in the
 //! documented order, each preceded by its one-line doc. Unset optional keys, and whole unset
-//! optional tables such as `[model.rope_scaling]`, are printed commented out with an example
-//! value, so the printed default doubles as a reference of every key. Whatever it prints must
+//! optional tables such as `[model.rope_scaling]` or the `[sentinel]` section, are printed
+//! commented out with an example value, so the printed default doubles as a reference of every
+//! key. Whatever it prints must
 //! parse back to the same config (tested), and `configs/default.toml` is its output verbatim.
 
 use std::fmt::Write as _;
@@ -13,7 +14,8 @@ use super::schema::{Field, SECTIONS, Ty};
 /// The header of the printed config.
 const PREAMBLE: &str = "\
 # Flotilla config. Every key is optional: a missing key takes the value shown here,
-# and an empty file is this config. Unknown keys are errors.
+# and an empty file is this config. Unknown keys are errors. A key shown commented out is
+# unset, with an example value; \"not supported yet\" keys are refused when set.
 # Print it with `flotilla config default`.
 ";
 
@@ -22,10 +24,20 @@ const PREAMBLE: &str = "\
 pub(crate) fn emit(values: &toml::Table, hints: &toml::Table) -> String {
     let mut out = String::from(PREAMBLE);
     for section in SECTIONS {
-        let _ = write!(out, "\n# {}\n[{}]\n", section.doc, section.name);
         let vals = values.get(section.name).and_then(toml::Value::as_table);
         let hint = hints.get(section.name).and_then(toml::Value::as_table);
-        emit_table(&mut out, section.name, section.fields, vals, hint, false);
+        // An optional section that is unset (`[sentinel]`) is printed commented out.
+        let commented = vals.is_none();
+        let prefix = if commented { "# " } else { "" };
+        let _ = write!(out, "\n# {}\n{prefix}[{}]\n", section.doc, section.name);
+        emit_table(
+            &mut out,
+            section.name,
+            section.fields,
+            vals,
+            hint,
+            commented,
+        );
     }
     out
 }

@@ -82,16 +82,6 @@ pub struct UnknownVariant {
 }
 
 string_enum! {
-    /// What the job does (`job.mode`). Only training exists today; the key is there so that
-    /// evaluation or export modes can be added without a schema change.
-    pub enum JobMode {
-        /// Train for `job.steps` optimizer steps.
-        #[default]
-        Train = "train",
-    }
-}
-
-string_enum! {
     /// The pipeline-parallel schedule (`parallel.schedule`).
     pub enum Schedule {
         /// All forwards, then all backwards. Bubble (PP−1)(F+B), highest activation memory.
@@ -127,9 +117,11 @@ string_enum! {
         /// f32 on the CPU.
         #[default]
         Cpu = "cpu",
-        /// NVIDIA GPUs through cudarc.
+        /// NVIDIA GPUs. Not supported yet: there is no CUDA compute device, so validation refuses
+        /// it (the cargo feature `cuda` builds only the NCCL backend).
         Cuda = "cuda",
-        /// The cost-model device of the simulated cluster (shapes only, virtual time).
+        /// The cost-model device of the simulated cluster (shapes only, virtual time). Not
+        /// supported yet: no command runs the simulated cluster, so validation refuses it.
         Sim = "sim",
     }
 }
@@ -140,9 +132,11 @@ string_enum! {
         /// In-process channels: every rank in this process.
         #[default]
         Inproc = "inproc",
-        /// QUIC with mutual TLS between host processes.
+        /// QUIC with mutual TLS between host processes. Not supported yet as a job's fabric:
+        /// multi-process jobs do not exist, so validation refuses it.
         Quic = "quic",
-        /// Simulated links with latency, bandwidth and contention on virtual time.
+        /// Simulated links with latency, bandwidth and contention on virtual time. Not supported
+        /// yet as a job's fabric: no command runs the simulated cluster, so validation refuses it.
         Sim = "sim",
     }
 }

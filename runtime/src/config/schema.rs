@@ -10,7 +10,7 @@
 //! that every schema key appears in it. Semantic ranges (`pp >= 1`, `lr > 0`) are not here but in
 //! `validate.rs`, so that configs built in code are checked too.
 
-use super::enums::{CheckpointMode, DataFormat, DeviceKind, FabricKind, JobMode, LrSchedule};
+use super::enums::{CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule};
 use super::enums::{RopeScalingKind, Schedule};
 
 /// The TOML type a key must have.
@@ -143,7 +143,7 @@ pub(crate) static SECTIONS: &[Section] = &[
     },
     Section {
         name: "supervision",
-        doc: "OTP restart intensity, back-off, deadlines and heartbeats.",
+        doc: "The job supervisor's OTP restart intensity and back-off, and the deadlines.",
         fields: SUPERVISION,
     },
     Section {
@@ -153,7 +153,7 @@ pub(crate) static SECTIONS: &[Section] = &[
     },
     Section {
         name: "sentinel",
-        doc: "Anomaly detection over the metrics stream.",
+        doc: "Anomaly detection over the metrics stream (not supported yet).",
         fields: SENTINEL,
     },
     Section {
@@ -178,12 +178,24 @@ pub(crate) fn section(name: &str) -> Option<&'static Section> {
     SECTIONS.iter().find(|s| s.name == name)
 }
 
+/// The keys of the table at dotted `path` (a section such as `sentinel`, or a sub-table such as
+/// `cluster.sim`); empty for a path that names no table.
+pub(crate) fn table_fields(path: &str) -> &'static [Field] {
+    let mut parts = path.split('.');
+    let Some(mut fields) = parts.next().and_then(section).map(|s| s.fields) else {
+        return &[];
+    };
+    for part in parts {
+        match fields.iter().find(|f| f.name == part).map(|f| f.ty) {
+            Some(Ty::Table(sub)) => fields = sub,
+            _ => return &[],
+        }
+    }
+    fields
+}
+
 static JOB: &[Field] = &[
-    f(
-        "name",
-        Ty::Str,
-        "Job name, used in logs, metric labels and the run directory.",
-    ),
+    f("name", Ty::Str, "Job name, recorded in summary.json."),
     f(
         "seed",
         U64,
@@ -195,7 +207,6 @@ static JOB: &[Field] = &[
         Ty::Str,
         "Run directory: metrics.jsonl, events.jsonl, summary.json.",
     ),
-    f("mode", Ty::Enum(JobMode::NAMES), "What the job does."),
 ];
 
 static MODEL: &[Field] = &[
@@ -375,32 +386,32 @@ static CLUSTER: &[Field] = &[
     f(
         "device",
         Ty::Enum(DeviceKind::NAMES),
-        "Compute device (\"sim\" requires fabric = \"sim\").",
+        "Compute device (\"cuda\" and \"sim\" are not supported yet).",
     ),
     f(
         "fabric",
         Ty::Enum(FabricKind::NAMES),
-        "Transport between ranks (\"quic\" for many processes).",
+        "Transport between ranks (\"quic\" and \"sim\" are not supported yet).",
     ),
-    f(
+    opt(
         "listen",
         Ty::Str,
-        "This process's QUIC listen address, ip:port (port 0 = any).",
+        "This process's QUIC listen address, ip:port (not supported yet).",
     ),
-    f(
+    opt(
         "peers",
         Ty::StrArray,
-        "Every host's agent address (host:port) in host order; quic only.",
+        "Every host's agent address (host:port) in host order (not supported yet).",
     ),
     opt(
         "cpu_threads",
         USIZE,
         "CPU compute threads per process (absent: all cores).",
     ),
-    f(
+    opt(
         "sim",
         Ty::Table(SIM),
-        "Physics of the simulated cluster (used when device = \"sim\").",
+        "Physics of the simulated cluster (not supported yet).",
     ),
 ];
 
@@ -408,24 +419,32 @@ static SIM: &[Field] = &[
     f(
         "link_gbps",
         Ty::Float,
-        "Inter-host bandwidth per rank, Gbit/s.",
+        "Inter-host bandwidth per rank, Gbit/s (not supported yet).",
     ),
     f(
         "link_latency_us",
         Ty::Float,
-        "Inter-host latency, microseconds.",
+        "Inter-host latency, microseconds (not supported yet).",
     ),
     f(
         "intra_host_gbps",
         Ty::Float,
-        "Intra-host bandwidth per rank, Gbit/s.",
+        "Intra-host bandwidth per rank, Gbit/s (not supported yet).",
     ),
-    f("device_tflops", Ty::Float, "Device compute rate, TFLOP/s."),
-    f("hbm_gbps", Ty::Float, "Device memory bandwidth, GB/s."),
+    f(
+        "device_tflops",
+        Ty::Float,
+        "Device compute rate, TFLOP/s (not supported yet).",
+    ),
+    f(
+        "hbm_gbps",
+        Ty::Float,
+        "Device memory bandwidth, GB/s (not supported yet).",
+    ),
     f(
         "launch_overhead_us",
         Ty::Float,
-        "Fixed cost per device operation, microseconds.",
+        "Fixed cost per device operation, microseconds (not supported yet).",
     ),
 ];
 
@@ -439,19 +458,27 @@ static SUPERVISION: &[Field] = &[
     f(
         "backoff_ms",
         U64,
-        "First restart back-off, ms (doubles up to backoff_max_ms).",
+        "First restart back-off, ms (doubles up to backoff_max_ms; 0 = none).",
     ),
-    f("backoff_max_ms", U64, "Largest restart back-off, ms."),
+    f(
+        "backoff_max_ms",
+        U64,
+        "Largest restart back-off, ms (>= backoff_ms).",
+    ),
     f(
         "shutdown_timeout_ms",
         U64,
         "Wait for a child to stop before killing it, ms.",
     ),
-    f("heartbeat_ms", U64, "Heartbeat period, ms."),
+    opt(
+        "heartbeat_ms",
+        U64,
+        "Heartbeat period, ms (not supported yet).",
+    ),
     f(
         "peer_timeout_ms",
         U64,
-        "A peer silent this long is dead, ms (> heartbeat_ms).",
+        "Deadline of every wait on a peer rank, ms: one silent this long is dead.",
     ),
     f(
         "max_job_restarts",
@@ -486,23 +513,31 @@ static CHECKPOINT: &[Field] = &[
 ];
 
 static SENTINEL: &[Field] = &[
-    f("enabled", Ty::Bool, "Run the anomaly detectors."),
+    f(
+        "enabled",
+        Ty::Bool,
+        "Run the anomaly detectors (not supported yet).",
+    ),
     f(
         "loss_spike_factor",
         Ty::Float,
-        "Loss above this multiple of its moving average is a spike.",
+        "Loss above this multiple of its moving average is a spike (not supported yet).",
     ),
     f(
         "grad_norm_max",
         Ty::Float,
-        "Gradient norm above this is an anomaly.",
+        "Gradient norm above this is an anomaly (not supported yet).",
     ),
     f(
         "step_time_factor",
         Ty::Float,
-        "Step slower than this multiple of its average is a straggler.",
+        "Step slower than this multiple of its average is a straggler (not supported yet).",
     ),
-    f("window", USIZE, "Steps in the moving averages."),
+    f(
+        "window",
+        USIZE,
+        "Steps in the moving averages (not supported yet).",
+    ),
 ];
 
 static DATA: &[Field] = &[
@@ -565,5 +600,9 @@ static METRICS: &[Field] = &[
         Ty::Bool,
         "Write metrics.jsonl in the run directory.",
     ),
-    f("log_every", U64, "Log every this many steps."),
+    f(
+        "log_every",
+        U64,
+        "flotilla train logs a line and updates its progress bar every this many steps (>= 1).",
+    ),
 ];

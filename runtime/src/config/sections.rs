@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::enums::{
-    CheckpointMode, DataFormat, DeviceKind, FabricKind, JobMode, LrSchedule, Schedule,
-};
+use super::enums::{CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule, Schedule};
 
 /// `[job]`: what to run and where its outputs go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobConfig {
-    /// Job name, used in logs, metrics labels and the run directory.
+    /// Job name, recorded in `summary.json`.
     pub name: String,
     /// Master seed: initialisation, data order (unless `data.seed`), dropout-free everything else.
     pub seed: u64,
@@ -27,8 +25,6 @@ pub struct JobConfig {
     pub steps: u64,
     /// Run directory (`metrics.jsonl`, `events.jsonl`, `summary.json`).
     pub out_dir: PathBuf,
-    /// What the job does.
-    pub mode: JobMode,
 }
 
 impl Default for JobConfig {
@@ -38,7 +34,6 @@ impl Default for JobConfig {
             seed: 42,
             steps: 200,
             out_dir: PathBuf::from("runs/default"),
-            mode: JobMode::Train,
         }
     }
 }
@@ -120,6 +115,9 @@ impl ParallelConfig {
 }
 
 /// `[cluster]`: the machines, the device and fabric seams, and the simulated cluster's physics.
+///
+/// Only `device = "cpu"` and `fabric = "inproc"` run today; validation refuses the other
+/// devices and fabrics, `listen`, `peers` and `[cluster.sim]` as not supported yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -131,15 +129,20 @@ pub struct ClusterConfig {
     pub device: DeviceKind,
     /// Byte transport between ranks.
     pub fabric: FabricKind,
-    /// This process's listen address (`ip:port`, port 0 = any) for the QUIC fabric.
-    pub listen: String,
-    /// Every host's agent address (`host:port`), in host order; empty unless `fabric = "quic"`.
-    pub peers: Vec<String>,
+    /// This process's listen address (`ip:port`) for the QUIC fabric of a multi-process job
+    /// (not supported yet: refused when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Every host's agent address (`host:port`), in host order, for the QUIC fabric of a
+    /// multi-process job (not supported yet: refused when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<String>>,
     /// Threads for CPU compute per process; `None` means all available cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_threads: Option<usize>,
-    /// Physics of the simulated cluster (`[cluster.sim]`), read only when `device = "sim"`.
-    pub sim: SimConfig,
+    /// Physics of the simulated cluster (`[cluster.sim]`; not supported yet: refused when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sim: Option<SimConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -149,10 +152,10 @@ impl Default for ClusterConfig {
             ranks_per_host: 1,
             device: DeviceKind::Cpu,
             fabric: FabricKind::Inproc,
-            listen: "127.0.0.1:0".to_owned(),
-            peers: Vec::new(),
+            listen: None,
+            peers: None,
             cpu_threads: None,
-            sim: SimConfig::default(),
+            sim: None,
         }
     }
 }
@@ -161,11 +164,6 @@ impl ClusterConfig {
     /// Ranks in the job: `hosts × ranks_per_host` (saturating).
     pub fn world_size(&self) -> usize {
         self.hosts.saturating_mul(self.ranks_per_host)
-    }
-
-    /// `listen` as a socket address, if it parses (validation guarantees it does).
-    pub fn listen_addr(&self) -> Option<SocketAddr> {
-        self.listen.parse().ok()
     }
 }
 
@@ -200,7 +198,7 @@ impl Default for SimConfig {
     }
 }
 
-/// `[supervision]`: OTP restart intensity, back-off, deadlines and heartbeats.
+/// `[supervision]`: the job supervisor's OTP restart intensity and back-off, and the deadlines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisionConfig {
@@ -208,15 +206,19 @@ pub struct SupervisionConfig {
     pub max_restarts: u32,
     /// The restart-intensity window, seconds.
     pub within_s: f64,
-    /// First restart back-off, ms (doubles per restart up to `backoff_max_ms`).
+    /// First restart back-off, ms (doubles per restart within the intensity window, up to
+    /// `backoff_max_ms`); 0 restarts at once.
     pub backoff_ms: u64,
     /// Largest restart back-off, ms.
     pub backoff_max_ms: u64,
     /// How long a supervisor waits for a child to stop before killing it, ms.
     pub shutdown_timeout_ms: u64,
-    /// Heartbeat period between agents and the controller, ms.
-    pub heartbeat_ms: u64,
-    /// A peer silent for this long is declared dead, ms.
+    /// Heartbeat period between agents and the controller, ms (not supported yet: nothing
+    /// sends heartbeats, so validation refuses it when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+    /// The deadline of every wait on a peer rank, ms: a peer silent for this long is declared
+    /// dead.
     pub peer_timeout_ms: u64,
     /// Whole-job rollbacks the controller allows before ending the job.
     pub max_job_restarts: u32,
@@ -230,7 +232,7 @@ impl Default for SupervisionConfig {
             backoff_ms: 100,
             backoff_max_ms: 5000,
             shutdown_timeout_ms: 5000,
-            heartbeat_ms: 1000,
+            heartbeat_ms: None,
             peer_timeout_ms: 30000,
             max_job_restarts: 10,
         }
@@ -253,10 +255,6 @@ impl SupervisionConfig {
     /// `shutdown_timeout_ms` as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
-    }
-    /// `heartbeat_ms` as a duration.
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
     }
     /// `peer_timeout_ms` as a duration.
     pub fn peer_timeout(&self) -> Duration {
@@ -303,7 +301,8 @@ impl CheckpointConfig {
     }
 }
 
-/// `[sentinel]`: TEE-style anomaly detection over the metrics stream.
+/// `[sentinel]`: TEE-style anomaly detection over the metrics stream. Not supported yet: no
+/// detector runs, so the section is absent by default and validation refuses its keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SentinelConfig {
@@ -422,7 +421,7 @@ pub struct MetricsConfig {
     pub prometheus: Option<String>,
     /// Write `metrics.jsonl` in the run directory.
     pub jsonl: bool,
-    /// Log (and write metrics) every this many steps.
+    /// `flotilla train` logs a line (and updates its progress bar) every this many steps.
     pub log_every: u64,
 }
 

@@ -26,7 +26,7 @@
 //! # use std::time::Duration;
 //! # async fn demo(worker: ChildSpec, comm: ChildSpec) -> Result<(), SupervisorError> {
 //! let (tx, mut events) = event_channel();
-//! let spec = SupervisorPolicy::from_numbers(3, 10.0, 0, 5_000)?
+//! let spec = SupervisorPolicy::from_numbers(3, 10.0, 0, 0, 5_000)?
 //!     .with_strategy(Strategy::RestForOne)
 //!     .spec()?
 //!     .child(comm)

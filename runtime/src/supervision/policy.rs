@@ -1,7 +1,8 @@
 //! Plain-data (serde) forms of a supervisor's policy, so a tree's policy can come from config.
 //!
-//! The config's `[supervision]` table holds `max_restarts`, `within_s`, `backoff_ms` and
-//! `shutdown_timeout_ms`; [`SupervisorPolicy::from_numbers`] builds a policy from exactly those,
+//! The config's `[supervision]` table holds `max_restarts`, `within_s`, `backoff_ms`,
+//! `backoff_max_ms` and `shutdown_timeout_ms`; [`SupervisorPolicy::from_numbers`] builds a
+//! policy from exactly those,
 //! and [`SupervisorPolicy`] also deserializes directly from such a table (every field optional).
 //! [`SupervisorPolicy::spec`] turns it into a [`SupervisorSpec`] to which children are added.
 
@@ -79,14 +80,22 @@ impl Default for SupervisorPolicy {
 }
 
 impl SupervisorPolicy {
-    /// A `one_for_one` policy from the config's flat numbers. `backoff_ms = 0` means no backoff,
-    /// any other value a fixed delay (use [`BackoffPolicy::Exponential`] for growth).
+    /// A `one_for_one` policy from the config's flat numbers. The back-off doubles from
+    /// `backoff_ms` per restart within the intensity window, up to `backoff_max_ms`
+    /// ([`BackoffPolicy::Exponential`]); `backoff_ms = 0` means no back-off. An error if
+    /// `within_s` is not a valid duration or `backoff_max_ms < backoff_ms`.
     pub fn from_numbers(
         max_restarts: u32,
         within_s: f64,
         backoff_ms: u64,
+        backoff_max_ms: u64,
         shutdown_timeout_ms: u64,
     ) -> Result<Self, SupervisorError> {
+        if backoff_max_ms < backoff_ms {
+            return Err(SupervisorError::InvalidSpec(format!(
+                "backoff_max_ms = {backoff_max_ms} is less than backoff_ms = {backoff_ms}"
+            )));
+        }
         let policy = Self {
             strategy: Strategy::OneForOne,
             max_restarts,
@@ -94,8 +103,9 @@ impl SupervisorPolicy {
             backoff: if backoff_ms == 0 {
                 BackoffPolicy::None
             } else {
-                BackoffPolicy::Fixed {
-                    delay_ms: backoff_ms,
+                BackoffPolicy::Exponential {
+                    initial_ms: backoff_ms,
+                    max_ms: backoff_max_ms,
                 }
             },
             shutdown_timeout_ms,
@@ -136,20 +146,42 @@ mod tests {
 
     #[test]
     fn from_config_numbers() -> Result<(), SupervisorError> {
-        let p = SupervisorPolicy::from_numbers(4, 2.5, 150, 800)?;
+        let p = SupervisorPolicy::from_numbers(4, 2.5, 150, 1000, 800)?;
         let spec = p.spec()?;
         assert_eq!(spec.strategy, Strategy::OneForOne);
         assert_eq!(spec.max_restarts, 4);
         assert_eq!(spec.within, Duration::from_millis(2500));
-        assert_eq!(spec.backoff, Backoff::Fixed(Duration::from_millis(150)));
+        assert_eq!(
+            spec.backoff,
+            Backoff::exponential(Duration::from_millis(150), Duration::from_millis(1000))
+        );
         assert_eq!(
             p.child_shutdown(),
             Shutdown::Timeout(Duration::from_millis(800))
         );
-        let none = SupervisorPolicy::from_numbers(1, 1.0, 0, 1)?;
+        let none = SupervisorPolicy::from_numbers(1, 1.0, 0, 0, 1)?;
         assert_eq!(none.spec()?.backoff, Backoff::None);
-        assert!(SupervisorPolicy::from_numbers(1, -1.0, 0, 1).is_err());
-        assert!(SupervisorPolicy::from_numbers(1, f64::NAN, 0, 1).is_err());
+        assert!(SupervisorPolicy::from_numbers(1, -1.0, 0, 0, 1).is_err());
+        assert!(SupervisorPolicy::from_numbers(1, f64::NAN, 0, 0, 1).is_err());
+        Ok(())
+    }
+
+    /// The config's numbers give a back-off that doubles per restart up to `backoff_max_ms`
+    /// (the `[supervision]` defaults: 100 ms up to 5000 ms), and a cap below the first delay
+    /// is refused.
+    #[test]
+    fn config_backoff_doubles_up_to_its_maximum() -> Result<(), SupervisorError> {
+        let spec = SupervisorPolicy::from_numbers(3, 60.0, 100, 5000, 5000)?.spec()?;
+        let delays: Vec<u128> = (0..8).map(|a| spec.backoff.delay(a).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        let equal = SupervisorPolicy::from_numbers(3, 60.0, 250, 250, 5000)?.spec()?;
+        assert_eq!(equal.backoff.delay(3), Duration::from_millis(250));
+        match SupervisorPolicy::from_numbers(3, 60.0, 300, 200, 5000) {
+            Err(SupervisorError::InvalidSpec(msg)) => {
+                assert_eq!(msg, "backoff_max_ms = 200 is less than backoff_ms = 300");
+            }
+            other => panic!("expected InvalidSpec, got {other:?}"),
+        }
         Ok(())
     }
 
