@@ -37,8 +37,8 @@ use flotilla_ckpt::format::step_dir;
 use flotilla_ckpt::{CheckpointEngine, CkptError, SaveLock, SaveReport, ShardRecord, Snapshot};
 use flotilla_runtime::config::{Config, SupervisionConfig};
 use flotilla_runtime::supervision::{
-    BackoffPolicy, ChildSpec, EventSender, ExitReason, Restart, Strategy, Supervisor,
-    SupervisorError, SupervisorHandle, SupervisorPolicy,
+    ChildSpec, EventSender, ExitReason, Restart, Strategy, Supervisor, SupervisorError,
+    SupervisorHandle, SupervisorPolicy,
 };
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -131,20 +131,7 @@ pub struct CoordinatorArgs {
 /// `within_s`; backoff from `backoff_ms`, doubling per restart up to `backoff_max_ms`, as the
 /// config documents it; children stopped within `shutdown_timeout_ms`.
 pub fn writer_policy(s: &SupervisionConfig) -> Result<SupervisorPolicy, SupervisorError> {
-    let mut policy = SupervisorPolicy::from_numbers(
-        s.max_restarts,
-        s.within_s,
-        s.backoff_ms,
-        s.shutdown_timeout_ms,
-    )?
-    .with_strategy(Strategy::OneForOne);
-    if s.backoff_ms > 0 {
-        policy.backoff = BackoffPolicy::Exponential {
-            initial_ms: s.backoff_ms,
-            max_ms: s.backoff_max_ms.max(s.backoff_ms),
-        };
-    }
-    Ok(policy)
+    Ok(SupervisorPolicy::from_supervision(s)?.with_strategy(Strategy::OneForOne))
 }
 
 /// The coordinator as a child of the controller's root supervisor (id [`CHILD_ID`],

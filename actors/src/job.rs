@@ -100,14 +100,7 @@ pub async fn train_with_faults(
     }
 
     let s = &cfg.supervision;
-    let policy = SupervisorPolicy::from_numbers(
-        s.max_restarts,
-        s.within_s,
-        s.backoff_ms,
-        s.backoff_max_ms,
-        s.shutdown_timeout_ms,
-    )?
-    .with_strategy(Strategy::OneForAll);
+    let policy = SupervisorPolicy::from_supervision(s)?.with_strategy(Strategy::OneForAll);
     let (events_tx, mut events_rx) = event_channel();
     // A job of several ranks runs them all in this process over the in-process fabric.
     let world = cfg.world_size();

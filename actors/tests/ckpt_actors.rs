@@ -111,7 +111,7 @@ async fn start(
 ) -> (SupervisorHandle, Coordinator, EventReceiver) {
     let (tx, rx) = event_channel();
     let child = ckpt_coordinator::child_spec(cfg, engine.clone(), tx.clone()).expect("spec");
-    let spec = SupervisorPolicy::from_numbers(3, 60.0, 0, 1_000)
+    let spec = SupervisorPolicy::from_numbers(3, 60.0, 0, 0, 1_000)
         .expect("policy")
         .with_strategy(Strategy::OneForAll)
         .spec()

@@ -114,6 +114,17 @@ impl SupervisorPolicy {
         Ok(policy)
     }
 
+    /// [`SupervisorPolicy::from_numbers`] with the job config's `[supervision]` numbers.
+    pub fn from_supervision(s: &crate::config::SupervisionConfig) -> Result<Self, SupervisorError> {
+        Self::from_numbers(
+            s.max_restarts,
+            s.within_s,
+            s.backoff_ms,
+            s.backoff_max_ms,
+            s.shutdown_timeout_ms,
+        )
+    }
+
     /// The same policy with another strategy.
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
