@@ -27,7 +27,6 @@ use flotilla_runtime::storage::local::LocalStorage;
 use crate::ckpt_coordinator::Coordinator;
 use crate::error::JobError;
 use crate::rank::RankMsg;
-use crate::trainer::StepStats;
 
 /// Where a resumed job takes its state from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,8 +133,6 @@ pub struct Checkpointer {
     coordinator: Coordinator,
     /// The step of the checkpoint in flight.
     pending: Option<u64>,
-    /// Snapshots whose buffers the next kept snapshot reuses (rank order).
-    spares: Vec<Snapshot>,
     /// The snapshots of the last committed checkpoint, handed back by the coordinator, until the
     /// driver takes them ([`Checkpointer::take_committed`]).
     committed: Option<Vec<Snapshot>>,
@@ -154,7 +151,6 @@ impl Checkpointer {
             mode: cfg.checkpoint.mode,
             coordinator,
             pending: None,
-            spares: Vec::new(),
             committed: None,
             model_config: crate::model_config::hf_config_json(&cfg.model).to_string(),
         })
@@ -163,13 +159,6 @@ impl Checkpointer {
     /// Whether a checkpoint is due once `done` steps have been taken.
     pub fn due(&self, done: u64) -> bool {
         done > 0 && done.is_multiple_of(self.interval)
-    }
-
-    /// Whether a checkpoint due between steps is taken by the next step's optimizer update
-    /// ([`RankMsg::StepWithSnapshot`]) rather than by a copy: in async mode. The synchronous
-    /// mode copies, since training waits for the write anyway.
-    pub fn keeps_snapshots(&self) -> bool {
-        self.mode == CheckpointMode::Async
     }
 
     /// The engine checkpoints are saved to and loaded from.
@@ -183,24 +172,12 @@ impl Checkpointer {
         self.committed.take()
     }
 
-    /// Buffers for the next kept snapshots (rank order).
-    pub fn set_spares(&mut self, spares: Vec<Snapshot>) {
-        self.spares = spares;
-    }
-
     /// Finish the background save if it has finished (without waiting otherwise).
     pub async fn poll(&mut self) -> Result<(), JobError> {
         if self.pending.is_some() && self.coordinator.is_finished().await? {
             self.finish().await?;
         }
         Ok(())
-    }
-
-    /// The buffers for the next kept snapshot of each of `ranks` ranks (empty where there are
-    /// none yet).
-    pub fn take_spares(&mut self, ranks: usize) -> Vec<Option<Box<Snapshot>>> {
-        let mut spares = std::mem::take(&mut self.spares).into_iter();
-        (0..ranks).map(|_| spares.next().map(Box::new)).collect()
     }
 
     /// Save the state the rank took (`snapshot`, the stall already paid by the caller).
@@ -237,11 +214,12 @@ impl Checkpointer {
     }
 }
 
-/// Ask the rank for a snapshot and save it; the stall (snapshot, plus the write in sync mode) is
-/// recorded as `CHECKPOINT_STALL_SECONDS`.
+/// Ask every rank for a snapshot (a device→host copy of its state) and hand them to the
+/// coordinator; the stall (the snapshots, plus the write in sync mode) is recorded as
+/// `CHECKPOINT_STALL_SECONDS`.
 pub(crate) async fn checkpoint(
     ck: &mut Checkpointer,
-    ranks: &crate::job::Ranks<'_>,
+    ranks: &crate::ranks::Ranks,
     clock: &dyn Clock,
     deadline: Duration,
     done: u64,
@@ -253,31 +231,6 @@ pub(crate) async fn checkpoint(
     ck.save_all(snaps).await?;
     metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
     Ok(())
-}
-
-/// Run step `step` on every rank, each keeping the snapshot of its state before the step
-/// ([`RankMsg::StepWithSnapshot`]), and save those snapshots as the checkpoint of `step`; the
-/// steps' statistics, in rank order. The stall recorded is the hand-off to the background save
-/// (the ranks' share is the capture of what the optimizer does not keep, inside the step).
-pub(crate) async fn step_and_checkpoint(
-    ck: &mut Checkpointer,
-    ranks: &crate::job::Ranks<'_>,
-    clock: &dyn Clock,
-    deadline: Duration,
-    step: u64,
-) -> Result<Vec<StepStats>, JobError> {
-    let msgs = ck
-        .take_spares(ranks.refs.len())
-        .into_iter()
-        .map(|reuse| move |reply| RankMsg::StepWithSnapshot(reuse, reply))
-        .collect();
-    let answers = ranks.try_each(clock, deadline, step, "", msgs).await?;
-    let (stats, snaps): (Vec<StepStats>, Vec<Snapshot>) =
-        answers.into_iter().map(|(s, snap)| (s, *snap)).unzip();
-    let t0 = clock.now();
-    ck.save_all(snaps).await?;
-    metrics::histogram!(names::CHECKPOINT_STALL_SECONDS).record(clock.elapsed(t0).as_secs_f64());
-    Ok(stats)
 }
 
 /// A line of `events.jsonl` about checkpoints (saves, restores, roll-backs).

@@ -19,8 +19,6 @@ pub enum JobError {
     RankFailed { rank: usize, step: u64, why: String },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    #[error("step {step}: {why}")]
-    Diverged { step: u64, why: String },
 }
 
 impl From<crate::ckpt_coordinator::CheckpointError> for JobError {

@@ -1,6 +1,7 @@
 //! Injected failures, for testing recovery the way a real fault would exercise it: a rank's
 //! step fails once at a given step and, optionally, the rank loses its memory with it (its own
-//! in-memory checkpoint copy), so that its restore has to come from a peer or from storage.
+//! in-memory checkpoint copy), so that its restore has to come from a peer or from storage; or
+//! a stage actor panics, so that its supervisor restarts it.
 //!
 //! A plan is shared by the ranks (which consult it before each step) and the job driver (which
 //! asks, when it rolls the job back, whose memory was lost).
@@ -18,10 +19,19 @@ pub struct InjectedFault {
     pub lose_memory: bool,
 }
 
+/// A stage actor that panics when it is told to run a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagePanic {
+    pub rank: usize,
+    pub stage: usize,
+    pub step: u64,
+}
+
 /// The failures to inject into one job; each fires once.
 #[derive(Debug, Default)]
 pub struct FaultPlan {
     faults: Mutex<Vec<(InjectedFault, bool)>>,
+    panics: Mutex<Vec<(StagePanic, bool)>>,
 }
 
 impl FaultPlan {
@@ -29,6 +39,32 @@ impl FaultPlan {
     pub fn new(faults: Vec<InjectedFault>) -> Self {
         Self {
             faults: Mutex::new(faults.into_iter().map(|f| (f, false)).collect()),
+            panics: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The plan with a stage actor's panic added.
+    #[must_use]
+    pub fn with_panic(self, p: StagePanic) -> Self {
+        self.panics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((p, false));
+        self
+    }
+
+    /// Whether stage `stage` of `rank` panics at `step` now (once).
+    pub fn panics(&self, rank: usize, stage: usize, step: u64) -> bool {
+        let mut panics = self.panics.lock().unwrap_or_else(|e| e.into_inner());
+        match panics
+            .iter_mut()
+            .find(|(p, fired)| !*fired && *p == StagePanic { rank, stage, step })
+        {
+            Some((_, fired)) => {
+                *fired = true;
+                true
+            }
+            None => false,
         }
     }
 

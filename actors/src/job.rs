@@ -1,36 +1,50 @@
 //! Running a training job: start the supervision tree, drive the steps, write the run's files.
 //!
-//! The tree is the controller's root supervisor (`one_for_all`, since training is a collective
-//! act) with the rank actors under it. The driver asks every rank for a step, waits with a
-//! deadline (`supervision.peer_timeout_ms`), and turns a failed or silent rank into a
-//! [`JobError::RankFailed`] naming the rank and step, never a hang. Every `checkpoint.interval`
-//! steps the ranks' state is checkpointed ([`crate::checkpoints`]), and [`train_from`] resumes a
-//! job from a checkpoint. Rolling back in-flight on a failure is not done yet: a failed rank ends
-//! the job with its report (and the files and checkpoints written so far).
+//! The tree (DESIGN.md, "The supervision tree", as far as one process goes):
+//!
+//! ```text
+//! controller        root supervisor, one_for_all (training is a collective act)
+//! ├── rank-r × world    each rank's subtree (rank_tree.rs): rank actor, expert shard, stages
+//! └── ckpt-coordinator  the checkpoint coordinator, with a writers' supervisor per checkpoint
+//! ```
+//!
+//! The ranks talk over one fabric: in-process channels (`cluster.fabric = "inproc"`), or
+//! simulated links on virtual time (`"sim"`, with `cluster.device = "sim"`; the caller runs the
+//! job on a paused clock). The driver asks every rank for a step, waits with a deadline
+//! (`supervision.peer_timeout_ms`), and turns a failed or silent rank into a
+//! [`JobError::RankFailed`] naming the rank and step, never a hang; with checkpoints on, a
+//! failed step rolls every rank back to the last checkpoint (`rollback.rs`) and replays, at most
+//! `supervision.max_job_restarts` times. A step whose loss or gradient norm is not finite is
+//! skipped (no update) and said so in `events.jsonl`. Every `checkpoint.interval` steps the
+//! ranks' state is checkpointed ([`crate::checkpoints`]), and [`train_from`] resumes a job from
+//! a checkpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_ckpt::Snapshot;
-use flotilla_runtime::clock::{Clock, with_deadline};
-use flotilla_runtime::config::Config;
+use flotilla_runtime::clock::Clock;
+use flotilla_runtime::config::{Config, FabricKind};
 use flotilla_runtime::fabric::Fabric;
 use flotilla_runtime::fabric::inproc::InprocHub;
+use flotilla_runtime::fabric::sim::{LinkModel, SimNetwork};
 use flotilla_runtime::metrics as names;
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::supervision::{
-    ChildSpec, Restart, Strategy, Supervisor, SupervisorPolicy, event_channel,
+    Strategy, Supervisor, SupervisorHandle, SupervisorPolicy, event_channel,
 };
-use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
 
 use crate::checkpoints::{self, Checkpointer, ResumeFrom};
 use crate::error::JobError;
 use crate::faults::FaultPlan;
-use crate::rank::{RankActor, RankArgs, RankMsg};
+use crate::pipeline::{ModelShape, placement};
+use crate::rank::RankMsg;
+use crate::rank_tree::RankTree;
+use crate::ranks::Ranks;
 use crate::rollback::Recovery;
 use crate::run_log::{EventLine, RunLog};
-use crate::trainer::StepStats;
+use crate::store::StepStats;
 
 /// A line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -54,8 +68,10 @@ pub struct Summary {
     /// Mean loss over the last 10 steps (less noisy than the last step's).
     pub final_loss_avg10: f32,
     pub tokens: u64,
+    /// Wall (or, on the simulated cluster, virtual) seconds of the run.
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// SHA-256 of the parameters (`shape-only` on the simulated device, which holds none).
     pub params_sha256: String,
     pub config_hash: String,
 }
@@ -83,6 +99,247 @@ pub async fn train_from(
     train_with_faults(cfg, storage, clock, resume, None, on_step).await
 }
 
+/// The fabric between a job's ranks: its hub (failure marks, reset, close) and an endpoint per
+/// rank.
+pub type Network = (Arc<InprocHub>, Vec<Arc<dyn Fabric>>);
+
+/// The fabric `[cluster] fabric` names between the job's ranks.
+fn fabric(cfg: &Config) -> Result<Network, JobError> {
+    let world = cfg.world_size();
+    Ok(match cfg.cluster.fabric {
+        FabricKind::Sim => {
+            let sim = cfg.cluster.sim.clone().unwrap_or_default();
+            let per_host = cfg.cluster.ranks_per_host.max(1);
+            let net = SimNetwork::new(LinkModel {
+                host_of: (0..world).map(|r| r / per_host).collect(),
+                intra_host_bytes_per_s: sim.intra_host_gbps * 1e9 / 8.0,
+                inter_host_bytes_per_s: sim.link_gbps * 1e9 / 8.0,
+                latency: Duration::from_secs_f64(sim.link_latency_us.max(0.0) * 1e-6),
+            });
+            let eps = net
+                .endpoints()
+                .into_iter()
+                .map(|e| Arc::new(e) as Arc<dyn Fabric>)
+                .collect();
+            (Arc::clone(net.hub()), eps)
+        }
+        FabricKind::Inproc => {
+            let hub = InprocHub::new(world);
+            let eps = (0..world)
+                .map(|r| Arc::new(hub.endpoint(r)) as Arc<dyn Fabric>)
+                .collect();
+            (hub, eps)
+        }
+        FabricKind::Quic => {
+            return Err(JobError::Config(
+                "cluster.fabric = \"quic\": a job over several processes is not supported yet"
+                    .into(),
+            ));
+        }
+    })
+}
+
+/// How a job is started besides its config (tests and benchmarks; `train` takes the defaults).
+#[derive(Default)]
+pub struct Launch {
+    /// Failures to inject (tests of recovery).
+    pub faults: Option<Arc<FaultPlan>>,
+    /// The fabric between the ranks, and its hub, instead of the one the config names (a
+    /// benchmark's modelled link).
+    pub fabric: Option<Network>,
+    /// Stage actions in progress at once per stage actor (default: 3 per sub-batch).
+    pub window: Option<usize>,
+}
+
+/// A running job: its supervision tree, the fabric between its ranks, its run files.
+pub struct Job {
+    pub cfg: Arc<Config>,
+    sup: SupervisorHandle,
+    sup_join: tokio::task::JoinHandle<()>,
+    events: tokio::task::JoinHandle<()>,
+    hub: Arc<InprocHub>,
+    pub(crate) ranks: Ranks,
+    pub(crate) log: RunLog,
+    engine: flotilla_ckpt::CheckpointEngine,
+    pub clock: Arc<dyn Clock>,
+    faults: Option<Arc<FaultPlan>>,
+}
+
+impl Job {
+    /// Start the job's tree: every rank's subtree (each building its model and state on its
+    /// device) and the checkpoint coordinator. `fresh` starts the run's files anew (a resumed
+    /// job appends to them).
+    pub async fn start(
+        cfg: Config,
+        storage: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        fresh: bool,
+        launch: Launch,
+    ) -> Result<Job, JobError> {
+        let cfg = Arc::new(cfg);
+        let engine = checkpoints::engine_for(&cfg, &storage)?;
+        let log = RunLog::new(storage);
+        if fresh {
+            log.start().await?;
+        }
+        let placement = Arc::new(placement(&cfg)?);
+        let shape = Arc::new(ModelShape::of(&cfg)?);
+        let (hub, endpoints) = match launch.fabric {
+            Some(f) => f,
+            None => fabric(&cfg)?,
+        };
+        if endpoints.len() != cfg.world_size() {
+            return Err(JobError::Config(format!(
+                "a fabric of {} ranks for a job of {}",
+                endpoints.len(),
+                cfg.world_size()
+            )));
+        }
+        let policy = SupervisorPolicy::from_supervision(&cfg.supervision)?
+            .with_strategy(Strategy::OneForAll);
+        let (events_tx, mut events_rx) = event_channel();
+        let mut spec = policy.spec()?;
+        let mut links = Vec::with_capacity(endpoints.len());
+        for (r, fabric) in endpoints.into_iter().enumerate() {
+            let tree = RankTree {
+                rank: r,
+                config: Arc::clone(&cfg),
+                placement: Arc::clone(&placement),
+                shape: Arc::clone(&shape),
+                fabric,
+                clock: Arc::clone(&clock),
+                faults: launch.faults.clone(),
+                window: launch.window.unwrap_or(3 * cfg.parallel.sub_batches.max(1)),
+            };
+            let (child, l) = tree.spec(events_tx.clone())?;
+            spec = spec.child(child);
+            links.push(l);
+        }
+        let coordinator =
+            crate::ckpt_coordinator::child_spec(&cfg, engine.clone(), events_tx.clone())?;
+        let spec = spec
+            .child(coordinator)
+            .observer(events_tx)
+            .with_label("controller");
+        let event_log = log.clone();
+        let events = tokio::spawn(async move {
+            while let Some(e) = events_rx.recv().await {
+                let line = EventLine {
+                    supervisor: e.supervisor,
+                    child: e.child,
+                    event: format!("{:?}", e.event),
+                };
+                if let Err(err) = event_log.event(&line).await {
+                    tracing::warn!("cannot write events.jsonl: {err}");
+                }
+            }
+        });
+        let (sup, sup_join) = match Supervisor::spawn(None, spec, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                hub.close();
+                let _ = events.await;
+                return Err(e.into());
+            }
+        };
+        Ok(Job {
+            ranks: Ranks::new(links, Arc::clone(&hub)),
+            cfg,
+            sup,
+            sup_join,
+            events,
+            hub,
+            log,
+            engine,
+            clock,
+            faults: launch.faults,
+        })
+    }
+
+    /// Run one step on every rank (no roll-back on failure); every rank's statistics.
+    pub async fn step(&mut self, step: u64) -> Result<Vec<StepStats>, JobError> {
+        let deadline = step_deadline(&self.cfg);
+        let attempt = self.ranks.attempt;
+        self.ranks
+            .try_all(self.clock.as_ref(), deadline, step, "", |reply| {
+                RankMsg::Step(attempt, reply)
+            })
+            .await
+    }
+
+    /// Every rank's snapshot, taken between steps.
+    pub async fn snapshots(&self, step: u64) -> Result<Vec<Snapshot>, JobError> {
+        let deadline = self.cfg.supervision.peer_timeout();
+        self.ranks
+            .try_all(
+                self.clock.as_ref(),
+                deadline,
+                step,
+                "snapshot",
+                RankMsg::Snapshot,
+            )
+            .await
+    }
+
+    /// The whole model's parameters by name, in host memory (each from its canonical holder).
+    pub async fn params(&self, step: u64) -> Result<Vec<(String, Vec<f32>)>, JobError> {
+        let deadline = self.cfg.supervision.peer_timeout();
+        let parts = self
+            .ranks
+            .try_all(
+                self.clock.as_ref(),
+                deadline,
+                step,
+                "parameters",
+                RankMsg::CanonicalParams,
+            )
+            .await?;
+        let all: std::collections::BTreeMap<String, Vec<f32>> =
+            parts.into_iter().flatten().collect();
+        Ok(all.into_iter().collect())
+    }
+
+    /// Restore every rank from its snapshot (rank order), as a roll-back does: what a step in
+    /// flight left is dropped, and the job goes on as a new attempt.
+    pub async fn restore(&mut self, snaps: Vec<Snapshot>) -> Result<(), JobError> {
+        let deadline = self.cfg.supervision.peer_timeout();
+        let step = snaps.first().map_or(0, |s| s.step);
+        self.ranks.reset_fabric();
+        self.ranks.attempt += 1;
+        let attempt = self.ranks.attempt;
+        let msgs = snaps
+            .into_iter()
+            .map(|s| move |reply| RankMsg::Restore(Box::new(s), attempt, reply))
+            .collect();
+        self.ranks
+            .try_each(self.clock.as_ref(), deadline, step, "restore", msgs)
+            .await
+            .map(|_| ())
+    }
+
+    /// Stop the tree (children in reverse order, each within its shutdown timeout).
+    pub async fn stop(self) -> Result<(), JobError> {
+        self.hub.close();
+        let stop = self
+            .sup
+            .stop(Duration::from_millis(
+                self.cfg.supervision.shutdown_timeout_ms.max(1),
+            ))
+            .await;
+        let _ = self.sup_join.await;
+        let _ = self.events.await;
+        Ok(stop?)
+    }
+}
+
+/// How long the driver waits for a step's answers: a backstop. Every wait on a peer inside a
+/// step has its own deadline (`supervision.peer_timeout_ms`, in the stage actors and the
+/// collectives), which fails the step first, naming the peer; this one only catches a rank
+/// whose device never finishes a job.
+fn step_deadline(cfg: &Config) -> Duration {
+    cfg.supervision.peer_timeout() * 3
+}
+
 /// [`train_from`] with failures injected by `faults` (tests of the in-flight roll-back).
 pub async fn train_with_faults(
     cfg: Config,
@@ -92,261 +349,22 @@ pub async fn train_with_faults(
     faults: Option<Arc<FaultPlan>>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
-    let cfg = Arc::new(cfg);
-    let engine = checkpoints::engine_for(&cfg, &storage)?;
-    let log = RunLog::new(storage);
-    if resume.is_none() {
-        log.start().await?;
-    }
-
-    let s = &cfg.supervision;
-    let policy = SupervisorPolicy::from_supervision(s)?.with_strategy(Strategy::OneForAll);
-    let (events_tx, mut events_rx) = event_channel();
-    // A job of several ranks runs them all in this process over the in-process fabric.
-    let world = cfg.world_size();
-    let hub = (world > 1).then(|| InprocHub::new(world));
-    let mut spec = policy.spec()?;
-    for r in 0..world {
-        let rank_cfg = Arc::clone(&cfg);
-        let fabric: Option<Arc<dyn Fabric>> = hub
-            .as_ref()
-            .map(|h| Arc::new(h.endpoint(r)) as Arc<dyn Fabric>);
-        let faults = faults.clone();
-        spec = spec.child(
-            ChildSpec::for_actor(&format!("rank-{r}"), move || {
-                (
-                    RankActor,
-                    RankArgs {
-                        rank: r,
-                        config: Arc::clone(&rank_cfg),
-                        fabric: fabric.clone(),
-                        faults: faults.clone(),
-                    },
-                )
-            })
-            // A failed step is rolled back by the driver (every rank restored from the last
-            // checkpoint), not by restarting the actor.
-            .with_restart(Restart::Temporary)
-            .with_shutdown(policy.child_shutdown()),
-        );
-    }
-    // ckpt-actors wiring (1/2): the checkpoint coordinator and its writers under the root.
-    let coordinator = crate::ckpt_coordinator::child_spec(&cfg, engine.clone(), events_tx.clone())?;
-    let spec = spec.child(coordinator);
-    let spec = spec.observer(events_tx).with_label("controller");
-    let (sup, sup_join) = Supervisor::spawn(None, spec, None).await?;
-    let event_log = log.clone();
-    let events = tokio::spawn(async move {
-        while let Some(e) = events_rx.recv().await {
-            let line = EventLine {
-                supervisor: e.supervisor,
-                child: e.child,
-                event: format!("{:?}", e.event),
-            };
-            if let Err(err) = event_log.event(&line).await {
-                tracing::warn!("cannot write events.jsonl: {err}");
-            }
-        }
-    });
-
-    let result = drive(
-        &cfg,
-        &sup,
-        hub.as_deref(),
-        clock.as_ref(),
-        &log,
-        engine,
-        resume,
+    let launch = Launch {
         faults,
-        on_step,
-    )
-    .await;
-    if let Some(h) = &hub {
-        h.close();
-    }
-    let stop = sup
-        .stop(Duration::from_millis(
-            cfg.supervision.shutdown_timeout_ms.max(1),
-        ))
-        .await;
-    let _ = sup_join.await;
-    let _ = events.await;
+        ..Launch::default()
+    };
+    let mut job = Job::start(cfg, storage, clock, resume.is_none(), launch).await?;
+    let result = drive(&mut job, resume, on_step).await;
+    let stop = job.stop().await;
     let summary = result?;
     stop?;
     Ok(summary)
 }
 
-/// The job's rank actors, in rank order, and the in-process fabric between them (if several).
-pub(crate) struct Ranks<'a> {
-    pub(crate) refs: Vec<ActorRef<RankMsg>>,
-    hub: Option<&'a InprocHub>,
-}
-
-impl Ranks<'_> {
-    /// Forget the fabric's failure marks and undelivered messages (a roll-back).
-    pub(crate) fn reset_fabric(&self) {
-        if let Some(h) = self.hub {
-            h.reset();
-        }
-    }
-
-    /// Ask every rank the same question and wait for every answer within `deadline`. Answers
-    /// are taken as they come: a rank that fails, stops or stays silent is marked failed on the
-    /// fabric at once, so that peers waiting on it fail now instead of at their own deadline,
-    /// and the first failure in time (the culprit, usually) is returned.
-    pub(crate) async fn call_all<T: Send + 'static>(
-        &self,
-        clock: &dyn Clock,
-        deadline: Duration,
-        step: u64,
-        msg: impl Fn(RpcReplyPort<T>) -> RankMsg,
-    ) -> Result<Vec<T>, JobError> {
-        let builders = self.refs.iter().map(|_| &msg).collect();
-        self.gather(clock, deadline, step, builders, |_| None).await
-    }
-
-    /// [`Ranks::call_all`] for questions answered with `Result<T, String>`: a rank's own error
-    /// becomes a [`JobError::RankFailed`] naming it (and marks it failed on the fabric).
-    pub(crate) async fn try_all<T: Send + 'static>(
-        &self,
-        clock: &dyn Clock,
-        deadline: Duration,
-        step: u64,
-        what: &str,
-        msg: impl Fn(RpcReplyPort<Result<T, String>>) -> RankMsg,
-    ) -> Result<Vec<T>, JobError> {
-        let builders = self.refs.iter().map(|_| &msg).collect();
-        self.try_each(clock, deadline, step, what, builders).await
-    }
-
-    /// [`Ranks::try_all`] with a message of its own for every rank (`msgs[r]` for rank `r`).
-    pub(crate) async fn try_each<
-        T: Send + 'static,
-        F: FnOnce(RpcReplyPort<Result<T, String>>) -> RankMsg,
-    >(
-        &self,
-        clock: &dyn Clock,
-        deadline: Duration,
-        step: u64,
-        what: &str,
-        msgs: Vec<F>,
-    ) -> Result<Vec<T>, JobError> {
-        let label = |why: &str| {
-            if what.is_empty() {
-                why.to_string()
-            } else {
-                format!("{what}: {why}")
-            }
-        };
-        let answers = self
-            .gather(clock, deadline, step, msgs, |a: &Result<T, String>| {
-                a.as_ref().err().map(|why| label(why))
-            })
-            .await?;
-        answers
-            .into_iter()
-            .enumerate()
-            .map(|(rank, a)| a.map_err(|why| JobError::RankFailed { rank, step, why }))
-            .collect()
-    }
-
-    async fn gather<T: Send + 'static, F: FnOnce(RpcReplyPort<T>) -> RankMsg>(
-        &self,
-        clock: &dyn Clock,
-        deadline: Duration,
-        step: u64,
-        msgs: Vec<F>,
-        failed: impl Fn(&T) -> Option<String>,
-    ) -> Result<Vec<T>, JobError> {
-        let n = self.refs.len();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for ((r, actor), msg) in self.refs.iter().enumerate().zip(msgs) {
-            let (reply, answer) = ractor::concurrency::oneshot();
-            actor
-                .cast(msg(reply.into()))
-                .map_err(|e| JobError::RankFailed {
-                    rank: r,
-                    step,
-                    why: format!("cannot reach the rank: {e}"),
-                })?;
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send((r, answer.await.ok()));
-            });
-        }
-        drop(tx);
-        let started = clock.now();
-        let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
-        let mut first_err = None;
-        let fail = |r: usize, why: String, first_err: &mut Option<JobError>| {
-            if let Some(h) = self.hub {
-                h.fail_rank(r, why.clone());
-            }
-            first_err.get_or_insert(JobError::RankFailed { rank: r, step, why });
-        };
-        for _ in 0..n {
-            let left = deadline.saturating_sub(clock.elapsed(started));
-            match with_deadline(clock, left, rx.recv()).await {
-                Ok(Some((r, Some(v)))) => {
-                    if let Some(why) = failed(&v) {
-                        fail(r, why, &mut first_err);
-                    }
-                    slots[r] = Some(v);
-                }
-                Ok(Some((r, None))) => fail(
-                    r,
-                    "the rank stopped without answering".into(),
-                    &mut first_err,
-                ),
-                Ok(None) => break,
-                Err(after) => {
-                    for (r, s) in slots.iter().enumerate() {
-                        if s.is_none() {
-                            fail(r, format!("no answer within {after:?}"), &mut first_err);
-                        }
-                    }
-                    break;
-                }
-            }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        slots
-            .into_iter()
-            .enumerate()
-            .map(|(r, s)| {
-                s.ok_or_else(|| JobError::RankFailed {
-                    rank: r,
-                    step,
-                    why: "no answer".into(),
-                })
-            })
-            .collect()
-    }
-}
-
-async fn ranks<'a>(
-    sup: &flotilla_runtime::supervision::SupervisorHandle,
-    world: usize,
-    hub: Option<&'a InprocHub>,
-) -> Result<Ranks<'a>, JobError> {
-    let mut refs = Vec::with_capacity(world);
-    for r in 0..world {
-        let info = sup.child(&format!("rank-{r}")).await?;
-        refs.push(info.cell.map(ActorRef::from).ok_or(JobError::RankFailed {
-            rank: r,
-            step: 0,
-            why: "not running".into(),
-        })?);
-    }
-    Ok(Ranks { refs, hub })
-}
-
 /// Restore every rank from the checkpoint `from` names; returns the step to continue at.
 async fn resume_ranks(
     cfg: &Config,
-    ranks: &Ranks<'_>,
+    ranks: &Ranks,
     clock: &dyn Clock,
     log: &RunLog,
     engine: &flotilla_ckpt::CheckpointEngine,
@@ -358,7 +376,7 @@ async fn resume_ranks(
         checkpoints::event(log, format!("fallback: {why}")).await?;
     }
     let step = loaded.step;
-    let mut by_rank: Vec<Option<Snapshot>> = (0..ranks.refs.len()).map(|_| None).collect();
+    let mut by_rank: Vec<Option<Snapshot>> = (0..ranks.len()).map(|_| None).collect();
     for snap in loaded.snapshots {
         let r = snap.meta.rank;
         match by_rank.get_mut(r) {
@@ -366,7 +384,7 @@ async fn resume_ranks(
             _ => {
                 return Err(JobError::Checkpoint(format!(
                     "step {step}: a snapshot of rank {r} does not fit a job of {} ranks (or appears twice)",
-                    ranks.refs.len()
+                    ranks.len()
                 )));
             }
         }
@@ -380,9 +398,10 @@ async fn resume_ranks(
             })
         })
         .collect::<Result<_, _>>()?;
+    let attempt = ranks.attempt;
     let msgs = snaps
         .into_iter()
-        .map(|snap| move |reply| RankMsg::Restore(Box::new(snap), reply))
+        .map(|snap| move |reply| RankMsg::Restore(Box::new(snap), attempt, reply))
         .collect();
     ranks
         .try_each(clock, deadline, step, "restore", msgs)
@@ -391,48 +410,41 @@ async fn resume_ranks(
     Ok(step)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The steps of a started job, with its checkpoints and roll-backs; the summary.
 async fn drive(
-    cfg: &Config,
-    sup: &flotilla_runtime::supervision::SupervisorHandle,
-    hub: Option<&InprocHub>,
-    clock: &dyn Clock,
-    log: &RunLog,
-    engine: flotilla_ckpt::CheckpointEngine,
+    job: &mut Job,
     resume: Option<ResumeFrom>,
-    faults: Option<Arc<FaultPlan>>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
 ) -> Result<Summary, JobError> {
-    let ranks = ranks(sup, cfg.world_size(), hub).await?;
+    let cfg = Arc::clone(&job.cfg);
+    let cfg = cfg.as_ref();
+    let clock = Arc::clone(&job.clock);
+    let clock = clock.as_ref();
+    let (ranks, log) = (&mut job.ranks, &job.log);
     let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
     let first = match &resume {
-        Some(from) => resume_ranks(cfg, &ranks, clock, log, &engine, from).await?,
+        Some(from) => resume_ranks(cfg, ranks, clock, log, &job.engine, from).await?,
         None => 0,
     };
-    // ckpt-actors wiring (2/2): checkpoints go to the coordinator started under `sup`.
-    let coordinator = crate::ckpt_coordinator::Coordinator::find(sup).await?;
-    let mut ckpt = Checkpointer::new(cfg, engine, coordinator);
+    let coordinator = crate::ckpt_coordinator::Coordinator::find(&job.sup).await?;
+    let mut ckpt = Checkpointer::new(cfg, job.engine.clone(), coordinator);
     let mut recovery = match ckpt {
-        Some(_) => Some(Recovery::new(cfg, faults)?),
+        Some(_) => Some(Recovery::new(cfg, job.faults.clone())?),
         None => None,
     };
     let started = clock.now();
     // Per step taken (a roll-back forgets the steps it undoes).
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
     let mut step_tokens: Vec<u64> = Vec::with_capacity(cfg.job.steps as usize);
-    // A checkpoint of the state before this step is due, to be kept by the step's optimizer.
-    let mut keep_due = false;
     let mut step = first;
     while step < cfg.job.steps {
         let t0 = clock.now();
-        let answer = match ckpt.as_mut().filter(|_| keep_due) {
-            Some(ck) => checkpoints::step_and_checkpoint(ck, &ranks, clock, deadline, step).await,
-            None => {
-                ranks
-                    .try_all(clock, deadline, step, "", RankMsg::Step)
-                    .await
-            }
-        };
+        let attempt = ranks.attempt;
+        let answer = ranks
+            .try_all(clock, step_deadline(cfg), step, "", |reply| {
+                RankMsg::Step(attempt, reply)
+            })
+            .await;
         let all = match (answer, ckpt.as_mut(), recovery.as_mut()) {
             (Ok(all), _, _) => all,
             (Err(e), Some(ck), Some(rec)) => {
@@ -442,23 +454,35 @@ async fn drive(
                     rec.keep(snaps).await?;
                 }
                 step = rec
-                    .roll_back(e, &ranks, ck.engine(), clock, deadline, log)
+                    .roll_back(e, ranks, ck.engine(), clock, deadline, log)
                     .await?;
                 losses.truncate(step.saturating_sub(first) as usize);
                 step_tokens.truncate(step.saturating_sub(first) as usize);
-                keep_due = false;
                 continue;
             }
             (Err(e), _, _) => return Err(e),
         };
         // Every rank reports the job-wide loss and norm; compute is summed over the ranks.
-        let flops: f64 = all.iter().map(|s| s.device_flops).sum();
+        let (flops, dev_s) = all.iter().fold((0.0, 0.0f64), |(f, s), st| {
+            (f + st.device_flops, s.max(st.device_seconds))
+        });
         let Some(mut stats) = all.into_iter().next() else {
             return Err(JobError::Config("a job with no ranks".into()));
         };
         stats.device_flops = flops;
+        stats.device_seconds = dev_s;
+        if stats.skipped {
+            checkpoints::event(
+                log,
+                format!(
+                    "step {step}: update skipped, the batch of step {step} gave a loss of {} and                      a gradient norm of {}",
+                    stats.loss, stats.grad_norm
+                ),
+            )
+            .await?;
+        }
         let secs = clock.elapsed(t0).as_secs_f64().max(1e-9);
-        step_tokens.push(stats.tokens as u64);
+        step_tokens.push(stats.tokens);
         losses.push(stats.loss);
         let rec = StepRecord {
             tokens_per_s: stats.tokens as f64 / secs,
@@ -476,24 +500,15 @@ async fn drive(
             log.metric(&rec).await?;
         }
         on_step(&rec);
-        keep_due = false;
         if let Some(ck) = ckpt.as_mut().filter(|c| c.due(step + 1)) {
-            if ck.keeps_snapshots() && step + 1 < cfg.job.steps {
-                keep_due = true;
-            } else {
-                checkpoints::checkpoint(ck, &ranks, clock, deadline, step + 1).await?;
-            }
+            checkpoints::checkpoint(ck, ranks, clock, deadline, step + 1).await?;
         }
         // A committed checkpoint becomes the ranks' in-memory copies and replicas (in the
-        // background); the copies it replaces serve as the buffers of the next kept snapshot.
+        // background).
         if let (Some(ck), Some(rec)) = (ckpt.as_mut(), recovery.as_mut()) {
             ck.poll().await?;
             if let Some(snaps) = ck.take_committed() {
                 rec.keep(snaps).await?;
-            }
-            let spares = rec.take_spares().await?;
-            if !spares.is_empty() {
-                ck.set_spares(spares);
             }
         }
         step += 1;
@@ -502,14 +517,17 @@ async fn drive(
     if let Some(ck) = ckpt.as_mut() {
         ck.finish().await?;
     }
-    let sha = if ranks.refs.len() == 1 {
-        let mut v = ranks
-            .call_all(clock, deadline, cfg.job.steps, RankMsg::ParamsSha256)
-            .await?;
-        v.pop().unwrap_or_default()
+    let sha = if cfg.cluster.device == flotilla_runtime::config::DeviceKind::Sim {
+        "shape-only".to_string()
     } else {
         let parts = ranks
-            .call_all(clock, deadline, cfg.job.steps, RankMsg::CanonicalParams)
+            .try_all(
+                clock,
+                deadline,
+                cfg.job.steps,
+                "parameters",
+                RankMsg::CanonicalParams,
+            )
             .await?;
         crate::pipeline::job_params_sha256(parts)
     };

@@ -1,75 +1,134 @@
-//! The rank actor: owns one rank's [`Trainer`] on a dedicated compute thread, so that the actor
-//! keeps answering supervision and control messages while a long step runs. In a pipeline /
-//! expert / data-parallel job it is the rank's *stage actor*: its trainer holds the rank's stages
-//! and experts and runs the schedule's actions as activations and gradients arrive over the
-//! fabric (see [`crate::pipeline`]).
+//! The rank actor: one per rank, the first child of the rank's supervisor (`rest_for_one`: the
+//! expert shard and the stage actors after it depend on it). It owns the rank's device and
+//! training state through its compute stream ([`crate::stream`]), and answers the job driver:
+//! a step, a snapshot, a restore, the parameters.
 //!
-//! A step request is handed to the thread with its reply port and the handler returns at once;
-//! the thread replies when the step is done. If the thread dies (a panic in compute), the reply
-//! port is dropped, the caller's call fails, and the next message finds the thread gone and
-//! fails the actor, which its supervisor then sees.
+//! A step: zero the gradients and take the micro-batches (a job); tell the stage actors to run
+//! it; as soon as every W of a group's stages is done, reduce that group's gradients over its
+//! holders ([`crate::pipeline::grad_sync`]) while the other stages go on; when every stage is
+//! done, one all-reduce of the step's statistics over the job (losses and `Σ g²` as floats,
+//! tokens and expert loads as integers, exactly); then clip, AdamW and the router biases (a
+//! job), skipped when the loss or the norm is not finite. The step runs in a task of its own,
+//! so the actor keeps answering meanwhile: a child that restarts, or an expert shard that
+//! fails, fails the step at once.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::mpsc;
 
 use flotilla_ckpt::Snapshot;
-use flotilla_runtime::config::Config;
+use flotilla_collectives::{Algo, CommConfig, Communicator, ReduceOp};
+use flotilla_model::LossParts;
+use flotilla_runtime::clock::Clock;
+use flotilla_runtime::config::{Config, DeviceKind, FabricKind};
 use flotilla_runtime::fabric::Fabric;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use crate::error::JobError;
+use crate::expert_shard::ShardMsg;
 use crate::faults::FaultPlan;
-use crate::trainer::{StepStats, Trainer};
+use crate::links::{Gate, RankLinks};
+use crate::pipeline::grad_sync::{self, GradGroups};
+use crate::pipeline::{ModelShape, Placement};
+use crate::schedule::timeline;
+use crate::stage::{StageMsg, StageReport, StepPlan};
+use crate::store::{LocalStats, RankStore, StepStats, make_device};
+use crate::stream::{Order, Stream};
+
+/// Fabric channel of the per-step statistics all-reduce.
+pub const STATS_CHANNEL: u32 = 0x5354_0000;
+
+/// Tensors by name, in host memory.
+pub type NamedValues = Vec<(String, Vec<f32>)>;
 
 /// Messages to a rank.
 #[derive(Debug)]
 pub enum RankMsg {
-    /// Run one optimizer step; replies with its statistics or why it failed.
-    Step(RpcReplyPort<Result<StepStats, String>>),
-    /// SHA-256 of the rank's parameters.
-    ParamsSha256(RpcReplyPort<String>),
-    /// The tensors this rank is the lowest holder of (for the job's parameter hash).
-    CanonicalParams(RpcReplyPort<Vec<(String, Vec<f32>)>>),
+    /// Run one optimizer step of the job's `attempt`; replies with its statistics or why it
+    /// failed.
+    Step(u64, RpcReplyPort<Result<StepStats, String>>),
     /// A copy of the rank's whole training state, taken between steps.
     Snapshot(RpcReplyPort<Result<Snapshot, String>>),
-    /// Run one optimizer step and reply with the snapshot of the state before it, kept by the
-    /// step's out-of-place optimizer update instead of copied ([`Trainer::step_with_snapshot`]);
-    /// the snapshot, if any, is an earlier one whose buffers it may reuse.
-    StepWithSnapshot(Option<Box<Snapshot>>, RpcReplyPort<StepAndSnapshot>),
-    /// Replace the rank's training state with a snapshot's.
-    Restore(Box<Snapshot>, RpcReplyPort<Result<(), String>>),
+    /// Replace the rank's training state with a snapshot's, and go on as `attempt` (a
+    /// roll-back: what the step in flight left is dropped).
+    Restore(Box<Snapshot>, u64, RpcReplyPort<Result<(), String>>),
+    /// The tensors this rank is the lowest holder of (for the job's parameter hash).
+    CanonicalParams(RpcReplyPort<Result<NamedValues, String>>),
+    /// A child of the rank (re)started (its name): a step in flight fails.
+    Restarted(String),
+    /// Something of the rank failed outside a stage (the expert shard): a step in flight fails.
+    Failure(String),
+    /// The step task ended.
+    StepEnded(Box<Comms>, Result<StepStats, String>),
 }
 
-/// The answer to [`RankMsg::StepWithSnapshot`].
-pub type StepAndSnapshot = Result<(StepStats, Box<Snapshot>), String>;
-
-enum Work {
-    Step(RpcReplyPort<Result<StepStats, String>>),
-    StepWithSnapshot(Option<Box<Snapshot>>, RpcReplyPort<StepAndSnapshot>),
-    Sha(RpcReplyPort<String>),
-    Canonical(RpcReplyPort<Vec<(String, Vec<f32>)>>),
-    Snapshot(RpcReplyPort<Result<Snapshot, String>>),
-    Restore(Box<Snapshot>, RpcReplyPort<Result<(), String>>),
-}
-
-/// Start arguments: which rank, the job's config, and (in a job of several ranks) the rank's
-/// fabric endpoint.
-#[derive(Debug, Clone)]
+/// What a rank is started with.
+#[derive(Clone)]
 pub struct RankArgs {
     pub rank: usize,
     pub config: Arc<Config>,
-    pub fabric: Option<Arc<dyn Fabric>>,
+    pub placement: Arc<Placement>,
+    pub shape: Arc<ModelShape>,
+    pub fabric: Arc<dyn Fabric>,
+    pub links: Arc<RankLinks>,
+    pub clock: Arc<dyn Clock>,
     /// Failures to inject (tests of recovery).
     pub faults: Option<Arc<FaultPlan>>,
 }
 
-/// The rank actor (its state is the channel to its compute thread).
+impl std::fmt::Debug for RankArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RankArgs(rank {})", self.rank)
+    }
+}
+
+/// The rank's communicators: its gradient groups and the whole job (statistics).
+#[derive(Debug)]
+pub struct Comms {
+    grads: GradGroups,
+    world: Communicator,
+}
+
+/// The step in flight.
+struct Running {
+    reply: RpcReplyPort<Result<StepStats, String>>,
+    report: UnboundedSender<StageReport>,
+}
+
+/// The rank actor's state.
+pub struct RankState {
+    a: RankArgs,
+    stream: Stream,
+    comms: Option<Box<Comms>>,
+    running: Option<Running>,
+    attempt: u64,
+}
+
+/// The rank actor.
 #[derive(Debug, Default)]
 pub struct RankActor;
 
-/// The rank's compute thread handle.
-pub struct RankState {
-    rank: usize,
-    work: mpsc::Sender<Work>,
+/// The rank's communicators, built anew (at the start, and after a roll-back: a failed
+/// collective leaves its communicator poisoned).
+fn comms(a: &RankArgs) -> Result<Comms, String> {
+    let cfg = &a.config;
+    let mut comm = CommConfig::from_supervision(&cfg.supervision);
+    if cfg.cluster.fabric == FabricKind::Inproc {
+        // Every rank in this process: large all-reduces may use the in-process star.
+        comm = comm.in_process();
+    }
+    let grads = GradGroups::new(
+        &a.placement,
+        a.rank,
+        &a.shape.trainable,
+        &a.fabric,
+        comm.clone(),
+        cfg.parallel.dp_bucket_bytes(),
+    )?;
+    Ok(Comms {
+        grads,
+        world: Communicator::world(Arc::clone(&a.fabric), STATS_CHANNEL, comm),
+    })
 }
 
 impl Actor for RankActor {
@@ -79,120 +138,404 @@ impl Actor for RankActor {
 
     async fn pre_start(
         &self,
-        _me: ActorRef<RankMsg>,
-        args: RankArgs,
+        me: ActorRef<RankMsg>,
+        a: RankArgs,
     ) -> Result<RankState, ActorProcessingErr> {
-        let (work, rx) = mpsc::channel::<Work>();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
-        let config = Arc::clone(&args.config);
-        let (rank, fabric) = (args.rank, args.fabric.clone());
-        let faults = args.faults.clone();
-        let rt = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name(format!("rank-{}-compute", args.rank))
-            .spawn(move || {
-                let trainer = match fabric {
-                    None => Trainer::new(&config),
-                    Some(f) => crate::pipeline::new_rank(&config, rank, f, rt),
-                };
-                compute_loop(trainer, rx, ready_tx, Injector { rank, faults })
-            })?;
-        match ready_rx.await {
-            Ok(Ok(())) => Ok(RankState {
-                rank: args.rank,
-                work,
-            }),
-            Ok(Err(why)) => Err(format!("rank {} could not start: {why}", args.rank).into()),
-            Err(_) => Err(format!("rank {} compute thread died while starting", args.rank).into()),
-        }
+        let (cfg, rank, placement) = (Arc::clone(&a.config), a.rank, Arc::clone(&a.placement));
+        let build = move || -> Result<_, JobError> {
+            let dev = make_device(&cfg)?;
+            let store = RankStore::build(&cfg, rank, placement, dev.as_ref())?;
+            Ok((dev, store))
+        };
+        let stream = match a.config.cluster.device {
+            DeviceKind::Sim => {
+                let (dev, store) = build().map_err(|e| format!("rank {rank}: {e}"))?;
+                Stream::virtual_time(dev, store)
+            }
+            _ => Stream::on_thread(format!("rank-{rank}-device"), build)
+                .await
+                .map_err(|e| format!("rank {rank}: {e}"))?,
+        };
+        let comms = comms(&a).map_err(|e| format!("rank {rank}: {e}"))?;
+        a.links.set_stream(Some(stream.clone()));
+        a.links.set_rank_actor(me);
+        Ok(RankState {
+            a,
+            stream,
+            comms: Some(Box::new(comms)),
+            running: None,
+            attempt: 0,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _me: ActorRef<RankMsg>,
+        s: &mut RankState,
+    ) -> Result<(), ActorProcessingErr> {
+        s.a.links.set_stream(None);
+        Ok(())
     }
 
     async fn handle(
         &self,
-        _me: ActorRef<RankMsg>,
+        me: ActorRef<RankMsg>,
         msg: RankMsg,
-        st: &mut RankState,
+        s: &mut RankState,
     ) -> Result<(), ActorProcessingErr> {
-        let work = match msg {
-            RankMsg::Step(reply) => Work::Step(reply),
-            RankMsg::ParamsSha256(reply) => Work::Sha(reply),
-            RankMsg::CanonicalParams(reply) => Work::Canonical(reply),
-            RankMsg::Snapshot(reply) => Work::Snapshot(reply),
-            RankMsg::StepWithSnapshot(reuse, reply) => Work::StepWithSnapshot(reuse, reply),
-            RankMsg::Restore(snap, reply) => Work::Restore(snap, reply),
-        };
-        st.work
-            .send(work)
-            .map_err(|_| format!("rank {}: compute thread is gone", st.rank).into())
+        match msg {
+            RankMsg::Step(attempt, reply) => s.start_step(me, attempt, reply),
+            RankMsg::StepEnded(comms, result) => {
+                s.comms = Some(comms);
+                if let Some(r) = s.running.take() {
+                    let _ = r.reply.send(result);
+                }
+            }
+            RankMsg::Restarted(who) | RankMsg::Failure(who) => {
+                if let Some(r) = &s.running {
+                    let _ = r.report.send(StageReport::Failed {
+                        stage: usize::MAX,
+                        why: format!("rank {}: {who} restarted or failed", s.a.rank),
+                    });
+                }
+            }
+            RankMsg::Snapshot(reply) => {
+                let stream = s.stream.clone();
+                tokio::spawn(async move {
+                    let r = stream
+                        .run(Order::STEP, |d| d.store.snapshot(d.dev))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let _ = reply.send(r);
+                });
+            }
+            RankMsg::Restore(snap, attempt, reply) => {
+                s.abort(attempt);
+                s.comms = match comms(&s.a) {
+                    Ok(c) => Some(Box::new(c)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                let stream = s.stream.clone();
+                tokio::spawn(async move {
+                    let r = stream
+                        .run(Order::STEP, move |d| d.store.restore(d.dev, &snap))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let _ = reply.send(r);
+                });
+            }
+            RankMsg::CanonicalParams(reply) => {
+                let stream = s.stream.clone();
+                tokio::spawn(async move {
+                    let r = stream
+                        .run(Order::STEP, |d| d.store.canonical_params(d.dev))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.ok_or_else(|| "the device holds no values".to_string()));
+                    let _ = reply.send(r);
+                });
+            }
+        }
+        Ok(())
     }
 }
 
-/// A rank's view of the job's [`FaultPlan`].
-struct Injector {
+impl RankState {
+    /// Drop the step in flight everywhere in the rank; go on as `attempt`.
+    fn abort(&mut self, attempt: u64) {
+        self.attempt = attempt;
+        if let Some(r) = self.running.take() {
+            let _ = r
+                .reply
+                .send(Err(format!("rank {}: rolled back", self.a.rank)));
+        }
+        for (_, st) in self.a.links.stages() {
+            let _ = st.cast(StageMsg::Abort { attempt });
+        }
+        if let Some(sh) = self.a.links.shard() {
+            let _ = sh.cast(ShardMsg::Abort { attempt });
+        }
+    }
+
+    fn start_step(
+        &mut self,
+        me: ActorRef<RankMsg>,
+        attempt: u64,
+        reply: RpcReplyPort<Result<StepStats, String>>,
+    ) {
+        let rank = self.a.rank;
+        if self.running.is_some() {
+            let _ = reply.send(Err(format!("rank {rank}: a step is already running")));
+            return;
+        }
+        let Some(comms) = self.comms.take() else {
+            let _ = reply.send(Err(format!("rank {rank}: its communicators are lost")));
+            return;
+        };
+        self.attempt = attempt;
+        let (tx, rx) = unbounded_channel();
+        self.running = Some(Running {
+            reply,
+            report: tx.clone(),
+        });
+        let ctx = StepCtx {
+            rank,
+            attempt,
+            stream: self.stream.clone(),
+            links: Arc::clone(&self.a.links),
+            placement: Arc::clone(&self.a.placement),
+            shape: Arc::clone(&self.a.shape),
+            faults: self.a.faults.clone(),
+        };
+        tokio::spawn(async move {
+            let (comms, result) = ctx.run(comms, tx, rx).await;
+            let _ = me.cast(RankMsg::StepEnded(comms, result));
+        });
+    }
+}
+
+/// What the step task needs.
+struct StepCtx {
     rank: usize,
+    attempt: u64,
+    stream: Stream,
+    links: Arc<RankLinks>,
+    placement: Arc<Placement>,
+    shape: Arc<ModelShape>,
     faults: Option<Arc<FaultPlan>>,
 }
 
-impl Injector {
-    /// Why the step `trainer` is about to take must fail, if a fault is planned for it.
-    fn fails(&self, trainer: &Trainer) -> Option<String> {
-        let step = trainer.steps_done();
-        let f = self.faults.as_ref()?.fire(self.rank, step)?;
-        Some(format!(
-            "injected failure at step {step}{}",
-            if f.lose_memory { " (memory lost)" } else { "" }
-        ))
+impl StepCtx {
+    async fn run(
+        self,
+        mut comms: Box<Comms>,
+        tx: UnboundedSender<StageReport>,
+        rx: UnboundedReceiver<StageReport>,
+    ) -> (Box<Comms>, Result<StepStats, String>) {
+        let r = self.step(&mut comms, tx, rx).await;
+        (comms, r.map_err(|e| format!("rank {}: {e}", self.rank)))
+    }
+
+    async fn step(
+        &self,
+        comms: &mut Comms,
+        tx: UnboundedSender<StageReport>,
+        mut rx: UnboundedReceiver<StageReport>,
+    ) -> Result<StepStats, String> {
+        let err = |e: crate::stream::StreamError| e.to_string();
+        self.stream.new_step();
+        let pp = self.placement.topo.coord(self.rank).pp;
+        let list = &self.placement.schedule.ranks[pp];
+        *self.links.gate() = Gate {
+            cap: timeline::peak_activations(list).max(1),
+            ..Gate::default()
+        };
+        let step = self
+            .stream
+            .run(Order::STEP, |d| {
+                d.store.begin_step(d.dev);
+                d.store.step
+            })
+            .await
+            .map_err(err)?;
+        if let Some(f) = self.faults.as_ref().and_then(|f| f.fire(self.rank, step)) {
+            return Err(format!(
+                "injected failure at step {step}{}",
+                if f.lose_memory { " (memory lost)" } else { "" }
+            ));
+        }
+        let stages: BTreeSet<usize> = self
+            .placement
+            .stages_of(self.rank)
+            .iter()
+            .copied()
+            .collect();
+        let actors = self.links.stages();
+        for &st in &stages {
+            let a = actors
+                .get(&st)
+                .ok_or_else(|| format!("stage {st} is not running"))?;
+            let plan = StepPlan {
+                attempt: self.attempt,
+                step,
+                report: tx.clone(),
+            };
+            a.cast(StageMsg::Run(plan))
+                .map_err(|e| format!("stage {st}: {e}"))?;
+        }
+        drop(tx);
+        // Reduce each gradient group as soon as its stages' W's are done.
+        let mut reducing = tokio::task::JoinSet::new();
+        let (mut done, mut weights, mut launched) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let bucket = comms.grads.bucket;
+        let launch = |weights: &BTreeSet<usize>,
+                      launched: &mut BTreeSet<usize>,
+                      comms: &mut Comms,
+                      reducing: &mut tokio::task::JoinSet<_>| {
+            for i in comms.grads.ready(weights, launched) {
+                launched.insert(i);
+                let g = &mut comms.grads.groups[i];
+                if let Some(c) = g.comm.take() {
+                    let (stream, names) = (self.stream.clone(), Arc::clone(&g.names));
+                    reducing.spawn(async move {
+                        let (c, r) = grad_sync::reduce(stream, names, c, bucket).await;
+                        (i, c, r)
+                    });
+                }
+            }
+        };
+        while done != stages {
+            match rx.recv().await {
+                Some(StageReport::WeightsDone { stage }) => {
+                    weights.insert(stage);
+                    launch(&weights, &mut launched, comms, &mut reducing);
+                }
+                Some(StageReport::Done { stage }) => {
+                    done.insert(stage);
+                }
+                Some(StageReport::Failed { why, .. }) => return Err(why),
+                None => return Err("the stages stopped reporting".into()),
+            }
+        }
+        launch(&stages, &mut launched, comms, &mut reducing);
+        while let Some(joined) = reducing.join_next().await {
+            let (i, c, r) = joined.map_err(|e| format!("gradient reduction: {e}"))?;
+            comms.grads.groups[i].comm = Some(c);
+            r?;
+        }
+        let local = self
+            .stream
+            .run(Order::STEP, |d| d.store.local_stats(d.dev))
+            .await
+            .map_err(err)?;
+        let (parts, sum_sq, tokens, loads) = reduce_stats(
+            &mut comms.world,
+            &local,
+            &self.shape.moe_layers,
+            self.placement.n_experts,
+        )
+        .await?;
+        let mut stats = self
+            .stream
+            .run(Order::STEP, move |d| {
+                d.store.apply(d.dev, &parts, sum_sq, &loads)
+            })
+            .await
+            .map_err(err)?
+            .map_err(|e| e.to_string())?;
+        let cost = self.stream.take_cost();
+        stats.tokens = tokens;
+        stats.device_seconds = cost.seconds;
+        stats.device_flops = cost.flops;
+        Ok(stats)
     }
 }
 
-fn compute_loop(
-    trainer: Result<Trainer, crate::error::JobError>,
-    rx: mpsc::Receiver<Work>,
-    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
-    injector: Injector,
-) {
-    let mut trainer = match trainer {
-        Ok(t) => {
-            let _ = ready.send(Ok(()));
-            t
+/// Bits per digit when integers are summed as f32 digits over `world` ranks: every partial sum
+/// of digits stays below 2^24, so f32 adds them exactly in any order.
+fn digit_bits(world: usize) -> u32 {
+    let log = usize::BITS - world.max(1).saturating_sub(1).leading_zeros();
+    24u32.saturating_sub(log).clamp(1, 24)
+}
+
+/// The job-wide sums of a step's statistics: the losses, `Σ g²`, the tokens and each MoE layer's
+/// expert loads (integers, summed exactly).
+async fn reduce_stats(
+    world: &mut Communicator,
+    local: &LocalStats,
+    layers: &[usize],
+    n_experts: usize,
+) -> Result<(LossParts, f64, u64, BTreeMap<usize, Vec<u64>>), String> {
+    let hi = local.sum_sq as f32;
+    let lo = (local.sum_sq - f64::from(hi)) as f32;
+    let p = &local.parts;
+    let f = world
+        .all_reduce(
+            vec![p.ce, p.mtp, p.balance, hi, lo],
+            ReduceOp::Sum,
+            Algo::Auto,
+        )
+        .await
+        .map_err(|e| format!("step statistics all-reduce: {e}"))?;
+    let mut ints = vec![local.tokens];
+    for l in layers {
+        match local.loads.get(l) {
+            Some(c) => {
+                ints.push(1);
+                ints.extend(c.iter().copied());
+                ints.resize(ints.len() + n_experts.saturating_sub(c.len()), 0);
+            }
+            None => ints.extend(std::iter::repeat_n(0, n_experts + 1)),
         }
-        Err(e) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
+    }
+    let bits = digit_bits(world.size());
+    let digits = 64u32.div_ceil(bits) as usize;
+    let mask = (1u64 << bits) - 1;
+    let enc: Vec<f32> = ints
+        .iter()
+        .flat_map(|&v| (0..digits).map(move |i| ((v >> (i as u32 * bits)) & mask) as f32))
+        .collect();
+    let sums = world
+        .all_reduce(enc, ReduceOp::Sum, Algo::Auto)
+        .await
+        .map_err(|e| format!("step statistics all-reduce: {e}"))?;
+    let ints: Vec<u64> = sums
+        .chunks(digits)
+        .map(|d| {
+            d.iter().enumerate().fold(0u64, |acc, (i, &x)| {
+                acc.wrapping_add((x as u64) << (i as u32 * bits))
+            })
+        })
+        .collect();
+    let tokens = ints.first().copied().unwrap_or(0);
+    let mut loads = BTreeMap::new();
+    for (i, &layer) in layers.iter().enumerate() {
+        let at = 1 + i * (n_experts + 1);
+        if ints.get(at).copied().unwrap_or(0) > 0 {
+            loads.insert(layer, ints[at + 1..at + 1 + n_experts].to_vec());
         }
+    }
+    let parts = LossParts {
+        ce: f[0],
+        mtp: f[1],
+        balance: f[2],
+        ..LossParts::default()
     };
-    // Ends when the actor stops (its sender is dropped).
-    while let Ok(w) = rx.recv() {
-        match w {
-            Work::Step(reply) => {
-                let r = match injector.fails(&trainer) {
-                    Some(why) => Err(why),
-                    None => trainer.step().map_err(|e| e.to_string()),
-                };
-                let _ = reply.send(r);
-            }
-            Work::StepWithSnapshot(_, reply) if let Some(why) = injector.fails(&trainer) => {
-                let _ = reply.send(Err(why));
-            }
-            Work::StepWithSnapshot(reuse, reply) => {
-                let r = trainer.step_with_snapshot(reuse.map(|b| *b));
-                let _ = reply.send(
-                    r.map(|(s, snap)| (s, Box::new(snap)))
-                        .map_err(|e| e.to_string()),
-                );
-            }
-            Work::Sha(reply) => {
-                let _ = reply.send(trainer.params_sha256());
-            }
-            Work::Canonical(reply) => {
-                let _ = reply.send(trainer.canonical_params());
-            }
-            Work::Snapshot(reply) => {
-                let _ = reply.send(trainer.snapshot().map_err(|e| e.to_string()));
-            }
-            Work::Restore(snap, reply) => {
-                let _ = reply.send(trainer.restore(&snap).map_err(|e| e.to_string()));
+    Ok((parts, f64::from(f[3]) + f64::from(f[4]), tokens, loads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_keep_integer_sums_exact() {
+        assert_eq!(digit_bits(1), 24);
+        assert_eq!(digit_bits(2), 23);
+        assert_eq!(digit_bits(128), 17);
+        assert_eq!(digit_bits(129), 16);
+        // 128 ranks each adding a count of 2^40 + 3: exact through f32 digits.
+        let world = 128;
+        let bits = digit_bits(world);
+        let digits = 64u32.div_ceil(bits);
+        let mask = (1u64 << bits) - 1;
+        let v: u64 = (1 << 40) + 3;
+        let mut acc = vec![0f32; digits as usize];
+        for _ in 0..world {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a += ((v >> (i as u32 * bits)) & mask) as f32;
             }
         }
+        let sum = acc
+            .iter()
+            .enumerate()
+            .fold(0u64, |s, (i, &x)| s + ((x as u64) << (i as u32 * bits)));
+        assert_eq!(sum, v * world as u64);
     }
 }

@@ -23,8 +23,8 @@ use flotilla_runtime::fabric::inproc::InprocHub;
 
 use crate::error::JobError;
 use crate::faults::FaultPlan;
-use crate::job::Ranks;
 use crate::rank::RankMsg;
+use crate::ranks::Ranks;
 use crate::replicas::{RankReplicas, topology};
 use crate::run_log::RunLog;
 
@@ -36,8 +36,6 @@ pub(crate) struct Recovery {
     /// The background task keeping the newest commit (encoding, hashing and pushing its
     /// snapshots takes a pass over the state, which training need not wait for).
     keeping: Option<tokio::task::JoinHandle<Keeping>>,
-    /// Own copies replaced by newer ones, for the checkpointer's next kept snapshots.
-    spares: Vec<Snapshot>,
     /// The fabric the replicas travel over.
     hub: Arc<InprocHub>,
     faults: Option<Arc<FaultPlan>>,
@@ -70,7 +68,6 @@ impl Recovery {
         Ok(Self {
             replicas: Some(replicas),
             keeping: None,
-            spares: Vec::new(),
             hub,
             faults,
             restarts_left: cfg.supervision.max_job_restarts,
@@ -101,15 +98,6 @@ impl Recovery {
         Ok(())
     }
 
-    /// The own copies that finished keeps replaced (empty while a keep is still running).
-    pub(crate) async fn take_spares(&mut self) -> Result<Vec<Snapshot>, JobError> {
-        if self.keeping.as_ref().is_some_and(|h| h.is_finished()) {
-            let replicas = self.settle().await?;
-            self.replicas = Some(replicas);
-        }
-        Ok(std::mem::take(&mut self.spares))
-    }
-
     /// Wait for the keep in flight, if any, and take the replicas back.
     async fn settle(&mut self) -> Result<Vec<RankReplicas>, JobError> {
         if let Some(h) = self.keeping.take() {
@@ -117,9 +105,8 @@ impl Recovery {
                 .await
                 .map_err(|e| JobError::Checkpoint(format!("keeping the checkpoint: {e}")))?;
             self.replicas = Some(replicas);
-            let (step, old) = done?;
+            let (step, _replaced) = done?;
             self.kept = step;
-            self.spares.extend(old);
         }
         self.replicas
             .take()
@@ -133,7 +120,7 @@ impl Recovery {
     pub(crate) async fn roll_back(
         &mut self,
         failure: JobError,
-        ranks: &Ranks<'_>,
+        ranks: &mut Ranks,
         engine: &CheckpointEngine,
         clock: &dyn Clock,
         deadline: Duration,
@@ -156,6 +143,7 @@ impl Recovery {
         )
         .await?;
         ranks.reset_fabric();
+        ranks.attempt += 1;
         let mut snaps = Vec::with_capacity(replicas.len());
         for (r, rep) in replicas.iter_mut().enumerate() {
             if self.faults.as_ref().is_some_and(|f| f.lost_memory(r)) {
@@ -186,9 +174,10 @@ impl Recovery {
             snaps.push(restored.snapshot);
         }
         self.replicas = Some(replicas);
+        let attempt = ranks.attempt;
         let msgs = snaps
             .into_iter()
-            .map(|s| move |reply| RankMsg::Restore(Box::new(s), reply))
+            .map(|s| move |reply| RankMsg::Restore(Box::new(s), attempt, reply))
             .collect();
         ranks.try_each(clock, deadline, to, "restore", msgs).await?;
         Ok(to)

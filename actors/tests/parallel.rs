@@ -1,29 +1,28 @@
-//! Pipeline, expert and data parallelism against the single-rank trainer: for every schedule and
-//! the layouts (pp, ep, dp) ∈ {(2,1,1), (4,1,1), (2,2,1), (1,4,1), (2,2,2)}, 20 steps on the same
-//! global batches give the same losses (1e-5 relative) and the same final parameters, as does
-//! DualPipe with an uneven `stage_layers` split; the same layout run twice gives the same
-//! parameter hash.
+//! Pipeline, expert and data parallelism through the job's actor tree (rank actors, stage
+//! actors, expert shards, their compute streams) against the single-rank job: for every
+//! schedule and the layouts (pp, ep, dp) ∈ {(2,1,1), (4,1,1), (2,2,1), (1,4,1), (2,2,2)}, 20
+//! steps on the same global batches give the same losses (1e-5 relative) and the same final
+//! parameters, as do DualPipe with an uneven `stage_layers` split and with sub-batches; how many
+//! actions run at once changes when things run, not the bits; a dead or silent rank is named,
+//! never waited for forever.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_actors::pipeline::{self, Overlap};
-use flotilla_actors::trainer::Trainer;
-use flotilla_actors::{StepRecord, train};
+use flotilla_actors::job::{Job, Launch};
+use flotilla_actors::pipeline;
 use flotilla_runtime::clock::RealClock;
 use flotilla_runtime::config::{Config, Schedule};
-use flotilla_runtime::fabric::Fabric;
 use flotilla_runtime::fabric::inproc::InprocHub;
+use flotilla_runtime::fabric::{BoxFuture, Fabric, FabricError, Inbox, Payload, Rank, Tag};
 use flotilla_runtime::storage::sim::SimStorage;
 
 const STEPS: u64 = 20;
+const MICRO: usize = 8;
 
 /// A run's per-step losses and its parameters by name.
 type Run = (Vec<f32>, BTreeMap<String, Vec<f32>>);
-/// One rank's per-step losses and the tensors it is the canonical holder of.
-type RankRun = (Vec<f32>, Vec<(String, Vec<f32>)>);
-const MICRO: usize = 8;
 
 /// A small model with four layers (one dense, three MoE), MTP on, and a global batch of 32
 /// sequences of 16 tokens.
@@ -52,123 +51,50 @@ fn layout(schedule: Schedule, pp: usize, ep: usize, dp: usize) -> Config {
     c
 }
 
-/// The single-rank run of the same global batches (as many micro-batches of the same size).
-fn reference(ep: usize, dp: usize) -> Run {
-    reference_for(ep, dp, STEPS)
-}
-
-/// [`reference`] for `steps` steps.
-fn reference_for(ep: usize, dp: usize, steps: u64) -> Run {
-    let mut c = base();
-    c.parallel.micro_batches = MICRO * ep * dp;
-    let mut t = Trainer::new(&c).expect("single-rank trainer");
-    let losses = (0..steps)
-        .map(|_| t.step().expect("single-rank step").loss)
-        .collect();
-    (losses, t.canonical_params().into_iter().collect())
-}
-
-/// Every rank of `cfg` on its own thread over one in-process fabric.
-fn parallel(cfg: &Config) -> Run {
-    parallel_with(cfg, Overlap::default(), STEPS)
-}
-
-/// [`parallel`] with the executor overlapping as `overlap` says, for `steps` steps.
-fn parallel_with(cfg: &Config, overlap: Overlap, steps: u64) -> Run {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("runtime");
-    let world = cfg.world_size();
-    let hub = InprocHub::new(world);
-    let results: Vec<RankRun> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|r| {
-                let fabric: Arc<dyn Fabric> = Arc::new(hub.endpoint(r));
-                let handle = rt.handle().clone();
-                let hub = &hub;
-                s.spawn(move || {
-                    let mut t = pipeline::new_rank(cfg, r, fabric, handle).expect("rank");
-                    t.set_overlap(overlap);
-                    let mut losses = Vec::new();
-                    for _ in 0..steps {
-                        match t.step() {
-                            Ok(st) => losses.push(st.loss),
-                            Err(e) => {
-                                hub.fail_rank(r, e.to_string());
-                                panic!("rank {r}: {e}");
-                            }
-                        }
-                    }
-                    (losses, t.canonical_params())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
-    });
-    let losses = results[0].0.clone();
-    for (r, (l, _)) in results.iter().enumerate() {
-        assert_eq!(
-            l, &losses,
-            "rank {r} reports another global loss than rank 0"
-        );
-    }
-    let mut params = BTreeMap::new();
-    for (_, p) in results {
-        for (n, v) in p {
+        .expect("runtime")
+}
+
+/// `steps` steps of the job `cfg` describes, through its actor tree; every rank must report the
+/// same job-wide loss.
+fn run_job(cfg: &Config, launch: Launch, steps: u64) -> Run {
+    runtime().block_on(async {
+        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let mut job = Job::start(cfg.clone(), storage, Arc::new(RealClock), true, launch)
+            .await
+            .expect("the job starts");
+        let mut losses = Vec::new();
+        for s in 0..steps {
+            let all = job.step(s).await.expect("a step");
             assert!(
-                params.insert(n.clone(), v).is_none(),
-                "{n} has two canonical holders"
+                all.iter().all(|st| st.loss == all[0].loss),
+                "ranks report different losses at step {s}"
             );
+            losses.push(all[0].loss);
         }
-    }
-    (losses, params)
+        let params = job.params(steps).await.expect("parameters");
+        job.stop().await.expect("the job stops");
+        (losses, params.into_iter().collect())
+    })
+}
+
+/// The single-rank run of the same global batches (as many micro-batches of the same size).
+fn reference(ep: usize, dp: usize, steps: u64) -> Run {
+    let mut c = base();
+    c.parallel.micro_batches = MICRO * ep * dp;
+    run_job(&c, Launch::default(), steps)
 }
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
-fn compare(
-    what: &str,
-    got: &(Vec<f32>, BTreeMap<String, Vec<f32>>),
-    want: &(Vec<f32>, BTreeMap<String, Vec<f32>>),
-) {
+fn compare(what: &str, got: &Run, want: &Run) {
     assert_eq!(got.0.len(), want.0.len(), "{what}: steps");
-    let worst_loss = got
-        .0
-        .iter()
-        .zip(&want.0)
-        .map(|(g, w)| rel(f64::from(*g), f64::from(*w)))
-        .fold(0.0, f64::max);
-    let worst_param = want
-        .1
-        .iter()
-        .map(|(n, w)| {
-            let g = &got.1[n];
-            let d: f64 = g
-                .iter()
-                .zip(w)
-                .map(|(a, b)| f64::from(a - b).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            d / w
-                .iter()
-                .map(|b| f64::from(*b).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-6)
-        })
-        .fold(0.0, f64::max);
-    eprintln!(
-        "{what}: losses {:.4} -> {:.4}; worst relative difference: loss {worst_loss:.1e}, tensor {worst_param:.1e}",
-        got.0[0],
-        got.0[got.0.len() - 1]
-    );
     for (i, (g, w)) in got.0.iter().zip(&want.0).enumerate() {
         assert!(
             rel(f64::from(*g), f64::from(*w)) <= 1e-5,
@@ -180,6 +106,7 @@ fn compare(
         want.1.keys().collect::<Vec<_>>(),
         "{what}"
     );
+    let mut worst = 0.0f64;
     for (n, w) in &want.1 {
         let g = &got.1[n];
         let diff: f64 = g
@@ -189,11 +116,17 @@ fn compare(
             .sum::<f64>()
             .sqrt();
         let norm: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum::<f64>().sqrt();
+        worst = worst.max(diff / norm.max(1e-6));
         assert!(
             diff <= 1e-5 * norm.max(1e-6),
             "{what}: {n} differs from the single-rank run by {diff:e} (norm {norm:e})"
         );
     }
+    eprintln!(
+        "{what}: losses {:.4} -> {:.4}; worst relative tensor difference {worst:.1e}",
+        got.0[0],
+        got.0[got.0.len() - 1]
+    );
 }
 
 const LAYOUTS: [(usize, usize, usize); 5] = [(2, 1, 1), (4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 2, 2)];
@@ -201,7 +134,7 @@ const LAYOUTS: [(usize, usize, usize); 5] = [(2, 1, 1), (4, 1, 1), (2, 2, 1), (1
 fn every_layout(schedule: Schedule) {
     let mut refs = BTreeMap::new();
     for (pp, ep, dp) in LAYOUTS {
-        if schedule == Schedule::DualPipe && pp % 2 == 1 {
+        if matches!(schedule, Schedule::DualPipe) && pp % 2 == 1 {
             // DualPipe pairs stage r with stage pp-1-r: pp = 1 is refused by the config.
             let c = layout(schedule, pp, ep, dp);
             assert!(
@@ -210,8 +143,10 @@ fn every_layout(schedule: Schedule) {
             );
             continue;
         }
-        let want = refs.entry((ep, dp)).or_insert_with(|| reference(ep, dp));
-        let got = parallel(&layout(schedule, pp, ep, dp));
+        let want = refs
+            .entry((ep, dp))
+            .or_insert_with(|| reference(ep, dp, STEPS));
+        let got = run_job(&layout(schedule, pp, ep, dp), Launch::default(), STEPS);
         compare(&format!("{schedule} pp={pp} ep={ep} dp={dp}"), &got, want);
     }
 }
@@ -258,17 +193,16 @@ fn dualpipe_with_stage_layers_matches_single_rank() {
     let placement = pipeline::placement(&cfg).expect("placement");
     assert_eq!(layers(&placement), [0..3, 3..4]);
     assert!(placement.specs[0].embed && placement.specs[1].head);
-    let got = parallel_with(&cfg, Overlap::default(), steps);
+    let got = run_job(&cfg, Launch::default(), steps);
     compare(
         "dualpipe pp=2 stage_layers=[3, 1]",
         &got,
-        &reference_for(1, 1, steps),
+        &reference(1, 1, steps),
     );
 }
 
 /// `sub_batches = 2`: each micro-batch runs as two sub-batches side by side in DualPipe's list
-/// (pp = 2, ep = 2). The job still trains as the single rank does, and the executor's overlaps
-/// still agree bit for bit (the split schedule's memory: `schedule/tests.rs`).
+/// (pp = 2, ep = 2). The job still trains as the single rank does.
 #[test]
 fn dualpipe_with_sub_batches_matches_single_rank() {
     let steps = 4;
@@ -281,145 +215,133 @@ fn dualpipe_with_sub_batches_matches_single_rank() {
         placement.schedule.chunks, 8,
         "4 micro-batches, 2 sub-batches each"
     );
-    let got = parallel_with(&cfg, Overlap::default(), steps);
+    let got = run_job(&cfg, Launch::default(), steps);
     compare(
         "dualpipe pp=2 ep=2 sub_batches=2",
         &got,
-        &reference_for(2, 1, steps),
+        &reference(2, 1, steps),
     );
-    // Three streams, and the trainer's default for two sub-batches (six), against one at a time.
-    let off = parallel_with(&cfg, Overlap::Off, steps);
-    for (overlap, run) in [
-        (Overlap::default(), got),
-        (
-            Overlap::for_sub_batches(2),
-            parallel_with(&cfg, Overlap::for_sub_batches(2), steps),
-        ),
-    ] {
-        assert_eq!(off.0, run.0, "sub-batches, {overlap:?}: losses");
-        for (name, v) in &off.1 {
-            assert!(
-                run.1[name]
-                    .iter()
-                    .zip(v)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "sub-batches, {overlap:?}: {name} differs from one at a time"
-            );
-        }
-    }
 }
 
-/// How the executor overlaps its actions changes when things run, never what they compute: one
-/// at a time, F&B pairs and two or three streams give the same losses and parameters, bit for
-/// bit (W's are applied and losses summed in list order), for DualPipe with EP (its pairs) and
-/// ZB1P (its deferred W's).
+/// How many actions a stage actor has in progress changes when phases run, never what they
+/// compute: one at a time and two, three or six at once give the same losses and parameters,
+/// bit for bit (W's run in the schedule's order, losses are summed in (micro-batch, stage)
+/// order), for DualPipe with EP (its F&B pairs) and ZB1P (its deferred W's).
 #[test]
-fn every_overlap_gives_the_same_bits() {
+fn the_window_changes_when_not_what() {
     for schedule in [Schedule::DualPipe, Schedule::Zb1p] {
         let cfg = layout(schedule, 2, 2, 1);
-        let want = parallel_with(&cfg, Overlap::Off, 3);
-        for overlap in [Overlap::Pairs, Overlap::Streams(2), Overlap::Streams(3)] {
-            let got = parallel_with(&cfg, overlap, 3);
-            assert_eq!(got.0, want.0, "{schedule:?} {overlap:?}: losses");
+        let one = Launch {
+            window: Some(1),
+            ..Launch::default()
+        };
+        let want = run_job(&cfg, one, 3);
+        for w in [2, 3, 6] {
+            let launch = Launch {
+                window: Some(w),
+                ..Launch::default()
+            };
+            let got = run_job(&cfg, launch, 3);
+            assert_eq!(got.0, want.0, "{schedule} window {w}: losses");
             for (name, v) in &want.1 {
                 let g = &got.1[name];
                 assert!(
                     g.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{schedule:?} {overlap:?}: {name} differs"
+                    "{schedule} window {w}: {name} differs"
                 );
             }
         }
     }
 }
 
-/// Through the whole job (rank actors under the supervisor): the same layout twice gives the
-/// same parameter hash, which is also the hash of the gathered parameters.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_layout_twice_gives_the_same_params_sha256() {
-    let mut cfg = layout(Schedule::DualPipe, 2, 2, 1);
-    cfg.job.steps = 4;
-    let mut shas = Vec::new();
-    for _ in 0..2 {
-        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
-        let s = train(
-            cfg.clone(),
-            storage,
-            Arc::new(RealClock),
-            &mut |_: &StepRecord| {},
-        )
-        .await
-        .expect("the parallel job runs");
-        assert_eq!(s.steps, 4);
-        shas.push(s.params_sha256);
+/// A rank's endpoint that delivers nothing it sends (a rank gone silent).
+#[derive(Debug)]
+struct Silent(flotilla_runtime::fabric::inproc::InprocFabric);
+
+impl Fabric for Silent {
+    fn rank(&self) -> Rank {
+        self.0.rank()
     }
-    assert_eq!(shas[0], shas[1]);
+    fn world(&self) -> usize {
+        self.0.world()
+    }
+    fn send(&self, _: Rank, _: Tag, _: Payload) -> BoxFuture<'_, Result<(), FabricError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn recv(
+        &self,
+        src: Rank,
+        tag: Tag,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<Payload, FabricError>> {
+        self.0.recv(src, tag, deadline)
+    }
+    fn subscribe(&self, channel: u32) -> Result<Inbox, FabricError> {
+        self.0.subscribe(channel)
+    }
 }
 
-/// Ranks 0..3 of a (pp 2, ep 2) DualPipe job step while rank 3 is dead (or silent): every other
-/// rank's step fails, well within the peer deadline and naming rank 3 when it is dead, and
-/// within twice the deadline when it is silent (the ranks waiting on it directly name it) —
-/// never a hang.
-fn with_rank_3_missing(dead: bool) {
-    let mut cfg = layout(Schedule::DualPipe, 2, 2, 1);
-    // Dead: a long deadline, so failing fast shows the failure notice at work, not a timeout.
+/// A job whose last rank is dead (marked failed on the fabric) or silent (sends nothing): the
+/// step fails, well within the peer deadline when it is dead (its peers learn at once), within
+/// about the deadline when it is silent — never a hang — and the error names `culprit` (a rank
+/// waiting on a silent peer directly names it; in a pipeline a rank waiting on a live but stuck
+/// peer may time out first and name that one).
+fn with_last_rank_missing(cfg: &Config, dead: bool, culprit: &str) {
+    let mut cfg = cfg.clone();
     cfg.supervision.peer_timeout_ms = if dead { 10_000 } else { 2000 };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let hub = InprocHub::new(4);
-    if dead {
-        hub.fail_rank(3, "killed by the test");
-    }
-    let results: Vec<(String, Duration)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3)
-            .map(|r| {
-                let fabric: Arc<dyn Fabric> = Arc::new(hub.endpoint(r));
-                let (cfg, handle, hub) = (&cfg, rt.handle().clone(), &hub);
-                s.spawn(move || {
-                    let mut t = pipeline::new_rank(cfg, r, fabric, handle).expect("rank");
-                    let started = std::time::Instant::now();
-                    let e = t.step().expect_err("a step without rank 3 must fail");
-                    let took = started.elapsed();
-                    // As the job driver does: a failed rank is marked failed for its peers.
-                    hub.fail_rank(r, e.to_string());
-                    (e.to_string(), took)
-                })
+    let world = cfg.world_size();
+    runtime().block_on(async {
+        let hub = InprocHub::new(world);
+        let endpoints: Vec<Arc<dyn Fabric>> = (0..world)
+            .map(|r| -> Arc<dyn Fabric> {
+                if r == world - 1 && !dead {
+                    Arc::new(Silent(hub.endpoint(r)))
+                } else {
+                    Arc::new(hub.endpoint(r))
+                }
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
+        let launch = Launch {
+            fabric: Some((Arc::clone(&hub), endpoints)),
+            ..Launch::default()
+        };
+        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let mut job = Job::start(cfg.clone(), storage, Arc::new(RealClock), true, launch)
+            .await
+            .expect("the job starts");
+        if dead {
+            hub.fail_rank(world - 1, "killed by the test");
+        }
+        let started = std::time::Instant::now();
+        let err = job
+            .step(0)
+            .await
+            .expect_err("a step without the last rank fails");
+        let took = started.elapsed();
+        let _ = job.stop().await;
+        // Dead: the peers learn at once (the deadline is 10 s); silent: a deadline of 2 s.
+        assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+        assert!(err.to_string().contains(culprit), "{err}");
     });
-    let took = results.iter().map(|(_, t)| *t).max().unwrap_or_default();
-    let errors: Vec<String> = results.into_iter().map(|(e, _)| e).collect();
-    let bound = if dead {
-        Duration::from_secs(5)
-    } else {
-        Duration::from_secs(12)
-    };
-    assert!(took < bound, "took {took:?}: {errors:?}");
-    if dead {
-        assert!(errors.iter().all(|e| e.contains("rank 3")), "{errors:#?}");
-    } else {
-        // A silent peer is blamed by the ranks that wait on it directly; a rank waiting on a
-        // live but stuck peer may time out first and blame that one (the pipeline has no
-        // stuck-announcement protocol, unlike the collectives).
-        assert!(
-            errors.iter().any(|e| e.contains("from rank 3")),
-            "{errors:#?}"
-        );
-    }
 }
 
 #[test]
-fn a_dead_rank_is_named_by_every_peer_at_once() {
-    with_rank_3_missing(true);
+fn a_dead_rank_is_named_at_once() {
+    with_last_rank_missing(&layout(Schedule::DualPipe, 2, 2, 1), true, "rank 3");
 }
 
 #[test]
-fn a_silent_rank_is_named_within_the_deadline() {
-    with_rank_3_missing(false);
+fn a_silent_rank_fails_the_step_within_the_deadline() {
+    with_last_rank_missing(
+        &layout(Schedule::DualPipe, 2, 2, 1),
+        false,
+        "nothing arrived",
+    );
+}
+
+#[test]
+fn a_silent_expert_peer_is_named() {
+    // Rank 0 waits for rank 1's rows ("from rank 1"); rank 1 itself, which still answers the
+    // driver, waits for rank 0's experts, which wait for it: either failure names rank 1.
+    with_last_rank_missing(&layout(Schedule::OneFOneB, 1, 2, 1), false, "rank 1");
 }

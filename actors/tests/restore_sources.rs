@@ -1,15 +1,17 @@
-//! Restoring a trainer from each checkpoint source: a run checkpointed at step 3 (own memory,
-//! a replica on a peer of another host over the in-process fabric, storage) and restored into a
-//! fresh trainer from each source in turn ends at step 6 with exactly the parameters of the run
-//! that was never interrupted. A damaged peer replica is refused with the reason and storage
-//! serves instead.
+//! Restoring a rank from each checkpoint source: a run checkpointed at step 3 (own memory, a
+//! replica on a peer of another host over the in-process fabric, storage) and restored into a
+//! fresh job from each source in turn ends at step 6 with exactly the parameters of the run that
+//! was never interrupted. A damaged peer replica is refused with the reason and storage serves
+//! instead.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_actors::job::{Job, Launch};
+use flotilla_actors::pipeline::job_params_sha256;
 use flotilla_actors::replicas::RankReplicas;
-use flotilla_actors::trainer::Trainer;
 use flotilla_ckpt::{CheckpointEngine, Restored, Restorer, Source};
+use flotilla_runtime::clock::RealClock;
 use flotilla_runtime::config::Config;
 use flotilla_runtime::fabric::Fabric;
 use flotilla_runtime::fabric::inproc::InprocHub;
@@ -29,35 +31,56 @@ fn tiny() -> Config {
     c
 }
 
-/// A fresh trainer restored from `r`, run to step N; its parameters' SHA-256.
-fn continue_from(cfg: &Config, r: &Restored) -> String {
-    assert_eq!(r.snapshot.step, K);
-    let mut t = Trainer::new(cfg).expect("trainer");
-    t.restore(&r.snapshot).expect("restore");
-    for _ in K..N {
-        t.step().expect("step");
+async fn start(cfg: &Config) -> Job {
+    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    Job::start(
+        cfg.clone(),
+        storage,
+        Arc::new(RealClock),
+        true,
+        Launch::default(),
+    )
+    .await
+    .expect("the job starts")
+}
+
+/// Steps `from..to` of `job`, then its parameters' SHA-256; the job stops.
+async fn run(mut job: Job, from: u64, to: u64) -> String {
+    for s in from..to {
+        job.step(s).await.expect("step");
     }
-    t.params_sha256()
+    let sha = job_params_sha256(vec![job.params(to).await.expect("params")]);
+    job.stop().await.expect("stop");
+    sha
+}
+
+/// A fresh job restored from `r`, run to step N; its parameters' SHA-256.
+async fn continue_from(cfg: &Config, r: &Restored) -> String {
+    assert_eq!(r.snapshot.step, K);
+    let mut job = start(cfg).await;
+    job.restore(vec![r.snapshot.clone()])
+        .await
+        .expect("restore");
+    run(job, K, N).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_restore_source_resumes_bit_exactly() {
     let cfg = tiny();
-    let uninterrupted = {
-        let mut t = Trainer::new(&cfg).expect("trainer");
-        for _ in 0..N {
-            t.step().expect("step");
-        }
-        t.params_sha256()
-    };
+    let uninterrupted = run(start(&cfg).await, 0, N).await;
 
     // Run to K and checkpoint: keep in memory and replicate, persist to storage.
-    let mut t = Trainer::new(&cfg).expect("trainer");
-    for _ in 0..K {
-        t.step().expect("step");
+    let mut job = start(&cfg).await;
+    for s in 0..K {
+        job.step(s).await.expect("step");
     }
-    let snap = t.snapshot().expect("snapshot");
-    drop(t);
+    let snap = job
+        .snapshots(K)
+        .await
+        .expect("snapshot")
+        .pop()
+        .expect("one rank");
+    job.stop().await.expect("stop");
     let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
     let engine = CheckpointEngine::with_root(storage, "ckpt", 2);
     engine.save_sync(vec![snap.clone()]).await.expect("save");
@@ -84,13 +107,21 @@ async fn each_restore_source_resumes_bit_exactly() {
     // 1. Own memory.
     let r = me.restore(Some(&engine), Some(K)).await.expect("restore");
     assert_eq!(r.source, Source::OwnMemory);
-    assert_eq!(continue_from(&cfg, &r), uninterrupted, "from own memory");
+    assert_eq!(
+        continue_from(&cfg, &r).await,
+        uninterrupted,
+        "from own memory"
+    );
 
     // 2. The peer's memory, once the rank's own copy is gone.
     me.drop_own();
     let r = me.restore(Some(&engine), Some(K)).await.expect("restore");
     assert_eq!(r.source, Source::Peer(1));
-    assert_eq!(continue_from(&cfg, &r), uninterrupted, "from the peer");
+    assert_eq!(
+        continue_from(&cfg, &r).await,
+        uninterrupted,
+        "from the peer"
+    );
 
     // 3. Storage alone.
     let r = Restorer {
@@ -103,7 +134,7 @@ async fn each_restore_source_resumes_bit_exactly() {
     .await
     .expect("restore");
     assert_eq!(r.source, Source::Storage(K));
-    assert_eq!(continue_from(&cfg, &r), uninterrupted, "from storage");
+    assert_eq!(continue_from(&cfg, &r).await, uninterrupted, "from storage");
 
     // A bit flipped in the peer's copy: refused with the reason, storage serves.
     peer.server().store.write().await.tamper(0, |b| {
@@ -119,7 +150,7 @@ async fn each_restore_source_resumes_bit_exactly() {
         r.rejected
     );
     assert_eq!(
-        continue_from(&cfg, &r),
+        continue_from(&cfg, &r).await,
         uninterrupted,
         "after the refused replica"
     );

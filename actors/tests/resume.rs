@@ -1,10 +1,11 @@
-//! Checkpoint and resume through the trainer and the job: a run resumed from its step-3
-//! checkpoint ends with exactly the parameters of the run that was never interrupted.
+//! Checkpoint and resume through the job's ranks: a run resumed from its step-3 checkpoint ends
+//! with exactly the parameters of the run that was never interrupted.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_actors::trainer::Trainer;
+use flotilla_actors::job::{Job, Launch};
+use flotilla_actors::pipeline::job_params_sha256;
 use flotilla_actors::{ResumeFrom, StepRecord, train, train_from};
 use flotilla_ckpt::format::{decode_shard, encode_shard};
 use flotilla_ckpt::{CheckpointEngine, Which};
@@ -24,14 +25,31 @@ fn tiny(steps: u64) -> Config {
     c
 }
 
-#[test]
-fn a_restored_trainer_continues_bit_exactly() {
+async fn start(cfg: &Config) -> Job {
+    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    Job::start(
+        cfg.clone(),
+        storage,
+        Arc::new(RealClock),
+        true,
+        Launch::default(),
+    )
+    .await
+    .expect("the job starts")
+}
+
+async fn sha(job: &Job, step: u64) -> String {
+    job_params_sha256(vec![job.params(step).await.expect("params")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_rank_continues_bit_exactly() {
     let cfg = tiny(6);
-    let mut a = Trainer::new(&cfg).expect("trainer");
-    for _ in 0..3 {
-        a.step().expect("step");
+    let mut a = start(&cfg).await;
+    for s in 0..3 {
+        a.step(s).await.expect("step");
     }
-    let snap = a.snapshot().expect("snapshot");
+    let snap = a.snapshots(3).await.expect("snapshot").remove(0);
     assert_eq!(snap.step, 3);
     assert!(
         snap.params
@@ -44,30 +62,36 @@ fn a_restored_trainer_continues_bit_exactly() {
     let decoded = decode_shard(&encode_shard(&snap).expect("encode")).expect("decode");
     assert_eq!(decoded, snap);
 
-    let mut b = Trainer::new(&cfg).expect("trainer");
-    b.restore(&decoded).expect("restore");
-    assert_eq!(b.steps_done(), 3);
-    assert_eq!(b.snapshot().expect("snapshot"), snap);
-    for _ in 0..3 {
-        let (sa, sb) = (a.step().expect("step"), b.step().expect("step"));
-        assert_eq!(sa.loss.to_bits(), sb.loss.to_bits());
+    let mut b = start(&cfg).await;
+    b.restore(vec![decoded]).await.expect("restore");
+    assert_eq!(b.snapshots(3).await.expect("snapshot").remove(0), snap);
+    for s in 3..6 {
+        let (sa, sb) = (
+            a.step(s).await.expect("step"),
+            b.step(s).await.expect("step"),
+        );
+        assert_eq!(sa[0].loss.to_bits(), sb[0].loss.to_bits());
+        assert_eq!(sa[0].step, sb[0].step);
     }
-    assert_eq!(a.params_sha256(), b.params_sha256());
+    assert_eq!(sha(&a, 6).await, sha(&b, 6).await);
+    a.stop().await.expect("stop");
+    b.stop().await.expect("stop");
 }
 
-#[test]
-fn a_snapshot_of_another_model_is_refused_and_changes_nothing() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_another_model_is_refused_and_changes_nothing() {
     let cfg = tiny(6);
-    let mut t = Trainer::new(&cfg).expect("trainer");
-    let before = t.snapshot().expect("snapshot");
+    let mut t = start(&cfg).await;
+    let before = t.snapshots(0).await.expect("snapshot").remove(0);
     let mut bad = before.clone();
     bad.step = 9;
     bad.params.pop_first();
-    assert!(t.restore(&bad).is_err());
+    assert!(t.restore(vec![bad]).await.is_err());
     let mut bad = before.clone();
     bad.data_cursor = vec![0; 3];
-    assert!(t.restore(&bad).is_err());
-    assert_eq!(t.snapshot().expect("snapshot"), before);
+    assert!(t.restore(vec![bad]).await.is_err());
+    assert_eq!(t.snapshots(0).await.expect("snapshot").remove(0), before);
+    t.stop().await.expect("stop");
 }
 
 async fn run(
@@ -135,19 +159,11 @@ async fn resuming_from_step_3_matches_the_uninterrupted_run() {
 /// A pipeline rank's snapshot records an uneven stage split: restoring it into a job that cuts
 /// the model otherwise is refused by name (the stages would hold other tensors); the even split
 /// named explicitly is the same layout as no split at all.
-#[test]
-fn a_snapshot_of_another_stage_split_is_refused_by_name() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_another_stage_split_is_refused_by_name() {
     use flotilla_runtime::config::Schedule;
-    use flotilla_runtime::fabric::Fabric;
-    use flotilla_runtime::fabric::inproc::InprocHub;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let hub = InprocHub::new(2);
-    let rank0 = |split: Vec<usize>| {
+    let job = |split: Vec<usize>| {
         let mut c = tiny(2);
         c.model.num_hidden_layers = 4;
         c.parallel.pp = 2;
@@ -155,24 +171,30 @@ fn a_snapshot_of_another_stage_split_is_refused_by_name() {
         c.parallel.micro_batches = 2;
         c.cluster.ranks_per_host = 2;
         c.parallel.stage_layers = split;
-        let fabric = Arc::new(hub.endpoint(0)) as Arc<dyn Fabric>;
-        flotilla_actors::pipeline::new_rank(&c, 0, fabric, rt.handle().clone()).expect("rank 0")
+        c
     };
-    let uneven = rank0(vec![3, 1]).snapshot().expect("snapshot");
-    assert_eq!(uneven.meta.layout.stage_layers, vec![3, 1]);
-    let mut even = rank0(Vec::new());
-    let before = even.snapshot().expect("snapshot");
-    assert!(before.meta.layout.stage_layers.is_empty());
+    let uneven = start(&job(vec![3, 1])).await;
+    let snaps = uneven.snapshots(0).await.expect("snapshot");
+    uneven.stop().await.expect("stop");
+    assert_eq!(snaps[0].meta.layout.stage_layers, vec![3, 1]);
+    let mut even = start(&job(Vec::new())).await;
+    let before = even.snapshots(0).await.expect("snapshot");
+    assert!(before[0].meta.layout.stage_layers.is_empty());
     let err = even
-        .restore(&uneven)
+        .restore(snaps)
+        .await
         .expect_err("another split")
         .to_string();
     assert!(
         err.contains("parallel.stage_layers") && err.contains("[3, 1]"),
         "{err}"
     );
-    assert_eq!(even.snapshot().expect("snapshot"), before);
-    rank0(vec![2, 2])
-        .restore(&before)
+    assert_eq!(even.snapshots(0).await.expect("snapshot"), before);
+    even.stop().await.expect("stop");
+    let mut named = start(&job(vec![2, 2])).await;
+    named
+        .restore(before)
+        .await
         .expect("[2, 2] is the even split");
+    named.stop().await.expect("stop");
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_actors::faults::{FaultPlan, InjectedFault};
+use flotilla_actors::faults::{FaultPlan, InjectedFault, StagePanic};
 use flotilla_actors::{StepRecord, train_with_faults};
 use flotilla_runtime::clock::RealClock;
 use flotilla_runtime::config::{CheckpointMode, Config, Schedule};
@@ -34,6 +34,11 @@ fn cfg(replicas: usize) -> Config {
 
 /// Run the job with `faults`; its summary's parameter hash, the steps seen, and its events.
 async fn run(cfg: Config, faults: Vec<InjectedFault>) -> (String, Vec<u64>, String) {
+    run_plan(cfg, FaultPlan::new(faults)).await
+}
+
+/// [`run`] with a whole plan.
+async fn run_plan(cfg: Config, plan: FaultPlan) -> (String, Vec<u64>, String) {
     let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
     let mut seen = Vec::new();
     let s = train_with_faults(
@@ -41,7 +46,7 @@ async fn run(cfg: Config, faults: Vec<InjectedFault>) -> (String, Vec<u64>, Stri
         storage.clone(),
         Arc::new(RealClock),
         None,
-        Some(Arc::new(FaultPlan::new(faults))),
+        Some(Arc::new(plan)),
         &mut |r: &StepRecord| seen.push(r.stats.step),
     )
     .await
@@ -98,6 +103,34 @@ async fn a_failed_step_is_rolled_back_from_the_fastest_source() {
         "{events}"
     );
     assert!(events.contains("rank 1 failed at step 7"), "{events}");
+}
+
+/// A stage actor that panics is restarted by its rank's supervisor (`rest_for_one`), the step
+/// fails, and the job rolls back to its last checkpoint and replays: the same parameters as
+/// the run without the panic, and the restart in `events.jsonl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_stage_actor_is_restarted_and_the_step_replayed() {
+    let (clean, _, _) = run(cfg(2), vec![]).await;
+    let plan = FaultPlan::new(vec![]).with_panic(StagePanic {
+        rank: 1,
+        stage: 1,
+        step: 5,
+    });
+    let (sha, seen, events) = run_plan(cfg(2), plan).await;
+    assert_eq!(sha, clean, "{events}");
+    assert_eq!(seen, vec![0, 1, 2, 3, 4, 4, 5, 6, 7], "{events}");
+    let restart = events
+        .lines()
+        .find(|l| l.contains("\"rank-1\"") && l.contains("stage-1") && l.contains("Restarted"));
+    assert!(restart.is_some(), "{events}");
+    assert!(
+        events.contains("injected panic in stage 1 of rank 1"),
+        "{events}"
+    );
+    assert!(
+        events.contains("rank 1 restored step 4 from own memory"),
+        "{events}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,14 @@ impl Tensor {
         }
     }
 
+    /// The host values, moved out of the tensor (`None` for a shape-only tensor).
+    pub fn into_host(mut self) -> Option<Vec<f32>> {
+        match &mut self.storage {
+            Storage::Host(v) => Some(std::mem::take(&mut v.data)),
+            Storage::ShapeOnly => None,
+        }
+    }
+
     /// Exchange this tensor's host values with `values` (which must be as long): how an
     /// out-of-place update installs its result without a copy. Returns false, changing
     /// nothing, when the tensor holds no host values or the lengths differ.

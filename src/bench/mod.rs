@@ -2,11 +2,11 @@
 //! same run; the last line is `{"summary": {...}}`.
 
 pub mod actors;
-pub mod ckpt;
+// pub mod ckpt;
 pub mod collectives;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-pub mod pipeline;
+// pub mod pipeline;
 pub mod step;
 
 use serde_json::Value;

@@ -1,43 +1,78 @@
-//! `flotilla bench step`: training-step throughput of a model on the CPU (tokens/s, achieved
-//! GFLOP/s, peak memory) beside the raw GEMM rate of the same GEMM crate and thread pool on the
-//! step's own GEMM shapes, measured in the same run.
+//! `flotilla bench step`: training-step throughput of a job as `flotilla train` runs it (its
+//! actor tree, its compute streams; tokens/s, achieved GFLOP/s, peak memory) beside the raw GEMM
+//! rate of the same GEMM crate and thread count on the step's own GEMM shapes, measured in the
+//! same run.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use flotilla_actors::trainer::Trainer;
+use anyhow::{Context, Result, ensure};
+use flotilla_actors::job::{Job, Launch};
 use flotilla_model::device::{Mat, MatMut};
 use flotilla_model::flops::{step_flops, step_gemm_shapes};
 use flotilla_model::{CpuDevice, Device};
+use flotilla_runtime::clock::RealClock;
 use flotilla_runtime::config::Config;
+use flotilla_runtime::storage::sim::SimStorage;
 use serde_json::json;
 
 use super::Report;
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
-fn peak_rss_mib() -> Option<f64> {
+pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
-/// Run `warmup` then `steps` timed training steps of `cfg`'s model, then the GEMM baseline.
+/// Seconds per timed step and the tokens they trained.
+async fn timed(job: &mut Job, warmup: usize, steps: usize) -> Result<(f64, u64)> {
+    let mut tokens = 0u64;
+    let mut secs = 0.0;
+    for s in 0..warmup + steps {
+        let t = Instant::now();
+        let all = job.step(s as u64).await?;
+        if s >= warmup {
+            secs += t.elapsed().as_secs_f64();
+            tokens += all.first().map_or(0, |x| x.tokens);
+        }
+    }
+    Ok((secs / steps.max(1) as f64, tokens))
+}
+
+/// Run `warmup` then `steps` timed training steps of `cfg`'s job, then the GEMM baseline.
 pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
+    ensure!(
+        cfg.world_size() == 1,
+        "bench step measures one rank: pp = ep = dp = 1"
+    );
+    let mut cfg = cfg.clone();
+    cfg.checkpoint.interval = 0;
+    cfg.metrics.jsonl = false;
+    cfg.job.steps = (warmup + steps) as u64;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     let mut report = Report::default();
-    let mut trainer = Trainer::new(cfg).context("building the trainer")?;
-    let mcfg = trainer.model().config.clone();
-    let mtp = trainer.model().mtp_depth();
+    let (step_secs, tokens) = rt.block_on(async {
+        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let mut job = Job::start(
+            cfg.clone(),
+            storage,
+            Arc::new(RealClock),
+            true,
+            Launch::default(),
+        )
+        .await?;
+        let r = timed(&mut job, warmup, steps).await;
+        job.stop().await?;
+        r
+    })?;
+    let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
+    let mtp = mcfg.num_nextn_predict_layers;
     let (batch, seq) = (cfg.data.batch_size, cfg.data.seq_len);
-    for _ in 0..warmup {
-        trainer.step()?;
-    }
-    let t = Instant::now();
-    let mut tokens = 0usize;
-    for _ in 0..steps {
-        tokens += trainer.step()?.tokens;
-    }
-    let step_secs = t.elapsed().as_secs_f64() / steps.max(1) as f64;
     let flops = step_flops(&mcfg, batch, seq, mtp);
     let step_gflops = flops.total() / step_secs / 1e9;
     let tokens_per_s = tokens as f64 / (step_secs * steps.max(1) as f64);
@@ -46,7 +81,6 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
         "step_ms": step_secs * 1e3, "tokens_per_s": tokens_per_s,
         "gemm_flops_per_step": flops.total(), "achieved_gflops": step_gflops,
     }));
-    drop(trainer);
 
     // Baseline: every GEMM of the step, on the same crate and thread count, nothing else.
     let threads = cfg

@@ -51,9 +51,11 @@ use super::gemm::{PAR_MIN_MACS, StridedMut, StridedRef, sgemm};
 use super::lane::set_thread_lane;
 use super::pool::BufferPool;
 use super::{
-    AttnShape, Cost, Device, Lane, Mat, MatMut, RopeSpec, RouterOut, RouterSpec, attention,
-    current_lane, kernels,
+    AdamWArgs, AttnShape, Cost, Device, Lane, Mat, MatMut, RopeSpec, RouterOut, RouterSpec,
+    attention, current_lane, kernels,
 };
+use crate::optim::kernel;
+use crate::par::run_pieces;
 use crate::tensor::Tensor;
 
 /// The host CPU as a device.
@@ -190,6 +192,11 @@ struct Stats {
     /// Seconds and calls per operation name, for finding where a step's time goes.
     profile: BTreeMap<&'static str, (u64, f64)>,
 }
+
+/// Values per piece when a whole-tensor kernel (fill, scale) is dealt out to threads.
+const PIECE: usize = 1 << 16;
+/// Below this many values, a whole-tensor kernel runs on the calling thread alone.
+const PAR_MIN_WHOLE: usize = 1 << 20;
 
 /// Default bound of the buffer cache (1 GiB).
 pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
@@ -803,5 +810,124 @@ impl Device for CpuDevice {
                 (loss, self.wrap(logits.shape(), d))
             },
         )
+    }
+
+    fn fill(&self, t: &mut Tensor, value: f32) {
+        let n = t.numel();
+        self.timed("fill", cost::elementwise(n, 0.0, 1.0), || {
+            let pieces: Vec<&mut [f32]> = t.hm().chunks_mut(PIECE).collect();
+            run_pieces(
+                pieces,
+                self.threads,
+                PAR_MIN_WHOLE,
+                |p| p.len(),
+                |p| p.fill(value),
+            );
+        })
+    }
+
+    fn scale(&self, t: &mut Tensor, s: f32) {
+        let n = t.numel();
+        self.timed("scale", cost::elementwise(n, 1.0, 2.0), || {
+            let pieces: Vec<&mut [f32]> = t.hm().chunks_mut(PIECE).collect();
+            run_pieces(
+                pieces,
+                self.threads,
+                PAR_MIN_WHOLE,
+                |p| p.len(),
+                |p| p.iter_mut().for_each(|x| *x *= s),
+            );
+        })
+    }
+
+    fn sum_squares(&self, ts: &[&Tensor]) -> f64 {
+        let n = ts.iter().map(|t| t.numel()).sum();
+        self.timed("sum_squares", cost::elementwise(n, 2.0, 1.0), || {
+            let slices: Vec<&[f32]> = ts.iter().map(|t| t.h()).collect();
+            crate::optim::sum_of_squares_on(&slices, self.threads)
+        })
+    }
+
+    fn adamw(&self, params: &mut [AdamWArgs<'_>]) {
+        let n = params.iter().map(|p| p.grad.numel()).sum();
+        self.timed("adamw", cost::elementwise(n, 12.0, 7.0), || {
+            let mut pieces = Vec::new();
+            for p in params.iter_mut() {
+                let k = p.coef;
+                let moments = p
+                    .exp_avg
+                    .hm()
+                    .chunks_mut(kernel::PIECE)
+                    .zip(p.exp_avg_sq.hm().chunks_mut(kernel::PIECE));
+                let values = p
+                    .value
+                    .hm()
+                    .chunks_mut(kernel::PIECE)
+                    .zip(p.grad.h().chunks(kernel::PIECE));
+                for ((value, grad), (m, v)) in values.zip(moments) {
+                    pieces.push(kernel::Piece {
+                        k,
+                        value,
+                        grad,
+                        m,
+                        v,
+                    });
+                }
+            }
+            kernel::run(pieces, self.threads);
+        })
+    }
+
+    fn pack(&self, ts: &[&Tensor], scale: f32) -> Tensor {
+        let n: usize = ts.iter().map(|t| t.numel()).sum();
+        self.timed("pack", cost::elementwise(n, 1.0, 2.0), || {
+            let mut out = self.out(&[n]);
+            let mut at = 0;
+            let o = out.hm();
+            for t in ts {
+                let v = t.h();
+                for (d, s) in o[at..at + v.len()].iter_mut().zip(v) {
+                    *d = s * scale;
+                }
+                at += v.len();
+            }
+            out
+        })
+    }
+
+    fn unpack(&self, flat: &Tensor, ts: &mut [&mut Tensor]) {
+        let n: usize = ts.iter().map(|t| t.numel()).sum();
+        assert_eq!(n, flat.numel(), "unpack: {} values for {n}", flat.numel());
+        self.timed("unpack", cost::copy(n), || {
+            let src = flat.h();
+            let mut at = 0;
+            for t in ts.iter_mut() {
+                let d = t.hm();
+                d.copy_from_slice(&src[at..at + d.len()]);
+                at += d.len();
+            }
+        })
+    }
+
+    fn write(&self, t: &mut Tensor, data: &[f32]) {
+        assert_eq!(t.numel(), data.len(), "write {:?}", t.shape());
+        self.timed("write", cost::copy(data.len()), || {
+            t.hm().copy_from_slice(data)
+        })
+    }
+
+    fn take_values(&self, t: Tensor) -> Option<Vec<f32>> {
+        t.into_host()
+    }
+
+    fn adopt(&self, shape: &[usize], values: Option<Vec<f32>>) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        match values {
+            Some(v) => {
+                assert_eq!(v.len(), n, "adopt: {} values for {shape:?}", v.len());
+                self.wrap(shape, v)
+            }
+            None => self.zeros(shape),
+        }
     }
 }

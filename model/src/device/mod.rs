@@ -298,4 +298,44 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Fused softmax cross-entropy: returns `(Σ loss over targets ≥ 0, dlogits)` where
     /// `dlogits = grad_scale · (softmax − onehot)` on rows with a target and 0 elsewhere.
     fn cross_entropy(&self, logits: &Tensor, targets: &[i64], grad_scale: f32) -> (f32, Tensor);
+
+    // ---- training state: whole tensors ---------------------------------------------------
+
+    /// `t[i] = value` for every element (zeroing gradients).
+    fn fill(&self, t: &mut Tensor, value: f32);
+    /// `t[i] *= s` for every element (averaging, clipping).
+    fn scale(&self, t: &mut Tensor, s: f32);
+    /// `Σ t[i]²` over every tensor, in f64, summed in fixed pieces of
+    /// [`crate::optim::SQ_PIECE`] values: the same bits however the device splits the work
+    /// (0 on a device without values).
+    fn sum_squares(&self, ts: &[&Tensor]) -> f64;
+    /// One AdamW update of every parameter in `params` ([`crate::optim::adamw`] says exactly
+    /// what is computed).
+    fn adamw(&self, params: &mut [AdamWArgs<'_>]);
+    /// `ts` one after the other in one flat `[Σ numel]` tensor, each value times `scale` (a
+    /// bucket of gradients for an all-reduce).
+    fn pack(&self, ts: &[&Tensor], scale: f32) -> Tensor;
+    /// The inverse of [`Device::pack`] without the scale: `flat`'s values back into `ts`.
+    fn unpack(&self, flat: &Tensor, ts: &mut [&mut Tensor]);
+    /// Overwrite every element of `t` with host values `data` (restoring a snapshot).
+    fn write(&self, t: &mut Tensor, data: &[f32]);
+    /// The tensor's values moved out of it, for the fabric (no copy on the CPU); `None` on a
+    /// device without values.
+    fn take_values(&self, t: Tensor) -> Option<Vec<f32>>;
+    /// A tensor of this device from values that came off the fabric (moved in, no copy on the
+    /// CPU); `values` is `None`, or ignored, on a device without values. A programming error
+    /// (panic) when the values do not fill `shape`.
+    fn adopt(&self, shape: &[usize], values: Option<Vec<f32>>) -> Tensor;
+}
+
+/// One parameter's AdamW update, for [`Device::adamw`].
+pub struct AdamWArgs<'a> {
+    pub value: &'a mut Tensor,
+    pub grad: &'a Tensor,
+    /// First moment (PyTorch's `exp_avg`), updated in place.
+    pub exp_avg: &'a mut Tensor,
+    /// Second moment (`exp_avg_sq`), updated in place.
+    pub exp_avg_sq: &'a mut Tensor,
+    /// The update's scalars at the parameter's step.
+    pub coef: crate::optim::Coef,
 }

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use super::cost::{self, Work};
-use super::{AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec};
+use super::{AdamWArgs, AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec};
 use crate::tensor::Tensor;
 
 /// Speeds of the simulated accelerator.
@@ -309,5 +309,49 @@ impl Device for SimDevice {
         assert_eq!(logits.rows(), targets.len(), "cross_entropy");
         self.charge(cost::elementwise(logits.numel(), 5.0, 2.0));
         (0.0, so(logits.shape()))
+    }
+
+    fn fill(&self, t: &mut Tensor, _value: f32) {
+        self.charge(cost::elementwise(t.numel(), 0.0, 1.0));
+    }
+
+    fn scale(&self, t: &mut Tensor, _s: f32) {
+        self.charge(cost::elementwise(t.numel(), 1.0, 2.0));
+    }
+
+    fn sum_squares(&self, ts: &[&Tensor]) -> f64 {
+        let n = ts.iter().map(|t| t.numel()).sum();
+        self.charge(cost::elementwise(n, 2.0, 1.0));
+        0.0
+    }
+
+    fn adamw(&self, params: &mut [AdamWArgs<'_>]) {
+        let n = params.iter().map(|p| p.grad.numel()).sum();
+        self.charge(cost::elementwise(n, 12.0, 7.0));
+    }
+
+    fn pack(&self, ts: &[&Tensor], _scale: f32) -> Tensor {
+        let n = ts.iter().map(|t| t.numel()).sum();
+        self.charge(cost::elementwise(n, 1.0, 2.0));
+        so(&[n])
+    }
+
+    fn unpack(&self, flat: &Tensor, ts: &mut [&mut Tensor]) {
+        let n: usize = ts.iter().map(|t| t.numel()).sum();
+        assert_eq!(n, flat.numel(), "unpack");
+        self.charge(cost::copy(n));
+    }
+
+    fn write(&self, t: &mut Tensor, data: &[f32]) {
+        assert_eq!(t.numel(), data.len(), "write");
+        self.charge(cost::copy(data.len()));
+    }
+
+    fn take_values(&self, _t: Tensor) -> Option<Vec<f32>> {
+        None
+    }
+
+    fn adopt(&self, shape: &[usize], _values: Option<Vec<f32>>) -> Tensor {
+        so(shape)
     }
 }

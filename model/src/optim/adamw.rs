@@ -19,13 +19,18 @@
 //! correction afresh. Whether a parameter is decayed (usually not for norms and biases) is the
 //! caller's choice, through [`ParamRef::decay`].
 //!
-//! A step is all-or-nothing: every parameter is checked (lengths, duplicates, state shape)
-//! before any is changed, so a failed step leaves parameters and state untouched.
+//! The moments are tensors on the same device as the parameters: a step is one
+//! [`Device::adamw`] over every parameter, and the host sees the moments only when a checkpoint
+//! exports them ([`AdamW::export_state`]). A step is all-or-nothing: every parameter is checked
+//! (lengths, duplicates, state shape) before any is changed, so a failed step leaves parameters
+//! and state untouched.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::OptimError;
-use super::kernel::{self, Coef};
+use super::kernel::Coef;
+use crate::device::{AdamWArgs, Device};
+use crate::tensor::Tensor;
 
 /// AdamW's hyperparameters. The defaults are PyTorch's (`β = (0.9, 0.999)`, `ε = 1e-8`,
 /// `weight_decay = 0.01`); [`AdamWConfig::deepseek_v3`] gives the DeepSeek-V3 report's.
@@ -90,33 +95,20 @@ impl AdamWConfig {
 }
 
 /// One parameter handed to [`AdamW::step`]: its name (the key of its state), its values (updated
-/// in place), its gradient (same length), and whether weight decay applies to it.
+/// in place), its gradient (same number of elements), and whether weight decay applies to it.
 #[derive(Debug)]
 pub struct ParamRef<'a> {
     /// The parameter's name, for example a HuggingFace tensor name.
     pub name: &'a str,
     /// The values, updated in place.
-    pub value: &'a mut [f32],
+    pub value: &'a mut Tensor,
     /// The gradient, as long as `value`.
-    pub grad: &'a [f32],
+    pub grad: &'a Tensor,
     /// Apply decoupled weight decay (usually false for norms and biases).
     pub decay: bool,
 }
 
-/// Where [`AdamW::step_out_of_place`] puts one parameter's update: `value` receives the new
-/// values; `exp_avg` and `exp_avg_sq` (any contents, the parameter's length) are exchanged with
-/// the optimizer's moments, so that they come back holding the moments from before the step.
-#[derive(Debug)]
-pub struct Spare<'a> {
-    /// Receives the new values.
-    pub value: &'a mut [f32],
-    /// Comes back holding the first moment from before the step.
-    pub exp_avg: &'a mut Vec<f32>,
-    /// Comes back holding the second moment from before the step.
-    pub exp_avg_sq: &'a mut Vec<f32>,
-}
-
-/// One parameter's optimizer state (PyTorch's `state[p]`).
+/// One parameter's optimizer state in host memory (PyTorch's `state[p]`), for checkpoints.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamState {
@@ -128,8 +120,8 @@ pub struct ParamState {
     pub exp_avg_sq: Vec<f32>,
 }
 
-/// The optimizer's whole state, for checkpoints: the number of steps taken and each parameter's
-/// [`ParamState`], by name.
+/// The optimizer's whole state in host memory, for checkpoints: the number of steps taken and
+/// each parameter's [`ParamState`], by name.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdamWState {
@@ -139,45 +131,31 @@ pub struct AdamWState {
     pub params: BTreeMap<String, ParamState>,
 }
 
-/// AdamW over named `f32` parameters (see the module documentation for the exact update).
+/// One parameter's moments on the device.
+#[derive(Clone, Debug)]
+struct Moments {
+    step: u64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// AdamW over named parameters on a device (see the module documentation for the update).
 #[derive(Clone, Debug)]
 pub struct AdamW {
     config: AdamWConfig,
-    state: AdamWState,
-    /// Threads a step may use (1: the caller's alone).
-    threads: usize,
+    steps: u64,
+    params: BTreeMap<String, Moments>,
 }
 
 impl AdamW {
     /// An optimizer with no state yet.
     pub fn new(config: AdamWConfig) -> Result<Self, OptimError> {
-        Self::from_state(config, AdamWState::default())
-    }
-
-    /// An optimizer that continues from exported state (see [`AdamW::import_state`]).
-    pub fn from_state(config: AdamWConfig, state: AdamWState) -> Result<Self, OptimError> {
         config.validate()?;
-        let mut opt = Self {
+        Ok(Self {
             config,
-            state: AdamWState::default(),
-            threads: 1,
-        };
-        opt.import_state(state)?;
-        Ok(opt)
-    }
-
-    /// Let a step spread its update over up to `threads` threads (large tensors are split into
-    /// pieces); the results are the same bits whatever the count.
-    #[must_use]
-    pub fn with_threads(mut self, threads: usize) -> Self {
-        self.threads = threads.max(1);
-        self
-    }
-
-    /// Threads a step may use.
-    #[must_use]
-    pub const fn threads(&self) -> usize {
-        self.threads
+            steps: 0,
+            params: BTreeMap::new(),
+        })
     }
 
     /// The hyperparameters.
@@ -189,31 +167,39 @@ impl AdamW {
     /// Calls to [`AdamW::step`] that succeeded.
     #[must_use]
     pub const fn steps(&self) -> u64 {
-        self.state.steps
+        self.steps
     }
 
-    /// The state of parameter `name`, if it has been updated (or imported).
+    /// How many updates parameter `name` has received, if it has state.
     #[must_use]
-    pub fn param_state(&self, name: &str) -> Option<&ParamState> {
-        self.state.params.get(name)
+    pub fn param_steps(&self, name: &str) -> Option<u64> {
+        self.params.get(name).map(|m| m.step)
     }
 
-    /// The whole state, borrowed (for writing a checkpoint without a copy).
-    #[must_use]
-    pub const fn state(&self) -> &AdamWState {
-        &self.state
+    /// The whole state in host memory, for a checkpoint (`None` on a device that holds no
+    /// values).
+    pub fn export_state(&self, dev: &dyn Device) -> Option<AdamWState> {
+        let mut params = BTreeMap::new();
+        for (name, m) in &self.params {
+            params.insert(
+                name.clone(),
+                ParamState {
+                    step: m.step,
+                    exp_avg: dev.download(&m.exp_avg)?,
+                    exp_avg_sq: dev.download(&m.exp_avg_sq)?,
+                },
+            );
+        }
+        Some(AdamWState {
+            steps: self.steps,
+            params,
+        })
     }
 
-    /// A copy of the whole state, for a checkpoint.
-    #[must_use]
-    pub fn export_state(&self) -> AdamWState {
-        self.state.clone()
-    }
-
-    /// Replaces the whole state with `state` (from a checkpoint); bit-exact, so that the next
-    /// steps equal those of the optimizer that exported it. Fails, changing nothing, if a
-    /// parameter's two moments differ in length.
-    pub fn import_state(&mut self, state: AdamWState) -> Result<(), OptimError> {
+    /// Replaces the whole state with `state` (from a checkpoint), uploaded to `dev`; bit-exact,
+    /// so that the next steps equal those of the optimizer that exported it. Fails, changing
+    /// nothing, if a parameter's two moments differ in length.
+    pub fn import_state(&mut self, dev: &dyn Device, state: AdamWState) -> Result<(), OptimError> {
         for (name, p) in &state.params {
             if p.exp_avg.len() != p.exp_avg_sq.len() {
                 return Err(OptimError::BadState {
@@ -226,121 +212,67 @@ impl AdamW {
                 });
             }
         }
-        self.state = state;
+        self.steps = state.steps;
+        self.params = state
+            .params
+            .into_iter()
+            .map(|(name, p)| {
+                let n = [p.exp_avg.len()];
+                let m = Moments {
+                    step: p.step,
+                    exp_avg: dev.upload(&n, &p.exp_avg),
+                    exp_avg_sq: dev.upload(&n, &p.exp_avg_sq),
+                };
+                (name, m)
+            })
+            .collect();
         Ok(())
     }
 
     /// One AdamW update of every parameter in `params` with learning rate `lr` (from the
-    /// schedule). Parameters seen for the first time get zero moments. Fails, changing nothing,
-    /// if a value and its gradient differ in length, a name repeats, or a parameter's length
-    /// differs from its stored state.
-    pub fn step(&mut self, lr: f64, params: &mut [ParamRef<'_>]) -> Result<(), OptimError> {
-        self.check(lr, params)?;
-        let (c, threads) = (self.config, self.threads);
-        let mut states = self.states_for(params)?;
-        let mut pieces = Vec::new();
-        for (p, st) in params.iter_mut().zip(states.iter_mut()) {
-            st.step += 1;
-            let k = Coef::new(c, lr, st.step, p.decay);
-            let moments = st
-                .exp_avg
-                .chunks_mut(kernel::PIECE)
-                .zip(st.exp_avg_sq.chunks_mut(kernel::PIECE));
-            let values = p
-                .value
-                .chunks_mut(kernel::PIECE)
-                .zip(p.grad.chunks(kernel::PIECE));
-            for ((value, grad), (m, v)) in values.zip(moments) {
-                pieces.push(kernel::Piece::InPlace {
-                    k,
-                    value,
-                    grad,
-                    m,
-                    v,
-                });
-            }
-        }
-        kernel::run(pieces, threads);
-        drop(states);
-        self.state.steps += 1;
-        Ok(())
-    }
-
-    /// The same update as [`AdamW::step`], bit for bit, but out of place: each parameter's new
-    /// values go into `spares[i].value` (its `params[i].value` is only read), and the new
-    /// moments replace the optimizer's by exchange, so that afterwards `spares[i].exp_avg` and
-    /// `exp_avg_sq` hold the moments from before the step. Together with `params[i].value`,
-    /// the spares then hold the whole state before the step without a byte copied: a
-    /// checkpoint snapshot for free. A parameter seen for the first time hands back zero
-    /// moments. Fails, changing nothing, as [`AdamW::step`] does, or when a spare's length
-    /// differs from its parameter's.
-    pub fn step_out_of_place(
+    /// schedule), on `dev`. Parameters seen for the first time get zero moments. Fails,
+    /// changing nothing, if a value and its gradient differ in length, a name repeats, or a
+    /// parameter's length differs from its stored state.
+    pub fn step(
         &mut self,
+        dev: &dyn Device,
         lr: f64,
-        params: &[ParamRef<'_>],
-        spares: &mut [Spare<'_>],
+        params: &mut [ParamRef<'_>],
     ) -> Result<(), OptimError> {
         self.check(lr, params)?;
-        if spares.len() != params.len() {
-            return Err(OptimError::Config(format!(
-                "{} spare buffers for {} parameters",
-                spares.len(),
-                params.len()
-            )));
-        }
-        for (p, s) in params.iter().zip(spares.iter()) {
-            let n = p.value.len();
-            for (what, len) in [
-                ("value", s.value.len()),
-                ("exp_avg", s.exp_avg.len()),
-                ("exp_avg_sq", s.exp_avg_sq.len()),
-            ] {
-                if len != n {
-                    return Err(OptimError::BadState {
-                        name: p.name.to_owned(),
-                        reason: format!("spare {what} has {len} elements, the parameter {n}"),
-                    });
-                }
+        for p in params.iter() {
+            if !self.params.contains_key(p.name) {
+                let n = [p.value.numel()];
+                let fresh = Moments {
+                    step: 0,
+                    exp_avg: dev.zeros(&n),
+                    exp_avg_sq: dev.zeros(&n),
+                };
+                self.params.insert(p.name.to_owned(), fresh);
             }
         }
-        let (c, threads) = (self.config, self.threads);
-        let mut states = self.states_for(params)?;
-        let mut pieces = Vec::new();
-        for ((p, s), st) in params.iter().zip(spares.iter_mut()).zip(states.iter_mut()) {
-            st.step += 1;
-            let k = Coef::new(c, lr, st.step, p.decay);
-            let old = p
-                .value
-                .chunks(kernel::PIECE)
-                .zip(st.exp_avg.chunks(kernel::PIECE))
-                .zip(st.exp_avg_sq.chunks(kernel::PIECE));
-            let new = s
-                .value
-                .chunks_mut(kernel::PIECE)
-                .zip(s.exp_avg.chunks_mut(kernel::PIECE))
-                .zip(s.exp_avg_sq.chunks_mut(kernel::PIECE));
-            for ((((value, m), v), ((nv, nm), ns)), grad) in
-                old.zip(new).zip(p.grad.chunks(kernel::PIECE))
-            {
-                pieces.push(kernel::Piece::OutOfPlace {
-                    k,
-                    old: kernel::Old { value, m, v },
-                    grad,
-                    new: kernel::New {
-                        value: nv,
-                        m: nm,
-                        v: ns,
-                    },
-                });
-            }
+        let config = self.config;
+        let mut by_name: std::collections::HashMap<&str, &mut Moments> = self
+            .params
+            .iter_mut()
+            .map(|(n, m)| (n.as_str(), m))
+            .collect();
+        let mut args = Vec::with_capacity(params.len());
+        for p in params.iter_mut() {
+            let m = by_name
+                .remove(p.name)
+                .ok_or_else(|| OptimError::DuplicateName(p.name.to_owned()))?;
+            m.step += 1;
+            args.push(AdamWArgs {
+                coef: Coef::new(config, lr, m.step, p.decay),
+                value: &mut *p.value,
+                grad: p.grad,
+                exp_avg: &mut m.exp_avg,
+                exp_avg_sq: &mut m.exp_avg_sq,
+            });
         }
-        kernel::run(pieces, threads);
-        for (st, s) in states.iter_mut().zip(spares.iter_mut()) {
-            std::mem::swap(&mut st.exp_avg, s.exp_avg);
-            std::mem::swap(&mut st.exp_avg_sq, s.exp_avg_sq);
-        }
-        drop(states);
-        self.state.steps += 1;
+        dev.adamw(&mut args);
+        self.steps += 1;
         Ok(())
     }
 
@@ -353,63 +285,34 @@ impl AdamW {
         }
         let mut names = BTreeSet::new();
         for p in params {
-            if p.value.len() != p.grad.len() {
+            if p.value.numel() != p.grad.numel() {
                 return Err(OptimError::GradLength {
                     name: p.name.to_owned(),
-                    value_len: p.value.len(),
-                    grad_len: p.grad.len(),
+                    value_len: p.value.numel(),
+                    grad_len: p.grad.numel(),
                 });
             }
             if !names.insert(p.name) {
                 return Err(OptimError::DuplicateName(p.name.to_owned()));
             }
-            if let Some(s) = self.state.params.get(p.name)
-                && s.exp_avg.len() != p.value.len()
+            if let Some(s) = self.params.get(p.name)
+                && s.exp_avg.numel() != p.value.numel()
             {
                 return Err(OptimError::StateLength {
                     name: p.name.to_owned(),
-                    param_len: p.value.len(),
-                    state_len: s.exp_avg.len(),
+                    param_len: p.value.numel(),
+                    state_len: s.exp_avg.numel(),
                 });
             }
         }
         Ok(())
-    }
-
-    /// The states of `params`, in their order, created with zero moments at step 0 for those
-    /// seen for the first time (the names are distinct: [`AdamW::check`]).
-    fn states_for(&mut self, params: &[ParamRef<'_>]) -> Result<Vec<&mut ParamState>, OptimError> {
-        for p in params {
-            if !self.state.params.contains_key(p.name) {
-                let n = p.value.len();
-                let fresh = ParamState {
-                    step: 0,
-                    exp_avg: vec![0.0; n],
-                    exp_avg_sq: vec![0.0; n],
-                };
-                self.state.params.insert(p.name.to_owned(), fresh);
-            }
-        }
-        let mut by_name: std::collections::HashMap<&str, &mut ParamState> = self
-            .state
-            .params
-            .iter_mut()
-            .map(|(n, s)| (n.as_str(), s))
-            .collect();
-        params
-            .iter()
-            .map(|p| {
-                by_name
-                    .remove(p.name)
-                    .ok_or_else(|| OptimError::DuplicateName(p.name.to_owned()))
-            })
-            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::cpu::CpuDevice;
 
     fn close(a: &[f32], b: &[f64], tol: f64) -> bool {
         a.len() == b.len()
@@ -418,21 +321,31 @@ mod tests {
                 .all(|(&x, &y)| (f64::from(x) - y).abs() <= tol * y.abs().max(1.0))
     }
 
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::from_host(&[v.len()], v.to_vec())
+    }
+
     fn one_step(
+        dev: &dyn Device,
         opt: &mut AdamW,
         lr: f64,
         name: &str,
-        value: &mut [f32],
+        value: &mut Tensor,
         grad: &[f32],
         decay: bool,
     ) {
+        let grad = t(grad);
         let mut params = [ParamRef {
             name,
             value,
-            grad,
+            grad: &grad,
             decay,
         }];
-        opt.step(lr, &mut params).expect("step");
+        opt.step(dev, lr, &mut params).expect("step");
+    }
+
+    fn host(x: &Tensor) -> &[f32] {
+        x.host().unwrap_or_default()
     }
 
     #[test]
@@ -442,13 +355,15 @@ mod tests {
         //         p = 0.999 − 0.1·0.5/(0.5 + 1e-8) = 0.899000002.
         // Step 2: p = 0.899·0.999 = 0.898101; m = 0.02; v = 0.00031225;
         //         p = 0.898101 − (0.1/0.19)·0.02/(√0.00031225/√0.001999 + 1e-8) = 0.871467299.
+        let d = CpuDevice::new(1);
         let mut opt = AdamW::new(AdamWConfig::default()).expect("adamw");
-        let mut p = [1.0f32];
-        one_step(&mut opt, 0.1, "w", &mut p, &[0.5], true);
-        assert!(close(&p, &[0.899_000_002], 1e-7), "{p:?}");
-        one_step(&mut opt, 0.1, "w", &mut p, &[-0.25], true);
-        assert!(close(&p, &[0.871_467_298_705_846_3], 1e-7), "{p:?}");
-        let s = opt.param_state("w").expect("state");
+        let mut p = t(&[1.0]);
+        one_step(&d, &mut opt, 0.1, "w", &mut p, &[0.5], true);
+        assert!(close(host(&p), &[0.899_000_002], 1e-7), "{p:?}");
+        one_step(&d, &mut opt, 0.1, "w", &mut p, &[-0.25], true);
+        assert!(close(host(&p), &[0.871_467_298_705_846_3], 1e-7), "{p:?}");
+        let s = opt.export_state(&d).expect("state");
+        let s = &s.params["w"];
         assert_eq!(s.step, 2);
         assert!(close(&s.exp_avg, &[0.02], 1e-6) && close(&s.exp_avg_sq, &[0.000_312_25], 1e-6));
     }
@@ -484,12 +399,16 @@ mod tests {
                 2.003_051_806_135_516,
             ],
         ];
+        let d = CpuDevice::new(1);
         for (decay, expected) in [(true, decayed), (false, undecayed)] {
             let mut opt = AdamW::new(AdamWConfig::deepseek_v3()).expect("adamw");
-            let mut p = [0.5f32, -1.5, 2.0];
+            let mut p = t(&[0.5, -1.5, 2.0]);
             for ((g, lr), want) in grads.iter().zip(lrs).zip(expected) {
-                one_step(&mut opt, lr, "layer.weight", &mut p, g, decay);
-                assert!(close(&p, &want, 2e-7), "decay {decay}: {p:?} vs {want:?}");
+                one_step(&d, &mut opt, lr, "layer.weight", &mut p, g, decay);
+                assert!(
+                    close(host(&p), &want, 2e-7),
+                    "decay {decay}: {p:?} vs {want:?}"
+                );
             }
         }
     }
@@ -501,37 +420,48 @@ mod tests {
             weight_decay: 0.0,
             ..AdamWConfig::default()
         };
+        let d = CpuDevice::new(1);
         let mut opt = AdamW::new(cfg).expect("adamw");
-        let mut p = [0.0f32; 4];
-        one_step(&mut opt, 0.01, "x", &mut p, &[1e3, -1e-3, 5.0, -0.5], true);
-        assert!(close(&p, &[-0.01, 0.01, -0.01, 0.01], 1e-4), "{p:?}");
+        let mut p = t(&[0.0; 4]);
+        one_step(
+            &d,
+            &mut opt,
+            0.01,
+            "x",
+            &mut p,
+            &[1e3, -1e-3, 5.0, -0.5],
+            true,
+        );
+        assert!(close(host(&p), &[-0.01, 0.01, -0.01, 0.01], 1e-4), "{p:?}");
     }
 
     #[test]
     fn per_parameter_step_counts_like_pytorch() {
+        let d = CpuDevice::new(1);
         let mut opt = AdamW::new(AdamWConfig::default()).expect("adamw");
-        let (mut a, mut b) = ([1.0f32], [1.0f32]);
-        one_step(&mut opt, 0.1, "a", &mut a, &[1.0], false);
-        one_step(&mut opt, 0.1, "a", &mut a, &[1.0], false);
-        one_step(&mut opt, 0.1, "b", &mut b, &[1.0], false);
+        let (mut a, mut b) = (t(&[1.0]), t(&[1.0]));
+        one_step(&d, &mut opt, 0.1, "a", &mut a, &[1.0], false);
+        one_step(&d, &mut opt, 0.1, "a", &mut a, &[1.0], false);
+        one_step(&d, &mut opt, 0.1, "b", &mut b, &[1.0], false);
         assert_eq!(opt.steps(), 3);
-        assert_eq!(opt.param_state("a").map(|s| s.step), Some(2));
+        assert_eq!(opt.param_steps("a"), Some(2));
         // b's first update is bias-corrected as a first step: exactly lr·sign(g) (up to ε).
-        assert!(close(&b, &[0.9], 1e-6), "{b:?}");
+        assert!(close(host(&b), &[0.9], 1e-6), "{b:?}");
     }
 
     #[test]
     fn export_import_round_trip_is_bitwise() {
-        let grads = |k: usize| -> (Vec<f32>, Vec<f32>) {
-            let a = (0..5)
+        let d = CpuDevice::new(1);
+        let grads = |k: usize| -> (Tensor, Tensor) {
+            let a: Vec<f32> = (0..5)
                 .map(|i| ((i * 7 + k * 3) % 11) as f32 * 0.37 - 1.9)
                 .collect();
-            let b = (0..3)
+            let b: Vec<f32> = (0..3)
                 .map(|i| ((i + k) % 4) as f32 * -0.11 + 0.05)
                 .collect();
-            (a, b)
+            (t(&a), t(&b))
         };
-        let run = |opt: &mut AdamW, a: &mut Vec<f32>, b: &mut Vec<f32>, k: usize| {
+        let run = |opt: &mut AdamW, a: &mut Tensor, b: &mut Tensor, k: usize| {
             let (ga, gb) = grads(k);
             let mut params = [
                 ParamRef {
@@ -547,16 +477,16 @@ mod tests {
                     decay: false,
                 },
             ];
-            opt.step(1e-3 * (k as f64 + 1.0), &mut params)
+            opt.step(&d, 1e-3 * (k as f64 + 1.0), &mut params)
                 .expect("step");
         };
         let cfg = AdamWConfig::deepseek_v3();
         let mut straight = AdamW::new(cfg).expect("adamw");
-        let (mut a1, mut b1) = (vec![0.3f32; 5], vec![1.0f32; 3]);
+        let (mut a1, mut b1) = (t(&[0.3; 5]), t(&[1.0; 3]));
         for k in 0..4 {
             run(&mut straight, &mut a1, &mut b1, k);
         }
-        let exported = straight.export_state();
+        let exported = straight.export_state(&d).expect("state");
         // Through JSON (serde) and back, as a checkpoint would.
         let json = serde_json::to_string(&exported).unwrap_or_default();
         let restored: AdamWState = serde_json::from_str(&json).expect("json");
@@ -568,77 +498,87 @@ mod tests {
         };
         assert_eq!(bits(&restored), bits(&exported));
         assert_eq!(restored, exported);
-        let mut resumed = AdamW::from_state(cfg, restored).expect("from_state");
+        let mut resumed = AdamW::new(cfg).expect("adamw");
+        resumed.import_state(&d, restored).expect("import");
         let (mut a2, mut b2) = (a1.clone(), b1.clone());
         for k in 4..8 {
             run(&mut straight, &mut a1, &mut b1, k);
             run(&mut resumed, &mut a2, &mut b2, k);
         }
-        let to_bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let to_bits = |v: &Tensor| host(v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(to_bits(&a1), to_bits(&a2));
         assert_eq!(to_bits(&b1), to_bits(&b2));
-        assert_eq!(bits(resumed.state()), bits(straight.state()));
+        let (r, s) = (
+            resumed.export_state(&d).expect("state"),
+            straight.export_state(&d).expect("state"),
+        );
+        assert_eq!(bits(&r), bits(&s));
         assert_eq!(resumed.steps(), 8);
-        let names: Vec<&String> = resumed.state().params.keys().collect();
+        let names: Vec<&String> = r.params.keys().collect();
         assert_eq!(names, ["model.layers.0.mlp.weight", "model.norm.weight"]);
     }
 
     #[test]
     fn bad_steps_change_nothing() {
+        let d = CpuDevice::new(1);
         let mut opt = AdamW::new(AdamWConfig::default()).expect("adamw");
-        let mut a = [1.0f32, 2.0];
-        let mut b = [3.0f32];
-        one_step(&mut opt, 0.1, "a", &mut a, &[0.1, 0.1], true);
-        let before = (a, opt.export_state());
+        let mut a = t(&[1.0, 2.0]);
+        let mut b = t(&[3.0]);
+        one_step(&d, &mut opt, 0.1, "a", &mut a, &[0.1, 0.1], true);
+        let before = (host(&a).to_vec(), opt.export_state(&d));
         let msg = |r: Result<(), OptimError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        let (g2, g12) = (t(&[0.1, 0.1]), t(&[0.1, 0.2]));
         let mut p = [
             ParamRef {
                 name: "a",
                 value: &mut a,
-                grad: &[0.1, 0.1],
+                grad: &g2,
                 decay: true,
             },
             ParamRef {
                 name: "b",
                 value: &mut b,
-                grad: &[0.1, 0.2],
+                grad: &g12,
                 decay: true,
             },
         ];
-        assert!(msg(opt.step(0.1, &mut p)).contains("\"b\": value has 1 elements but grad has 2"));
-        let mut c = [0.0f32; 2];
+        assert!(
+            msg(opt.step(&d, 0.1, &mut p)).contains("\"b\": value has 1 elements but grad has 2")
+        );
+        let mut c = t(&[0.0; 2]);
         let mut p = [
             ParamRef {
                 name: "a",
                 value: &mut a,
-                grad: &[0.1, 0.1],
+                grad: &g2,
                 decay: true,
             },
             ParamRef {
                 name: "a",
                 value: &mut c,
-                grad: &[0.1, 0.2],
+                grad: &g12,
                 decay: true,
             },
         ];
-        assert!(msg(opt.step(0.1, &mut p)).contains("more than once"));
-        let mut short = [1.0f32];
+        assert!(msg(opt.step(&d, 0.1, &mut p)).contains("more than once"));
+        let mut short = t(&[1.0]);
+        let g1 = t(&[0.1]);
         let mut p = [ParamRef {
             name: "a",
             value: &mut short,
-            grad: &[0.1],
+            grad: &g1,
             decay: true,
         }];
-        assert!(msg(opt.step(0.1, &mut p)).contains("optimizer state has 2"));
+        assert!(msg(opt.step(&d, 0.1, &mut p)).contains("optimizer state has 2"));
         let mut p = [ParamRef {
             name: "a",
             value: &mut a,
-            grad: &[0.1, 0.1],
+            grad: &g2,
             decay: true,
         }];
-        assert!(msg(opt.step(f64::NAN, &mut p)).contains("learning rate"));
-        assert_eq!((a, opt.export_state()), before);
-        assert_eq!(b, [3.0]);
+        assert!(msg(opt.step(&d, f64::NAN, &mut p)).contains("learning rate"));
+        assert_eq!((host(&a).to_vec(), opt.export_state(&d)), before);
+        assert_eq!(host(&b), [3.0]);
     }
 
     #[test]
@@ -686,119 +626,51 @@ mod tests {
                 exp_avg_sq: vec![0.0],
             },
         );
-        let err = AdamW::from_state(AdamWConfig::default(), state)
+        let d = CpuDevice::new(1);
+        let err = AdamW::new(AdamWConfig::default())
+            .expect("adamw")
+            .import_state(&d, state)
             .err()
             .map(|e| e.to_string());
         assert!(err.unwrap_or_default().contains("\"w\""));
     }
 
-    /// One out-of-place step of the single parameter `w`, decayed.
-    fn step_into(
-        opt: &mut AdamW,
-        value: &mut [f32],
-        grad: &[f32],
-        spare: (&mut [f32], &mut Vec<f32>, &mut Vec<f32>),
-    ) -> Result<(), OptimError> {
-        let params = [ParamRef {
-            name: "w",
-            value,
-            grad,
-            decay: true,
-        }];
-        let mut spares = [Spare {
-            value: spare.0,
-            exp_avg: spare.1,
-            exp_avg_sq: spare.2,
-        }];
-        opt.step_out_of_place(5e-3, &params, &mut spares)
-    }
-
-    #[test]
-    fn out_of_place_step_equals_step_and_hands_back_the_old_state() {
-        let mut a = AdamW::new(AdamWConfig::deepseek_v3()).expect("adamw");
-        let mut pa = vec![0.5f32, -1.5, 2.0, 0.25];
-        let g = [0.1f32, -0.2, 0.0, 3.0];
-        one_step(&mut a, 1e-2, "w", &mut pa, &g, true);
-        let mut b = a.clone();
-        let mut pb = pa.clone();
-        let before = (pa.clone(), a.param_state("w").cloned().expect("state"));
-        one_step(&mut a, 5e-3, "w", &mut pa, &g, true);
-
-        let (mut nv, mut m, mut v) = (vec![9.0f32; 4], vec![7.0f32; 4], vec![7.0f32; 4]);
-        step_into(&mut b, &mut pb, &g, (&mut nv, &mut m, &mut v)).expect("step");
-        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&nv), bits(&pa), "new values");
-        assert_eq!(b.export_state(), a.export_state(), "new state");
-        assert_eq!(bits(&pb), bits(&before.0), "the old values were read only");
-        assert_eq!(
-            (m, v),
-            (before.1.exp_avg, before.1.exp_avg_sq),
-            "old moments"
-        );
-
-        // A spare of the wrong length fails the step and changes nothing.
-        let (mut short, mut m2, mut v2) = (vec![0.0f32; 3], vec![0.0f32; 4], vec![0.0f32; 4]);
-        let state = b.export_state();
-        let err = step_into(&mut b, &mut pb, &g, (&mut short, &mut m2, &mut v2))
-            .expect_err("short spare");
-        assert!(err.to_string().contains("spare value has 3"), "{err}");
-        assert_eq!(b.export_state(), state);
-    }
-
-    /// Several threads give the bits of one, in place and out of place.
+    /// Several threads of the device give the bits of one.
     #[test]
     fn threads_do_not_change_the_bits() {
         let sizes = [1usize << 20, 300_001, 7, 1 << 19];
-        let fill = |n: usize, seed: usize| -> Vec<f32> {
-            (0..n)
+        let fill = |n: usize, seed: usize| -> Tensor {
+            let v: Vec<f32> = (0..n)
                 .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1000.0 - 1.0)
-                .collect()
+                .collect();
+            Tensor::from_host(&[n], v)
         };
         let names: Vec<String> = (0..sizes.len()).map(|i| format!("p{i}")).collect();
         let run = |threads: usize| {
-            let mut opt = AdamW::new(AdamWConfig::default())
-                .expect("adamw")
-                .with_threads(threads);
-            let mut values: Vec<Vec<f32>> = sizes.iter().map(|&n| fill(n, 1)).collect();
-            let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| fill(n, 2)).collect();
-            let mut refs: Vec<ParamRef<'_>> = values
-                .iter_mut()
-                .zip(&grads)
-                .zip(&names)
-                .map(|((value, grad), name)| ParamRef {
-                    name,
-                    value,
-                    grad,
-                    decay: true,
-                })
-                .collect();
-            opt.step(1e-3, &mut refs).expect("step");
-            let mut spares: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = sizes
+            let d = CpuDevice::new(threads);
+            let mut opt = AdamW::new(AdamWConfig::default()).expect("adamw");
+            let mut values: Vec<Tensor> = sizes.iter().map(|&n| fill(n, 1)).collect();
+            let grads: Vec<Tensor> = sizes.iter().map(|&n| fill(n, 2)).collect();
+            for _ in 0..2 {
+                let mut refs: Vec<ParamRef<'_>> = values
+                    .iter_mut()
+                    .zip(&grads)
+                    .zip(&names)
+                    .map(|((value, grad), name)| ParamRef {
+                        name,
+                        value,
+                        grad,
+                        decay: true,
+                    })
+                    .collect();
+                opt.step(&d, 1e-3, &mut refs).expect("step");
+            }
+            let v: Vec<Vec<u32>> = values
                 .iter()
-                .map(|&n| (vec![0.0; n], vec![0.0; n], vec![0.0; n]))
+                .map(|x| host(x).iter().map(|f| f.to_bits()).collect())
                 .collect();
-            let mut sp: Vec<Spare<'_>> = spares
-                .iter_mut()
-                .map(|(value, exp_avg, exp_avg_sq)| Spare {
-                    value,
-                    exp_avg,
-                    exp_avg_sq,
-                })
-                .collect();
-            opt.step_out_of_place(1e-3, &refs, &mut sp).expect("step");
-            drop((sp, refs));
-            let new: Vec<Vec<f32>> = spares.into_iter().map(|s| s.0).collect();
-            (values, new, opt.export_state())
+            (v, opt.export_state(&d))
         };
-        let bits = |v: &[Vec<f32>]| {
-            v.iter()
-                .map(|x| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
-        };
-        let (one_v, one_n, one_s) = run(1);
-        let (four_v, four_n, four_s) = run(4);
-        assert_eq!(bits(&one_v), bits(&four_v));
-        assert_eq!(bits(&one_n), bits(&four_n));
-        assert_eq!(one_s, four_s);
+        assert_eq!(run(1), run(4));
     }
 }

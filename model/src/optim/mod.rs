@@ -6,24 +6,26 @@
 //!    ranks have summed their partial squared norms) scales the gradients to a maximal global
 //!    L2 norm and returns the norm before clipping, for metrics and anomaly detection.
 //! 2. [`schedule::LrSchedule::lr`] gives the learning rate of the step.
-//! 3. [`adamw::AdamW::step`] updates the named parameters in place, keeping its moment estimates
-//!    in an ordered map so that iteration and checkpoints are deterministic.
-//!    [`adamw::AdamW::step_out_of_place`] is the same update written into spare buffers, which
-//!    then hold the state from before the step: how a checkpoint snapshot costs no copy.
+//! 3. [`adamw::AdamW::step`] updates the named parameters in place on their device, keeping its
+//!    moment estimates (device tensors) in an ordered map so that iteration and checkpoints are
+//!    deterministic.
 //!
-//! Everything works on plain `f32` slices, independent of the tensor and device types.
+//! Clipping works on plain `f32` slices (the CPU device's [`crate::device::Device::sum_squares`]
+//! is [`clip::sum_of_squares_on`]); AdamW's element-wise update is `kernel.rs`, which the CPU
+//! device runs.
 
 pub mod adamw;
 pub mod clip;
-mod kernel;
+pub(crate) mod kernel;
 pub mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamRef, ParamState, Spare};
+pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamRef, ParamState};
 pub use clip::{
     SQ_PIECE, clip_coefficient, clip_grad_norm, clip_grad_norm_from_sum_sq,
     clip_grad_norm_from_sum_sq_on, clip_grad_norm_on, global_norm, sum_of_squares,
     sum_of_squares_on,
 };
+pub use kernel::Coef;
 pub use schedule::LrSchedule;
 
 /// Everything that can go wrong in the optimizer. Messages name the parameter where one is
@@ -76,6 +78,8 @@ mod tests {
 
     use super::*;
     use crate::data::{DataLoader, LoaderConfig, TokenDataset, builtin_corpus_tokens};
+    use crate::device::cpu::CpuDevice;
+    use crate::tensor::Tensor;
 
     /// Mean next-token cross-entropy of the bigram table `w` over `batch`, with labels shifted by
     /// one position inside each row (the HF convention), accumulating the mean's gradient in `grad`.
@@ -125,14 +129,15 @@ mod tests {
             ..AdamWConfig::default()
         })
         .expect("adamw");
-        let mut w = vec![0.0f32; 256 * 256];
+        let dev = CpuDevice::new(1);
+        let mut w = Tensor::from_host(&[256 * 256], vec![0.0f32; 256 * 256]);
         let mut grad = vec![0.0f32; 256 * 256];
         let mut losses = Vec::new();
         for step in 0..200 {
             grad.fill(0.0);
             let (mut loss, mut count) = (0.0, 0);
             for micro in loader.next_step().micro_batches {
-                let (l, c) = bigram_loss(&w, &micro, &mut grad);
+                let (l, c) = bigram_loss(w.host().unwrap_or_default(), &micro, &mut grad);
                 loss += l;
                 count += c;
             }
@@ -140,13 +145,15 @@ mod tests {
             losses.push(loss / count as f64);
             let norm = clip_grad_norm(&mut [&mut grad[..]], 1.0).expect("clip");
             assert!(norm.is_finite());
+            let g = Tensor::from_host(&[grad.len()], grad.clone());
             let mut params = [ParamRef {
                 name: "bigram",
                 value: &mut w,
-                grad: &grad,
+                grad: &g,
                 decay: true,
             }];
-            opt.step(schedule.lr(step), &mut params).expect("step");
+            opt.step(&dev, schedule.lr(step), &mut params)
+                .expect("step");
         }
         let first = losses[0];
         let last: f64 = losses[190..].iter().sum::<f64>() / 10.0;

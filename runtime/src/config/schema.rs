@@ -386,12 +386,12 @@ static CLUSTER: &[Field] = &[
     f(
         "device",
         Ty::Enum(DeviceKind::NAMES),
-        "Compute device (\"cuda\" and \"sim\" are not supported yet).",
+        "Compute device: \"cpu\", or \"sim\" (shapes only, virtual time; needs fabric = \"sim\"); \"cuda\" is not supported yet.",
     ),
     f(
         "fabric",
         Ty::Enum(FabricKind::NAMES),
-        "Transport between ranks (\"quic\" and \"sim\" are not supported yet).",
+        "Transport between ranks: \"inproc\", or \"sim\" (modelled links); \"quic\" is not supported yet.",
     ),
     opt(
         "listen",
@@ -411,7 +411,7 @@ static CLUSTER: &[Field] = &[
     opt(
         "sim",
         Ty::Table(SIM),
-        "Physics of the simulated cluster (not supported yet).",
+        "Physics of the simulated cluster (device = \"sim\"; absent: the values shown).",
     ),
 ];
 
@@ -419,32 +419,28 @@ static SIM: &[Field] = &[
     f(
         "link_gbps",
         Ty::Float,
-        "Inter-host bandwidth per rank, Gbit/s (not supported yet).",
+        "Inter-host bandwidth per rank, Gbit/s.",
     ),
     f(
         "link_latency_us",
         Ty::Float,
-        "Inter-host latency, microseconds (not supported yet).",
+        "Inter-host latency, microseconds.",
     ),
     f(
         "intra_host_gbps",
         Ty::Float,
-        "Intra-host bandwidth per rank, Gbit/s (not supported yet).",
+        "Intra-host bandwidth per rank, Gbit/s.",
     ),
     f(
         "device_tflops",
         Ty::Float,
-        "Device compute rate, TFLOP/s (not supported yet).",
+        "Device GEMM rate, TFLOP/s (element-wise kernels run at a tenth of it).",
     ),
-    f(
-        "hbm_gbps",
-        Ty::Float,
-        "Device memory bandwidth, GB/s (not supported yet).",
-    ),
+    f("hbm_gbps", Ty::Float, "Device memory bandwidth, GB/s."),
     f(
         "launch_overhead_us",
         Ty::Float,
-        "Fixed cost per device operation, microseconds (not supported yet).",
+        "Fixed cost per device operation, microseconds.",
     ),
 ];
 

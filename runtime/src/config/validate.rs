@@ -298,7 +298,6 @@ fn model(cfg: &Config, c: &mut Checker<'_>) {
 }
 
 /// Why the simulated cluster's keys are refused.
-const NO_SIM: &str = "no command runs the simulated cluster yet";
 /// Why the multi-process keys are refused.
 const NO_MULTI_PROCESS: &str = "multi-process jobs (`flotilla launch` / `agent`) do not exist \
      yet; `flotilla train` runs every rank in one process over fabric = \"inproc\"";
@@ -313,15 +312,19 @@ fn cluster(cfg: &Config, c: &mut Checker<'_>) {
         "there is no CUDA compute device (building with `cargo build --features cuda` adds only \
          the NCCL backend and `flotilla bench nccl`); use device = \"cpu\"",
     );
-    c.unsupported(
-        "cluster.device",
-        cl.device == DeviceKind::Sim,
-        &format!("{NO_SIM}; use device = \"cpu\""),
-    );
-    c.unsupported(
-        "cluster.fabric",
-        cl.fabric == FabricKind::Sim,
-        &format!("{NO_SIM}; use fabric = \"inproc\""),
+    let sim_dev = cl.device == DeviceKind::Sim;
+    let sim_fab = cl.fabric == FabricKind::Sim;
+    c.rule(
+        &["cluster.fabric", "cluster.device"],
+        sim_dev == sim_fab,
+        || {
+            format!(
+                "device = \"sim\" and fabric = \"sim\" go together (the simulated cluster); \
+                 found device = {:?}, fabric = {:?}",
+                cl.device.as_str(),
+                cl.fabric.as_str()
+            )
+        },
     );
     c.unsupported(
         "cluster.fabric",
@@ -333,7 +336,19 @@ fn cluster(cfg: &Config, c: &mut Checker<'_>) {
     if let Some(threads) = cl.cpu_threads {
         c.at_least_one("cluster.cpu_threads", n(threads));
     }
-    c.unsupported_table("cluster.sim", cl.sim.is_some(), NO_SIM);
+    c.rule(
+        &["cluster.sim", "cluster.device"],
+        cl.sim.is_none() || sim_dev,
+        || "[cluster.sim] describes the simulated cluster; it needs device = \"sim\"".to_owned(),
+    );
+    if let Some(s) = &cl.sim {
+        c.positive("cluster.sim.link_gbps", s.link_gbps);
+        c.non_negative("cluster.sim.link_latency_us", s.link_latency_us);
+        c.positive("cluster.sim.intra_host_gbps", s.intra_host_gbps);
+        c.positive("cluster.sim.device_tflops", s.device_tflops);
+        c.positive("cluster.sim.hbm_gbps", s.hbm_gbps);
+        c.non_negative("cluster.sim.launch_overhead_us", s.launch_overhead_us);
+    }
 }
 
 fn supervision(cfg: &Config, c: &mut Checker<'_>) {

@@ -1,0 +1,375 @@
+//! A rank's compute stream: where its actors issue device work (DESIGN.md, "what issue a phase
+//! and it is done mean in each world").
+//!
+//! A job is a closure over the rank's device and its state on it ([`OnDevice`]): a phase of a
+//! stage pass, the experts' work on what the EP group dispatched, an optimizer update, a
+//! snapshot. Jobs run one at a time, each with the whole device; the issuing actor gets the
+//! result back as a future, which it turns into a message to itself, so it keeps answering
+//! while the device works. Of the jobs waiting, the one of the most urgent [`Class`] runs first
+//! (the experts' work, which peers wait for; then forwards and backwards by their place in the
+//! schedule; then W's; then the step's own work), and a W runs only after every W of a smaller
+//! ordinal this step: gradients are summed in the schedule's order, so a step's bits do not
+//! depend on timing.
+//!
+//! - On the CPU ([`Stream::on_thread`]) a thread of the rank owns the device and the state and
+//!   runs the jobs, each inside the device's thread pool.
+//! - On the simulated device ([`Stream::virtual_time`]) a job runs when it is issued (it does no
+//!   arithmetic), the device's modelled cost reserves the stream from `max(now, stream free)`,
+//!   and its result arrives at the end of that reservation, on the paused clock: the stream's
+//!   timeline is what a GPU's would be, and compute and communication overlap as they would
+//!   there.
+//!
+//! A job that panics fails its own future (with the panic's message) and leaves the stream
+//! running; the rank's state may then be half-updated, which is why a failed step is rolled back.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use flotilla_model::{Cost, Device};
+
+use crate::error::JobError;
+use tokio::sync::oneshot;
+
+use crate::store::RankStore;
+
+/// What a job works with.
+pub struct OnDevice<'a> {
+    pub dev: &'a dyn Device,
+    pub store: &'a mut RankStore,
+}
+
+/// How urgent a job is (earlier variants first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    /// The routed experts' work on rows that token-owners wait for.
+    Experts,
+    /// Forward and backward phases, by their place in the schedule.
+    Compute,
+    /// Weight gradients (W), in the schedule's order.
+    Weight,
+    /// The step's own work (begin, statistics, update, snapshots).
+    Step,
+}
+
+/// Where a job goes in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Order {
+    pub class: Class,
+    /// Place in the rank's action list (earlier first within a class).
+    pub pos: u64,
+    /// For a W: its ordinal among this step's W's (it waits for every smaller one).
+    pub w: Option<u32>,
+}
+
+impl Order {
+    /// A job of `class` at place `pos`.
+    pub fn new(class: Class, pos: u64) -> Order {
+        Order {
+            class,
+            pos,
+            w: None,
+        }
+    }
+
+    /// The step's own work.
+    pub const STEP: Order = Order {
+        class: Class::Step,
+        pos: 0,
+        w: None,
+    };
+}
+
+type Output = Box<dyn Any + Send>;
+type Job = Box<dyn FnOnce(&mut OnDevice<'_>) -> Output + Send>;
+type Reply = oneshot::Sender<Result<Output, String>>;
+
+struct Queued {
+    order: Order,
+    seq: u64,
+    job: Job,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Sched {
+    queue: Vec<Queued>,
+    next_w: u32,
+    seq: u64,
+    closed: bool,
+}
+
+impl Sched {
+    /// The most urgent job allowed to run now.
+    fn take(&mut self) -> Option<Queued> {
+        let next_w = self.next_w;
+        let i = self
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.order.w.is_none_or(|w| w == next_w))
+            .min_by_key(|(_, q)| (q.order.class, q.order.pos, q.seq))
+            .map(|(i, _)| i)?;
+        let q = self.queue.swap_remove(i);
+        if q.order.w.is_some() {
+            self.next_w += 1;
+        }
+        Some(q)
+    }
+}
+
+/// The simulated world's state: the device and the rank's state, run on issue.
+struct Virtual {
+    dev: Box<dyn Device>,
+    store: Mutex<RankStore>,
+    /// When the stream's last reservation ends.
+    free: Mutex<tokio::time::Instant>,
+}
+
+struct Shared {
+    sched: Mutex<Sched>,
+    wake: Condvar,
+    sim: Option<Virtual>,
+    /// What the jobs cost since it was last taken.
+    cost: Mutex<Cost>,
+}
+
+impl Shared {
+    fn sched(&self) -> MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add_cost(&self, c: &Cost) {
+        self.cost.lock().unwrap_or_else(|p| p.into_inner()).add(c);
+    }
+}
+
+/// A rank's compute stream (cheap to clone: every actor of the rank holds one). When the last
+/// clone goes, the stream closes (a CPU stream's thread ends).
+#[derive(Clone)]
+pub struct Stream(Arc<Handle>);
+
+/// What the clones of a [`Stream`] share; closes the stream when dropped.
+struct Handle(Arc<Shared>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.sched().closed = true;
+        self.0.wake.notify_all();
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = if self.shared().sim.is_some() {
+            "virtual"
+        } else {
+            "thread"
+        };
+        write!(f, "Stream({mode})")
+    }
+}
+
+/// Why a job gave no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("the job panicked: {0}")]
+    Panicked(String),
+    #[error("the stream is closed")]
+    Closed,
+}
+
+fn panic_text(p: Box<dyn Any + Send>) -> String {
+    match p.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p
+            .downcast::<&str>()
+            .map_or_else(|_| "a panic".to_string(), |s| (*s).to_string()),
+    }
+}
+
+/// Runs `job` with the device and the state, turning a panic into its message.
+fn run(job: Job, dev: &dyn Device, store: &mut RankStore) -> Result<Output, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut job = Some(job);
+        let mut out = None;
+        dev.on_device_threads(&mut || {
+            if let Some(j) = job.take() {
+                out = Some(j(&mut OnDevice {
+                    dev,
+                    store: &mut *store,
+                }));
+            }
+        });
+        out
+    }))
+    .map_err(panic_text)?
+    .ok_or_else(|| "the device did not run the job".to_string())
+}
+
+impl Stream {
+    /// A stream whose jobs run on a thread of its own (`name`), which builds the device and
+    /// the rank's state with `build` and owns them.
+    pub async fn on_thread(
+        name: String,
+        build: impl FnOnce() -> Result<(Box<dyn Device>, RankStore), JobError> + Send + 'static,
+    ) -> Result<Stream, JobError> {
+        let shared = Arc::new(Shared {
+            sched: Mutex::new(Sched::default()),
+            wake: Condvar::new(),
+            sim: None,
+            cost: Mutex::new(Cost::default()),
+        });
+        let worker = Arc::clone(&shared);
+        let (ready, built) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let (dev, mut store) = match build() {
+                    Ok(b) => {
+                        let _ = ready.send(Ok(()));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(q) = next_job(&worker) {
+                    let r = run(q.job, dev.as_ref(), &mut store);
+                    worker.add_cost(&dev.take_cost());
+                    let _ = q.reply.send(r);
+                }
+            })
+            .map_err(|e| JobError::Config(format!("cannot start a compute thread: {e}")))?;
+        let handle = Stream(Arc::new(Handle(shared)));
+        match built.await {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(JobError::Model(
+                "the compute thread died while starting".into(),
+            )),
+        }
+    }
+
+    /// A stream on virtual time (the simulated device; call it inside a tokio runtime with a
+    /// paused clock).
+    pub fn virtual_time(dev: Box<dyn Device>, store: RankStore) -> Stream {
+        Stream(Arc::new(Handle(Arc::new(Shared {
+            sched: Mutex::new(Sched::default()),
+            wake: Condvar::new(),
+            sim: Some(Virtual {
+                dev,
+                store: Mutex::new(store),
+                free: Mutex::new(tokio::time::Instant::now()),
+            }),
+            cost: Mutex::new(Cost::default()),
+        }))))
+    }
+
+    /// What the jobs cost since the last call (measured on real devices, modelled on the
+    /// simulated one).
+    pub fn take_cost(&self) -> Cost {
+        std::mem::take(&mut *self.shared().cost.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.0.0
+    }
+
+    /// Whether time on this stream is modelled (the simulated device).
+    pub fn is_virtual(&self) -> bool {
+        self.shared().sim.is_some()
+    }
+
+    /// A new step: its W's count from 0 again.
+    pub fn new_step(&self) {
+        self.shared().sched().next_w = 0;
+    }
+
+    /// Issue `f` with `order`; its result once it has run.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        order: Order,
+        f: impl FnOnce(&mut OnDevice<'_>) -> R + Send + 'static,
+    ) -> Result<R, StreamError> {
+        let rx = self.issue(order, Box::new(move |d| Box::new(f(d)) as Output));
+        match rx.await {
+            Ok(Ok(out)) => out
+                .downcast::<R>()
+                .map(|b| *b)
+                .map_err(|_| StreamError::Panicked("a job's result of another type".into())),
+            Ok(Err(why)) => Err(StreamError::Panicked(why)),
+            Err(_) => Err(StreamError::Closed),
+        }
+    }
+
+    fn issue(&self, order: Order, job: Job) -> oneshot::Receiver<Result<Output, String>> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut s = self.shared().sched();
+            if s.closed {
+                return rx;
+            }
+            s.seq += 1;
+            let seq = s.seq;
+            s.queue.push(Queued {
+                order,
+                seq,
+                job,
+                reply,
+            });
+        }
+        match &self.shared().sim {
+            None => self.shared().wake.notify_one(),
+            Some(v) => self.drain_virtual(v),
+        }
+        rx
+    }
+
+    /// Virtual time: run every job that may run now, each reserving the stream for its cost.
+    fn drain_virtual(&self, v: &Virtual) {
+        loop {
+            let Some(q) = self.shared().sched().take() else {
+                return;
+            };
+            let result = {
+                let mut store = v.store.lock().unwrap_or_else(|p| p.into_inner());
+                run(q.job, v.dev.as_ref(), &mut store)
+            };
+            let c = v.dev.take_cost();
+            self.shared().add_cost(&c);
+            let cost = c.seconds;
+            let end = {
+                let mut free = v.free.lock().unwrap_or_else(|p| p.into_inner());
+                let start = (*free).max(tokio::time::Instant::now());
+                *free = start + flotilla_runtime::clock::dilate(seconds(cost));
+                *free
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep_until(end).await;
+                let _ = q.reply.send(result);
+            });
+        }
+    }
+}
+
+/// A modelled cost in seconds as a duration (negative or NaN costs count as none).
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::ZERO)
+}
+
+/// The thread's next job, waiting for one; `None` once the stream is closed and empty.
+fn next_job(shared: &Shared) -> Option<Queued> {
+    let mut s = shared.sched();
+    loop {
+        if let Some(q) = s.take() {
+            return Some(q);
+        }
+        if s.closed && s.queue.is_empty() {
+            return None;
+        }
+        s = shared.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+    }
+}
