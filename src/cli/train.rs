@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use flotilla_actors::{ResumeFrom, StepRecord};
-use flotilla_runtime::clock::RealClock;
-use flotilla_runtime::config::Config;
+use flotilla_runtime::clock::{Clock, RealClock, VirtualClock};
+use flotilla_runtime::config::{Config, DeviceKind};
 use flotilla_runtime::storage::local::LocalStorage;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -55,6 +55,26 @@ fn job_config(args: &TrainArgs) -> Result<Config> {
     Ok(cfg)
 }
 
+/// The runtime and clock of the world the config names: the simulated cluster runs on one
+/// thread with tokio's clock paused (virtual time, which advances when every actor waits), so
+/// that a run is deterministic; the others on a multi-threaded runtime and the wall clock.
+pub fn runtime_for(cfg: &Config) -> Result<(tokio::runtime::Runtime, Arc<dyn Clock>)> {
+    if cfg.cluster.device == DeviceKind::Sim {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .context("starting the tokio runtime")?;
+        Ok((rt, Arc::new(VirtualClock)))
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?;
+        Ok((rt, Arc::new(RealClock)))
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = job_config(&args)?;
     let resume = args.resume.as_deref().map(|r| match (r, r.parse::<u64>()) {
@@ -62,10 +82,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         (_, Ok(step)) => ResumeFrom::Step(step),
         (path, Err(_)) => ResumeFrom::Path(PathBuf::from(path)),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let (rt, clock) = runtime_for(&cfg)?;
     let out_dir = cfg.job.out_dir.clone();
     let steps = cfg.job.steps;
     // Validation guarantees log_every >= 1; max(1) keeps a config built past it from dividing
@@ -106,9 +123,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             bar.inc(1);
         };
         let storage = Arc::new(LocalStorage::new(out_dir.clone()));
-        let s =
-            flotilla_actors::train_from(cfg, storage, Arc::new(RealClock), resume, &mut on_step)
-                .await;
+        let s = flotilla_actors::train_from(cfg, storage, clock, resume, &mut on_step).await;
         bar.finish();
         s.map_err(anyhow::Error::from)
     })?;

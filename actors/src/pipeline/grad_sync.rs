@@ -120,6 +120,8 @@ pub async fn reduce(
         Err(e) => return (comm, Err(format!("packing gradients: {e}"))),
     };
     let summed = match values {
+        // A group of one (a tensor only this rank holds): nothing to sum with.
+        v if comm.size() == 1 => Ok(v),
         Some(v) => {
             let mut out = Vec::with_capacity(v.len());
             let mut r = Ok(());
