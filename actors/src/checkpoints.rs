@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use flotilla_ckpt::{CheckpointEngine, Loaded, Snapshot, Which};
 use flotilla_runtime::clock::Clock;
-use flotilla_runtime::config::{CheckpointMode, Config};
+use flotilla_runtime::config::{CheckpointMode, Config, DeviceKind};
+use flotilla_runtime::storage::sim::SimStorage;
 use flotilla_runtime::metrics as names;
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::storage::local::LocalStorage;
@@ -65,13 +66,22 @@ fn relative_key(dir: &Path) -> Result<String, JobError> {
     Ok(parts.join("/"))
 }
 
-/// The engine over this job's `checkpoint.dir`.
+/// The engine over this job's `checkpoint.dir`; on the simulated cluster, simulated storage of
+/// `[cluster.sim] storage_gbps` (its checkpoints hold shapes only: they are timed, not kept).
 pub fn engine_for(
     cfg: &Config,
     run_storage: &Arc<dyn Storage>,
 ) -> Result<CheckpointEngine, JobError> {
     let c = &cfg.checkpoint;
-    if c.dir.is_absolute() {
+    if cfg.cluster.device == DeviceKind::Sim {
+        let sim = cfg.cluster.sim.clone().unwrap_or_default();
+        let storage = SimStorage::new(sim.storage_gbps * 1e9, std::time::Duration::ZERO);
+        Ok(CheckpointEngine::with_root(
+            Arc::new(storage),
+            &relative_key(&c.dir)?,
+            c.keep,
+        ))
+    } else if c.dir.is_absolute() {
         Ok(CheckpointEngine::new(
             Arc::new(LocalStorage::new(c.dir.clone())),
             c.keep,

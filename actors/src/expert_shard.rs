@@ -174,7 +174,12 @@ impl ShardState {
         let ep = self.ep;
         let me = me.clone();
         tokio::spawn(async move {
-            let order = Order::new(Class::Experts, key.chunk as u64);
+            let what = if key.kind == Kind::Dispatch {
+                "experts"
+            } else {
+                "experts B"
+            };
+            let order = Order::new(Class::Experts, key.chunk as u64, what, key.chunk);
             let out = stream
                 .run(order, move |d| run_experts(d, ep, key, all))
                 .await

@@ -56,6 +56,9 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     /// Achieved GFLOP/s of the model's compute (device-reported FLOPs over step time).
     pub gflops: f64,
+    /// The ranks' mean idle fraction of the step: 1 − busy / step time (their bubble, the
+    /// driver's own time between steps included).
+    pub bubble_fraction: f64,
 }
 
 /// `summary.json`.
@@ -74,6 +77,16 @@ pub struct Summary {
     /// SHA-256 of the parameters (`shape-only` on the simulated device, which holds none).
     pub params_sha256: String,
     pub config_hash: String,
+    /// Whether `seconds` is virtual time (the simulated cluster).
+    pub virtual_time: bool,
+    /// Mean seconds per step.
+    pub step_s: f64,
+    /// Mean of the steps' `bubble_fraction`.
+    pub bubble_fraction: f64,
+    /// Model FLOPs utilisation against the simulated device's GEMM peak (the FLOPs of a
+    /// dense-equivalent step, `model/src/flops.rs`); absent on a real device, whose peak this
+    /// build does not know.
+    pub mfu: Option<f64>,
 }
 
 /// Run `cfg.job.steps` steps; `on_step` sees every step's record (for a progress bar).
@@ -183,7 +196,7 @@ impl Job {
             log.start().await?;
         }
         let placement = Arc::new(placement(&cfg)?);
-        let shape = Arc::new(ModelShape::of(&cfg)?);
+        let shape = Arc::new(ModelShape::of(&cfg, &placement)?);
         let (hub, endpoints) = match launch.fabric {
             Some(f) => f,
             None => fabric(&cfg)?,
@@ -436,6 +449,7 @@ async fn drive(
     // Per step taken (a roll-back forgets the steps it undoes).
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
     let mut step_tokens: Vec<u64> = Vec::with_capacity(cfg.job.steps as usize);
+    let (mut step_secs, mut bubbles) = (Vec::new(), Vec::new());
     let mut step = first;
     while step < cfg.job.steps {
         let t0 = clock.now();
@@ -456,8 +470,11 @@ async fn drive(
                 step = rec
                     .roll_back(e, ranks, ck.engine(), clock, deadline, log)
                     .await?;
-                losses.truncate(step.saturating_sub(first) as usize);
-                step_tokens.truncate(step.saturating_sub(first) as usize);
+                let kept = step.saturating_sub(first) as usize;
+                losses.truncate(kept);
+                step_tokens.truncate(kept);
+                step_secs.truncate(kept);
+                bubbles.truncate(kept);
                 continue;
             }
             (Err(e), _, _) => return Err(e),
@@ -466,6 +483,7 @@ async fn drive(
         let (flops, dev_s) = all.iter().fold((0.0, 0.0f64), |(f, s), st| {
             (f + st.device_flops, s.max(st.device_seconds))
         });
+        let busy = all.iter().map(|st| st.busy_seconds).sum::<f64>() / all.len().max(1) as f64;
         let Some(mut stats) = all.into_iter().next() else {
             return Err(JobError::Config("a job with no ranks".into()));
         };
@@ -488,8 +506,11 @@ async fn drive(
             tokens_per_s: stats.tokens as f64 / secs,
             gflops: stats.device_flops / secs / 1e9,
             step_seconds: secs,
+            bubble_fraction: (1.0 - busy / secs).max(0.0),
             stats,
         };
+        step_secs.push(secs);
+        bubbles.push(rec.bubble_fraction);
         metrics::gauge!(names::TRAIN_LOSS).set(rec.stats.loss as f64);
         metrics::gauge!(names::GRAD_NORM).set(rec.stats.grad_norm);
         metrics::gauge!(names::LEARNING_RATE).set(rec.stats.lr);
@@ -532,6 +553,26 @@ async fn drive(
         crate::pipeline::job_params_sha256(parts)
     };
     let seconds = clock.elapsed(started).as_secs_f64();
+    let traces = ranks
+        .try_all(clock, deadline, cfg.job.steps, "trace", RankMsg::Trace)
+        .await?;
+    log.trace(&traces).await?;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let step_s = mean(&step_secs);
+    let sim = cfg.cluster.device == flotilla_runtime::config::DeviceKind::Sim;
+    let mfu = if sim {
+        let mcfg = crate::model_config::model_config(&cfg.model)?;
+        let flops = flotilla_model::flops::step_flops(
+            &mcfg,
+            cfg.data.batch_size,
+            cfg.data.seq_len,
+            mcfg.num_nextn_predict_layers,
+        );
+        let peak = crate::store::sim_profile(cfg).gemm_flops_per_s * cfg.world_size() as f64;
+        Some(flops.total() / step_s.max(1e-12) / peak)
+    } else {
+        None
+    };
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = Summary {
         job: cfg.job.name.clone(),
@@ -548,6 +589,10 @@ async fn drive(
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
         params_sha256: sha,
         config_hash: cfg.hash_hex(),
+        virtual_time: sim,
+        step_s,
+        bubble_fraction: mean(&bubbles),
+        mfu,
     };
     log.summary(&summary).await?;
     Ok(summary)

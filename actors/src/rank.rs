@@ -54,6 +54,8 @@ pub enum RankMsg {
     Restore(Box<Snapshot>, u64, RpcReplyPort<Result<(), String>>),
     /// The tensors this rank is the lowest holder of (for the job's parameter hash).
     CanonicalParams(RpcReplyPort<Result<NamedValues, String>>),
+    /// The jobs of the last step on the rank's compute stream.
+    Trace(RpcReplyPort<Result<Vec<crate::stream::Span>, String>>),
     /// A child of the rank (re)started (its name): a step in flight fails.
     Restarted(String),
     /// Something of the rank failed outside a stage (the expert shard): a step in flight fails.
@@ -120,7 +122,7 @@ fn comms(a: &RankArgs) -> Result<Comms, String> {
     let grads = GradGroups::new(
         &a.placement,
         a.rank,
-        &a.shape.trainable,
+        &a.shape.holder_sets,
         &a.fabric,
         comm.clone(),
         cfg.parallel.dp_bucket_bytes(),
@@ -142,9 +144,10 @@ impl Actor for RankActor {
         a: RankArgs,
     ) -> Result<RankState, ActorProcessingErr> {
         let (cfg, rank, placement) = (Arc::clone(&a.config), a.rank, Arc::clone(&a.placement));
+        let shape = Arc::clone(&a.shape);
         let build = move || -> Result<_, JobError> {
             let dev = make_device(&cfg)?;
-            let store = RankStore::build(&cfg, rank, placement, dev.as_ref())?;
+            let store = RankStore::build(&cfg, rank, placement, &shape, dev.as_ref())?;
             Ok((dev, store))
         };
         let stream = match a.config.cluster.device {
@@ -228,6 +231,9 @@ impl Actor for RankActor {
                         .and_then(|r| r.map_err(|e| e.to_string()));
                     let _ = reply.send(r);
                 });
+            }
+            RankMsg::Trace(reply) => {
+                let _ = reply.send(Ok(s.stream.spans()));
             }
             RankMsg::CanonicalParams(reply) => {
                 let stream = s.stream.clone();
@@ -433,6 +439,7 @@ impl StepCtx {
         stats.tokens = tokens;
         stats.device_seconds = cost.seconds;
         stats.device_flops = cost.flops;
+        stats.busy_seconds = self.stream.spans().iter().map(|s| s.end - s.start).sum();
         Ok(stats)
     }
 }

@@ -1,5 +1,6 @@
 //! The run's outputs through the storage seam: `metrics.jsonl` (a line per step),
-//! `events.jsonl` (supervision and anomaly events) and `summary.json`.
+//! `events.jsonl` (supervision and anomaly events), `summary.json`, and `trace.json` (the last
+//! step's device work on every rank, as a Chrome trace that opens in Perfetto).
 
 use std::sync::Arc;
 
@@ -38,6 +39,32 @@ impl RunLog {
         })?;
         text.push(b'\n');
         self.storage.put("summary.json", text).await
+    }
+
+    /// `trace.json`: every rank's jobs of one step (`spans[rank]`) as Chrome trace events, one
+    /// process per rank (times in µs since the step began; virtual on the simulated cluster).
+    pub async fn trace(&self, spans: &[Vec<crate::stream::Span>]) -> Result<(), StorageError> {
+        let mut events = Vec::new();
+        for (rank, ss) in spans.iter().enumerate() {
+            events.push(serde_json::json!({
+                "name": "process_name", "ph": "M", "pid": rank,
+                "args": {"name": format!("rank {rank}")},
+            }));
+            for s in ss {
+                events.push(serde_json::json!({
+                    "name": format!("{} {}", s.what, s.chunk),
+                    "cat": s.what, "ph": "X", "pid": rank, "tid": 0,
+                    "ts": s.start * 1e6, "dur": (s.end - s.start).max(0.0) * 1e6,
+                }));
+            }
+        }
+        let text = serde_json::to_vec(&serde_json::json!({ "traceEvents": events })).map_err(
+            |e| StorageError::Io {
+                key: "trace.json".into(),
+                why: e.to_string(),
+            },
+        )?;
+        self.storage.put("trace.json", text).await
     }
 
     async fn append<T: Serialize>(&self, key: &str, rec: &T) -> Result<(), StorageError> {

@@ -454,9 +454,8 @@ impl StageState {
                     return;
                 }
                 let order = Order {
-                    class: Class::Weight,
-                    pos: u.pos,
                     w: Some(u.w),
+                    ..Order::new(Class::Weight, u.pos, "W", c)
                 };
                 self.issue_ordered(me, i, order, move |d| {
                     passes::weight(d, c, s).map(|()| None)
@@ -473,7 +472,13 @@ impl StageState {
         class: Class,
         f: impl FnOnce(&mut crate::stream::OnDevice<'_>) -> Result<Option<Out>, String> + Send + 'static,
     ) {
-        let order = Order::new(class, self.units[i].pos);
+        let u = self.units[i];
+        let what = match u.op {
+            Op::F => "forward",
+            Op::B => "B",
+            Op::W => "W",
+        };
+        let order = Order::new(class, u.pos, what, u.chunk);
         self.issue_ordered(me, i, order, f);
     }
 

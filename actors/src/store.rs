@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::error::JobError;
 use crate::model_config::model_config;
-use crate::pipeline::Placement;
+use crate::pipeline::{ModelShape, Placement};
 
 /// What one optimizer step did (a line of `metrics.jsonl`, less the timing the driver adds).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -48,6 +48,8 @@ pub struct StepStats {
     /// Seconds the device reported for this step's compute (modelled on the simulated device).
     pub device_seconds: f64,
     pub device_flops: f64,
+    /// Seconds the rank's compute stream was busy during the step (the rest is its bubble).
+    pub busy_seconds: f64,
     /// The update was skipped: the loss or the gradient norm was not finite.
     pub skipped: bool,
 }
@@ -192,6 +194,7 @@ impl RankStore {
         cfg: &Config,
         rank: usize,
         placement: Arc<Placement>,
+        shape: &ModelShape,
         dev: &dyn Device,
     ) -> Result<RankStore, JobError> {
         let data_ranks = placement.data_ranks();
@@ -225,17 +228,13 @@ impl RankStore {
             };
         });
         let mut trainable = Vec::new();
-        let mut canonical = Vec::new();
         model.weights.visit("", &mut |n, _, k| {
             if k == ParamKind::Weight && placement.holds(rank, n) {
                 trainable.push(n.to_string());
-                if placement.holders(n).first() == Some(&rank) {
-                    canonical.push(n.to_string());
-                }
             }
         });
         trainable.sort();
-        canonical.sort();
+        let canonical = shape.canonical(rank);
         let o = &cfg.optimizer;
         let opt = AdamW::new(AdamWConfig {
             beta1: o.beta1,
@@ -263,10 +262,7 @@ impl RankStore {
             cfg.data.shuffle,
         )
         .map_err(|e| JobError::Data(e.to_string()))?;
-        let mcfg = &model.config;
-        let moe_layers = (0..mcfg.num_hidden_layers + model.mtp_depth())
-            .filter(|&l| mcfg.is_moe_layer(l))
-            .collect();
+        let moe_layers = shape.moe_layers.clone();
         let micro = cfg.parallel.sub_batches_per_step().max(1);
         Ok(RankStore {
             rank,
@@ -427,6 +423,7 @@ impl RankStore {
             expert_load_per_layer: per_layer,
             device_seconds: 0.0,
             device_flops: 0.0,
+            busy_seconds: 0.0,
             skipped,
         })
     }

@@ -53,7 +53,7 @@ pub enum Class {
     Step,
 }
 
-/// Where a job goes in the queue.
+/// Where a job goes in the queue, and what it is (for the trace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Order {
     pub class: Class,
@@ -61,15 +61,20 @@ pub struct Order {
     pub pos: u64,
     /// For a W: its ordinal among this step's W's (it waits for every smaller one).
     pub w: Option<u32>,
+    /// What the job is, in a word ("forward", "experts", …), and its micro-batch.
+    pub what: &'static str,
+    pub chunk: usize,
 }
 
 impl Order {
-    /// A job of `class` at place `pos`.
-    pub fn new(class: Class, pos: u64) -> Order {
+    /// A job of `class` at place `pos`: `what` for micro-batch `chunk`.
+    pub fn new(class: Class, pos: u64, what: &'static str, chunk: usize) -> Order {
         Order {
             class,
             pos,
             w: None,
+            what,
+            chunk,
         }
     }
 
@@ -78,7 +83,18 @@ impl Order {
         class: Class::Step,
         pos: 0,
         w: None,
+        what: "step",
+        chunk: 0,
     };
+}
+
+/// One job as it ran, in seconds since its step began (modelled on the simulated device).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Span {
+    pub what: &'static str,
+    pub chunk: usize,
+    pub start: f64,
+    pub end: f64,
 }
 
 type Output = Box<dyn Any + Send>;
@@ -133,6 +149,15 @@ struct Shared {
     sim: Option<Virtual>,
     /// What the jobs cost since it was last taken.
     cost: Mutex<Cost>,
+    /// The jobs of the current step, and when it began.
+    spans: Mutex<(Vec<Span>, Option<Started>)>,
+}
+
+/// When a step began, on the stream's own time base.
+#[derive(Debug, Clone, Copy)]
+enum Started {
+    Wall(std::time::Instant),
+    Virtual(tokio::time::Instant),
 }
 
 impl Shared {
@@ -142,6 +167,40 @@ impl Shared {
 
     fn add_cost(&self, c: &Cost) {
         self.cost.lock().unwrap_or_else(|p| p.into_inner()).add(c);
+    }
+
+    fn spans(&self) -> MutexGuard<'_, (Vec<Span>, Option<Started>)> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record a job that ran from `start` to `end` (wall clock).
+    fn record_wall(&self, o: &Order, start: std::time::Instant, end: std::time::Instant) {
+        let mut g = self.spans();
+        if let Some(Started::Wall(t0)) = g.1 {
+            let at = |t: std::time::Instant| t.saturating_duration_since(t0).as_secs_f64();
+            g.0.push(Span {
+                what: o.what,
+                chunk: o.chunk,
+                start: at(start),
+                end: at(end),
+            });
+        }
+    }
+
+    /// Record a job reserved from `start` to `end` on virtual time.
+    fn record_virtual(&self, o: &Order, start: tokio::time::Instant, end: tokio::time::Instant) {
+        let mut g = self.spans();
+        if let Some(Started::Virtual(t0)) = g.1 {
+            let at = |t: tokio::time::Instant| {
+                flotilla_runtime::clock::undilate(t.saturating_duration_since(t0)).as_secs_f64()
+            };
+            g.0.push(Span {
+                what: o.what,
+                chunk: o.chunk,
+                start: at(start),
+                end: at(end),
+            });
+        }
     }
 }
 
@@ -220,6 +279,7 @@ impl Stream {
             wake: Condvar::new(),
             sim: None,
             cost: Mutex::new(Cost::default()),
+            spans: Mutex::new((Vec::new(), None)),
         });
         let worker = Arc::clone(&shared);
         let (ready, built) = oneshot::channel();
@@ -237,7 +297,9 @@ impl Stream {
                     }
                 };
                 while let Some(q) = next_job(&worker) {
+                    let start = std::time::Instant::now();
                     let r = run(q.job, dev.as_ref(), &mut store);
+                    worker.record_wall(&q.order, start, std::time::Instant::now());
                     worker.add_cost(&dev.take_cost());
                     let _ = q.reply.send(r);
                 }
@@ -265,6 +327,7 @@ impl Stream {
                 free: Mutex::new(tokio::time::Instant::now()),
             }),
             cost: Mutex::new(Cost::default()),
+            spans: Mutex::new((Vec::new(), None)),
         }))))
     }
 
@@ -283,9 +346,20 @@ impl Stream {
         self.shared().sim.is_some()
     }
 
-    /// A new step: its W's count from 0 again.
+    /// A new step: its W's count from 0 again, its spans start afresh from now.
     pub fn new_step(&self) {
         self.shared().sched().next_w = 0;
+        let started = if self.is_virtual() {
+            Started::Virtual(tokio::time::Instant::now())
+        } else {
+            Started::Wall(std::time::Instant::now())
+        };
+        *self.shared().spans() = (Vec::new(), Some(started));
+    }
+
+    /// The jobs of the current (or last) step, in the order they ran.
+    pub fn spans(&self) -> Vec<Span> {
+        self.shared().spans().0.clone()
     }
 
     /// Issue `f` with `order`; its result once it has run.
@@ -345,6 +419,7 @@ impl Stream {
                 let mut free = v.free.lock().unwrap_or_else(|p| p.into_inner());
                 let start = (*free).max(tokio::time::Instant::now());
                 *free = start + flotilla_runtime::clock::dilate(seconds(cost));
+                self.shared().record_virtual(&q.order, start, *free);
                 *free
             };
             tokio::spawn(async move {

@@ -7,6 +7,7 @@ pub mod collectives;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 // pub mod pipeline;
+pub mod sim;
 pub mod step;
 
 use serde_json::Value;

@@ -23,6 +23,24 @@ pub enum BenchCmd {
     Nccl(NcclArgs),
     /// DualPipe's compute/all-to-all overlap on a modelled link vs compute and communication alone; 1F1B; peak activations.
     Pipeline(PipelineArgs),
+    /// The simulated cluster at scale (default: DeepSeek-V3-shaped, 128 ranks): wall time and peak memory of the simulation beside its virtual step time, bubble and MFU.
+    Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Print JSON lines (the last is the summary).
+    #[arg(long)]
+    json: bool,
+    /// A simulated-cluster config (`cluster.device = "sim"`); default: configs/deepseek-v3-128.toml's job.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Optimizer steps (overrides `job.steps`).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Write the run's files (metrics, events, summary, trace.json) to this directory.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// `--turns`: see [`flotilla_actors::pipeline::executor::TurnOrder`].
@@ -201,6 +219,24 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Pipeline(_) => anyhow::bail!("bench pipeline: being rebuilt"),
+        BenchCmd::Sim(a) => {
+            let mut cfg = match &a.config {
+                Some(p) => {
+                    flotilla_runtime::config::Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+                None => flotilla_runtime::config::Config::from_toml_str(
+                    include_str!("../../configs/deepseek-v3-128.toml"),
+                    "configs/deepseek-v3-128.toml",
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            };
+            if let Some(s) = a.steps {
+                cfg.job.steps = s;
+                cfg.optimizer.warmup_steps = cfg.optimizer.warmup_steps.min(s);
+            }
+            crate::bench::sim::run(cfg, a.out.as_deref())?.print(a.json);
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCmd::Step(a) => {
             let cfg = match &a.config {
                 Some(p) => {

@@ -45,19 +45,19 @@ pub struct GradGroups {
 }
 
 impl GradGroups {
-    /// `rank`'s gradient groups. `all_names` is every trainable tensor of the model, held here or
-    /// not, so that every rank numbers the holder sets (and hence their channels) alike.
+    /// `rank`'s gradient groups among the job's holder sets `sets` (every trainable tensor of the
+    /// model, held here or not, so that every rank numbers the sets, and hence their channels,
+    /// alike: [`super::ModelShape::holder_sets`]).
     pub fn new(
         placement: &Placement,
         rank: usize,
-        all_names: &[String],
+        sets: &[(Vec<usize>, Vec<String>)],
         fabric: &Arc<dyn Fabric>,
         comm: CommConfig,
         bucket_bytes: usize,
     ) -> Result<GradGroups, String> {
-        let sets = placement.holder_sets(all_names.iter().map(String::as_str));
         let mut groups = Vec::new();
-        for (i, (members, names)) in sets.into_iter().enumerate() {
+        for (i, (members, names)) in sets.iter().enumerate() {
             if !members.contains(&rank) {
                 continue;
             }
@@ -73,7 +73,7 @@ impl GradGroups {
             )
             .map_err(|e| format!("gradient group {members:?}: {e}"))?;
             groups.push(Group {
-                names: Arc::new(names),
+                names: Arc::new(names.clone()),
                 stages,
                 comm: Some(c),
             });
@@ -103,7 +103,7 @@ pub async fn reduce(
     mut comm: Communicator,
     bucket: usize,
 ) -> (Communicator, Result<(), String>) {
-    let order = Order::new(Class::Compute, 0);
+    let order = Order::new(Class::Compute, 0, "gradients", 0);
     let which = Arc::clone(&names);
     let packed = stream
         .run(order, move |d| {

@@ -63,19 +63,37 @@ pub fn placement(cfg: &Config) -> Result<Placement, JobError> {
     Ok(placement)
 }
 
-/// What every rank of a job needs to know about the whole model: its trainable tensors (held
-/// or not, so that every rank numbers the gradient groups alike) and its MoE layers.
+/// What every rank of a job needs to know about the whole model, computed once per job: the
+/// holder sets of its trainable tensors (held or not, so that every rank numbers the gradient
+/// groups alike) and its MoE layers.
 #[derive(Debug, Clone)]
 pub struct ModelShape {
     /// Every trainable tensor's name, sorted.
     pub trainable: Vec<String>,
+    /// The distinct holder sets of the trainable tensors, each with the names it covers
+    /// ([`Placement::holder_sets`]).
+    pub holder_sets: Vec<(Vec<usize>, Vec<String>)>,
     /// Every MoE layer (decoder, then MTP), in order.
     pub moe_layers: Vec<usize>,
 }
 
 impl ModelShape {
-    /// The shape of the model `cfg` describes (built shape-only: no values, no arithmetic).
-    pub fn of(cfg: &Config) -> Result<ModelShape, JobError> {
+    /// The trainable tensors rank `rank` counts in the global norm: those it is the lowest
+    /// holder of.
+    pub fn canonical(&self, rank: usize) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .holder_sets
+            .iter()
+            .filter(|(h, _)| h.first() == Some(&rank))
+            .flat_map(|(_, names)| names.iter().cloned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The shape of the model `cfg` describes (built shape-only: no values, no arithmetic),
+    /// placed as `placement` says.
+    pub fn of(cfg: &Config, placement: &Placement) -> Result<ModelShape, JobError> {
         let mcfg = match &cfg.model.hf_dir {
             Some(dir) => flotilla_model::hf::read_config(&dir.join("config.json"))
                 .map_err(|e| JobError::Model(e.to_string()))?,
@@ -93,8 +111,10 @@ impl ModelShape {
         let moe_layers = (0..mcfg.num_hidden_layers + model.mtp_depth())
             .filter(|&l| mcfg.is_moe_layer(l))
             .collect();
+        let holder_sets = placement.holder_sets(trainable.iter().map(String::as_str));
         Ok(ModelShape {
             trainable,
+            holder_sets,
             moe_layers,
         })
     }

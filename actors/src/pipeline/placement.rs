@@ -193,9 +193,21 @@ impl Placement {
         !self.local_stages_of(rank, name).is_empty()
     }
 
-    /// Every global rank holding `name`, ascending.
+    /// Every global rank holding `name`, ascending (the name is parsed once: this runs for
+    /// every tensor of a model of thousands).
     pub fn holders(&self, name: &str) -> Vec<usize> {
-        (0..self.world()).filter(|&r| self.holds(r, name)).collect()
+        let part = parse(name);
+        let ep = match &part {
+            Part::Layer { expert, .. } | Part::Head { expert } => expert.map(|e| self.ep_of_expert(e)),
+            Part::Embed => None,
+        };
+        let stages = self.stages_of_part(&part);
+        (0..self.world())
+            .filter(|&r| {
+                ep.is_none_or(|e| self.topo.coord(r).ep == e)
+                    && self.stages_of(r).iter().any(|s| stages.contains(s))
+            })
+            .collect()
     }
 
     /// The distinct holder sets of `names` (sorted), each with the names it covers: every rank

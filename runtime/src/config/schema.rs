@@ -442,6 +442,11 @@ static SIM: &[Field] = &[
         Ty::Float,
         "Fixed cost per device operation, microseconds.",
     ),
+    f(
+        "storage_gbps",
+        Ty::Float,
+        "Aggregate bandwidth of the checkpoint storage, GB/s (every rank's shard shares it).",
+    ),
 ];
 
 static SUPERVISION: &[Field] = &[

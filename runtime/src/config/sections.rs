@@ -183,6 +183,8 @@ pub struct SimConfig {
     pub hbm_gbps: f64,
     /// Fixed cost per device operation (kernel launch), µs.
     pub launch_overhead_us: f64,
+    /// Aggregate bandwidth of the checkpoint storage, GB/s (every rank's shard shares it).
+    pub storage_gbps: f64,
 }
 
 impl Default for SimConfig {
@@ -194,6 +196,7 @@ impl Default for SimConfig {
             device_tflops: 800.0,
             hbm_gbps: 4800.0,
             launch_overhead_us: 5.0,
+            storage_gbps: 20.0,
         }
     }
 }

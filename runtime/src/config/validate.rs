@@ -348,6 +348,7 @@ fn cluster(cfg: &Config, c: &mut Checker<'_>) {
         c.positive("cluster.sim.device_tflops", s.device_tflops);
         c.positive("cluster.sim.hbm_gbps", s.hbm_gbps);
         c.non_negative("cluster.sim.launch_overhead_us", s.launch_overhead_us);
+        c.positive("cluster.sim.storage_gbps", s.storage_gbps);
     }
 }
 
