@@ -130,9 +130,10 @@ impl Communicator {
         )
     }
 
-    /// Which algorithm an all-reduce of `len` elements (of 4 bytes; bf16 counts as f32 here)
-    /// runs with `algo`: `Auto` is the tree below [`CommConfig::tree_threshold_bytes`], the
-    /// star at or above [`CommConfig::star_threshold_bytes`] when the fabric is in-process
+    /// Which algorithm an all-reduce of `len` elements (of 4 bytes: bf16 and shape-only buffers
+    /// count as f32 here) runs with `algo`: `Auto` is the tree below
+    /// [`CommConfig::tree_threshold_bytes`], the star at or above
+    /// [`CommConfig::star_threshold_bytes`] when the fabric is in-process
     /// ([`CommConfig::in_process`]), and the ring otherwise.
     pub fn pick(&self, algo: Algo, len: usize) -> Algo {
         let bytes = len.saturating_mul(4);

@@ -23,324 +23,25 @@
 //! started, its own waits are bounded, and a leader whose task is dropped mid-operation fails the
 //! round for everyone.
 //!
+//! Shape-only buffers ([`HfReduce::all_reduce_absent`], for the simulated cluster) go through the
+//! same host rounds and failure rules; the host stage has nothing to compute, and the leader runs
+//! the inter-host all-reduce of every chunk shape-only, the same messages as for f32 buffers, on
+//! its own task (no blocking thread, so it also runs on a paused clock).
+//!
 //! Every rank of a job must hold the same number of local ranks (the world size, which `Avg`
 //! divides by, is `local_count × leaders`) and pass buffers of one length.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 
-use flotilla_runtime::fabric::Rank;
-use flotilla_runtime::topology::Topology;
-use tokio::sync::watch;
-use tokio::time::Instant;
-
+use crate::hfreduce_host::{Deposit, LeaderGuard, OP};
 use crate::kernels::{fused, reduce_chunk, run_parallel};
-use crate::{Algo, CommConfig, CommError, Communicator, ReduceOp};
+use crate::{Algo, CommError, Communicator, ReduceOp};
 
-const OP: &str = "hfreduce";
+pub use crate::hfreduce_host::HostReducer;
+
 /// Below this many elements (all local buffers together), a single-host reduction runs inline
 /// on the leader's task instead of on a blocking thread.
 const INLINE_ELEMS: usize = 1 << 16;
-
-/// One all-reduce of the host in progress.
-struct Round {
-    bufs: Vec<Option<Vec<f32>>>,
-    ops: Vec<Option<ReduceOp>>,
-    results: Vec<Option<Vec<f32>>>,
-    error: Option<CommError>,
-    leader_in: bool,
-    /// Non-leader ranks that have taken their result.
-    collected: usize,
-}
-
-impl Round {
-    fn new(n: usize) -> Self {
-        Round {
-            bufs: (0..n).map(|_| None).collect(),
-            ops: vec![None; n],
-            results: (0..n).map(|_| None).collect(),
-            error: None,
-            leader_in: false,
-            collected: 0,
-        }
-    }
-}
-
-#[derive(Default)]
-struct HostState {
-    rounds: BTreeMap<u64, Round>,
-    failed: BTreeMap<usize, String>,
-}
-
-impl HostState {
-    fn round(&mut self, r: u64, n: usize) -> &mut Round {
-        self.rounds.entry(r).or_insert_with(|| Round::new(n))
-    }
-}
-
-/// The shared host-memory stage of one host: every in-process rank of the host holds an `Arc`
-/// of it.
-pub struct HostReducer {
-    ranks: Vec<Rank>,
-    cfg: CommConfig,
-    local_deadline: Duration,
-    threads: usize,
-    state: Mutex<HostState>,
-    changed: watch::Sender<u64>,
-}
-
-impl std::fmt::Debug for HostReducer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostReducer")
-            .field("ranks", &self.ranks)
-            .field("threads", &self.threads)
-            .finish()
-    }
-}
-
-impl HostReducer {
-    /// A host of `local_count` ranks, named `0..local_count` in errors (see
-    /// [`HostReducer::with_ranks`]), with the default deadlines and one reduction thread per
-    /// available core.
-    pub fn new(local_count: usize) -> Self {
-        let cfg = CommConfig::default();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (changed, _) = watch::channel(0);
-        HostReducer {
-            ranks: (0..local_count).collect(),
-            local_deadline: cfg.deadline / 2,
-            cfg,
-            threads,
-            state: Mutex::new(HostState::default()),
-            changed,
-        }
-    }
-
-    /// The host's ranks of `topo`, with its global rank names and `cfg`'s deadlines.
-    pub fn for_host(topo: &Topology, host: usize, cfg: CommConfig) -> Self {
-        Self::new(topo.ranks_per_host)
-            .with_ranks(topo.ranks_on_host(host))
-            .with_config(cfg)
-    }
-
-    /// The global ranks of the local ranks, local index order (their number is the local count).
-    pub fn with_ranks(mut self, ranks: Vec<Rank>) -> Self {
-        self.ranks = ranks;
-        self
-    }
-
-    /// Deadlines: a rank waits for its leader `deadline + grace`; the leader waits for its local
-    /// ranks `deadline / 2`.
-    pub fn with_config(mut self, cfg: CommConfig) -> Self {
-        self.local_deadline = cfg.deadline / 2;
-        self.cfg = cfg;
-        self
-    }
-
-    /// Threads that share the reduction of a chunk (at least 1).
-    pub fn with_threads(mut self, threads: usize) -> Self {
-        self.threads = threads.max(1);
-        self
-    }
-
-    /// Number of ranks on this host.
-    pub fn local_count(&self) -> usize {
-        self.ranks.len()
-    }
-
-    /// The global ranks of the local ranks.
-    pub fn ranks(&self) -> &[Rank] {
-        &self.ranks
-    }
-
-    /// Mark local rank `local` failed: whoever waits on it now or later gets an error naming it.
-    pub fn fail(&self, local: usize, why: impl Into<String>) {
-        self.lock().failed.insert(local, why.into());
-        self.bump();
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HostState> {
-        // A panic while holding this lock leaves plain data behind; keep going with it.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn bump(&self) {
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
-    }
-
-    fn failed_error(&self, st: &HostState, local: usize) -> Option<CommError> {
-        st.failed.get(&local).map(|why| CommError::PeerFailed {
-            op: OP,
-            rank: self.ranks[local],
-            why: why.clone(),
-        })
-    }
-
-    /// Put `local`'s buffer into round `r`.
-    fn deposit(&self, r: u64, local: usize, buf: Vec<f32>, op: ReduceOp) -> Result<(), CommError> {
-        {
-            let n = self.local_count();
-            let mut st = self.lock();
-            let rd = st.round(r, n);
-            if let Some(e) = &rd.error {
-                let e = e.clone();
-                rd.collected += 1;
-                return Err(e);
-            }
-            rd.bufs[local] = Some(buf);
-            rd.ops[local] = Some(op);
-            if local == 0 {
-                rd.leader_in = true;
-            }
-        }
-        self.bump();
-        Ok(())
-    }
-
-    /// Fail round `r` for every local rank.
-    fn fail_round(&self, r: u64, e: &CommError) {
-        {
-            let n = self.local_count();
-            let mut st = self.lock();
-            let rd = st.round(r, n);
-            rd.error = Some(e.clone());
-            rd.bufs.iter_mut().for_each(|b| *b = None);
-        }
-        self.bump();
-    }
-
-    /// The leader: wait (at most the local deadline) until every local buffer of round `r` is in
-    /// and take them, local order.
-    async fn gather(&self, r: u64) -> Result<Vec<(Vec<f32>, ReduceOp)>, CommError> {
-        let n = self.local_count();
-        let deadline = Instant::now() + self.local_deadline;
-        let mut rx = self.changed.subscribe();
-        loop {
-            rx.borrow_and_update();
-            let timed_out = Instant::now() >= deadline;
-            {
-                let mut st = self.lock();
-                let missing = {
-                    let rd = st.round(r, n);
-                    rd.bufs.iter().position(Option::is_none)
-                };
-                match missing {
-                    None => {
-                        let rd = st.round(r, n);
-                        let bufs = rd.bufs.iter_mut().zip(&rd.ops);
-                        return Ok(bufs.filter_map(|(b, o)| Some((b.take()?, (*o)?))).collect());
-                    }
-                    Some(i) => {
-                        if let Some(e) = self.failed_error(&st, i) {
-                            return Err(e);
-                        }
-                        if timed_out {
-                            return Err(CommError::Timeout {
-                                op: OP,
-                                rank: self.ranks[i],
-                                after: self.local_deadline,
-                            });
-                        }
-                    }
-                }
-            }
-            // A closed channel cannot happen (we hold the sender); the deadline still applies.
-            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
-        }
-    }
-
-    /// A non-leader: wait for round `r`'s result for `local`. Waits for the leader to arrive at
-    /// most the communicator deadline plus grace; once it has, without a deadline (the leader's
-    /// own waits are bounded, and a leader that stops fails the round).
-    async fn collect(&self, r: u64, local: usize) -> Result<Vec<f32>, CommError> {
-        let n = self.local_count();
-        let patience = self.cfg.deadline + self.cfg.grace;
-        let deadline = Instant::now() + patience;
-        let mut rx = self.changed.subscribe();
-        loop {
-            rx.borrow_and_update();
-            let leader_in = {
-                let mut st = self.lock();
-                let leader_failed = self.failed_error(&st, 0);
-                let rd = st.round(r, n);
-                if let Some(e) = &rd.error {
-                    let e = e.clone();
-                    rd.collected += 1;
-                    return Err(e);
-                }
-                if let Some(buf) = rd.results[local].take() {
-                    rd.collected += 1;
-                    if rd.collected + 1 == n {
-                        st.rounds.remove(&r);
-                    }
-                    return Ok(buf);
-                }
-                if !rd.leader_in {
-                    if let Some(e) = leader_failed {
-                        rd.collected += 1;
-                        return Err(e);
-                    }
-                    if Instant::now() >= deadline {
-                        rd.collected += 1;
-                        return Err(CommError::Timeout {
-                            op: OP,
-                            rank: self.ranks[0],
-                            after: patience,
-                        });
-                    }
-                }
-                rd.leader_in
-            };
-            if leader_in {
-                let _ = rx.changed().await;
-            } else {
-                let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
-            }
-        }
-    }
-
-    /// The leader hands the non-leaders their buffers (index 0 is the leader's and is returned).
-    fn deliver(&self, r: u64, bufs: Vec<Vec<f32>>) -> Option<Vec<f32>> {
-        let n = self.local_count();
-        let mut it = bufs.into_iter();
-        let mine = it.next();
-        {
-            let mut st = self.lock();
-            let rd = st.round(r, n);
-            for (slot, b) in rd.results.iter_mut().skip(1).zip(it) {
-                *slot = Some(b);
-            }
-            if n == 1 {
-                st.rounds.remove(&r);
-            }
-        }
-        self.bump();
-        mine
-    }
-}
-
-/// Fails the leader's round if the leader's task stops (is dropped or panics) mid-operation.
-struct LeaderGuard<'a> {
-    host: &'a HostReducer,
-    round: u64,
-    armed: bool,
-}
-
-impl Drop for LeaderGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.host.fail_round(
-                self.round,
-                &CommError::PeerFailed {
-                    op: OP,
-                    rank: self.host.ranks[0],
-                    why: "the host leader stopped in the middle of the operation".into(),
-                },
-            );
-        }
-    }
-}
 
 /// One rank's handle on a hierarchical all-reduce: its host's [`HostReducer`] and, on the host
 /// leader (local index 0) of a multi-host job, the communicator over the host leaders.
@@ -420,6 +121,32 @@ impl HfReduce {
     /// Reduce `buf` element-wise over every rank of every host; each rank gets the result back in
     /// its own buffer.
     pub async fn all_reduce(&mut self, buf: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, CommError> {
+        match self.run(Deposit::F32(buf), op).await? {
+            Deposit::F32(v) => Ok(v),
+            Deposit::Absent(_) => Err(self.poison(CommError::BadMessage {
+                op: OP,
+                peer: self.host.ranks[0],
+                why: "a shape-only result for an f32 buffer".into(),
+            })),
+        }
+    }
+
+    /// [`HfReduce::all_reduce`] of a shape-only buffer of `len` elements (see
+    /// [`crate::shape_only`]): the host stage has nothing to compute, and the leader runs the
+    /// same inter-host all-reduces as for f32 buffers (one per chunk, with the same algorithm,
+    /// shape-only), one after the other, on its own task. Every local rank of the host must pass
+    /// a shape-only buffer in the same round; one that passes f32 is named in the error.
+    pub async fn all_reduce_absent(&mut self, len: usize, op: ReduceOp) -> Result<(), CommError> {
+        self.run(Deposit::Absent(len), op).await.map(drop)
+    }
+
+    /// Poison this handle with `e` and return it.
+    fn poison(&mut self, e: CommError) -> CommError {
+        self.poisoned = Some(e.clone());
+        e
+    }
+
+    async fn run(&mut self, buf: Deposit, op: ReduceOp) -> Result<Deposit, CommError> {
         if let Some(e) = &self.poisoned {
             return Err(CommError::Poisoned(Box::new(e.clone())));
         }
@@ -433,18 +160,10 @@ impl HfReduce {
                 Err(e) => Err(e),
             }
         };
-        if let Err(e) = &r {
-            self.poisoned = Some(e.clone());
-        }
-        r
+        r.map_err(|e| self.poison(e))
     }
 
-    async fn lead(
-        &mut self,
-        round: u64,
-        buf: Vec<f32>,
-        op: ReduceOp,
-    ) -> Result<Vec<f32>, CommError> {
+    async fn lead(&mut self, round: u64, buf: Deposit, op: ReduceOp) -> Result<Deposit, CommError> {
         let host = Arc::clone(&self.host);
         host.deposit(round, 0, buf, op)?;
         let mut guard = LeaderGuard {
@@ -457,7 +176,14 @@ impl HfReduce {
             Err(e) => Err(e),
         };
         let r = match ready {
-            Ok(bufs) => self.reduce(bufs, op).await,
+            Ok(Checked::F32(bufs)) => self
+                .reduce(bufs, op)
+                .await
+                .map(|b| b.into_iter().map(Deposit::F32).collect()),
+            Ok(Checked::Absent { len, count }) => self
+                .reduce_absent(len, op)
+                .await
+                .map(|()| (0..count).map(|_| Deposit::Absent(len)).collect()),
             Err(e) => {
                 // Tell the other hosts' leaders, who are waiting on this one, why.
                 if let Some(c) = self.comm.as_mut() {
@@ -531,16 +257,56 @@ impl HfReduce {
         self.comm = Some(comm);
         r.map(|()| bufs)
     }
+
+    /// The shape-only reduction of buffers of `len` elements: the inter-host all-reduce of every
+    /// chunk that [`Stages::run`] would run, in the same order (a single host sends nothing).
+    async fn reduce_absent(&mut self, len: usize, op: ReduceOp) -> Result<(), CommError> {
+        let Some(comm) = self.comm.as_mut().filter(|c| c.size() > 1) else {
+            return Ok(());
+        };
+        let chunk = self.chunk_elems;
+        for k in 0..len.div_ceil(chunk).max(1) {
+            let part = len.saturating_sub(k * chunk).min(chunk);
+            comm.all_reduce_absent(part, inter_op(op), self.algo)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
-/// Check that every local rank passed a buffer of one length and the same reduction.
+/// The reduction between host leaders: `Avg` sums (the leader divides by the world size).
+fn inter_op(op: ReduceOp) -> ReduceOp {
+    match op {
+        ReduceOp::Max => ReduceOp::Max,
+        ReduceOp::Sum | ReduceOp::Avg => ReduceOp::Sum,
+    }
+}
+
+/// A host's checked round: every local buffer f32, or every one shape-only of one length.
+enum Checked {
+    F32(Vec<Vec<f32>>),
+    Absent { len: usize, count: usize },
+}
+
+/// Check that every local rank passed a buffer of the leader's kind and length, and the same
+/// reduction.
 fn check(
     host: &HostReducer,
-    parts: Vec<(Vec<f32>, ReduceOp)>,
+    parts: Vec<(Deposit, ReduceOp)>,
     op: ReduceOp,
-) -> Result<Vec<Vec<f32>>, CommError> {
-    let len = parts.first().map_or(0, |p| p.0.len());
+) -> Result<Checked, CommError> {
+    let Some(first) = parts.first().map(|p| &p.0) else {
+        return Ok(Checked::F32(Vec::new()));
+    };
+    let (len, kind) = (first.len(), first.kind());
     for (i, (b, o)) in parts.iter().enumerate() {
+        if b.kind() != kind {
+            return Err(CommError::BadMessage {
+                op: OP,
+                peer: host.ranks[i],
+                why: format!("a {} buffer where the host leader has {kind}", b.kind()),
+            });
+        }
         if b.len() != len {
             return Err(CommError::SizeMismatch {
                 op: OP,
@@ -560,7 +326,15 @@ fn check(
             });
         }
     }
-    Ok(parts.into_iter().map(|p| p.0).collect())
+    let count = parts.len();
+    let mut bufs = Vec::with_capacity(count);
+    for (b, _) in parts {
+        match b {
+            Deposit::F32(v) => bufs.push(v),
+            Deposit::Absent(_) => return Ok(Checked::Absent { len, count }),
+        }
+    }
+    Ok(Checked::F32(bufs))
 }
 
 /// The multi-host pipeline, run on a blocking thread of the leader.
@@ -585,10 +359,7 @@ impl Stages<'_> {
                 per_chunk[k].push(part);
             }
         }
-        let inter = match self.op {
-            ReduceOp::Max => ReduceOp::Max,
-            ReduceOp::Sum | ReduceOp::Avg => ReduceOp::Sum,
-        };
+        let inter = inter_op(self.op);
         let (op, threads) = (self.op, self.threads);
         std::thread::scope(|s| {
             let (tx, rx) = crossbeam::channel::bounded::<(Vec<f32>, Vec<&mut [f32]>)>(1);

@@ -3,7 +3,9 @@
 //! A [`Communicator`] is one rank's handle on a group of ranks (the whole job, or a pipeline /
 //! expert / data-parallel group given as global ranks) over an `Arc<dyn Fabric>`. Its collectives
 //! work on owned `Vec<f32>` buffers, or bf16 ones as raw bits `Vec<u16>` ([`bf16`]: the same
-//! operations with a `_bf16` suffix), moved through the fabric where possible:
+//! operations with a `_bf16` suffix), moved through the fabric where possible, or on shape-only
+//! buffers, a length without values ([`shape_only`]: the same operations with an `_absent`
+//! suffix, the same messages with sizes counted as f32, for the simulated cluster):
 //!
 //! - [`Communicator::all_reduce`] with [`ReduceOp`] `Sum | Avg | Max` and [`Algo`]
 //!   `Ring | Tree | Star | Auto` ([`ring`]: reduce-scatter + all-gather over n uneven chunks;
@@ -20,12 +22,14 @@
 //! an operation tells every peer why, so the whole group fails together, naming the rank at fault
 //! ([`CommError::culprit`]).
 
+mod absent;
 pub mod all_to_all;
 pub mod bf16;
 pub mod communicator;
 pub mod elem;
 pub mod error;
 pub mod hfreduce;
+mod hfreduce_host;
 mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -35,12 +39,17 @@ mod op;
 pub mod p2p;
 pub mod perf;
 pub mod ring;
+pub mod shape_only;
 pub mod star;
 pub mod tree;
 mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_absent;
+#[cfg(test)]
+mod tests_absent_faults;
 #[cfg(test)]
 mod tests_bf16;
 #[cfg(test)]

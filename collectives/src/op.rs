@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_runtime::fabric::{Fabric, FabricError, Payload, Rank, Tag};
+use flotilla_runtime::fabric::{Fabric, FabricError, Payload, Rank, Tag, Values};
 
-use crate::elem::{Elem, Pool};
+use crate::elem::{Elem, Pool, Unframed};
 use crate::error::CommError;
 use crate::wire::{Control, frame, kind};
 
@@ -42,12 +42,6 @@ pub(crate) struct Op {
     pub(crate) stuck_sent: AtomicBool,
     /// The communicator's spare buffers, lent for the operation.
     pub(crate) pool: Mutex<Pool>,
-}
-
-/// What one receive got: a data buffer (with its trailer still on, or raw after a header).
-enum Got<T> {
-    Framed(Vec<T>),
-    Raw { data: Vec<T>, kind: u32, total: u64 },
 }
 
 impl Op {
@@ -132,39 +126,29 @@ impl Op {
     ) -> Result<Vec<T>, CommError> {
         let src = self.global(peer);
         let tag = self.tag(lane);
-        let got = match self.receive::<T>(src, tag).await? {
-            Ok(data) => Got::Framed(data),
-            Err(Control::Header { kind, total }) => match self.receive::<T>(src, tag).await? {
-                Ok(data) => Got::Raw { data, kind, total },
+        let (data, kind, total) = match self.receive(src, tag).await? {
+            Ok(p) => match T::unframe(p) {
+                Unframed::Frame { data, kind, total } => (data, kind, total),
+                Unframed::Malformed(why) => return Err(self.bad(src, why)),
+                Unframed::Other(p) => return Err(self.wrong_type::<T>(src, &p)),
+            },
+            Err(Control::Header { kind, total }) => match self.receive(src, tag).await? {
+                Ok(p) => match T::unwrap(p) {
+                    Ok(data) => (data, kind, total),
+                    Err(p) => return Err(self.wrong_type::<T>(src, &p)),
+                },
                 Err(Control::Header { .. }) => return Err(self.bad(src, "two data headers")),
                 Err(c) => return Err(self.control(src, tag, c).await),
             },
             Err(c) => return Err(self.control(src, tag, c).await),
         };
-        match got {
-            Got::Framed(mut v) => {
-                let Some(body) = v.len().checked_sub(T::TRAILER) else {
-                    return Err(self.bad(src, "frame shorter than its trailer"));
-                };
-                let (kind, total) = T::get_trailer(&v[body..]);
-                v.truncate(body);
-                self.check_frame(src, kind, total, expect_total)?;
-                Ok(v)
-            }
-            Got::Raw { data, kind, total } => {
-                self.check_frame(src, kind, total, expect_total)?;
-                Ok(data)
-            }
-        }
+        self.check_frame(src, kind, total, expect_total)?;
+        Ok(data)
     }
 
-    /// One message from `src`: a buffer of `T`, or a control message. Applies the deadline
-    /// and the stuck protocol.
-    async fn receive<T: Elem>(
-        &self,
-        src: Rank,
-        tag: Tag,
-    ) -> Result<Result<Vec<T>, Control>, CommError> {
+    /// One message from `src`: a data payload (anything but bytes), or a control message.
+    /// Applies the deadline and the stuck protocol.
+    async fn receive(&self, src: Rank, tag: Tag) -> Result<Result<Payload, Control>, CommError> {
         let msg = match self.fabric.recv(src, tag, self.deadline).await {
             Ok(p) => p,
             Err(FabricError::Timeout { .. }) => {
@@ -187,22 +171,23 @@ impl Op {
             }
             Err(e) => return Err(CommError::from_fabric(self.name, src, e)),
         };
-        match T::unwrap(msg) {
-            Ok(v) => Ok(Ok(v)),
-            Err(Payload::Bytes(b)) => match Control::decode(&b) {
+        match msg {
+            Payload::Bytes(b) => match Control::decode(&b) {
                 Ok(c) => Ok(Err(c)),
                 Err(why) => Err(self.bad(src, why)),
             },
-            Err(Payload::F32(_)) => Err(self.wrong_type::<T>(src, "f32")),
-            Err(Payload::Bf16(_)) => Err(self.wrong_type::<T>(src, "bf16")),
-            Err(Payload::Tensor(_)) => Err(self.wrong_type::<T>(src, "tensor")),
+            data => Ok(Ok(data)),
         }
     }
 
-    fn wrong_type<T: Elem>(&self, src: Rank, got: &str) -> CommError {
+    fn wrong_type<T: Elem>(&self, src: Rank, got: &Payload) -> CommError {
         self.bad(
             src,
-            format!("a {got} payload where {} was expected", T::NAME),
+            format!(
+                "a {} payload where {} was expected",
+                payload_kind(got),
+                T::NAME
+            ),
         )
     }
 
@@ -326,5 +311,18 @@ impl Op {
             reason: err.reason(),
         };
         self.tell_everyone(&msg).await;
+    }
+}
+
+/// What kind of payload `p` is, for error messages.
+pub(crate) fn payload_kind(p: &Payload) -> &'static str {
+    match p {
+        Payload::F32(_) => "f32",
+        Payload::Bf16(_) => "bf16",
+        Payload::Bytes(_) => "bytes",
+        Payload::Tensor(t) => match t.values {
+            Values::Absent { .. } => "shape-only",
+            Values::F32(_) => "f32 tensor",
+        },
     }
 }

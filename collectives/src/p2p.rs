@@ -10,11 +10,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_runtime::fabric::{Fabric, Payload, Rank, Tag};
+use flotilla_runtime::fabric::{Fabric, Rank, Tag};
 
 use crate::communicator::Communicator;
 use crate::elem::Elem;
 use crate::error::CommError;
+use crate::op::payload_kind;
 
 const P2P_BIT: u64 = 1 << 63;
 
@@ -75,10 +76,14 @@ impl P2p {
     pub(crate) async fn recv_t<T: Elem>(&self, peer: usize, tag: u32) -> Result<Vec<T>, CommError> {
         let src = self.peer("recv", peer)?;
         match self.fabric.recv(src, self.tag(tag), self.deadline).await {
-            Ok(p) => T::unwrap(p).map_err(|_: Payload| CommError::BadMessage {
+            Ok(p) => T::unwrap(p).map_err(|p| CommError::BadMessage {
                 op: "recv",
                 peer: src,
-                why: format!("expected a {} payload", T::NAME),
+                why: format!(
+                    "a {} payload where {} was expected",
+                    payload_kind(&p),
+                    T::NAME
+                ),
             }),
             Err(e) => Err(CommError::from_fabric("recv", src, e)),
         }

@@ -143,7 +143,7 @@ pub(crate) async fn all_gather<T: Elem>(
         return Ok(chunk);
     }
     let mut buf: Vec<T> = out.unwrap_or_else(|| ctx.take(n * c));
-    buf.resize(n * c, T::default());
+    T::resize(&mut buf, n * c);
     buf[me * c..(me + 1) * c].copy_from_slice(&chunk);
     all_gather_core(ctx, &mut buf, chunk, c, |i| i * c..(i + 1) * c).await?;
     Ok(buf)

@@ -35,7 +35,8 @@ async fn gather<T: Elem>(ctx: &Op, mine: Vec<T>, total: usize) -> Result<Vec<Vec
     Ok(bufs)
 }
 
-/// Rank 0: run `kernel` over every buffer, on blocking threads when the buffers are large.
+/// Rank 0: run `kernel` over every buffer, on blocking threads when the buffers are large
+/// (shape-only buffers have nothing to reduce).
 async fn reduce<T: Elem>(
     ctx: &Op,
     mut bufs: Vec<Vec<T>>,
@@ -43,6 +44,9 @@ async fn reduce<T: Elem>(
     op: ReduceOp,
 ) -> Result<Vec<Vec<T>>, CommError> {
     let n = ctx.size();
+    if !T::HAS_VALUES {
+        return Ok(bufs);
+    }
     if bufs.iter().map(Vec::len).sum::<usize>() < INLINE_ELEMS {
         kernel(&mut bufs, op, n, 1);
         return Ok(bufs);

@@ -184,10 +184,10 @@ async fn mismatched_operations_and_arguments_are_reported() {
 /// A rank's endpoint that stops delivering after `after` sends: the rank stalls mid-operation
 /// (its task goes on, but nothing it sends arrives).
 #[derive(Debug)]
-struct GoesSilent {
-    inner: flotilla_runtime::fabric::inproc::InprocFabric,
-    after: usize,
-    sent: std::sync::atomic::AtomicUsize,
+pub(crate) struct GoesSilent {
+    pub(crate) inner: flotilla_runtime::fabric::inproc::InprocFabric,
+    pub(crate) after: usize,
+    pub(crate) sent: std::sync::atomic::AtomicUsize,
 }
 
 impl flotilla_runtime::fabric::Fabric for GoesSilent {

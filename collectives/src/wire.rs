@@ -1,10 +1,12 @@
 //! The wire format of collective messages: data frames with their trailer, control messages,
 //! and the operation kinds that frames carry.
 //!
-//! A data frame is the buffer with a trailer appended ([`Elem::TRAILER`] elements: the kind and
-//! the sender's total length) when the buffer has room for it or is small; a large buffer without
-//! spare capacity instead goes raw, right after a [`Control::Header`] carrying the same two
-//! values on the same tag, so that framing never reallocates (and copies) a large buffer.
+//! A data frame is the buffer with its trailer (the kind and the sender's total length,
+//! [`Elem::frame`]): appended to the buffer ([`Elem::TRAILER`] elements) when the buffer has room
+//! for it or is small; a large buffer without spare capacity instead goes raw, right after a
+//! [`Control::Header`] carrying the same two values on the same tag, so that framing never
+//! reallocates (and copies) a large buffer. A shape-only buffer carries its trailer in the
+//! payload's metadata ([`crate::absent`]), so it is always one message.
 
 use flotilla_runtime::fabric::{Payload, Rank};
 
@@ -125,15 +127,10 @@ const INLINE_MAX: usize = 1 << 14;
 
 /// Frame `data` as operation `kind` with the sender's `total` length: the header message to
 /// send first, if any, and the data message.
-pub(crate) fn frame<T: Elem>(
-    mut data: Vec<T>,
-    kind: u32,
-    total: usize,
-) -> (Option<Payload>, Payload) {
+pub(crate) fn frame<T: Elem>(data: Vec<T>, kind: u32, total: usize) -> (Option<Payload>, Payload) {
     let total = total as u64;
     if data.capacity() - data.len() >= T::TRAILER || data.len() < INLINE_MAX {
-        T::put_trailer(&mut data, kind, total);
-        (None, T::wrap(data))
+        (None, T::frame(data, kind, total))
     } else {
         (
             Some(Control::Header { kind, total }.encode()),
@@ -145,6 +142,7 @@ pub(crate) fn frame<T: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::elem::Unframed;
 
     #[test]
     fn control_messages_round_trip() {
@@ -175,11 +173,14 @@ mod tests {
 
     #[test]
     fn frames_carry_kind_and_total() {
-        let (None, Payload::F32(v)) = frame(vec![1.0f32, 2.0], 0xabcd, (5usize << 32) | 9) else {
+        let (None, body) = frame(vec![1.0f32, 2.0], 0xabcd, (5usize << 32) | 9) else {
             panic!("small frames are one f32 message");
         };
-        assert_eq!(v.len(), 2 + <f32 as Elem>::TRAILER);
-        assert_eq!(f32::get_trailer(&v[2..]), (0xabcd, (5 << 32) | 9));
+        assert_eq!(body.byte_len(), 4 * (2 + <f32 as Elem>::TRAILER));
+        let Unframed::Frame { data, kind, total } = f32::unframe(body) else {
+            panic!("an f32 frame");
+        };
+        assert_eq!((data, kind, total), (vec![1.0, 2.0], 0xabcd, (5 << 32) | 9));
         // A large full buffer is not reallocated: it goes raw after a header.
         let big = vec![0u16; INLINE_MAX];
         let ptr = big.as_ptr();
