@@ -145,9 +145,9 @@ pub async fn reduce(
             while left > 0 && r.is_ok() {
                 let len = left.min(bucket);
                 left -= len;
-                r = Err(format!(
-                    "gradient all-reduce of {len} shape-only values: not merged yet"
-                ));
+                if let Err(e) = comm.all_reduce_absent(len, ReduceOp::Sum, Algo::Auto).await {
+                    r = Err(format!("gradient all-reduce: {e}"));
+                }
             }
             r
         }
