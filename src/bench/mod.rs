@@ -2,7 +2,7 @@
 //! same run; the last line is `{"summary": {...}}`.
 
 pub mod actors;
-// pub mod ckpt;
+pub mod ckpt;
 pub mod collectives;
 #[cfg(feature = "cuda")]
 pub mod nccl;
