@@ -465,7 +465,7 @@ async fn drive(
                 // The newest committed checkpoint first becomes the ranks' own copies.
                 ck.finish().await?;
                 if let Some(snaps) = ck.take_committed() {
-                    rec.keep(snaps).await?;
+                    rec.keep(snaps, log).await?;
                 }
                 step = rec
                     .roll_back(e, ranks, ck.engine(), clock, deadline, log)
@@ -529,7 +529,7 @@ async fn drive(
         if let (Some(ck), Some(rec)) = (ckpt.as_mut(), recovery.as_mut()) {
             ck.poll().await?;
             if let Some(snaps) = ck.take_committed() {
-                rec.keep(snaps).await?;
+                rec.keep(snaps, log).await?;
             }
         }
         step += 1;

@@ -11,6 +11,10 @@
 //! rank that "loses its memory" ([`crate::faults::InjectedFault::lose_memory`]) loses its own
 //! copy only; the replicas it holds for its peers stay (a simplification: a real host loss
 //! would take them too, and those peers would fall back to storage).
+//!
+//! A checkpoint of the simulated cluster is shape-only (its snapshots hold no values): it gets
+//! no own copies and no replicas (an event says so), and a roll-back to it is refused, naming
+//! the failure it would have recovered from.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +46,8 @@ pub(crate) struct Recovery {
     restarts_left: u32,
     /// The step of the checkpoint every rank holds in its own copy.
     kept: Option<u64>,
+    /// The step of the newest committed checkpoint when it is shape-only (nothing kept).
+    shape_only: Option<u64>,
 }
 
 /// What a background keep gives back: the replicas, and the step kept with the own copies it
@@ -72,13 +78,32 @@ impl Recovery {
             faults,
             restarts_left: cfg.supervision.max_job_restarts,
             kept: None,
+            shape_only: None,
         })
     }
 
     /// Start keeping a committed checkpoint's snapshots (rank order) as the ranks' own copies
     /// and pushing their replicas, in the background (after the keep before it has finished).
-    pub(crate) async fn keep(&mut self, snaps: Vec<Snapshot>) -> Result<(), JobError> {
+    /// Shape-only snapshots (the simulated cluster's) are not kept: `log` gets an event saying
+    /// so, and the checkpoint cannot be rolled back to.
+    pub(crate) async fn keep(
+        &mut self,
+        snaps: Vec<Snapshot>,
+        log: &RunLog,
+    ) -> Result<(), JobError> {
         let mut replicas = self.settle().await?;
+        if let Some(s) = snaps.iter().find(|s| s.is_shape_only()) {
+            let step = s.step;
+            self.replicas = Some(replicas);
+            self.kept = None;
+            self.shape_only = Some(step);
+            let why = format!(
+                "checkpoint of step {step} is shape-only (simulated cluster, no values): no \
+                 in-memory copies or peer replicas kept, and no roll-back to it"
+            );
+            return crate::checkpoints::event(log, why).await;
+        }
+        self.shape_only = None;
         if snaps.len() != replicas.len() {
             let why = format!("{} snapshots for {} ranks", snaps.len(), replicas.len());
             self.replicas = Some(replicas);
@@ -130,6 +155,13 @@ impl Recovery {
             return Err(failure);
         };
         let mut replicas = self.settle().await?;
+        if let Some(at) = self.shape_only.filter(|_| self.restarts_left > 0) {
+            self.replicas = Some(replicas);
+            return Err(JobError::Checkpoint(format!(
+                "cannot roll back after \"{failure}\": the last checkpoint (step {at}) was taken \
+                 on the simulated cluster and holds no values (roll-back is not simulated)"
+            )));
+        }
         let Some(to) = self.kept.filter(|_| self.restarts_left > 0) else {
             self.replicas = Some(replicas);
             return Err(failure);

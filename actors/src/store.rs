@@ -478,6 +478,9 @@ impl RankStore {
     /// A copy of the whole training state in host memory (a device→host copy): every held
     /// tensor (router biases included), AdamW's state, the step and schedule position, the
     /// data cursor. The trainer draws no random numbers, so there is no RNG state to keep.
+    /// On a device that holds no values (the simulated cluster's) the snapshot is shape-only:
+    /// every held tensor and AdamW moment by shape, which a checkpoint writes by its modelled
+    /// size and nothing can restore.
     pub fn snapshot(&self, dev: &dyn Device) -> Result<Snapshot, JobError> {
         let bad = |e: flotilla_ckpt::SnapshotError| JobError::Checkpoint(e.to_string());
         let none = |what: &str| {
@@ -489,23 +492,37 @@ impl RankStore {
         let mut s = Snapshot::new(self.meta.clone(), self.step);
         s.schedule_step = self.step;
         for (name, t) in self.held_named() {
-            let data = dev.download(t).ok_or_else(|| none(&name))?;
-            s.add_param(&name, t.shape(), data).map_err(bad)?;
+            match dev.download(t) {
+                Some(data) => s.add_param(&name, t.shape(), data).map_err(bad)?,
+                None if t.is_shape_only() => s.add_shape_only(&name, t.shape()),
+                None => return Err(none(&name)),
+            }
         }
-        let opt = self
-            .opt
-            .export_state(dev)
-            .ok_or_else(|| none("the optimizer"))?;
-        s.set_optimizer(opt).map_err(bad)?;
+        if s.is_shape_only() {
+            s.set_optimizer_shapes(&self.opt).map_err(bad)?;
+        } else {
+            let opt = self
+                .opt
+                .export_state(dev)
+                .ok_or_else(|| none("the optimizer"))?;
+            s.set_optimizer(opt).map_err(bad)?;
+        }
         s.set_data_cursor(&self.loader.cursor());
         Ok(s)
     }
 
     /// Continue from `snap` (taken by [`RankStore::snapshot`] of a rank with the same model and
     /// layout): the next steps are bit-identical to those the snapshotted rank would have
-    /// taken. Checks everything first and changes nothing when it fails.
+    /// taken. Checks everything first and changes nothing when it fails; a shape-only snapshot
+    /// (the simulated cluster's) has no values to restore and is refused.
     pub fn restore(&mut self, dev: &dyn Device, snap: &Snapshot) -> Result<(), JobError> {
         let bad = |why: String| Err(JobError::Checkpoint(why));
+        if let Err(e) = snap.require_values() {
+            return bad(format!(
+                "rank {} cannot restore this snapshot: {e}",
+                self.rank
+            ));
+        }
         let (saved, here) = (&snap.meta.layout, &self.meta.layout);
         if (saved.pp, saved.ep, saved.dp) == (here.pp, here.ep, here.dp)
             && saved.stage_layers != here.stage_layers
@@ -578,8 +595,11 @@ impl RankStore {
             cursor,
         )
         .map_err(|e| JobError::Checkpoint(format!("data cursor: {e}")))?;
+        let state = snap
+            .optimizer_state()
+            .map_err(|e| JobError::Checkpoint(e.to_string()))?;
         self.opt
-            .import_state(dev, snap.optimizer_state())
+            .import_state(dev, state)
             .map_err(|e| JobError::Checkpoint(e.to_string()))?;
         let (placement, rank) = (&self.placement, self.rank);
         self.model.weights_visit_mut(&mut |name, t| {

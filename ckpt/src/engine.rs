@@ -12,6 +12,11 @@
 //! background save runs retention (deleting old steps: a quarter of a second per GiB on some
 //! disks) in a task of its own that still holds the lock, so [`SaveHandle::wait_committed`] can
 //! return at the commit while the next save still starts after the pruning.
+//!
+//! A shape-only snapshot (the simulated cluster's) is saved as a shard of its modelled size
+//! written by size (`Storage::put_sized`: simulated storage costs the bandwidth and holds no
+//! bytes), marked in the manifest, under the same commit protocol and retention; loading or
+//! verifying such a checkpoint is refused ([`CkptError::ShapeOnly`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -40,6 +45,11 @@ pub enum CkptError {
     NoCheckpoint { root: String, tried: Vec<String> },
     #[error("checkpoint task: {0}")]
     Task(String),
+    #[error(
+        "{key}: written by the simulated cluster: shard `{file}` is shape-only (a modelled size, \
+         no values), so the checkpoint cannot be loaded or verified"
+    )]
+    ShapeOnly { key: String, file: String },
 }
 
 fn tried_text(tried: &[String]) -> String {
@@ -315,6 +325,8 @@ impl CheckpointEngine {
                     loaded.fallbacks = fallbacks;
                     return Ok(loaded);
                 }
+                // Older steps of a simulated run are no more loadable: say so at once.
+                Err(e @ CkptError::ShapeOnly { .. }) => return Err(e),
                 Err(e) => fallbacks.push(format!("{} skipped: {e}", step_dir(s))),
             }
         }
@@ -346,6 +358,17 @@ impl CheckpointEngine {
         Ok(m)
     }
 
+    /// Refuse a checkpoint written by the simulated cluster (a shard with no values).
+    pub(crate) fn refuse_shape_only(&self, m: &Manifest) -> Result<(), CkptError> {
+        match m.shape_only_file() {
+            Some(file) => Err(CkptError::ShapeOnly {
+                key: self.key(&format!("{}/{MANIFEST}", step_dir(m.step))),
+                file: file.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The manifest of `step`, checked (the shards are not read).
     pub async fn manifest(&self, step: u64) -> Result<Manifest, CkptError> {
         self.get_manifest(step).await
@@ -353,6 +376,7 @@ impl CheckpointEngine {
 
     async fn load_step(&self, step: u64, verify: bool) -> Result<Loaded, CkptError> {
         let manifest = self.get_manifest(step).await?;
+        self.refuse_shape_only(&manifest)?;
         let dir = step_dir(step);
         if let Some(p) = missing_ranks(&manifest).into_iter().next() {
             return Err(CkptError::Corrupt {

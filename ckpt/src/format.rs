@@ -42,6 +42,9 @@ pub enum FormatError {
     Metadata(String),
     #[error("tensor `{name}`: {why}")]
     Tensor { name: String, why: String },
+    /// The snapshot is shape-only: there are no values to encode.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// A step's directory name: `step-00000042`.

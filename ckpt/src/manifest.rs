@@ -1,7 +1,9 @@
 //! A checkpoint's manifest (`step-{:08}/manifest.json`): what the checkpoint holds and how to
 //! check it. It names the format version, the step, the config hash and the parallel layout,
 //! every tensor's global name with the shard, slice, dtype and shape of each piece, and the size
-//! and SHA-256 of every shard file.
+//! and SHA-256 of every shard file. A shard the simulated cluster wrote by size (a shape-only
+//! snapshot, [`FileEntry::shape_only`]) has its modelled size and no checksum; a checkpoint with
+//! such a shard cannot be loaded or verified ([`Manifest::shape_only_file`]).
 //!
 //! The manifest is written last: its presence is what commits a step. It also checks itself: its
 //! `checksum` is the SHA-256 of the canonical (pretty JSON) encoding with `checksum` empty, and a
@@ -53,7 +55,12 @@ pub struct FileEntry {
     /// The rank that wrote it.
     pub rank: usize,
     pub bytes: u64,
+    /// Lower-case hex SHA-256 of the file; empty for a shape-only shard.
     pub sha256: String,
+    /// Written by the simulated cluster from a shape-only snapshot, by size only: `bytes` is
+    /// its modelled size, and it holds no values (so no checksum). Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shape_only: bool,
 }
 
 /// The manifest of one committed step.
@@ -110,7 +117,16 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Bytes of all shard files.
+    /// The first shard written by size from a shape-only snapshot (by the simulated cluster),
+    /// if any: such a checkpoint has no values to load or verify.
+    pub fn shape_only_file(&self) -> Option<&str> {
+        self.files
+            .iter()
+            .find(|(_, f)| f.shape_only)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Bytes of all shard files (modelled sizes for shape-only shards).
     pub fn total_bytes(&self) -> u64 {
         self.files.values().map(|f| f.bytes).sum()
     }
@@ -141,10 +157,28 @@ mod tests {
                     rank: 0,
                     bytes: 100,
                     sha256: "ab".into(),
+                    shape_only: false,
                 },
             )]),
             checksum: String::new(),
         }
+    }
+
+    #[test]
+    fn the_shape_only_mark_is_written_only_when_set() {
+        let m = sample();
+        let text = String::from_utf8(m.encode().expect("encode")).expect("utf-8");
+        assert!(!text.contains("shape_only"), "{text}");
+        assert_eq!(m.shape_only_file(), None);
+        let mut sim = m.clone();
+        if let Some(f) = sim.files.get_mut("rank-0.safetensors") {
+            f.shape_only = true;
+            f.sha256 = String::new();
+        }
+        let bytes = sim.encode().expect("encode");
+        assert!(String::from_utf8_lossy(&bytes).contains("\"shape_only\": true"));
+        let back = Manifest::decode(&bytes).expect("decode");
+        assert_eq!(back.shape_only_file(), Some("rank-0.safetensors"));
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl CheckpointEngine {
         params: &[String],
     ) -> Result<Snapshot, CkptError> {
         let m = self.manifest(step).await?;
+        self.refuse_shape_only(&m)?;
         let dir = step_dir(step);
         let mkey = self.key(&format!("{dir}/{MANIFEST}"));
         let mut keys = BTreeSet::new();

@@ -65,6 +65,8 @@ pub struct OwnCopy {
 
 /// SHA-256 of `s`'s shard encoding, hashed from its own buffers (no copy).
 pub fn snapshot_sha256(s: &Snapshot) -> Result<String, CkptError> {
+    s.require_values()
+        .map_err(|e| CkptError::BadSnapshots(e.to_string()))?;
     let header = shard_header(s).map_err(|e| CkptError::BadSnapshots(e.to_string()))?;
     let mut parts = vec![header.as_slice()];
     parts.extend(shard_parts(s));
@@ -215,7 +217,9 @@ impl CheckpointEngine {
         for s in steps {
             match self.load_rank_at(s, rank).await {
                 Ok(snap) => return Ok(snap),
-                Err(e) if step.is_some() => return Err(e),
+                Err(e) if step.is_some() || matches!(e, CkptError::ShapeOnly { .. }) => {
+                    return Err(e);
+                }
                 Err(e) => tried.push(format!("{} skipped: {e}", step_dir(s))),
             }
         }
@@ -227,6 +231,7 @@ impl CheckpointEngine {
 
     async fn load_rank_at(&self, step: u64, rank: Rank) -> Result<Snapshot, CkptError> {
         let manifest = self.get_manifest(step).await?;
+        self.refuse_shape_only(&manifest)?;
         let dir = step_dir(step);
         let Some((name, entry)) = manifest.files.iter().find(|(_, e)| e.rank == rank) else {
             return Err(CkptError::Corrupt {

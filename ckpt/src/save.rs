@@ -7,7 +7,9 @@
 //!    if it was saved before, so that no manifest ever describes a mix of old and new shards;
 //! 2. [`CheckpointEngine::write_shard`] writes one rank's shard (`Storage::put` is atomic and
 //!    durable; an engine made by [`CheckpointEngine::local`] writes it straight from the
-//!    snapshot's buffers) and returns its [`ShardRecord`]: size, SHA-256 and tensor pieces;
+//!    snapshot's buffers) and returns its [`ShardRecord`]: size, SHA-256 and tensor pieces; a
+//!    shape-only snapshot (the simulated cluster's) is written by size (`Storage::put_sized`,
+//!    its modelled size, no bytes built) and recorded as shape-only, without a checksum;
 //! 3. [`CheckpointEngine::commit`] checks that the records cover the world once, then writes the
 //!    manifest, whose presence commits the step, then the `latest` pointer;
 //! 4. [`CheckpointEngine::prune`] applies retention (never the step just committed) and
@@ -191,6 +193,19 @@ impl CheckpointEngine {
         let file = shard_name(snap.meta.rank);
         let key = self.key(&format!("{dir}/{file}"));
         let entry = match &self.inner.direct {
+            _ if snap.is_shape_only() => {
+                let bytes = crate::shard_io::shard_size(&snap).map_err(|e| CkptError::Corrupt {
+                    key: key.clone(),
+                    why: e.to_string(),
+                })?;
+                self.storage().put_sized(&key, bytes).await?;
+                FileEntry {
+                    rank: snap.meta.rank,
+                    bytes,
+                    sha256: String::new(),
+                    shape_only: true,
+                }
+            }
             Some(root) => {
                 let path = root.join(&dir).join(&file);
                 let s = Arc::clone(&snap);

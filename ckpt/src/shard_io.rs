@@ -4,7 +4,8 @@
 //! those parts to a file in large sequential writes on one thread while a second thread computes
 //! the SHA-256 over the same bytes (one pass over memory each, side by side), then commits the
 //! file atomically (temporary name, fsync, rename, directory fsync). [`encode_shard`] joins the
-//! same parts into one buffer for storages that take whole values.
+//! same parts into one buffer for storages that take whole values. A shape-only snapshot has no
+//! parts: those functions refuse it, and [`shard_size`] gives the size its shard would have.
 //!
 //! Safetensors layout: 8-byte little-endian header length, the JSON header padded with spaces to
 //! a multiple of 8, then the data; readers sort tensors by their offsets, so key order is fine.
@@ -70,7 +71,16 @@ pub fn shard_header(s: &Snapshot) -> Result<Vec<u8>, FormatError> {
     Ok(out)
 }
 
-/// The tensors' bytes in the order the header lays them out (little-endian f32).
+/// The size of `s`'s shard (header and values) without building it: for a shape-only snapshot,
+/// the modelled size the simulated cluster writes.
+pub fn shard_size(s: &Snapshot) -> Result<u64, FormatError> {
+    let header = shard_header(s)?.len() as u64;
+    let values: u64 = shard_tensors(s).values().map(|t| t.nbytes() as u64).sum();
+    Ok(header + values)
+}
+
+/// The tensors' bytes in the order the header lays them out (little-endian f32); a shape-only
+/// tensor has none (the callers here refuse a shape-only snapshot first).
 pub fn shard_parts(s: &Snapshot) -> Vec<&[u8]> {
     shard_tensors(s)
         .into_values()
@@ -80,6 +90,7 @@ pub fn shard_parts(s: &Snapshot) -> Vec<&[u8]> {
 
 /// The whole shard in one buffer (for storages that take whole values, and for replicas).
 pub fn encode_shard(s: &Snapshot) -> Result<Vec<u8>, FormatError> {
+    s.require_values()?;
     let header = shard_header(s)?;
     let parts = shard_parts(s);
     let total = header.len() + parts.iter().map(|p| p.len()).sum::<usize>();
@@ -156,11 +167,13 @@ pub fn entry(rank: usize, bytes: u64, sha256: String) -> FileEntry {
         rank,
         bytes,
         sha256,
+        shape_only: false,
     }
 }
 
 /// Write `s`'s shard to `path` ([`write_local`]); its manifest entry, or why not.
 pub fn write_snapshot(path: &Path, s: &Snapshot) -> Result<FileEntry, String> {
+    s.require_values().map_err(|e| e.to_string())?;
     let header = shard_header(s).map_err(|e| e.to_string())?;
     let mut parts = vec![header.as_slice()];
     parts.extend(shard_parts(s));
@@ -171,6 +184,7 @@ pub fn write_snapshot(path: &Path, s: &Snapshot) -> Result<FileEntry, String> {
 /// `s`'s shard in one buffer and its manifest entry; the hash runs beside the copy, over the
 /// snapshot's own buffers.
 pub fn encode_hashed(s: &Snapshot) -> Result<(Vec<u8>, FileEntry), FormatError> {
+    s.require_values()?;
     let header = shard_header(s)?;
     let mut parts = vec![header.as_slice()];
     parts.extend(shard_parts(s));

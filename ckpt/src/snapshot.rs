@@ -7,11 +7,17 @@
 //! Taking a snapshot is the only part of a checkpoint that stalls training: it copies the state
 //! out of the trainer. Encoding and persisting happen later, off the training path
 //! ([`crate::engine`]).
+//!
+//! A snapshot of the simulated cluster is *shape-only*: its tensors ([`HostTensor::shape_only`])
+//! have shapes and a modelled size ([`Snapshot::nbytes`]) but no values. It can be checkpointed
+//! (the engine writes a shard of its modelled size by size only); everything that needs its
+//! values (encoding, hashing, the optimizer state, a restore) refuses it with
+//! [`SnapshotError::NoValues`].
 
 use std::collections::BTreeMap;
 
 use flotilla_model::data::DataCursor;
-use flotilla_model::optim::{AdamWState, ParamState};
+use flotilla_model::optim::{AdamW, AdamWState, ParamState};
 use serde::{Deserialize, Serialize};
 
 /// Why a snapshot could not be built or taken apart.
@@ -24,7 +30,10 @@ pub enum SnapshotError {
         want: usize,
         got: usize,
     },
-    #[error("tensor `{name}` holds no host values (shape-only device)")]
+    #[error(
+        "tensor `{name}` holds no values: the snapshot is shape-only (taken on the simulated \
+         cluster, whose device keeps shapes only)"
+    )]
     NoValues { name: String },
     #[error("optimizer state of `{name}`: {why}")]
     Optimizer { name: String, why: String },
@@ -34,21 +43,29 @@ pub enum SnapshotError {
     Mismatch(String),
 }
 
-/// A dense row-major f32 tensor in host memory. Equality is bit-exact (`NaN == NaN` when the
-/// bits agree, `0.0 != -0.0`), which is what a checkpoint round trip must preserve.
+/// A dense row-major f32 tensor in host memory, or only its shape (a shape-only tensor of the
+/// simulated device). Equality is bit-exact (`NaN == NaN` when the bits agree, `0.0 != -0.0`),
+/// which is what a checkpoint round trip must preserve; two shape-only tensors are equal when
+/// their shapes are.
 #[derive(Clone, Debug)]
 pub struct HostTensor {
     shape: Vec<usize>,
+    /// Empty for a shape-only tensor.
     data: Vec<f32>,
+    shape_only: bool,
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .unwrap_or(usize::MAX)
 }
 
 impl HostTensor {
     /// A tensor of `shape` holding `data`; fails when the lengths disagree.
     pub fn new(name: &str, shape: Vec<usize>, data: Vec<f32>) -> Result<Self, SnapshotError> {
-        let want = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .unwrap_or(usize::MAX);
+        let want = numel(&shape);
         if want != data.len() {
             return Err(SnapshotError::Shape {
                 name: name.to_string(),
@@ -57,36 +74,68 @@ impl HostTensor {
                 got: data.len(),
             });
         }
-        Ok(Self { shape, data })
+        Ok(Self {
+            shape,
+            data,
+            shape_only: false,
+        })
+    }
+
+    /// A tensor of `shape` without values (the simulated device's): it has a modelled size
+    /// ([`HostTensor::nbytes`]) and allocates nothing.
+    pub fn shape_only(shape: Vec<usize>) -> Self {
+        Self {
+            shape,
+            data: Vec::new(),
+            shape_only: true,
+        }
+    }
+
+    /// Whether it holds values (false for a shape-only tensor).
+    pub fn has_values(&self) -> bool {
+        !self.shape_only
     }
 
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// Elements, from the shape (saturating).
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    /// The values; empty for a shape-only tensor (see [`HostTensor::values`]).
     pub fn data(&self) -> &[f32] {
         &self.data
     }
 
+    /// The values, or `None` for a shape-only tensor.
+    pub fn values(&self) -> Option<&[f32]> {
+        self.has_values().then_some(self.data.as_slice())
+    }
+
     /// The values, to overwrite in place (a checkpointer refilling a kept snapshot buffer);
-    /// the shape cannot change.
+    /// the shape cannot change. Empty for a shape-only tensor.
     pub fn data_mut(&mut self) -> &mut [f32] {
         &mut self.data
     }
 
+    /// The values; empty for a shape-only tensor.
     pub fn into_data(self) -> Vec<f32> {
         self.data
     }
 
-    /// Bytes of the values (4 per element).
+    /// Bytes of the values (4 per element), modelled from the shape for a shape-only tensor.
     pub fn nbytes(&self) -> usize {
-        self.data.len() * 4
+        self.numel().saturating_mul(4)
     }
 }
 
 impl PartialEq for HostTensor {
     fn eq(&self, o: &Self) -> bool {
         self.shape == o.shape
+            && self.shape_only == o.shape_only
             && self.data.len() == o.data.len()
             && self
                 .data
@@ -198,6 +247,77 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Add a named tensor of `shape` without values (a shape-only snapshot).
+    pub fn add_shape_only(&mut self, name: &str, shape: &[usize]) {
+        let t = HostTensor::shape_only(shape.to_vec());
+        self.params.insert(name.to_string(), t);
+    }
+
+    /// Add AdamW's moments of parameter `name` (add it first) without values, shaped like it,
+    /// after `step` updates (a shape-only snapshot).
+    pub fn add_shape_only_moments(&mut self, name: &str, step: u64) -> Result<(), SnapshotError> {
+        let shape = match self.params.get(name) {
+            Some(t) => t.shape.clone(),
+            None => {
+                return Err(SnapshotError::Optimizer {
+                    name: name.to_string(),
+                    why: "no such parameter in the snapshot".into(),
+                });
+            }
+        };
+        let m = Moments {
+            step,
+            exp_avg: HostTensor::shape_only(shape.clone()),
+            exp_avg_sq: HostTensor::shape_only(shape),
+        };
+        self.moments.insert(name.to_string(), m);
+        Ok(())
+    }
+
+    /// AdamW's state without values, for a shape-only snapshot (add the parameters first):
+    /// its step count, and shape-only moments shaped like each parameter that has state
+    /// (a parameter the optimizer has not updated yet has none, as in [`AdamW::export_state`]).
+    pub fn set_optimizer_shapes(&mut self, opt: &AdamW) -> Result<(), SnapshotError> {
+        self.optim_steps = opt.steps();
+        self.moments.clear();
+        let names: Vec<String> = self.params.keys().cloned().collect();
+        for name in names {
+            if let Some(step) = opt.param_steps(&name) {
+                self.add_shape_only_moments(&name, step)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first tensor (parameter, or moment under its parameter's name) that holds no values.
+    pub fn first_shape_only(&self) -> Option<&str> {
+        let p = self.params.iter().find(|(_, t)| !t.has_values());
+        let m = || {
+            self.moments
+                .iter()
+                .find(|(_, m)| !m.exp_avg.has_values() || !m.exp_avg_sq.has_values())
+                .map(|(n, _)| n)
+        };
+        p.map(|(n, _)| n).or_else(m).map(String::as_str)
+    }
+
+    /// Whether any tensor holds no values (a snapshot of the simulated cluster): such a
+    /// snapshot can only be checkpointed by size.
+    pub fn is_shape_only(&self) -> bool {
+        self.first_shape_only().is_some()
+    }
+
+    /// Fails with [`SnapshotError::NoValues`] when the snapshot is shape-only: for everything
+    /// that reads values.
+    pub fn require_values(&self) -> Result<(), SnapshotError> {
+        match self.first_shape_only() {
+            Some(name) => Err(SnapshotError::NoValues {
+                name: name.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Take over AdamW's exported state. Moments are shaped like their parameter when it is
     /// present with as many elements (add the parameters first), flat otherwise.
     pub fn set_optimizer(&mut self, state: AdamWState) -> Result<(), SnapshotError> {
@@ -218,9 +338,11 @@ impl Snapshot {
         Ok(())
     }
 
-    /// AdamW's state as [`flotilla_model::optim::AdamW::import_state`] takes it (a copy).
-    pub fn optimizer_state(&self) -> AdamWState {
-        AdamWState {
+    /// AdamW's state as [`flotilla_model::optim::AdamW::import_state`] takes it (a copy);
+    /// refused for a shape-only snapshot.
+    pub fn optimizer_state(&self) -> Result<AdamWState, SnapshotError> {
+        self.require_values()?;
+        Ok(AdamWState {
             steps: self.optim_steps,
             params: self
                 .moments
@@ -234,7 +356,7 @@ impl Snapshot {
                     (n.clone(), s)
                 })
                 .collect(),
-        }
+        })
     }
 
     /// Record the loader's position.
@@ -275,7 +397,8 @@ impl Snapshot {
     }
 
     fn same_structure(&self, o: &Snapshot) -> bool {
-        let same = |a: &HostTensor, b: &HostTensor| a.shape == b.shape;
+        let same =
+            |a: &HostTensor, b: &HostTensor| a.shape == b.shape && a.shape_only == b.shape_only;
         self.params.len() == o.params.len()
             && self.moments.len() == o.moments.len()
             && self
@@ -288,7 +411,8 @@ impl Snapshot {
             })
     }
 
-    /// Bytes of tensor values held (parameters and moments).
+    /// Bytes of tensor values (parameters and moments); for a shape-only snapshot, the bytes
+    /// its values would take (its modelled size).
     pub fn nbytes(&self) -> usize {
         let p: usize = self.params.values().map(HostTensor::nbytes).sum();
         let m: usize = self
@@ -338,7 +462,7 @@ mod tests {
         );
         s.set_optimizer(st.clone()).expect("optimizer");
         assert_eq!(s.moments["w"].exp_avg.shape(), &[2, 2]);
-        assert_eq!(s.optimizer_state(), st);
+        assert_eq!(s.optimizer_state(), Ok(st));
         let mut other = Snapshot::new(s.meta.clone(), 0);
         other.copy_from(&s);
         assert_eq!(other, s);
@@ -348,5 +472,36 @@ mod tests {
         other.copy_from(&s);
         assert_eq!(other, s);
         assert_eq!(other.params["w"].data().as_ptr(), ptr, "buffers are reused");
+    }
+
+    #[test]
+    fn a_shape_only_snapshot_has_a_size_and_refuses_its_values() {
+        let meta = SnapshotMeta {
+            rank: 0,
+            layout: Layout::single(),
+            config_hash: "x".into(),
+        };
+        let mut s = Snapshot::new(meta, 2);
+        s.add_shape_only("w", &[1 << 20, 1 << 10]);
+        s.add_shape_only_moments("w", 2).expect("moments");
+        assert!(s.add_shape_only_moments("absent", 2).is_err());
+        assert!(s.is_shape_only());
+        assert_eq!(s.nbytes(), 3 * (4 << 30), "three 4 GiB tensors, modelled");
+        assert_eq!(s.params["w"].values(), None);
+        assert!(s.params["w"].data().is_empty(), "nothing is allocated");
+        let err = s.optimizer_state().expect_err("no values");
+        assert_eq!(err, SnapshotError::NoValues { name: "w".into() });
+        assert!(err.to_string().contains("simulated cluster"), "{err}");
+        let mut other = Snapshot::new(s.meta.clone(), 0);
+        other.copy_from(&s);
+        assert_eq!(other, s);
+        let mut real = Snapshot::new(s.meta.clone(), 0);
+        real.add_param("w", &[2], vec![1.0, 2.0]).expect("param");
+        assert!(!real.is_shape_only());
+        assert_eq!(real.require_values(), Ok(()));
+        assert_ne!(
+            HostTensor::shape_only(vec![2]),
+            HostTensor::new("w", vec![2], vec![0.0; 2]).expect("tensor")
+        );
     }
 }

@@ -28,6 +28,8 @@ impl VerifyReport {
 impl CheckpointEngine {
     /// Check one step directory completely (manifest, every shard's presence, size, checksum,
     /// header and tensor list), collecting every problem rather than stopping at the first.
+    /// A checkpoint written by the simulated cluster has no values to check: refused
+    /// ([`CkptError::ShapeOnly`]).
     pub async fn verify(&self, step: u64) -> Result<VerifyReport, CkptError> {
         let dir = step_dir(step);
         let mut problems = Vec::new();
@@ -39,6 +41,7 @@ impl CheckpointEngine {
             }
             Err(e) => return Err(e),
         };
+        self.refuse_shape_only(&manifest)?;
         let mkey = self.key(&format!("{dir}/{MANIFEST}"));
         problems.extend(
             missing_ranks(&manifest)

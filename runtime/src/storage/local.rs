@@ -77,6 +77,19 @@ impl Storage for LocalStorage {
         })
     }
 
+    fn put_sized(&self, key: &str, len: u64) -> BoxFuture<'_, Result<(), StorageError>> {
+        let r = check_key(key).and_then(|()| {
+            Err(StorageError::Unsupported {
+                key: key.to_string(),
+                why: format!(
+                    "a value of {len} bytes without its bytes (shape-only state of the simulated \
+                     cluster) cannot be written to the local filesystem; use simulated storage"
+                ),
+            })
+        });
+        Box::pin(std::future::ready(r))
+    }
+
     fn append(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), StorageError>> {
         let key = key.to_string();
         Box::pin(async move {
@@ -187,6 +200,24 @@ mod tests {
         ));
         assert_eq!(s.list("run").await.expect("list"), Vec::<String>::new());
         let _ = std::fs::remove_dir_all(s.root());
+    }
+
+    #[tokio::test]
+    async fn a_sized_put_is_refused_and_writes_nothing() {
+        let s = LocalStorage::new(tmpdir("sized"));
+        let err = s.put_sized("ckpt/rank-0.safetensors", 1 << 40).await;
+        match err {
+            Err(StorageError::Unsupported { key, why }) => {
+                assert_eq!(key, "ckpt/rank-0.safetensors");
+                assert!(why.contains("simulated"), "{why}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(s.list("ckpt").await.expect("list"), Vec::<String>::new());
+        assert!(matches!(
+            s.put_sized("../x", 1).await,
+            Err(StorageError::BadKey { .. })
+        ));
     }
 
     #[tokio::test]

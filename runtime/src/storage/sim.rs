@@ -1,6 +1,8 @@
 //! Simulated storage: blobs in memory, each operation costing latency + bytes / bandwidth on
 //! virtual time (queued per disk, so concurrent writers contend), with injectable faults.
-//! Like the virtual clock it sleeps dilated ([`crate::clock::dilate`]).
+//! Like the virtual clock it sleeps dilated ([`crate::clock::dilate`]). A value written by
+//! `put_sized` is a size only: it costs and lists like a `put` of that many bytes, holds none
+//! ([`SimStorage::size`] tells its size), and a read of it is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,9 +14,25 @@ use crate::clock::dilate;
 
 use super::{BoxFuture, Storage, StorageError, check_key};
 
+/// One stored value: its bytes, or only its size (`put_sized`).
+#[derive(Debug)]
+enum Blob {
+    Bytes(Vec<u8>),
+    Sized(u64),
+}
+
+impl Blob {
+    fn len(&self) -> u64 {
+        match self {
+            Blob::Bytes(b) => b.len() as u64,
+            Blob::Sized(n) => *n,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Disk {
-    blobs: BTreeMap<String, Vec<u8>>,
+    blobs: BTreeMap<String, Blob>,
     busy_until: Option<Instant>,
     failing: BTreeSet<String>,
     /// Prefixes whose next writes fail, each with how many more are to fail.
@@ -51,12 +69,29 @@ impl SimStorage {
         }
     }
 
+    /// The size of the value under `key` (bytes written, or the size `put_sized` recorded).
+    pub fn size(&self, key: &str) -> Option<u64> {
+        self.lock().blobs.get(key).map(Blob::len)
+    }
+
+    /// Bytes the disk really holds in memory (values written by size hold none).
+    pub fn held_bytes(&self) -> u64 {
+        self.lock()
+            .blobs
+            .values()
+            .map(|b| match b {
+                Blob::Bytes(v) => v.len() as u64,
+                Blob::Sized(_) => 0,
+            })
+            .sum()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Disk> {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queue an operation of `bytes` on the disk; returns when it completes.
-    fn reserve(&self, bytes: usize) -> Instant {
+    fn reserve(&self, bytes: u64) -> Instant {
         let mut d = self.lock();
         let now = Instant::now();
         let start = d.busy_until.map_or(now, |b| b.max(now));
@@ -96,8 +131,18 @@ impl Storage for SimStorage {
         let key = key.to_string();
         Box::pin(async move {
             self.check_write(&key)?;
-            tokio::time::sleep_until(self.reserve(bytes.len())).await;
-            self.lock().blobs.insert(key, bytes);
+            tokio::time::sleep_until(self.reserve(bytes.len() as u64)).await;
+            self.lock().blobs.insert(key, Blob::Bytes(bytes));
+            Ok(())
+        })
+    }
+
+    fn put_sized(&self, key: &str, len: u64) -> BoxFuture<'_, Result<(), StorageError>> {
+        let key = key.to_string();
+        Box::pin(async move {
+            self.check_write(&key)?;
+            tokio::time::sleep_until(self.reserve(len)).await;
+            self.lock().blobs.insert(key, Blob::Sized(len));
             Ok(())
         })
     }
@@ -106,13 +151,22 @@ impl Storage for SimStorage {
         let key = key.to_string();
         Box::pin(async move {
             self.check_write(&key)?;
-            tokio::time::sleep_until(self.reserve(bytes.len())).await;
-            self.lock()
+            if let Some(&Blob::Sized(n)) = self.lock().blobs.get(&key) {
+                return Err(StorageError::SizeOnly { key, bytes: n });
+            }
+            tokio::time::sleep_until(self.reserve(bytes.len() as u64)).await;
+            match self
+                .lock()
                 .blobs
-                .entry(key)
-                .or_default()
-                .extend_from_slice(&bytes);
-            Ok(())
+                .entry(key.clone())
+                .or_insert_with(|| Blob::Bytes(Vec::new()))
+            {
+                Blob::Bytes(v) => {
+                    v.extend_from_slice(&bytes);
+                    Ok(())
+                }
+                Blob::Sized(n) => Err(StorageError::SizeOnly { key, bytes: *n }),
+            }
         })
     }
 
@@ -120,16 +174,17 @@ impl Storage for SimStorage {
         let key = key.to_string();
         Box::pin(async move {
             check_key(&key)?;
-            let len = self.lock().blobs.get(&key).map(Vec::len);
-            let Some(len) = len else {
-                return Err(StorageError::NotFound { key });
+            let len = match self.lock().blobs.get(&key) {
+                None => return Err(StorageError::NotFound { key }),
+                Some(Blob::Sized(n)) => return Err(StorageError::SizeOnly { key, bytes: *n }),
+                Some(Blob::Bytes(v)) => v.len() as u64,
             };
             tokio::time::sleep_until(self.reserve(len)).await;
-            self.lock()
-                .blobs
-                .get(&key)
-                .cloned()
-                .ok_or(StorageError::NotFound { key })
+            match self.lock().blobs.get(&key) {
+                Some(Blob::Bytes(v)) => Ok(v.clone()),
+                Some(Blob::Sized(n)) => Err(StorageError::SizeOnly { key, bytes: *n }),
+                None => Err(StorageError::NotFound { key }),
+            }
         })
     }
 
@@ -175,6 +230,42 @@ mod tests {
             Duration::from_millis(2)
         );
         assert_eq!(s.list("").await.expect("list"), vec!["x", "y"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sized_put_costs_its_size_and_holds_no_bytes() {
+        let s = SimStorage::new(1e9, Duration::ZERO);
+        let t0 = Instant::now();
+        let len = 3_000_000_000u64;
+        s.put_sized("ckpt/step-1/rank-0", len)
+            .await
+            .expect("put_sized");
+        assert_eq!(
+            crate::clock::undilate(Instant::now() - t0),
+            Duration::from_secs(3)
+        );
+        assert_eq!(s.size("ckpt/step-1/rank-0"), Some(len));
+        assert_eq!(s.held_bytes(), 0);
+        assert_eq!(s.list("ckpt/step-1").await.expect("list"), vec!["rank-0"]);
+        match s.get("ckpt/step-1/rank-0").await {
+            Err(StorageError::SizeOnly { key, bytes }) => {
+                assert_eq!((key.as_str(), bytes), ("ckpt/step-1/rank-0", len));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(
+            s.append("ckpt/step-1/rank-0", vec![1]).await,
+            Err(StorageError::SizeOnly { .. })
+        ));
+        s.fail_writes_under("bad/");
+        assert!(matches!(
+            s.put_sized("bad/x", 1).await,
+            Err(StorageError::Fault { .. })
+        ));
+        s.put("ckpt/step-1/rank-0", vec![7]).await.expect("put");
+        assert_eq!(s.get("ckpt/step-1/rank-0").await.expect("get"), vec![7]);
+        s.remove("ckpt").await.expect("remove");
+        assert_eq!(s.size("ckpt/step-1/rank-0"), None);
     }
 
     #[tokio::test(start_paused = true)]
