@@ -4,10 +4,10 @@
 //! [`CheckpointEngine`]), waiting for the commit (`mode = "sync"`) or not (`mode = "async"`);
 //! and, before the first step, restore the ranks from a checkpoint to resume.
 //!
-//! In async mode a checkpoint due between steps is not copied: the next step keeps it, its
-//! optimizer update writing out of place so that the buffers it leaves hold the state before
-//! it (`kept_snapshot.rs`), and the checkpoint of step `s` is handed to the background
-//! save when step `s + 1` ends. A checkpoint due after the job's last step is copied.
+//! In async mode the job stalls only for the snapshots (each rank's device→host copy, taken on
+//! its stream between steps); the write goes on while the next steps run, one checkpoint in
+//! flight at a time. Every commit is a line of `events.jsonl` (step, bytes, seconds from
+//! hand-off to commit, on the job's clock).
 //!
 //! Checkpoints live under `checkpoint.dir`: a relative directory is a key prefix of the run's
 //! storage (so it follows the run to `job.out_dir`, or into simulated storage); an absolute one
@@ -141,8 +141,10 @@ pub struct Checkpointer {
     mode: CheckpointMode,
     /// Where checkpoints are sent.
     coordinator: Coordinator,
-    /// The step of the checkpoint in flight.
-    pending: Option<u64>,
+    /// The step of the checkpoint in flight, and when it was handed to the coordinator.
+    pending: Option<(u64, Option<tokio::time::Instant>)>,
+    /// Where commits are reported (`events.jsonl`), and the clock that times them.
+    log: Option<(crate::run_log::RunLog, Arc<dyn Clock>)>,
     /// The snapshots of the last committed checkpoint, handed back by the coordinator, until the
     /// driver takes them ([`Checkpointer::take_committed`]).
     committed: Option<Vec<Snapshot>>,
@@ -161,9 +163,16 @@ impl Checkpointer {
             mode: cfg.checkpoint.mode,
             coordinator,
             pending: None,
+            log: None,
             committed: None,
             model_config: crate::model_config::hf_config_json(&cfg.model).to_string(),
         })
+    }
+
+    /// Report every commit as a line of `log`'s `events.jsonl`, timed by `clock`.
+    pub(crate) fn with_log(mut self, log: crate::run_log::RunLog, clock: Arc<dyn Clock>) -> Self {
+        self.log = Some((log, clock));
+        self
     }
 
     /// Whether a checkpoint is due once `done` steps have been taken.
@@ -203,7 +212,8 @@ impl Checkpointer {
         // At most one background save in flight: a slow disk slows training down rather than
         // piling snapshots up in memory.
         self.finish().await?;
-        self.pending = Some(self.coordinator.save(snaps).await?);
+        let now = self.log.as_ref().map(|(_, clock)| clock.now());
+        self.pending = Some((self.coordinator.save(snaps).await?, now));
         if self.mode == CheckpointMode::Sync {
             self.finish().await?;
         }
@@ -212,12 +222,23 @@ impl Checkpointer {
 
     /// Wait for the background save in flight, if any.
     pub async fn finish(&mut self) -> Result<(), JobError> {
-        if let Some(step) = self.pending.take() {
+        if let Some((step, handed)) = self.pending.take() {
             let saved = self.coordinator.wait().await?.ok_or_else(|| {
                 JobError::Checkpoint(format!(
                     "the coordinator holds no checkpoint of step {step}"
                 ))
             })?;
+            if let (Some((log, clock)), Some(handed)) = (&self.log, handed) {
+                let r = &saved.report;
+                let line = format!(
+                    "committed step {}: {} bytes in {} files, {:.3} s after hand-off",
+                    r.step,
+                    r.bytes,
+                    r.files,
+                    clock.elapsed(handed).as_secs_f64()
+                );
+                event(log, line).await?;
+            }
             self.committed = Some(saved.snapshots);
         }
         Ok(())

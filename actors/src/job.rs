@@ -197,6 +197,7 @@ impl Job {
         }
         let placement = Arc::new(placement(&cfg)?);
         let shape = Arc::new(ModelShape::of(&cfg, &placement)?);
+        let dataset = Arc::new(crate::store::load_dataset(&cfg)?);
         let (hub, endpoints) = match launch.fabric {
             Some(f) => f,
             None => fabric(&cfg)?,
@@ -219,6 +220,7 @@ impl Job {
                 config: Arc::clone(&cfg),
                 placement: Arc::clone(&placement),
                 shape: Arc::clone(&shape),
+                dataset: Arc::clone(&dataset),
                 fabric,
                 clock: Arc::clone(&clock),
                 faults: launch.faults.clone(),
@@ -431,8 +433,8 @@ async fn drive(
 ) -> Result<Summary, JobError> {
     let cfg = Arc::clone(&job.cfg);
     let cfg = cfg.as_ref();
-    let clock = Arc::clone(&job.clock);
-    let clock = clock.as_ref();
+    let shared_clock = Arc::clone(&job.clock);
+    let clock = shared_clock.as_ref();
     let (ranks, log) = (&mut job.ranks, &job.log);
     let deadline = Duration::from_millis(cfg.supervision.peer_timeout_ms);
     let first = match &resume {
@@ -440,7 +442,8 @@ async fn drive(
         None => 0,
     };
     let coordinator = crate::ckpt_coordinator::Coordinator::find(&job.sup).await?;
-    let mut ckpt = Checkpointer::new(cfg, job.engine.clone(), coordinator);
+    let mut ckpt = Checkpointer::new(cfg, job.engine.clone(), coordinator)
+        .map(|c| c.with_log(log.clone(), Arc::clone(&shared_clock)));
     let mut recovery = match ckpt {
         Some(_) => Some(Recovery::new(cfg, job.faults.clone())?),
         None => None,
@@ -642,17 +645,20 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_rank_that_cannot_start_is_reported_not_hung() {
+    async fn a_missing_dataset_is_reported_before_the_ranks_start() {
         let mut c = tiny();
         c.data.source = "/no/such/tokens.bin".into();
         let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
-        let err = train(c, storage, Arc::new(RealClock), &mut |_: &StepRecord| {})
+        let err = train(c, storage.clone(), Arc::new(RealClock), &mut |_: &StepRecord| {})
             .await
             .expect_err("the job must fail");
         let text = err.to_string();
         assert!(
-            text.contains("rank-0") && text.contains("/no/such/tokens.bin"),
+            text.starts_with("data:") && text.contains("/no/such/tokens.bin"),
             "{text}"
         );
+        // Nothing was started, so nothing was logged as started.
+        let events = storage.get("events.jsonl").await.unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&events).contains("Started"));
     }
 }

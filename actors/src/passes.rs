@@ -70,7 +70,9 @@ pub fn start_forward(
     let x = input(d, chunk, act)?;
     let spec = d.store.placement.specs[stage].clone();
     let batch = d.store.batches[chunk].clone();
+    let rope = d.store.rope_table(d.dev, batch.seq)?;
     let pass = ForwardPass::new(&spec, batch, x, &d.store.opts, ep)
+        .and_then(|p| p.with_rope(rope))
         .map_err(|e| format!("forward of micro-batch {chunk}, stage {stage}: {e}"))?;
     advance(d, chunk, stage, Pass::Forward(pass), None)
 }

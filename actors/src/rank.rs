@@ -71,6 +71,8 @@ pub struct RankArgs {
     pub config: Arc<Config>,
     pub placement: Arc<Placement>,
     pub shape: Arc<ModelShape>,
+    /// The job's token stream (loaded once, shared by its ranks).
+    pub dataset: Arc<flotilla_model::data::TokenDataset>,
     pub fabric: Arc<dyn Fabric>,
     pub links: Arc<RankLinks>,
     pub clock: Arc<dyn Clock>,
@@ -144,10 +146,10 @@ impl Actor for RankActor {
         a: RankArgs,
     ) -> Result<RankState, ActorProcessingErr> {
         let (cfg, rank, placement) = (Arc::clone(&a.config), a.rank, Arc::clone(&a.placement));
-        let shape = Arc::clone(&a.shape);
+        let (shape, dataset) = (Arc::clone(&a.shape), Arc::clone(&a.dataset));
         let build = move || -> Result<_, JobError> {
             let dev = make_device(&cfg)?;
-            let store = RankStore::build(&cfg, rank, placement, &shape, dev.as_ref())?;
+            let store = RankStore::build(&cfg, rank, placement, &shape, dataset, dev.as_ref())?;
             Ok((dev, store))
         };
         let stream = match a.config.cluster.device {

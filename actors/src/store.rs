@@ -21,7 +21,7 @@ use flotilla_model::{
     BackwardPass, Batch, CpuDevice, DeepSeekV3, Device, ForwardPass, LossParts, SimDevice,
     SimProfile, StageCache, StepOptions, Tensor, Weights,
 };
-use flotilla_runtime::config::{Config, DataFormat, DeviceKind, LrSchedule as LrKind};
+use flotilla_runtime::config::{Config, DataConfig, DataFormat, DeviceKind, LrSchedule as LrKind};
 use serde::Serialize;
 
 use crate::error::JobError;
@@ -97,6 +97,9 @@ pub struct RankStore {
     pub moe_layers: Vec<usize>,
     /// The gradients' scale: `1 / (data ranks · micro-batches)`, the mean over the global batch.
     pub scale: f32,
+    /// The RoPE table of the last sequence length a forward used (built once, shared by every
+    /// pass: on a long sequence it costs more host time than a simulated layer).
+    pub rope: Option<Arc<Tensor>>,
     // ---- this step ----
     pub batches: Vec<Batch>,
     pub passes: HashMap<(usize, usize), Pass>,
@@ -105,6 +108,23 @@ pub struct RankStore {
     pub shards: HashMap<(usize, usize), ShardCache>,
     /// Each forward's losses and loads by (chunk, stage).
     pub outputs: BTreeMap<(usize, usize), (LossParts, Vec<ExpertLoad>)>,
+}
+
+impl RankStore {
+    /// The RoPE table for sequences of `seq` tokens, on `dev`.
+    pub fn rope_table(&mut self, dev: &dyn Device, seq: usize) -> Result<Arc<Tensor>, String> {
+        match &self.rope {
+            Some(t) if t.shape().first() == Some(&seq) => Ok(Arc::clone(t)),
+            _ => {
+                let t = Arc::new(
+                    flotilla_model::layers::rope::table(&self.model.config, dev, seq)
+                        .map_err(|e| format!("RoPE table: {e}"))?,
+                );
+                self.rope = Some(Arc::clone(&t));
+                Ok(t)
+            }
+        }
+    }
 }
 
 /// The compute device `[cluster] device` names.
@@ -138,10 +158,17 @@ fn cpu_threads(cfg: &Config) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The token stream `[data]` names: the built-in corpus or a file.
+/// The token stream `[data]` names: the built-in corpus, synthetic tokens (2 × `batch_size`
+/// sequences from the data seed), or a file. A job loads it once; its ranks share it.
 pub fn load_dataset(cfg: &Config) -> Result<TokenDataset, JobError> {
-    let tokens = if cfg.data.source == "builtin" {
+    let d = &cfg.data;
+    let tokens = if d.source == DataConfig::BUILTIN {
         data::builtin_corpus_tokens()
+    } else if d.source == DataConfig::SYNTHETIC {
+        let vocab = u32::try_from(cfg.model.vocab_size)
+            .map_err(|_| JobError::Config("model.vocab_size does not fit in u32".into()))?;
+        let n = (2 * d.batch_size).saturating_mul(d.seq_len) + 1;
+        data::synthetic_tokens(n, vocab, d.seed.unwrap_or(cfg.job.seed))
     } else {
         let format = match cfg.data.format {
             DataFormat::Text => TokenFormat::Text,
@@ -195,6 +222,7 @@ impl RankStore {
         rank: usize,
         placement: Arc<Placement>,
         shape: &ModelShape,
+        dataset: Arc<TokenDataset>,
         dev: &dyn Device,
     ) -> Result<RankStore, JobError> {
         let data_ranks = placement.data_ranks();
@@ -256,7 +284,7 @@ impl RankStore {
             .validate()
             .map_err(|e| JobError::Optim(e.to_string()))?;
         let loader = DataLoader::new(
-            Arc::new(load_dataset(cfg)?),
+            dataset,
             loader,
             cfg.data.seed.unwrap_or(cfg.job.seed),
             cfg.data.shuffle,
@@ -290,6 +318,7 @@ impl RankStore {
             trainable,
             canonical,
             moe_layers,
+            rope: None,
             batches: Vec::new(),
             passes: HashMap::new(),
             caches: HashMap::new(),

@@ -206,6 +206,10 @@ impl Storage for Timed {
     fn remove(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
         self.inner.remove(key)
     }
+
+    fn put_sized(&self, key: &str, len: u64) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.inner.put_sized(key, len)
+    }
 }
 
 /// The checkpoint coordinator under a root supervisor, as the job starts it.

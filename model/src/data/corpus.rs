@@ -35,6 +35,15 @@ pub fn builtin_corpus_tokens() -> Vec<u32> {
     ByteTokenizer::new().encode(BUILTIN_CORPUS)
 }
 
+/// `n` tokens drawn uniformly from `0..vocab` by a generator seeded with `seed` (text does not
+/// matter where only shapes do: the simulated cluster, benchmarks).
+#[must_use]
+pub fn synthetic_tokens(n: usize, vocab: u32, seed: u64) -> Vec<u32> {
+    let mut rng = super::rng::SplitMix64::new(seed);
+    let vocab = u64::from(vocab.max(1));
+    (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
+}
+
 /// Splits `tokens` into a training part and a held-out tail of `round(len × holdout_fraction)`
 /// tokens (the fraction is clamped to `[0, 1]`; NaN counts as 0). The tail is contiguous so that
 /// no held-out window overlaps a training window.

@@ -25,7 +25,7 @@ pub mod files;
 pub mod rng;
 pub mod tokenizer;
 
-pub use corpus::{BUILTIN_CORPUS, builtin_corpus, builtin_corpus_tokens};
+pub use corpus::{BUILTIN_CORPUS, builtin_corpus, builtin_corpus_tokens, synthetic_tokens};
 pub use cursor::DataCursor;
 pub use dataset::{Batch, DataLoader, IGNORE_INDEX, LoaderConfig, StepBatch, TokenDataset};
 pub use files::{TokenFormat, load_tokens, parse_tokens};

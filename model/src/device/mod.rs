@@ -203,6 +203,11 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn empty(&self, shape: &[usize]) -> Tensor;
     /// A tensor holding host values `data` (the simulator keeps only the shape).
     fn upload(&self, shape: &[usize], data: &[f32]) -> Tensor;
+    /// A tensor of values drawn from N(0, std²) by `rng` (parameter initialisation); a device
+    /// without values keeps the shape and draws nothing.
+    fn normal(&self, shape: &[usize], rng: &mut crate::rng::Rng, std: f64) -> Tensor {
+        self.upload(shape, &rng.normal_vec(shape.iter().product(), std))
+    }
     /// The values of a tensor in host memory; `None` on a device that holds no values.
     fn download(&self, t: &Tensor) -> Option<Vec<f32>>;
 

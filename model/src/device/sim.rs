@@ -112,6 +112,10 @@ impl Device for SimDevice {
         so(shape)
     }
 
+    fn normal(&self, shape: &[usize], _rng: &mut crate::rng::Rng, _std: f64) -> Tensor {
+        so(shape)
+    }
+
     fn download(&self, _t: &Tensor) -> Option<Vec<f32>> {
         None
     }

@@ -20,9 +20,8 @@ impl Embedding {
         std: f64,
         seed: u64,
     ) -> Embedding {
-        let w = Rng::for_name(seed, name).normal_vec(vocab * dim, std);
         Embedding {
-            weight: dev.upload(&[vocab, dim], &w),
+            weight: dev.normal(&[vocab, dim], &mut Rng::for_name(seed, name), std),
         }
     }
 

@@ -23,9 +23,8 @@ impl Linear {
         std: f64,
         seed: u64,
     ) -> Linear {
-        let w = Rng::for_name(seed, name).normal_vec(out_f * in_f, std);
         Linear {
-            weight: dev.upload(&[out_f, in_f], &w),
+            weight: dev.normal(&[out_f, in_f], &mut Rng::for_name(seed, name), std),
         }
     }
 

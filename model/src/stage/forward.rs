@@ -10,6 +10,7 @@ use crate::layers::router::ExpertLoad;
 use crate::layers::{Ctx, rope};
 use crate::model::{Batch, DeepSeekV3, LossParts, StepOptions};
 use crate::tensor::Tensor;
+use std::sync::Arc;
 
 use super::shifted_ids;
 use super::{HeadCache, MtpStep, PassError, Phase, StageCache, StageOutput, StageSpec, Yield};
@@ -45,8 +46,10 @@ pub struct ForwardPass {
     batch: Batch,
     opts: StepOptions,
     ep: EpGroup,
-    /// RoPE table, made by the first step.
-    rope: Option<Tensor>,
+    /// RoPE table: given ([`ForwardPass::with_rope`]) or made by the first step.
+    rope: Option<Arc<Tensor>>,
+    /// Whether the first step ran (the embedding, on the first stage).
+    started: bool,
     at: At,
     x: Option<Tensor>,
     blocks: Vec<BlockCache>,
@@ -76,6 +79,7 @@ impl ForwardPass {
             opts: *opts,
             ep,
             rope: None,
+            started: false,
             at: At::Layer(0, Phase::Front),
             x: input,
             blocks: Vec::with_capacity(spec.layers.len()),
@@ -85,6 +89,17 @@ impl ForwardPass {
             head: Head::default(),
             logits: None,
         })
+    }
+
+    /// Use `table` (from [`rope::table`] for this pass's sequence length) instead of building
+    /// one: a caller running many passes builds it once.
+    pub fn with_rope(mut self, table: Arc<Tensor>) -> Result<ForwardPass, PassError> {
+        let want = [self.batch.seq, table.shape().get(1).copied().unwrap_or(0)];
+        if table.shape() != want.as_slice() {
+            return Err(PassError::Input);
+        }
+        self.rope = Some(table);
+        Ok(self)
     }
 
     /// The stage this pass runs.
@@ -107,7 +122,10 @@ impl ForwardPass {
         );
         let w = &model.weights;
         if self.rope.is_none() {
-            self.rope = Some(rope::table(&model.config, dev, t)?);
+            self.rope = Some(Arc::new(rope::table(&model.config, dev, t)?));
+        }
+        if !self.started {
+            self.started = true;
             if self.spec.embed {
                 self.x = Some(w.embed_tokens.forward(dev, &self.batch.input_ids));
             }
@@ -118,6 +136,7 @@ impl ForwardPass {
             opts,
             ep,
             rope,
+            started: _,
             at,
             x,
             blocks,

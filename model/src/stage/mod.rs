@@ -229,7 +229,7 @@ struct HeadDys {
 pub struct StageCache {
     spec: StageSpec,
     batch: Batch,
-    rope: Tensor,
+    rope: std::sync::Arc<Tensor>,
     balance_alpha: f32,
     blocks: Vec<BlockCache>,
     block_dys: Vec<Option<BlockDys>>,

@@ -545,7 +545,7 @@ static DATA: &[Field] = &[
     f(
         "source",
         Ty::Str,
-        "\"builtin\" for the built-in corpus, or a file path.",
+        "\"builtin\" for the built-in corpus, \"synthetic\" for seeded random tokens (2 * batch_size sequences), or a file path.",
     ),
     f(
         "format",

@@ -337,7 +337,8 @@ impl Default for SentinelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// `"builtin"` for the small built-in corpus, otherwise a file path.
+    /// `"builtin"` for the small built-in corpus, `"synthetic"` for seeded random tokens,
+    /// otherwise a file path.
     pub source: String,
     /// How `source` is encoded.
     pub format: DataFormat,
@@ -368,10 +369,14 @@ impl Default for DataConfig {
 impl DataConfig {
     /// The `source` value naming the built-in corpus.
     pub const BUILTIN: &'static str = "builtin";
+    /// The `source` value naming seeded random tokens (shapes matter, not text: the simulated
+    /// cluster, benchmarks).
+    pub const SYNTHETIC: &'static str = "synthetic";
 
-    /// The corpus file, or `None` for the built-in corpus.
+    /// The corpus file, or `None` for the built-in corpus and synthetic tokens.
     pub fn source_path(&self) -> Option<&Path> {
-        (self.source != Self::BUILTIN).then(|| Path::new(&self.source))
+        (self.source != Self::BUILTIN && self.source != Self::SYNTHETIC)
+            .then(|| Path::new(&self.source))
     }
 }
 
