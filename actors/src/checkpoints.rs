@@ -20,10 +20,10 @@ use std::time::Duration;
 use flotilla_ckpt::{CheckpointEngine, Loaded, Snapshot, Which};
 use flotilla_runtime::clock::Clock;
 use flotilla_runtime::config::{CheckpointMode, Config, DeviceKind};
-use flotilla_runtime::storage::sim::SimStorage;
 use flotilla_runtime::metrics as names;
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::storage::local::LocalStorage;
+use flotilla_runtime::storage::sim::SimStorage;
 
 use crate::ckpt_coordinator::Coordinator;
 use crate::error::JobError;

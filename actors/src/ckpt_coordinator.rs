@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use flotilla_ckpt::format::step_dir;
 use flotilla_ckpt::{CheckpointEngine, CkptError, SaveLock, SaveReport, ShardRecord, Snapshot};
+use flotilla_runtime::clock::Clock;
 use flotilla_runtime::config::{Config, SupervisionConfig};
 use flotilla_runtime::supervision::{
     ChildSpec, EventSender, ExitReason, Restart, Strategy, Supervisor, SupervisorError,
@@ -129,9 +130,14 @@ pub struct CoordinatorArgs {
 
 /// The writers' policy from `[supervision]`: restart intensity `max_restarts` within
 /// `within_s`; backoff from `backoff_ms`, doubling per restart up to `backoff_max_ms`, as the
-/// config documents it; children stopped within `shutdown_timeout_ms`.
-pub fn writer_policy(s: &SupervisionConfig) -> Result<SupervisorPolicy, SupervisorError> {
-    Ok(SupervisorPolicy::from_supervision(s)?.with_strategy(Strategy::OneForOne))
+/// config documents it; children stopped within `shutdown_timeout_ms`; all in `clock`'s time.
+pub fn writer_policy(
+    s: &SupervisionConfig,
+    clock: &dyn Clock,
+) -> Result<SupervisorPolicy, SupervisorError> {
+    Ok(SupervisorPolicy::from_supervision(s)?
+        .with_strategy(Strategy::OneForOne)
+        .on_clock(clock))
 }
 
 /// The coordinator as a child of the controller's root supervisor (id [`CHILD_ID`],
@@ -141,8 +147,9 @@ pub fn child_spec(
     cfg: &Config,
     engine: CheckpointEngine,
     events: EventSender,
+    clock: &dyn Clock,
 ) -> Result<ChildSpec, SupervisorError> {
-    let policy = writer_policy(&cfg.supervision)?;
+    let policy = writer_policy(&cfg.supervision, clock)?;
     let shutdown = policy.child_shutdown();
     let args = CoordinatorArgs {
         engine,

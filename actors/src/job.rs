@@ -162,6 +162,8 @@ pub struct Launch {
     pub fabric: Option<Network>,
     /// Stage actions in progress at once per stage actor (default: 3 per sub-batch).
     pub window: Option<usize>,
+    /// Called with the rank on each rank's device thread as it starts (a benchmark pins it).
+    pub on_device_thread: Option<crate::rank::DeviceThreadHook>,
 }
 
 /// A running job: its supervision tree, the fabric between its ranks, its run files.
@@ -210,7 +212,8 @@ impl Job {
             )));
         }
         let policy = SupervisorPolicy::from_supervision(&cfg.supervision)?
-            .with_strategy(Strategy::OneForAll);
+            .with_strategy(Strategy::OneForAll)
+            .on_clock(clock.as_ref());
         let (events_tx, mut events_rx) = event_channel();
         let mut spec = policy.spec()?;
         let mut links = Vec::with_capacity(endpoints.len());
@@ -225,13 +228,18 @@ impl Job {
                 clock: Arc::clone(&clock),
                 faults: launch.faults.clone(),
                 window: launch.window.unwrap_or(3 * cfg.parallel.sub_batches.max(1)),
+                on_device_thread: launch.on_device_thread.clone(),
             };
             let (child, l) = tree.spec(events_tx.clone())?;
             spec = spec.child(child);
             links.push(l);
         }
-        let coordinator =
-            crate::ckpt_coordinator::child_spec(&cfg, engine.clone(), events_tx.clone())?;
+        let coordinator = crate::ckpt_coordinator::child_spec(
+            &cfg,
+            engine.clone(),
+            events_tx.clone(),
+            clock.as_ref(),
+        )?;
         let spec = spec
             .child(coordinator)
             .observer(events_tx)
@@ -279,6 +287,14 @@ impl Job {
             .try_all(self.clock.as_ref(), deadline, step, "", |reply| {
                 RankMsg::Step(attempt, reply)
             })
+            .await
+    }
+
+    /// Every rank's jobs of its last step, in the order they ran (the spans of `trace.json`).
+    pub async fn trace(&self, step: u64) -> Result<Vec<Vec<crate::stream::Span>>, JobError> {
+        let deadline = self.cfg.supervision.peer_timeout();
+        self.ranks
+            .try_all(self.clock.as_ref(), deadline, step, "trace", RankMsg::Trace)
             .await
     }
 
@@ -620,7 +636,7 @@ pub(crate) mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_short_job_writes_its_files() {
-        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let storage = Arc::new(SimStorage::unlimited());
         let mut seen = Vec::new();
         let s = train(
             tiny(),
@@ -648,10 +664,15 @@ pub(crate) mod tests {
     async fn a_missing_dataset_is_reported_before_the_ranks_start() {
         let mut c = tiny();
         c.data.source = "/no/such/tokens.bin".into();
-        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
-        let err = train(c, storage.clone(), Arc::new(RealClock), &mut |_: &StepRecord| {})
-            .await
-            .expect_err("the job must fail");
+        let storage = Arc::new(SimStorage::unlimited());
+        let err = train(
+            c,
+            storage.clone(),
+            Arc::new(RealClock),
+            &mut |_: &StepRecord| {},
+        )
+        .await
+        .expect_err("the job must fail");
         let text = err.to_string();
         assert!(
             text.starts_with("data:") && text.contains("/no/such/tokens.bin"),

@@ -1,5 +1,6 @@
 //! How the actors of one rank find each other and share what the rank's device and schedule
-//! make common: the compute stream, the activation room, the order of forwards.
+//! make common: the compute stream, the activation room, the order of forwards, and the outputs
+//! held until their action ends.
 //!
 //! Every actor of the rank writes its own reference here when it starts, so a restarted actor
 //! is found again by its siblings; the rank actor puts the stream here (it owns the device).
@@ -14,34 +15,116 @@ use crate::rank::RankMsg;
 use crate::stage::StageMsg;
 use crate::stream::Stream;
 
-/// The rank's forwards: they start in the order of the rank's action list, and only while the
-/// rank holds fewer activations than the schedule's peak (so that a step never needs more
-/// activation memory than its schedule says, and the earliest forward is never starved by a
-/// later one).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// The order in which the rank's actions start: as its list says (an action's units may start
+/// only once every unit of the actions before it has), and a forward only while the rank holds
+/// fewer activations than the schedule's peak (so that a step never needs more activation
+/// memory than its schedule says). Once started, the phases of several actions interleave on
+/// the stream (the overlap); starting in order keeps the step on the schedule's own timeline:
+/// a W never takes the device from a B that the list puts first and whose gradient is about to
+/// arrive.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Gate {
-    /// Ordinal (among the rank's forwards) of the next forward allowed to start.
-    pub f_next: usize,
+    /// Per action of the rank's list, its units not started yet.
+    pub unstarted: Vec<usize>,
+    /// The first action with a unit not started.
+    pub next: usize,
     /// Micro-batches whose activations the rank holds (a forward started, its B not done).
     pub live: usize,
+    /// The most `live` has been this step.
+    pub peak: usize,
     /// The schedule's peak.
     pub cap: usize,
 }
 
 impl Gate {
-    /// Whether the forward of ordinal `k` may start now; if so, it has.
-    pub fn try_start(&mut self, k: usize) -> bool {
-        let ok = self.f_next == k && self.live < self.cap;
-        if ok {
-            self.f_next += 1;
-            self.live += 1;
+    /// The gate of a step whose list has actions of `units` units each.
+    pub fn new(units: Vec<usize>, cap: usize) -> Gate {
+        let mut g = Gate {
+            unstarted: units,
+            next: 0,
+            live: 0,
+            peak: 0,
+            cap,
+        };
+        g.advance();
+        g
+    }
+
+    /// Whether a unit of the action at `pos` (a forward or not) may start now; if so, it has.
+    pub fn try_start(&mut self, pos: usize, forward: bool) -> bool {
+        if pos != self.next || (forward && self.live >= self.cap) {
+            return false;
         }
-        ok
+        if let Some(n) = self.unstarted.get_mut(pos) {
+            *n = n.saturating_sub(1);
+        }
+        if forward {
+            self.live += 1;
+            self.peak = self.peak.max(self.live);
+        }
+        self.advance();
+        true
+    }
+
+    fn advance(&mut self) {
+        while self.unstarted.get(self.next) == Some(&0) {
+            self.next += 1;
+        }
     }
 
     /// A B finished: its activations are freed.
     pub fn release(&mut self) {
         self.live = self.live.saturating_sub(1);
+    }
+}
+
+/// A send held until its action ends.
+pub type HeldSend = Box<dyn FnOnce() + Send>;
+
+/// The outputs of the rank's multi-unit actions: a full backward (`BW`: B then W) and an
+/// overlapped pair (`FB`: F of one stage, B and W of another) hand their outputs on only when
+/// the whole action has ended, as the schedule's timeline counts them (`schedule/timeline.rs`)
+/// and as autograd would run a full backward. The units of a pair belong to two stage actors,
+/// so the count is the rank's.
+#[derive(Default)]
+pub struct Outputs {
+    /// By (attempt, step, action index): units not done yet, and the sends held.
+    open: BTreeMap<(u64, u64, u64), (usize, Vec<HeldSend>)>,
+}
+
+impl std::fmt::Debug for Outputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outputs({} actions open)", self.open.len())
+    }
+}
+
+impl Outputs {
+    /// A unit of the action at `pos` (of `units` units) of step `(attempt, step)` ended, with
+    /// `send` to do once its action has: the sends to do now (none while the action is open).
+    pub fn unit_done(
+        &mut self,
+        (attempt, step, pos): (u64, u64, u64),
+        units: usize,
+        send: Option<HeldSend>,
+    ) -> Vec<HeldSend> {
+        if units <= 1 {
+            return send.into_iter().collect();
+        }
+        // Actions of an older step or attempt will never end (a roll-back came): dropped.
+        self.open.retain(|k, _| (k.0, k.1) >= (attempt, step));
+        let e = self
+            .open
+            .entry((attempt, step, pos))
+            .or_insert_with(|| (units, Vec::new()));
+        e.0 -= 1;
+        e.1.extend(send);
+        if e.0 > 0 {
+            return Vec::new();
+        }
+        self.open
+            .remove(&(attempt, step, pos))
+            .map(|(_, v)| v)
+            .unwrap_or_default()
     }
 }
 
@@ -54,6 +137,7 @@ pub struct RankLinks {
     shard: Mutex<Option<ActorRef<ShardMsg>>>,
     stages: Mutex<BTreeMap<usize, ActorRef<StageMsg>>>,
     gate: Mutex<Gate>,
+    outputs: Mutex<Outputs>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,6 +153,7 @@ impl RankLinks {
             shard: Mutex::new(None),
             stages: Mutex::new(BTreeMap::new()),
             gate: Mutex::new(Gate::default()),
+            outputs: Mutex::new(Outputs::default()),
         }
     }
 
@@ -111,6 +196,11 @@ impl RankLinks {
         lock(&self.gate)
     }
 
+    /// The outputs held for their actions, locked.
+    pub fn outputs(&self) -> MutexGuard<'_, Outputs> {
+        lock(&self.outputs)
+    }
+
     /// Tell every stage actor but `but` that the gate changed.
     pub fn gate_changed(&self, but: usize) {
         for (s, a) in self.stages() {
@@ -124,18 +214,52 @@ impl RankLinks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
-    fn forwards_start_in_order_within_the_room() {
-        let mut g = Gate {
-            cap: 2,
-            ..Gate::default()
+    fn an_actions_outputs_leave_when_its_last_unit_ends() {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let send = || -> HeldSend {
+            let sent = Arc::clone(&sent);
+            Box::new(move || {
+                sent.fetch_add(1, Ordering::SeqCst);
+            })
         };
-        assert!(!g.try_start(1), "not before forward 0");
-        assert!(g.try_start(0) && g.try_start(1));
-        assert!(!g.try_start(2), "the room is full");
+        let mut o = Outputs::default();
+        assert_eq!(
+            o.unit_done((0, 0, 5), 1, Some(send())).len(),
+            1,
+            "a lone unit"
+        );
+        // An FB pair: F's activation, then B's gradient, then W.
+        assert!(o.unit_done((0, 0, 7), 3, Some(send())).is_empty());
+        assert!(o.unit_done((0, 0, 7), 3, Some(send())).is_empty());
+        let out = o.unit_done((0, 0, 7), 3, None);
+        assert_eq!(out.len(), 2);
+        out.into_iter().for_each(|f| f());
+        assert_eq!(sent.load(Ordering::SeqCst), 2);
+        // A roll-back: the older attempt's open action is dropped.
+        assert!(o.unit_done((0, 1, 2), 2, Some(send())).is_empty());
+        assert!(o.unit_done((1, 1, 2), 2, None).is_empty());
+        assert_eq!(o.open.len(), 1);
+    }
+
+    #[test]
+    fn actions_start_in_list_order_and_forwards_within_the_room() {
+        // F0 F1 FB(F2, B0, W0) B1 F3
+        let mut g = Gate::new(vec![1, 1, 3, 1, 1], 2);
+        assert!(!g.try_start(1, true), "not before action 0");
+        assert!(g.try_start(0, true) && g.try_start(1, true));
+        assert!(!g.try_start(2, true), "the room is full");
+        assert!(g.try_start(2, false), "the pair's B may go first");
         g.release();
-        assert!(g.try_start(2));
-        assert_eq!(g.live, 2);
+        assert!(
+            !g.try_start(3, false),
+            "not before the pair's F and W have started"
+        );
+        assert!(g.try_start(2, true) && g.try_start(2, false));
+        assert!(g.try_start(3, false));
+        assert_eq!((g.next, g.live), (4, 2));
     }
 }

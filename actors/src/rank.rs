@@ -78,7 +78,13 @@ pub struct RankArgs {
     pub clock: Arc<dyn Clock>,
     /// Failures to inject (tests of recovery).
     pub faults: Option<Arc<FaultPlan>>,
+    /// Called with the rank on its device thread before the device is built (a benchmark pins
+    /// the thread to a core).
+    pub on_device_thread: Option<DeviceThreadHook>,
 }
+
+/// See [`RankArgs::on_device_thread`].
+pub type DeviceThreadHook = Arc<dyn Fn(usize) + Send + Sync>;
 
 impl std::fmt::Debug for RankArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,7 +153,11 @@ impl Actor for RankActor {
     ) -> Result<RankState, ActorProcessingErr> {
         let (cfg, rank, placement) = (Arc::clone(&a.config), a.rank, Arc::clone(&a.placement));
         let (shape, dataset) = (Arc::clone(&a.shape), Arc::clone(&a.dataset));
+        let hook = a.on_device_thread.clone();
         let build = move || -> Result<_, JobError> {
+            if let Some(h) = &hook {
+                h(rank);
+            }
             let dev = make_device(&cfg)?;
             let store = RankStore::build(&cfg, rank, placement, &shape, dataset, dev.as_ref())?;
             Ok((dev, store))
@@ -339,10 +349,10 @@ impl StepCtx {
         self.stream.new_step();
         let pp = self.placement.topo.coord(self.rank).pp;
         let list = &self.placement.schedule.ranks[pp];
-        *self.links.gate() = Gate {
-            cap: timeline::peak_activations(list).max(1),
-            ..Gate::default()
-        };
+        *self.links.gate() = Gate::new(
+            list.iter().map(|a| a.units().len()).collect(),
+            timeline::peak_activations(list).max(1),
+        );
         let step = self
             .stream
             .run(Order::STEP, |d| {
@@ -442,6 +452,7 @@ impl StepCtx {
         stats.device_seconds = cost.seconds;
         stats.device_flops = cost.flops;
         stats.busy_seconds = self.stream.spans().iter().map(|s| s.end - s.start).sum();
+        stats.peak_activations = self.links.gate().peak;
         Ok(stats)
     }
 }

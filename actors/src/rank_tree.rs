@@ -45,6 +45,8 @@ pub struct RankTree {
     pub faults: Option<Arc<FaultPlan>>,
     /// Stage actions in progress at once, per stage actor.
     pub window: usize,
+    /// See [`crate::rank::RankArgs::on_device_thread`].
+    pub on_device_thread: Option<crate::rank::DeviceThreadHook>,
 }
 
 impl RankTree {
@@ -54,7 +56,8 @@ impl RankTree {
         let r = self.rank;
         let links = Arc::new(RankLinks::new(r));
         let policy = SupervisorPolicy::from_supervision(&self.config.supervision)?
-            .with_strategy(Strategy::RestForOne);
+            .with_strategy(Strategy::RestForOne)
+            .on_clock(self.clock.as_ref());
         let shutdown = policy.child_shutdown();
         let rank = RankArgs {
             rank: r,
@@ -66,6 +69,7 @@ impl RankTree {
             links: Arc::clone(&links),
             clock: Arc::clone(&self.clock),
             faults: self.faults.clone(),
+            on_device_thread: self.on_device_thread.clone(),
         };
         let shard = ShardArgs {
             rank: r,

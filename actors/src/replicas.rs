@@ -108,9 +108,16 @@ impl RankReplicas {
         let step = own.snapshot().step;
         let previous = self.own.replace(own).map(OwnCopy::into_snapshot);
         if !self.peers.is_empty() {
-            push_replica(self.fabric.as_ref(), &self.peers, self.rank, step, bytes)
-                .await
-                .map_err(|e| bad(e.to_string()))?;
+            push_replica(
+                self.fabric.as_ref(),
+                &self.peers,
+                self.rank,
+                step,
+                bytes,
+                self.deadline,
+            )
+            .await
+            .map_err(|e| bad(e.to_string()))?;
         }
         Ok(previous)
     }

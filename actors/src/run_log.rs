@@ -55,15 +55,17 @@ impl RunLog {
                     "name": format!("{} {}", s.what, s.chunk),
                     "cat": s.what, "ph": "X", "pid": rank, "tid": 0,
                     "ts": s.start * 1e6, "dur": (s.end - s.start).max(0.0) * 1e6,
+                    "args": {"chunk": s.chunk, "stage": s.stage},
                 }));
             }
         }
-        let text = serde_json::to_vec(&serde_json::json!({ "traceEvents": events })).map_err(
-            |e| StorageError::Io {
-                key: "trace.json".into(),
-                why: e.to_string(),
-            },
-        )?;
+        let text =
+            serde_json::to_vec(&serde_json::json!({ "traceEvents": events })).map_err(|e| {
+                StorageError::Io {
+                    key: "trace.json".into(),
+                    why: e.to_string(),
+                }
+            })?;
         self.storage.put("trace.json", text).await
     }
 

@@ -105,10 +105,11 @@ struct Unit {
     chunk: usize,
     /// Index of its action in the rank's list.
     pos: u64,
-    /// A forward's ordinal among the rank's forwards.
-    f: usize,
     /// A W's ordinal among the rank's W's.
     w: u32,
+    /// Units of its action (on this stage or another of the rank): 3 for an F&B pair, 2 for
+    /// a full backward, else 1. The action's outputs leave when the last of them ends.
+    of: usize,
 }
 
 /// Where a unit is in the step.
@@ -155,23 +156,23 @@ pub struct StageActor;
 /// The stage's units from the rank's list, with their ordinals.
 fn units_of(placement: &Placement, rank: usize, stage: usize) -> Vec<Unit> {
     let pp = placement.topo.coord(rank).pp;
-    let (mut f, mut w) = (0usize, 0u32);
+    let mut w = 0u32;
     let mut out = Vec::new();
     for (pos, action) in placement.schedule.ranks[pp].iter().enumerate() {
-        for u in action.units() {
+        let units = action.units();
+        let of = units.len();
+        for u in units {
             if u.stage == stage {
                 out.push(Unit {
                     op: u.op,
                     chunk: u.chunk,
                     pos: pos as u64,
-                    f,
                     w,
+                    of,
                 });
             }
-            match u.op {
-                Op::F => f += 1,
-                Op::W => w += 1,
-                Op::B => {}
+            if u.op == Op::W {
+                w += 1;
             }
         }
     }
@@ -420,10 +421,9 @@ impl StageState {
                     }
                     Some(k)
                 };
-                if !self.a.links.gate().try_start(u.f) {
+                if !self.start_in_order(u.pos, true) {
                     return;
                 }
-                self.a.links.gate_changed(s);
                 let act = input.and_then(|k| self.take(&k)).and_then(|mut v| v.pop());
                 let ep = self.ep;
                 self.issue(me, i, Class::Compute, move |d| {
@@ -434,34 +434,53 @@ impl StageState {
                 if !done(Op::F, &r.st, &self.units) {
                     return;
                 }
-                let grad = if s == last {
+                let key = if s == last {
                     None
                 } else {
                     let Some(k) = self.key(c, 0, Kind::Grad) else {
                         return;
                     };
-                    match self.take(&k) {
-                        Some(mut v) => v.pop(),
-                        None => return,
+                    if !self.inbox.contains_key(&k) {
+                        return;
                     }
+                    Some(k)
                 };
+                if !self.start_in_order(u.pos, false) {
+                    return;
+                }
+                let grad = key.and_then(|k| self.take(&k)).and_then(|mut v| v.pop());
                 self.issue(me, i, Class::Compute, move |d| {
                     passes::start_backward(d, c, s, grad).map(Some)
                 });
             }
             Op::W => {
-                if !done(Op::B, &r.st, &self.units) {
+                if !done(Op::B, &r.st, &self.units) || !self.start_in_order(u.pos, false) {
                     return;
                 }
                 let order = Order {
                     w: Some(u.w),
-                    ..Order::new(Class::Weight, u.pos, "W", c)
+                    stage: Some(s),
+                    ..Order::new(Class::Compute, u.pos, "W", c)
                 };
                 self.issue_ordered(me, i, order, move |d| {
                     passes::weight(d, c, s).map(|()| None)
                 });
             }
         }
+    }
+
+    /// Whether a unit of the action at `pos` may start now (see [`crate::links::Gate`]); if so,
+    /// it has, and the rank's other stage actors are told.
+    fn start_in_order(&self, pos: u64, forward: bool) -> bool {
+        let started = self
+            .a
+            .links
+            .gate()
+            .try_start(usize::try_from(pos).unwrap_or(usize::MAX), forward);
+        if started {
+            self.a.links.gate_changed(self.a.stage);
+        }
+        started
     }
 
     /// Issue a job of unit `i` on the stream; its answer comes back as [`StageMsg::Done`].
@@ -478,7 +497,10 @@ impl StageState {
             Op::B => "B",
             Op::W => "W",
         };
-        let order = Order::new(class, u.pos, what, u.chunk);
+        let order = Order {
+            stage: Some(self.a.stage),
+            ..Order::new(class, u.pos, what, u.chunk)
+        };
         self.issue_ordered(me, i, order, f);
     }
 
@@ -514,6 +536,7 @@ impl StageState {
         let now = self.now();
         let Some(r) = self.run.as_mut() else { return };
         r.last_progress = now;
+        let action = (r.plan.attempt, r.plan.step, u.pos);
         match out {
             None => {
                 r.st[i] = St::Done;
@@ -521,6 +544,8 @@ impl StageState {
                 if r.weights_left == 0 {
                     let _ = r.plan.report.send(StageReport::WeightsDone { stage: s });
                 }
+                let ready = self.a.links.outputs().unit_done(action, u.of, None);
+                ready.into_iter().for_each(|send| send());
             }
             Some(Out::Post { layer, kind, parts }) => {
                 for (p, payload) in parts.into_iter().enumerate() {
@@ -545,10 +570,15 @@ impl StageState {
                     self.a.links.gate().release();
                     self.a.links.gate_changed(s);
                 }
-                if let (Some(payload), Some(key)) = (output, self.key(c, 0, kind)) {
-                    let dst = self.a.placement.peer_for(self.a.rank, c, to);
-                    self.send(me, dst, key.tag(STAGE_CHANNEL + to as u32), payload);
-                }
+                let send = match (output, self.key(c, 0, kind)) {
+                    (Some(payload), Some(key)) => {
+                        let dst = self.a.placement.peer_for(self.a.rank, c, to);
+                        self.sender(me, dst, key.tag(STAGE_CHANNEL + to as u32), payload)
+                    }
+                    _ => None,
+                };
+                let ready = self.a.links.outputs().unit_done(action, u.of, send);
+                ready.into_iter().for_each(|send| send());
             }
         }
     }
@@ -561,16 +591,29 @@ impl StageState {
         tag: flotilla_runtime::fabric::Tag,
         payload: Payload,
     ) {
-        let Some(run_id) = self.run.as_ref().map(|r| r.run_id) else {
-            return;
-        };
+        if let Some(send) = self.sender(me, dst, tag, payload) {
+            send();
+        }
+    }
+
+    /// A send to do now or later (see [`crate::links::Outputs`]).
+    fn sender(
+        &self,
+        me: &ActorRef<StageMsg>,
+        dst: Rank,
+        tag: flotilla_runtime::fabric::Tag,
+        payload: Payload,
+    ) -> Option<crate::links::HeldSend> {
+        let run_id = self.run.as_ref().map(|r| r.run_id)?;
         let (fabric, me) = (Arc::clone(&self.a.fabric), me.clone());
-        tokio::spawn(async move {
-            if let Err(e) = fabric.send(dst, tag, payload).await {
-                let why = format!("sending to rank {dst}: {e}");
-                let _ = me.cast(StageMsg::SendFailed { run_id, why });
-            }
-        });
+        Some(Box::new(move || {
+            tokio::spawn(async move {
+                if let Err(e) = fabric.send(dst, tag, payload).await {
+                    let why = format!("sending to rank {dst}: {e}");
+                    let _ = me.cast(StageMsg::SendFailed { run_id, why });
+                }
+            });
+        }))
     }
 
     /// Check again after `after`.

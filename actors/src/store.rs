@@ -50,6 +50,9 @@ pub struct StepStats {
     pub device_flops: f64,
     /// Seconds the rank's compute stream was busy during the step (the rest is its bubble).
     pub busy_seconds: f64,
+    /// The most stage micro-batches (sub-batches, with `parallel.sub_batches`) whose
+    /// activations the rank held at once (a forward started, its B not done).
+    pub peak_activations: usize,
     /// The update was skipped: the loss or the gradient norm was not finite.
     pub skipped: bool,
 }
@@ -453,6 +456,7 @@ impl RankStore {
             device_seconds: 0.0,
             device_flops: 0.0,
             busy_seconds: 0.0,
+            peak_activations: 0,
             skipped,
         })
     }

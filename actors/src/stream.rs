@@ -6,18 +6,19 @@
 //! snapshot. Jobs run one at a time, each with the whole device; the issuing actor gets the
 //! result back as a future, which it turns into a message to itself, so it keeps answering
 //! while the device works. Of the jobs waiting, the one of the most urgent [`Class`] runs first
-//! (the experts' work, which peers wait for; then forwards and backwards by their place in the
-//! schedule; then W's; then the step's own work), and a W runs only after every W of a smaller
-//! ordinal this step: gradients are summed in the schedule's order, so a step's bits do not
-//! depend on timing.
+//! (the experts' work, which peers wait for; then the pipeline's F, B and W phases by their
+//! place in the rank's action list; then the step's own work), and a W runs only after every W
+//! of a smaller ordinal this step: gradients are summed in the schedule's order, so a step's
+//! bits do not depend on timing.
 //!
 //! - On the CPU ([`Stream::on_thread`]) a thread of the rank owns the device and the state and
 //!   runs the jobs, each inside the device's thread pool.
-//! - On the simulated device ([`Stream::virtual_time`]) a job runs when it is issued (it does no
-//!   arithmetic), the device's modelled cost reserves the stream from `max(now, stream free)`,
-//!   and its result arrives at the end of that reservation, on the paused clock: the stream's
-//!   timeline is what a GPU's would be, and compute and communication overlap as they would
-//!   there.
+//! - On the simulated device ([`Stream::virtual_time`]) a task of the rank serves the queue on
+//!   the paused clock: when the stream is free it chooses the most urgent job among those issued
+//!   up to this instant (it waits one timer tick first, so that every job issued at the instant
+//!   it became free is there to be chosen), runs it (shapes only, no arithmetic), holds the
+//!   stream for the device's modelled cost and then answers. The stream's timeline is what a
+//!   GPU's would be, and compute and communication overlap as they would there.
 //!
 //! A job that panics fails its own future (with the panic's message) and leaves the stream
 //! running; the rank's state may then be half-updated, which is why a failed step is rolled back.
@@ -45,10 +46,9 @@ pub struct OnDevice<'a> {
 pub enum Class {
     /// The routed experts' work on rows that token-owners wait for.
     Experts,
-    /// Forward and backward phases, by their place in the schedule.
+    /// Forward, backward (B) and weight-gradient (W) phases, by their place in the rank's
+    /// action list (the gradient all-reduce of a finished group before them all).
     Compute,
-    /// Weight gradients (W), in the schedule's order.
-    Weight,
     /// The step's own work (begin, statistics, update, snapshots).
     Step,
 }
@@ -61,9 +61,11 @@ pub struct Order {
     pub pos: u64,
     /// For a W: its ordinal among this step's W's (it waits for every smaller one).
     pub w: Option<u32>,
-    /// What the job is, in a word ("forward", "experts", …), and its micro-batch.
+    /// What the job is, in a word ("forward", "experts", …), its micro-batch, and the
+    /// pipeline stage it works for (if one).
     pub what: &'static str,
     pub chunk: usize,
+    pub stage: Option<usize>,
 }
 
 impl Order {
@@ -75,6 +77,7 @@ impl Order {
             w: None,
             what,
             chunk,
+            stage: None,
         }
     }
 
@@ -85,6 +88,7 @@ impl Order {
         w: None,
         what: "step",
         chunk: 0,
+        stage: None,
     };
 }
 
@@ -93,6 +97,7 @@ impl Order {
 pub struct Span {
     pub what: &'static str,
     pub chunk: usize,
+    pub stage: Option<usize>,
     pub start: f64,
     pub end: f64,
 }
@@ -117,6 +122,13 @@ struct Sched {
 }
 
 impl Sched {
+    /// Whether a queued job may run now.
+    fn runnable(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|q| q.order.w.is_none_or(|w| w == self.next_w))
+    }
+
     /// The most urgent job allowed to run now.
     fn take(&mut self) -> Option<Queued> {
         let next_w = self.next_w;
@@ -135,13 +147,17 @@ impl Sched {
     }
 }
 
-/// The simulated world's state: the device and the rank's state, run on issue.
+/// The simulated world's state: the device and the rank's state, served by [`serve_virtual`].
 struct Virtual {
     dev: Box<dyn Device>,
     store: Mutex<RankStore>,
-    /// When the stream's last reservation ends.
-    free: Mutex<tokio::time::Instant>,
+    /// Wakes the serving task: a job was issued, or the stream closed.
+    issued: tokio::sync::Notify,
 }
+
+/// The paused clock's resolution (one tokio timer tick; one virtual nanosecond, see
+/// [`flotilla_runtime::clock::DILATION`]).
+const TICK: Duration = Duration::from_millis(1);
 
 struct Shared {
     sched: Mutex<Sched>,
@@ -181,6 +197,7 @@ impl Shared {
             g.0.push(Span {
                 what: o.what,
                 chunk: o.chunk,
+                stage: o.stage,
                 start: at(start),
                 end: at(end),
             });
@@ -197,6 +214,7 @@ impl Shared {
             g.0.push(Span {
                 what: o.what,
                 chunk: o.chunk,
+                stage: o.stage,
                 start: at(start),
                 end: at(end),
             });
@@ -216,6 +234,9 @@ impl Drop for Handle {
     fn drop(&mut self) {
         self.0.sched().closed = true;
         self.0.wake.notify_all();
+        if let Some(v) = &self.0.sim {
+            v.issued.notify_one();
+        }
     }
 }
 
@@ -315,20 +336,22 @@ impl Stream {
         }
     }
 
-    /// A stream on virtual time (the simulated device; call it inside a tokio runtime with a
-    /// paused clock).
+    /// A stream on virtual time (the simulated device): its serving task is spawned on the
+    /// current tokio runtime, whose clock should be paused.
     pub fn virtual_time(dev: Box<dyn Device>, store: RankStore) -> Stream {
-        Stream(Arc::new(Handle(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             sched: Mutex::new(Sched::default()),
             wake: Condvar::new(),
             sim: Some(Virtual {
                 dev,
                 store: Mutex::new(store),
-                free: Mutex::new(tokio::time::Instant::now()),
+                issued: tokio::sync::Notify::new(),
             }),
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
-        }))))
+        });
+        tokio::spawn(serve_virtual(Arc::clone(&shared)));
+        Stream(Arc::new(Handle(shared)))
     }
 
     /// What the jobs cost since the last call (measured on real devices, modelled on the
@@ -397,36 +420,47 @@ impl Stream {
         }
         match &self.shared().sim {
             None => self.shared().wake.notify_one(),
-            Some(v) => self.drain_virtual(v),
+            Some(v) => v.issued.notify_one(),
         }
         rx
     }
+}
 
-    /// Virtual time: run every job that may run now, each reserving the stream for its cost.
-    fn drain_virtual(&self, v: &Virtual) {
+/// Serve a virtual stream's queue until it is closed and empty: whenever the stream is free,
+/// let every job issued at this instant arrive (one tick: the paused clock moves on only when
+/// no task can run), take the most urgent, run it, hold the stream for its modelled cost, answer.
+async fn serve_virtual(shared: Arc<Shared>) {
+    let Some(v) = shared.sim.as_ref() else {
+        return;
+    };
+    loop {
         loop {
-            let Some(q) = self.shared().sched().take() else {
-                return;
-            };
-            let result = {
-                let mut store = v.store.lock().unwrap_or_else(|p| p.into_inner());
-                run(q.job, v.dev.as_ref(), &mut store)
-            };
-            let c = v.dev.take_cost();
-            self.shared().add_cost(&c);
-            let cost = c.seconds;
-            let end = {
-                let mut free = v.free.lock().unwrap_or_else(|p| p.into_inner());
-                let start = (*free).max(tokio::time::Instant::now());
-                *free = start + flotilla_runtime::clock::dilate(seconds(cost));
-                self.shared().record_virtual(&q.order, start, *free);
-                *free
-            };
-            tokio::spawn(async move {
-                tokio::time::sleep_until(end).await;
-                let _ = q.reply.send(result);
-            });
+            {
+                let s = shared.sched();
+                if s.runnable() {
+                    break;
+                }
+                if s.closed && s.queue.is_empty() {
+                    return;
+                }
+            }
+            v.issued.notified().await;
         }
+        tokio::time::sleep(TICK).await;
+        let Some(q) = shared.sched().take() else {
+            continue;
+        };
+        let start = tokio::time::Instant::now();
+        let result = {
+            let mut store = v.store.lock().unwrap_or_else(|p| p.into_inner());
+            run(q.job, v.dev.as_ref(), &mut store)
+        };
+        let c = v.dev.take_cost();
+        shared.add_cost(&c);
+        let end = start + flotilla_runtime::clock::dilate(seconds(c.seconds));
+        shared.record_virtual(&q.order, start, end);
+        tokio::time::sleep_until(end).await;
+        let _ = q.reply.send(result);
     }
 }
 

@@ -22,6 +22,15 @@ pub const STAGE_CHANNEL: u32 = 0x5347_0000;
 /// The expert shards' channel.
 pub const SHARD_CHANNEL: u32 = 0x5348_0000;
 
+/// Whether a message with `tag` is part of an expert all-to-all (a dispatch to the expert
+/// shards or a combine back, forward or backward): what a benchmark's modelled link delays.
+pub fn is_all_to_all(tag: Tag) -> bool {
+    let stage = tag.channel.wrapping_sub(STAGE_CHANNEL) < 0x1_0000;
+    tag.channel == SHARD_CHANNEL
+        || (stage
+            && Key::of(tag).is_some_and(|k| matches!(k.kind, Kind::Combine | Kind::GradCombine)))
+}
+
 /// What a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -171,6 +180,21 @@ pub fn from_payload(
 mod tests {
     use super::*;
     use flotilla_model::{CpuDevice, SimDevice, SimProfile};
+
+    #[test]
+    fn the_all_to_all_is_the_dispatches_and_the_combines() {
+        let k = |kind| Key::new(0, 3, 1, 2, kind);
+        for kind in [Kind::Dispatch, Kind::GradDispatch] {
+            assert!(is_all_to_all(k(kind).tag(SHARD_CHANNEL)));
+        }
+        for kind in [Kind::Combine, Kind::GradCombine] {
+            assert!(is_all_to_all(k(kind).tag(STAGE_CHANNEL + 1)));
+        }
+        for kind in [Kind::Act, Kind::Grad] {
+            assert!(!is_all_to_all(k(kind).tag(STAGE_CHANNEL + 1)));
+        }
+        assert!(!is_all_to_all(k(Kind::Combine).tag(7)));
+    }
 
     #[test]
     fn tags_round_trip_and_wrap() {

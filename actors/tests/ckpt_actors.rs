@@ -13,7 +13,7 @@ use flotilla_actors::{StepRecord, train};
 use flotilla_ckpt::{CheckpointEngine, Layout, Snapshot, SnapshotMeta, Which};
 use flotilla_model::data::DataCursor;
 use flotilla_model::optim::{AdamWState, ParamState};
-use flotilla_runtime::clock::{RealClock, undilate};
+use flotilla_runtime::clock::{RealClock, VirtualClock, undilate};
 use flotilla_runtime::config::{CheckpointMode, Config};
 use flotilla_runtime::storage::Storage;
 use flotilla_runtime::storage::sim::SimStorage;
@@ -110,7 +110,10 @@ async fn start(
     engine: &CheckpointEngine,
 ) -> (SupervisorHandle, Coordinator, EventReceiver) {
     let (tx, rx) = event_channel();
-    let child = ckpt_coordinator::child_spec(cfg, engine.clone(), tx.clone()).expect("spec");
+    // Both callers run on the paused clock with simulated storage: the writers' supervision
+    // counts modelled time, as in a simulated job.
+    let child =
+        ckpt_coordinator::child_spec(cfg, engine.clone(), tx.clone(), &VirtualClock).expect("spec");
     let spec = SupervisorPolicy::from_numbers(3, 60.0, 0, 0, 1_000)
         .expect("policy")
         .with_strategy(Strategy::OneForAll)
@@ -277,7 +280,7 @@ async fn writers_of_a_local_engine_write_straight_from_the_snapshots() {
     let engine = CheckpointEngine::local(&dir, 2);
     let args = CoordinatorArgs {
         engine: engine.clone(),
-        policy: ckpt_coordinator::writer_policy(&config().supervision).expect("policy"),
+        policy: ckpt_coordinator::writer_policy(&config().supervision, &RealClock).expect("policy"),
         events: None,
         concurrent_writes: 3,
     };
@@ -317,7 +320,7 @@ async fn a_job_whose_checkpoint_cannot_be_written_ends_with_its_last_checkpoint_
     cfg.data.batch_size = 2;
     cfg.data.seq_len = 16;
     cfg.cluster.cpu_threads = Some(1);
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     storage.fail_writes_under("checkpoints/step-00000004/rank-0");
     let err = train(
         cfg,

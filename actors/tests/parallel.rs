@@ -63,7 +63,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// same job-wide loss.
 fn run_job(cfg: &Config, launch: Launch, steps: u64) -> Run {
     runtime().block_on(async {
-        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let storage = Arc::new(SimStorage::unlimited());
         let mut job = Job::start(cfg.clone(), storage, Arc::new(RealClock), true, launch)
             .await
             .expect("the job starts");
@@ -305,7 +305,7 @@ fn with_last_rank_missing(cfg: &Config, dead: bool, culprit: &str) {
             fabric: Some((Arc::clone(&hub), endpoints)),
             ..Launch::default()
         };
-        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let storage = Arc::new(SimStorage::unlimited());
         let mut job = Job::start(cfg.clone(), storage, Arc::new(RealClock), true, launch)
             .await
             .expect("the job starts");

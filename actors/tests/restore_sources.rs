@@ -32,7 +32,7 @@ fn tiny() -> Config {
 }
 
 async fn start(cfg: &Config) -> Job {
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     Job::start(
         cfg.clone(),
         storage,
@@ -81,7 +81,7 @@ async fn each_restore_source_resumes_bit_exactly() {
         .pop()
         .expect("one rank");
     job.stop().await.expect("stop");
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     let engine = CheckpointEngine::with_root(storage, "ckpt", 2);
     engine.save_sync(vec![snap.clone()]).await.expect("save");
     // Rank 0 (the trainer) on host 0; rank 1 on host 1 holds its replica.

@@ -2,7 +2,6 @@
 //! with exactly the parameters of the run that was never interrupted.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotilla_actors::job::{Job, Launch};
 use flotilla_actors::pipeline::job_params_sha256;
@@ -26,7 +25,7 @@ fn tiny(steps: u64) -> Config {
 }
 
 async fn start(cfg: &Config) -> Job {
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     Job::start(
         cfg.clone(),
         storage,
@@ -114,7 +113,7 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_from_step_3_matches_the_uninterrupted_run() {
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     let mut cfg = tiny(6);
     cfg.checkpoint.mode = CheckpointMode::Async;
     let mut seen = Vec::new();

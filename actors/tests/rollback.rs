@@ -3,7 +3,6 @@
 //! storage), and the job ends with exactly the parameters of the run that never failed.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotilla_actors::faults::{FaultPlan, InjectedFault, StagePanic};
 use flotilla_actors::{StepRecord, train_with_faults};
@@ -39,7 +38,7 @@ async fn run(cfg: Config, faults: Vec<InjectedFault>) -> (String, Vec<u64>, Stri
 
 /// [`run`] with a whole plan.
 async fn run_plan(cfg: Config, plan: FaultPlan) -> (String, Vec<u64>, String) {
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     let mut seen = Vec::new();
     let s = train_with_faults(
         cfg,
@@ -135,7 +134,7 @@ async fn a_panicking_stage_actor_is_restarted_and_the_step_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_before_the_first_checkpoint_ends_the_job() {
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     let err = train_with_faults(
         cfg(2),
         storage,
@@ -157,7 +156,7 @@ async fn a_failure_before_the_first_checkpoint_ends_the_job() {
 async fn the_roll_back_budget_is_kept() {
     let mut c = cfg(2);
     c.supervision.max_job_restarts = 1;
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     let faults = vec![fault(3, false), fault(5, false)];
     let err = train_with_faults(
         c,

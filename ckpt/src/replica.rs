@@ -6,7 +6,9 @@
 //! memory is refused with the reason.
 //!
 //! Wire protocol, on channel [`CHANNEL`] (FIFO per source, destination and tag):
-//! - push: source → holder, tag [`PUSH`]: a JSON [`ReplicaHeader`], then the shard bytes;
+//! - push: source → holder, tag [`PUSH`]: a JSON [`ReplicaHeader`], then the shard bytes; the
+//!   holder answers on tag [`ACK`] with a JSON [`PushAck`] once it has checked and kept (or
+//!   refused) them, so that a push that returned is a replica in place;
 //! - fetch: requester → holder, tag [`FETCH`]: JSON `{"source": r}`; the holder answers on tag
 //!   [`REPLY`] with a header (`found = false` when it holds nothing) and, if found, the bytes.
 //!
@@ -33,6 +35,17 @@ pub const PUSH: u64 = 1;
 pub const FETCH: u64 = 2;
 /// Tag of a fetch answer (header, then bytes if found).
 pub const REPLY: u64 = 3;
+/// Tag of a push's acknowledgment.
+pub const ACK: u64 = 4;
+
+/// A holder's answer to a push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushAck {
+    pub step: u64,
+    /// Why the holder refused the replica (it kept its previous one); `None` when kept.
+    pub refused: Option<String>,
+}
 
 /// Why replication or a fetch failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -276,14 +289,17 @@ async fn recv_replica(
     Ok((h, Some(bytes)))
 }
 
-/// Send `source`'s encoded shard `bytes` (taken at `step`) to every peer; the SHA-256 is
-/// computed once here and travels in the header. The last peer gets the buffer itself.
+/// Send `source`'s encoded shard `bytes` (taken at `step`) to every peer and wait, within
+/// `deadline` each, for every peer to say it kept them; the SHA-256 is computed once here and
+/// travels in the header. The last peer gets the buffer itself. A peer that refused the
+/// replica (it failed its check there) is an error naming the peer and why.
 pub async fn push_replica(
     fabric: &dyn Fabric,
     peers: &[Rank],
     source: Rank,
     step: u64,
     bytes: Vec<u8>,
+    deadline: Duration,
 ) -> Result<(), ReplicaError> {
     let (sha, bytes) = tokio::task::spawn_blocking(move || (sha256_hex(&bytes), bytes))
         .await
@@ -303,6 +319,23 @@ pub async fn push_replica(
             bytes.clone()
         };
         send_replica(fabric, p, PUSH, &h, b).await?;
+    }
+    for &p in peers {
+        let ack = fabric
+            .recv(p, Tag::new(CHANNEL, ACK), deadline)
+            .await?
+            .into_bytes()?;
+        let ack: PushAck = serde_json::from_slice(&ack).map_err(|e| ReplicaError::Header {
+            from: p,
+            why: format!("bad acknowledgment: {e}"),
+        })?;
+        if let Some(why) = ack.refused {
+            return Err(ReplicaError::Corrupt {
+                source_rank: source,
+                holder: p,
+                why: format!("refused on arrival: {why}"),
+            });
+        }
     }
     Ok(())
 }
@@ -381,16 +414,23 @@ impl ReplicaServer {
                                 check(&h, &bytes).map(|()| (h, bytes))
                             })
                             .await;
-                            match r {
-                                Ok(Ok((h, b))) => {
-                                    if let Err(why) = st.write().await.keep(h, b) {
-                                        tracing::warn!(source, step, "replica refused: {why}");
-                                    }
-                                }
-                                Ok(Err(why)) => {
-                                    tracing::warn!(source, step, "replica refused: {why}")
-                                }
+                            let refused = match r {
+                                Ok(Ok((h, b))) => st.write().await.keep(h, b).err(),
+                                Ok(Err(why)) => Some(why),
                                 Err(_) => return,
+                            };
+                            if let Some(why) = &refused {
+                                tracing::warn!(source, step, "replica refused: {why}");
+                            }
+                            let ack = PushAck { step, refused };
+                            let Ok(ack) = serde_json::to_vec(&ack) else {
+                                return;
+                            };
+                            let tag = Tag::new(CHANNEL, ACK);
+                            if let Err(e) = f.send(src, tag, Payload::Bytes(ack)).await
+                                && !pause(&ReplicaError::Fabric(e)).await
+                            {
+                                return;
                             }
                         }
                         Ok((_, None)) => {}

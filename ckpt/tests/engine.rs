@@ -78,7 +78,7 @@ fn snapshot(rank: usize, world: usize, step: u64, n: usize) -> Snapshot {
 }
 
 fn fast() -> Arc<SimStorage> {
-    Arc::new(SimStorage::new(1e12, Duration::ZERO))
+    Arc::new(SimStorage::unlimited())
 }
 
 #[tokio::test(start_paused = true)]

@@ -89,15 +89,10 @@ async fn restore_prefers_own_memory_then_a_peer_then_storage() {
     let eps = hub.endpoints();
     let server = ReplicaServer::spawn(Arc::new(eps[1].clone()), vec![0], DEADLINE);
     let bytes = encode_shard(&snap).expect("encode");
-    push_replica(&eps[0], &peers, 0, 5, bytes)
+    push_replica(&eps[0], &peers, 0, 5, bytes, DEADLINE)
         .await
-        .expect("push");
-    for _ in 0..200 {
-        if server.store.read().await.get(0).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        .expect("push, acknowledged");
+    // Acknowledged: the replica is in place.
     assert_eq!(server.store.read().await.get(0).map(|r| r.step), Some(5));
 
     let own = OwnCopy::new(snap.clone()).expect("own copy");

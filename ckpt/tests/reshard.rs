@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotilla_ckpt::reshard::{expert_owner, routed_expert};
 use flotilla_ckpt::{CheckpointEngine, HostTensor, Layout, Snapshot, SnapshotMeta};
@@ -120,7 +119,7 @@ async fn a_checkpoint_saved_with_ep2_loads_as_ep1_ep4_and_dp2() {
         Some((3, 7))
     );
     assert_eq!(routed_expert("model.layers.3.mlp.gate.weight"), None);
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     let engine = CheckpointEngine::with_root(storage, "ckpt", 2);
     let saved = Layout {
         world_size: 2,

@@ -7,9 +7,13 @@
 //! simulated device's modelled cost becomes elapsed time.
 //!
 //! tokio's timer wheel has a resolution of one millisecond, too coarse for links whose latency is
-//! a few microseconds. The virtual clock therefore runs dilated: one modelled microsecond is one
-//! tokio millisecond ([`DILATION`]). Code on the virtual clock converts with [`dilate`] before it
-//! sleeps and measures with [`Clock::elapsed`], which converts back.
+//! a few microseconds and kernels of a few. The virtual clock therefore runs dilated: one
+//! modelled nanosecond is one tokio millisecond ([`DILATION`]), so every sleep rounds up by at
+//! most a nanosecond of modelled time (a thousand-step run of DeepSeek-V3-sized steps is still
+//! far inside tokio's range). Code on the virtual clock converts with [`dilate`] before it
+//! sleeps and measures with [`Clock::elapsed`], which converts back; what sleeps undilated on
+//! the paused clock (supervisor backoff, control-plane timeouts) takes a millionth of its time
+//! in modelled terms.
 
 use std::fmt;
 use std::future::Future;
@@ -20,7 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// tokio time per unit of modelled time on the virtual clock.
-pub const DILATION: u32 = 1000;
+pub const DILATION: u32 = 1_000_000;
 
 /// Modelled duration → tokio duration on the virtual clock.
 pub fn dilate(d: Duration) -> Duration {

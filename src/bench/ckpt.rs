@@ -93,7 +93,7 @@ fn config(experts: usize) -> Config {
 
 /// Start `cfg`'s job (one rank), its run files in memory.
 async fn start_job(cfg: Config) -> Result<Job> {
-    let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+    let storage = Arc::new(SimStorage::unlimited());
     Ok(Job::start(cfg, storage, Arc::new(RealClock), true, Launch::default()).await?)
 }
 
@@ -220,7 +220,12 @@ async fn start_coordinator(
     let (tx, mut rx) = event_channel();
     // The job writes these to `events.jsonl`; here nobody reads them.
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let child = ckpt_coordinator::child_spec(cfg, engine.clone(), tx.clone())?;
+    let child = ckpt_coordinator::child_spec(
+        cfg,
+        engine.clone(),
+        tx.clone(),
+        &flotilla_runtime::clock::RealClock,
+    )?;
     let spec = SupervisorPolicy::from_supervision(&cfg.supervision)?
         .with_strategy(Strategy::OneForAll)
         .spec()?
@@ -571,12 +576,7 @@ impl Bench<'_> {
         let me = eps[0].clone();
         let deadline = Duration::from_secs(600);
         let mut server = ReplicaServer::spawn(Arc::new(eps[1].clone()), vec![0], deadline);
-        push_replica(&me, &[1], 0, live.step, encoded).await?;
-        let t0 = Instant::now();
-        while server.store.read().await.get(0).is_none() {
-            ensure!(t0.elapsed() < deadline, "the replica never arrived");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        push_replica(&me, &[1], 0, live.step, encoded, deadline).await?;
         let t = Instant::now();
         let from_peer = fetch_replica(&me, 1, 0, deadline).await?;
         let peer = t.elapsed();

@@ -6,7 +6,7 @@ pub mod ckpt;
 pub mod collectives;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-// pub mod pipeline;
+pub mod pipeline;
 pub mod sim;
 pub mod step;
 

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use flotilla_actors::StepRecord;
@@ -44,7 +44,7 @@ pub fn run(cfg: Config, out: Option<&Path>) -> Result<Report> {
     let started = Instant::now();
     let storage: Arc<dyn Storage> = match out {
         Some(dir) => Arc::new(LocalStorage::new(dir)),
-        None => Arc::new(SimStorage::new(1e12, Duration::ZERO)),
+        None => Arc::new(SimStorage::unlimited()),
     };
     let mut report = Report::default();
     let (summary, records, events, trace) = rt.block_on(async {

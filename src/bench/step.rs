@@ -4,7 +4,7 @@
 //! same run.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use flotilla_actors::job::{Job, Launch};
@@ -57,7 +57,7 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
         .context("starting the tokio runtime")?;
     let mut report = Report::default();
     let (step_secs, tokens) = rt.block_on(async {
-        let storage = Arc::new(SimStorage::new(1e12, Duration::ZERO));
+        let storage = Arc::new(SimStorage::unlimited());
         let mut job = Job::start(
             cfg.clone(),
             storage,

@@ -43,13 +43,6 @@ pub struct SimArgs {
     out: Option<std::path::PathBuf>,
 }
 
-/// `--turns`: see [`flotilla_actors::pipeline::executor::TurnOrder`].
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Turns {
-    Schedule,
-    Arrival,
-}
-
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
     /// Print JSON lines (the last is the summary).
@@ -101,18 +94,15 @@ pub struct PipelineArgs {
     /// Modelled communication time as a multiple of compute (the link's bandwidth is set from it).
     #[arg(long, default_value_t = 1.0)]
     comm_over_compute: f64,
-    /// Do not pin rank r (and its F&B threads) to one core.
+    /// Do not pin rank r's compute thread to one core.
     #[arg(long)]
     no_pin: bool,
-    /// Streams of the overlapped executor, 1 to 8 (default: 3 per sub-batch, at most 8).
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
-    streams: Option<usize>,
-    /// Which of a rank's waiting streams computes first: the earliest piece of the schedule
-    /// (every F and B before every W), or the first to ask.
-    #[arg(long, value_enum, default_value_t = Turns::Schedule)]
-    turns: Turns,
-    /// Write the last step of the DualPipe streams run on the modelled link to FILE as a Chrome
-    /// trace (Perfetto, chrome://tracing); the JSON gains a profile record per rank.
+    /// Stage actions in progress at once per stage actor in the DualPipe runs, 1 to 64
+    /// (default: 3 per sub-batch, as `flotilla train`).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    window: Option<usize>,
+    /// Write the last step of the DualPipe run on the modelled link to FILE as a Chrome trace
+    /// (Perfetto, chrome://tracing); the JSON gains a profile record per rank.
     #[arg(long, value_name = "FILE")]
     trace: Option<std::path::PathBuf>,
 }
@@ -228,7 +218,38 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
             crate::bench::collectives::run(&a)?.print(a.json);
             Ok(ExitCode::SUCCESS)
         }
-        BenchCmd::Pipeline(_) => anyhow::bail!("bench pipeline: being rebuilt"),
+        BenchCmd::Pipeline(a) => {
+            anyhow::ensure!(
+                a.ep >= 2,
+                "--ep must be at least 2 (the all-to-all is what is measured)"
+            );
+            let args = crate::bench::pipeline::PipelineArgs {
+                pp: a.pp,
+                ep: a.ep,
+                micro_batches: a.micro_batches,
+                sub_batches: a.sub_batches,
+                batch: a.batch,
+                seq: a.seq,
+                layers: a.layers,
+                dense_layers: a.dense_layers,
+                mtp_depth: a.mtp_depth,
+                stage_layers: a.stage_layers,
+                warmup: a.warmup,
+                steps: a.steps,
+                latency_us: a.latency_us,
+                comm_over_compute: a.comm_over_compute,
+                pin: !a.no_pin,
+                window: a.window,
+                trace: a.trace,
+            };
+            let report = crate::bench::pipeline::run(&args)?;
+            if a.json {
+                report.print(true);
+            } else {
+                crate::bench::pipeline::print_table(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCmd::Sim(a) => {
             let mut cfg = match &a.config {
                 Some(p) => {

@@ -198,7 +198,9 @@ impl Placement {
     pub fn holders(&self, name: &str) -> Vec<usize> {
         let part = parse(name);
         let ep = match &part {
-            Part::Layer { expert, .. } | Part::Head { expert } => expert.map(|e| self.ep_of_expert(e)),
+            Part::Layer { expert, .. } | Part::Head { expert } => {
+                expert.map(|e| self.ep_of_expert(e))
+            }
             Part::Embed => None,
         };
         let stages = self.stages_of_part(&part);

@@ -60,7 +60,7 @@ use std::str::FromStr;
 use serde_json::{Value, json};
 
 pub use check::{Blocked, CheckError, check};
-pub use timeline::{Costs, Span, Timeline, simulate};
+pub use timeline::{Costs, Span, Timeline, simulate, simulate_by};
 
 /// The schedule families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -102,6 +102,16 @@ impl Timeline {
 
 /// Time `schedule` under `costs`; refuses a schedule that [`check`] refuses.
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, CheckError> {
+    simulate_by(schedule, &|a: &Action| costs.of(a), costs.comm)
+}
+
+/// Time `schedule` with `cost` giving each action's duration (which may depend on its stages:
+/// the first and last carry the embedding and the head) and `comm` the latency between ranks.
+pub fn simulate_by(
+    schedule: &Schedule,
+    cost: &dyn Fn(&Action) -> f64,
+    comm: f64,
+) -> Result<Timeline, CheckError> {
     check(schedule)?;
     let stages = schedule.stages();
     let mut ended: Table<Option<f64>> = Table::new(schedule.chunks, stages, None);
@@ -125,7 +135,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, CheckErr
                             let hop = if schedule.rank_of(d.chunk, d.stage) == rank {
                                 0.0
                             } else {
-                                costs.comm
+                                comm
                             };
                             ready = ready.max(t + hop);
                         }
@@ -136,7 +146,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, CheckErr
                     break;
                 }
                 let start = free[rank].max(ready);
-                let end = start + costs.of(action);
+                let end = start + cost(action);
                 for u in action.units() {
                     ended.set(u, Some(end));
                 }
@@ -150,7 +160,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Timeline, CheckErr
     let busy: Vec<f64> = schedule
         .ranks
         .iter()
-        .map(|acts| acts.iter().map(|a| costs.of(a)).sum())
+        .map(|acts| acts.iter().map(cost).sum())
         .collect();
     Ok(Timeline {
         spans,

@@ -147,7 +147,11 @@ fn config_every_example_parses_and_validates() {
         (DeviceKind::Sim, FabricKind::Sim)
     );
     assert_eq!(
-        (c.model.hidden_size, c.model.n_routed_experts, c.data.seq_len),
+        (
+            c.model.hidden_size,
+            c.model.n_routed_experts,
+            c.data.seq_len
+        ),
         (7168, 256, 4096)
     );
     assert_eq!(seen.len(), 6, "new example configs deserve a check here");

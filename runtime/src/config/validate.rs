@@ -22,11 +22,11 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use super::Config;
 use super::enums::{DataFormat, DeviceKind, FabricKind};
 use super::error::{ConfigProblem, Pos, problem};
 use super::schema::table_fields;
 use super::walk::Walk;
+use super::{Config, DataConfig};
 
 mod parallel;
 
@@ -425,7 +425,7 @@ fn data(cfg: &Config, c: &mut Checker<'_>) {
     let vocab = cfg.model.vocab_size;
     c.rule(
         &["model.vocab_size", "data.format"],
-        d.format != DataFormat::Text || vocab >= 256,
+        d.format != DataFormat::Text || d.source == DataConfig::SYNTHETIC || vocab >= 256,
         || format!("format = \"text\" is byte-level and needs vocab_size >= 256, found {vocab}"),
     );
 }

@@ -131,6 +131,26 @@ impl SupervisorPolicy {
         self
     }
 
+    /// The same policy in the terms of `clock`: on the virtual clock, whose tokio time runs
+    /// [`crate::clock::DILATION`] times slower than modelled time, the window, the back-off and
+    /// the shutdown timeout are stretched by that much, so that a simulated job's supervisors
+    /// count restarts and wait in modelled time as a real job's do in wall time.
+    pub fn on_clock(mut self, clock: &dyn crate::clock::Clock) -> Self {
+        if !clock.is_virtual() {
+            return self;
+        }
+        let k = u64::from(crate::clock::DILATION);
+        self.within_s *= f64::from(crate::clock::DILATION);
+        self.shutdown_timeout_ms = self.shutdown_timeout_ms.saturating_mul(k);
+        if let BackoffPolicy::Exponential { initial_ms, max_ms } = self.backoff {
+            self.backoff = BackoffPolicy::Exponential {
+                initial_ms: initial_ms.saturating_mul(k),
+                max_ms: max_ms.saturating_mul(k),
+            };
+        }
+        self
+    }
+
     /// The window as a `Duration`; an error if `within_s` is negative, NaN or too large.
     pub fn within(&self) -> Result<Duration, SupervisorError> {
         Duration::try_from_secs_f64(self.within_s)
@@ -154,6 +174,24 @@ impl SupervisorPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_the_virtual_clock_the_policy_counts_modelled_time() -> Result<(), SupervisorError> {
+        let p = SupervisorPolicy::from_numbers(4, 2.5, 150, 1000, 800)?;
+        assert_eq!(p.clone().on_clock(&crate::clock::RealClock), p);
+        let v = p.on_clock(&crate::clock::VirtualClock);
+        let k = u64::from(crate::clock::DILATION);
+        assert_eq!(
+            v.within()?,
+            Duration::from_millis(2500) * crate::clock::DILATION
+        );
+        assert_eq!(v.shutdown_timeout_ms, 800 * k);
+        assert!(matches!(
+            v.backoff,
+            BackoffPolicy::Exponential { initial_ms, max_ms } if initial_ms == 150 * k && max_ms == 1000 * k
+        ));
+        Ok(())
+    }
 
     #[test]
     fn from_config_numbers() -> Result<(), SupervisorError> {

@@ -1,5 +1,6 @@
 //! The bench's modelled network link: the in-process hub behind per-rank egress ports that
-//! delay the expert all-to-all channel on the wall clock (see the parent module's doc).
+//! delay the expert all-to-all (its dispatches and combines, [`is_all_to_all`]) on the wall
+//! clock (see the parent module's doc).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -7,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flotilla_actors::pipeline::transport::EP_CHANNEL;
+use flotilla_actors::wire::is_all_to_all;
 use flotilla_runtime::fabric::inproc::{InprocFabric, InprocHub};
 use flotilla_runtime::fabric::{BoxFuture, Fabric, FabricError, Inbox, Payload, Rank, Tag};
 use tokio::runtime::Handle;
@@ -300,7 +301,7 @@ impl Fabric for DelayFabric {
         payload: Payload,
     ) -> BoxFuture<'_, Result<(), FabricError>> {
         let src = self.rank();
-        if tag.channel != EP_CHANNEL || dst == src || dst >= self.world() {
+        if !is_all_to_all(tag) || dst == src || dst >= self.world() {
             return self.inner.send(dst, tag, payload);
         }
         let bytes = payload.byte_len();
@@ -360,17 +361,16 @@ impl Fabric for DelayFabric {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// One core per rank.
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(5);
 
-    fn ep(tag: u64) -> Tag {
-        Tag::new(EP_CHANNEL, tag)
+    /// An all-to-all message's tag: a dispatch of micro-batch `chunk`.
+    fn ep(chunk: u64) -> Tag {
+        use flotilla_actors::wire::{Key, Kind, SHARD_CHANNEL};
+        Key::new(0, 0, chunk as usize, 0, Kind::Dispatch).tag(SHARD_CHANNEL)
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub fn print_table(report: &Report) {
                 r["layers"]
             ),
             Some("pipeline_run") => {
-                if r["run"] == "dualpipe_free_link_streams" {
+                if r["run"] == "dualpipe_free_link" {
                     println!(
                         "{:<32} {:>9} {:>9} {:>10}",
                         "run", "step s", "comm s", "peak held"
@@ -46,20 +46,20 @@ pub fn print_table(report: &Report) {
             _ => {
                 if let Some(s) = r.get("summary") {
                     println!(
-                        "compute {:.3} s, communication {:.3} s, DualPipe step without overlap {:.3} s, \
-                         F&B pairs {:.3} s ({:.2} ×), streams {:.3} s: {:.2} × max(compute, communication); \
-                         1F1B {:.3} s",
+                        "compute {:.3} s, communication {:.3} s (no overlap: {:.3} s); DualPipe on \
+                         the link {:.3} s: {:.2} × max(compute, communication); one action per \
+                         stage actor {:.3} s ({:.2} ×); 1F1B {:.3} s",
                         f(s, "compute_s"),
                         f(s, "comm_s"),
-                        f(s, "step_no_overlap_s"),
-                        f(s, "step_pairs_s"),
-                        f(s, "pairs_step_over_max_compute_comm"),
+                        f(s, "no_overlap_sum_s"),
                         f(s, "step_overlap_s"),
                         f(s, "dualpipe_step_over_max_compute_comm"),
+                        f(s, "step_window_1_s"),
+                        f(s, "window_1_step_over_max_compute_comm"),
                         f(s, "step_1f1b_s"),
                     );
                     println!(
-                        "peak activations per rank (stage micro-batches; the runs above count sub-batches): 1F1B {} (report: PP = {}), DualPipe {} (report: PP+1 = {})",
+                        "peak activations per rank (stage micro-batches; the runs above count sub-batches): 1F1B {} (report: PP − r = {} on rank 0), DualPipe {} (report: PP+1 = {})",
                         s["peak_activations_1f1b"],
                         s["expected_peak_1f1b_max"],
                         s["peak_activations_dualpipe"],
