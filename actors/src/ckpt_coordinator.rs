@@ -38,7 +38,7 @@ use flotilla_ckpt::{CheckpointEngine, CkptError, SaveLock, SaveReport, ShardReco
 use flotilla_runtime::clock::Clock;
 use flotilla_runtime::config::{Config, SupervisionConfig};
 use flotilla_runtime::supervision::{
-    ChildSpec, EventSender, ExitReason, Restart, Strategy, Supervisor, SupervisorError,
+    ALL_DONE, ChildSpec, EventSender, ExitReason, Restart, Strategy, Supervisor, SupervisorError,
     SupervisorHandle, SupervisorPolicy,
 };
 use ractor::rpc::CallResult;
@@ -320,7 +320,15 @@ impl Actor for CkptCoordinator {
             return Ok(());
         };
         if !st.is_current_writers(who) {
-            // An earlier checkpoint's writers' supervisor, stopped once its shards were written.
+            // An earlier checkpoint's writers' supervisor, ended once its shards were written.
+            return Ok(());
+        }
+        if matches!(&reason, ExitReason::Normal(Some(r)) if r == ALL_DONE) {
+            // Every writer exited after sending its record (which may still be on its way
+            // here, behind this event): the records finish the checkpoint.
+            if let Some(f) = st.flight.as_mut() {
+                f.writers = None;
+            }
             return Ok(());
         }
         let Some(f) = st.flight.take() else {
@@ -446,7 +454,8 @@ impl CoordinatorState {
         let policy = &self.args.policy;
         let mut spec = policy
             .spec()?
-            .with_label(format!("ckpt-writers/{}", step_dir(step)));
+            .with_label(format!("ckpt-writers/{}", step_dir(step)))
+            .stop_when_done();
         spec.strategy = Strategy::OneForOne;
         if let Some(events) = &self.args.events {
             spec = spec.observer(events.clone());
@@ -484,9 +493,9 @@ impl CoordinatorState {
         if f.records.len() < f.shards.len() {
             return;
         }
-        if let Some(w) = f.writers.take() {
-            w.actor().stop(Some("every shard written".into()));
-        }
+        // The writers' supervisor ends by itself once the last writer has exited
+        // (`stop_when_done`); it is not stopped here, so that every writer's exit is its own.
+        f.writers = None;
         let Some(lock) = f.lock.take() else {
             return;
         };

@@ -50,7 +50,9 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
     let mut cfg = cfg.clone();
     cfg.checkpoint.interval = 0;
     cfg.metrics.jsonl = false;
-    cfg.job.steps = (warmup + steps) as u64;
+    // The bench takes the steps itself; `job.steps` only sets the LR schedule's length, kept
+    // at least the config's (its warm-up must fit in it).
+    cfg.job.steps = cfg.job.steps.max((warmup + steps) as u64);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -77,7 +77,7 @@ pub use handle::SupervisorHandle;
 pub use intensity::{IntensityDecision, RestartIntensity};
 pub use policy::{BackoffPolicy, SupervisorPolicy};
 pub use spec::{
-    BoxFuture, ChildArgs, ChildSpec, ChildTemplate, Shutdown, StartFn, StartWithArgsFn,
+    ALL_DONE, BoxFuture, ChildArgs, ChildSpec, ChildTemplate, Shutdown, StartFn, StartWithArgsFn,
     SupervisorSpec,
 };
 pub use strategy::{Restart, Strategy};

@@ -278,7 +278,14 @@ pub struct SupervisorSpec {
     pub observers: Vec<EventSender>,
     /// Label used in events when the supervisor actor has no name.
     pub label: Option<String>,
+    /// Stop (normally) once no child runs or waits for a restart (OTP's `auto_shutdown =
+    /// all_significant`): a supervisor of one-off workers ends when their work is done.
+    pub auto_shutdown: bool,
 }
+
+/// The stop reason of a supervisor that stopped itself because every child was done
+/// ([`SupervisorSpec::auto_shutdown`]).
+pub const ALL_DONE: &str = "every child is done";
 
 impl SupervisorSpec {
     /// An empty spec with OTP's default intensity (1 restart within 5 s) and no backoff.
@@ -292,6 +299,7 @@ impl SupervisorSpec {
             template: None,
             observers: Vec::new(),
             label: None,
+            auto_shutdown: false,
         }
     }
 
@@ -322,6 +330,12 @@ impl SupervisorSpec {
     pub fn with_intensity(mut self, max_restarts: u32, within: Duration) -> Self {
         self.max_restarts = max_restarts;
         self.within = within;
+        self
+    }
+
+    /// Stop once every child is done ([`SupervisorSpec::auto_shutdown`]).
+    pub fn stop_when_done(mut self) -> Self {
+        self.auto_shutdown = true;
         self
     }
 

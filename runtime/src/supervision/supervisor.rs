@@ -63,6 +63,7 @@ pub struct SupervisorState {
     template: Option<ChildTemplate>,
     next_instance: u64,
     events: EventHub,
+    auto_shutdown: bool,
 }
 
 impl Supervisor {
@@ -115,6 +116,7 @@ impl Actor for Supervisor {
             template: spec.template,
             next_instance: 0,
             events: EventHub::new(label, spec.observers),
+            auto_shutdown: spec.auto_shutdown,
         };
         let me = myself.get_cell();
         for child in spec.children {
@@ -234,6 +236,14 @@ impl SupervisorState {
                 if child.dynamic || child.spec.restart == Restart::Temporary {
                     self.children.remove(&id);
                     self.events.emit(&id, ChildEvent::Removed);
+                }
+                let idle = self
+                    .children
+                    .list
+                    .iter()
+                    .all(|c| matches!(c.status, Status::Stopped));
+                if self.auto_shutdown && idle {
+                    myself.stop(Some(super::spec::ALL_DONE.into()));
                 }
                 return Ok(());
             }

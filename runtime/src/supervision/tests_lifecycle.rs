@@ -452,3 +452,39 @@ async fn inconsistent_specs_are_rejected() {
     ));
     assert!(log.entries().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_supervisor_that_stops_when_done_ends_after_its_last_worker() {
+    let log = Log::default();
+    let (tx, mut rx) = event_channel();
+    let transient = |name| worker(name, &log).with_restart(Restart::Transient);
+    let spec = SupervisorSpec::one_for_one()
+        .with_intensity(3, LONG)
+        .child(transient("a"))
+        .child(transient("b"))
+        .observer(tx)
+        .stop_when_done();
+    let (sup, join) = Supervisor::spawn(None, spec, None).await.expect("spawn");
+    // A failure is restarted, not the end.
+    tell(&sup, "a", WorkerMsg::Fail).await;
+    settle().await;
+    tell(&sup, "a", WorkerMsg::Exit).await;
+    settle().await;
+    assert!(!join.is_finished(), "b still runs");
+    tell(&sup, "b", WorkerMsg::Exit).await;
+    join.await.expect("the supervisor ends by itself");
+    let events = drain(&mut rx);
+    let b: Vec<&ChildEvent> = events
+        .iter()
+        .filter(|(c, _)| c == "b")
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(b.len(), 2, "{events:?}");
+    assert!(matches!(
+        b[1],
+        ChildEvent::Exited {
+            reason: ExitReason::Normal(_)
+        }
+    ));
+    assert!(events.iter().any(|(c, e)| c == "a" && is_restarted(e)));
+}
