@@ -19,7 +19,7 @@ use flotilla_ckpt::Snapshot;
 use flotilla_collectives::{Algo, CommConfig, Communicator, ReduceOp};
 use flotilla_model::LossParts;
 use flotilla_runtime::clock::Clock;
-use flotilla_runtime::config::{Config, DeviceKind, FabricKind};
+use flotilla_runtime::config::{Config, DeviceKind, FabricKind, StartOrder};
 use flotilla_runtime::fabric::Fabric;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -309,6 +309,7 @@ impl RankState {
             placement: Arc::clone(&self.a.placement),
             shape: Arc::clone(&self.a.shape),
             faults: self.a.faults.clone(),
+            order: self.a.config.parallel.start_order,
         };
         tokio::spawn(async move {
             let (comms, result) = ctx.run(comms, tx, rx).await;
@@ -326,6 +327,7 @@ struct StepCtx {
     placement: Arc<Placement>,
     shape: Arc<ModelShape>,
     faults: Option<Arc<FaultPlan>>,
+    order: StartOrder,
 }
 
 impl StepCtx {
@@ -351,7 +353,16 @@ impl StepCtx {
         let list = &self.placement.schedule.ranks[pp];
         *self.links.gate() = Gate::new(
             list.iter().map(|a| a.units().len()).collect(),
+            list.iter()
+                .map(|a| {
+                    a.units()
+                        .iter()
+                        .filter(|u| u.op == crate::schedule::Op::F)
+                        .count()
+                })
+                .collect(),
             timeline::peak_activations(list).max(1),
+            self.order,
         );
         let step = self
             .stream

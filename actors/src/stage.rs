@@ -421,7 +421,7 @@ impl StageState {
                     }
                     Some(k)
                 };
-                if !self.start_in_order(u.pos, true) {
+                if !self.start_in_order(u.pos, Op::F) {
                     return;
                 }
                 let act = input.and_then(|k| self.take(&k)).and_then(|mut v| v.pop());
@@ -445,7 +445,7 @@ impl StageState {
                     }
                     Some(k)
                 };
-                if !self.start_in_order(u.pos, false) {
+                if !self.start_in_order(u.pos, Op::B) {
                     return;
                 }
                 let grad = key.and_then(|k| self.take(&k)).and_then(|mut v| v.pop());
@@ -454,7 +454,7 @@ impl StageState {
                 });
             }
             Op::W => {
-                if !done(Op::B, &r.st, &self.units) || !self.start_in_order(u.pos, false) {
+                if !done(Op::B, &r.st, &self.units) || !self.start_in_order(u.pos, Op::W) {
                     return;
                 }
                 let order = Order {
@@ -471,12 +471,12 @@ impl StageState {
 
     /// Whether a unit of the action at `pos` may start now (see [`crate::links::Gate`]); if so,
     /// it has, and the rank's other stage actors are told.
-    fn start_in_order(&self, pos: u64, forward: bool) -> bool {
+    fn start_in_order(&self, pos: u64, op: Op) -> bool {
         let started = self
             .a
             .links
             .gate()
-            .try_start(usize::try_from(pos).unwrap_or(usize::MAX), forward);
+            .try_start(usize::try_from(pos).unwrap_or(usize::MAX), op);
         if started {
             self.a.links.gate_changed(self.a.stage);
         }

@@ -96,8 +96,6 @@ pub struct RankStore {
     pub trainable: Vec<String>,
     /// Trainable tensors this rank counts in the global norm (it is their lowest holder).
     pub canonical: Vec<String>,
-    /// Every MoE layer of the model (decoder, then MTP), in order.
-    pub moe_layers: Vec<usize>,
     /// The gradients' scale: `1 / (data ranks · micro-batches)`, the mean over the global batch.
     pub scale: f32,
     /// The RoPE table of the last sequence length a forward used (built once, shared by every
@@ -293,7 +291,6 @@ impl RankStore {
             cfg.data.shuffle,
         )
         .map_err(|e| JobError::Data(e.to_string()))?;
-        let moe_layers = shape.moe_layers.clone();
         let micro = cfg.parallel.sub_batches_per_step().max(1);
         Ok(RankStore {
             rank,
@@ -320,7 +317,6 @@ impl RankStore {
             },
             trainable,
             canonical,
-            moe_layers,
             rope: None,
             batches: Vec::new(),
             passes: HashMap::new(),

@@ -8,7 +8,6 @@
 //! (`flotilla_runtime::storage`), except the shard writes of [`CheckpointEngine::local`]
 //! ([`shard_io::write_local`]).
 
-pub mod copy;
 pub mod engine;
 pub mod format;
 pub mod manifest;

@@ -369,48 +369,6 @@ impl Snapshot {
         DataCursor::from_bytes(&self.data_cursor).map_err(|e| SnapshotError::Cursor(e.to_string()))
     }
 
-    /// Make `self` an exact copy of `src`, reusing `self`'s buffers when every tensor has the
-    /// same name and shape (the checkpoint stall is then a copy into memory already touched,
-    /// with no page faults), split across the machine's cores; otherwise a plain clone.
-    pub fn copy_from(&mut self, src: &Snapshot) {
-        if !self.same_structure(src) {
-            *self = src.clone();
-            return;
-        }
-        self.meta.clone_from(&src.meta);
-        self.step = src.step;
-        self.schedule_step = src.schedule_step;
-        self.optim_steps = src.optim_steps;
-        self.data_cursor.clone_from(&src.data_cursor);
-        self.rng.clone_from(&src.rng);
-        self.model_config.clone_from(&src.model_config);
-        let mut pairs: Vec<(&mut [f32], &[f32])> = Vec::new();
-        for (d, s) in self.params.values_mut().zip(src.params.values()) {
-            pairs.push((&mut d.data, &s.data));
-        }
-        for (d, s) in self.moments.values_mut().zip(src.moments.values()) {
-            d.step = s.step;
-            pairs.push((&mut d.exp_avg.data, &s.exp_avg.data));
-            pairs.push((&mut d.exp_avg_sq.data, &s.exp_avg_sq.data));
-        }
-        crate::copy::parallel_copy(pairs);
-    }
-
-    fn same_structure(&self, o: &Snapshot) -> bool {
-        let same =
-            |a: &HostTensor, b: &HostTensor| a.shape == b.shape && a.shape_only == b.shape_only;
-        self.params.len() == o.params.len()
-            && self.moments.len() == o.moments.len()
-            && self
-                .params
-                .iter()
-                .zip(&o.params)
-                .all(|((n, a), (m, b))| n == m && same(a, b))
-            && self.moments.iter().zip(&o.moments).all(|((n, a), (m, b))| {
-                n == m && same(&a.exp_avg, &b.exp_avg) && same(&a.exp_avg_sq, &b.exp_avg_sq)
-            })
-    }
-
     /// Bytes of tensor values (parameters and moments); for a shape-only snapshot, the bytes
     /// its values would take (its modelled size).
     pub fn nbytes(&self) -> usize {
@@ -463,15 +421,6 @@ mod tests {
         s.set_optimizer(st.clone()).expect("optimizer");
         assert_eq!(s.moments["w"].exp_avg.shape(), &[2, 2]);
         assert_eq!(s.optimizer_state(), Ok(st));
-        let mut other = Snapshot::new(s.meta.clone(), 0);
-        other.copy_from(&s);
-        assert_eq!(other, s);
-        let ptr = other.params["w"].data().as_ptr();
-        s.params.get_mut("w").expect("w").data[0] = 9.0;
-        s.step = 4;
-        other.copy_from(&s);
-        assert_eq!(other, s);
-        assert_eq!(other.params["w"].data().as_ptr(), ptr, "buffers are reused");
     }
 
     #[test]
@@ -492,9 +441,6 @@ mod tests {
         let err = s.optimizer_state().expect_err("no values");
         assert_eq!(err, SnapshotError::NoValues { name: "w".into() });
         assert!(err.to_string().contains("simulated cluster"), "{err}");
-        let mut other = Snapshot::new(s.meta.clone(), 0);
-        other.copy_from(&s);
-        assert_eq!(other, s);
         let mut real = Snapshot::new(s.meta.clone(), 0);
         real.add_param("w", &[2], vec![1.0, 2.0]).expect("param");
         assert!(!real.is_shape_only());

@@ -363,14 +363,14 @@ fn the_scan_finds_known_reads_and_misses_known_non_reads() {
     assert!(files("model.hidden_size").contains(&"actors/src/model_config.rs".to_owned()));
     assert!(files("model.rope_scaling.type").contains(&"actors/src/model_config.rs".to_owned()));
     assert!(!files("supervision.peer_timeout_ms").is_empty());
-    assert!(files("parallel.dp_bucket_mib").contains(&"actors/src/pipeline/mod.rs".to_owned()));
+    assert!(files("parallel.dp_bucket_mib").contains(&"actors/src/rank.rs".to_owned()));
+    // Through `let sim = cfg.cluster.sim.clone().unwrap_or_default();`.
+    assert!(files("cluster.sim.link_gbps").contains(&"actors/src/job.rs".to_owned()));
     // Refused keys are read nowhere.
     for path in [
         "supervision.heartbeat_ms",
         "sentinel.window",
-        "cluster.sim.link_gbps",
         "cluster.peers",
-        "cluster.device",
     ] {
         assert_eq!(files(path), Vec::<String>::new(), "{path}");
         assert_eq!(refused(key(path)), Ok(()), "{path}");
@@ -466,6 +466,12 @@ fn the_scanner_tells_reads_from_writes_comments_strings_and_tests() {
     ));
     assert!(!reads_sim(
         "fn f() { if let Some(s) = &cfg.cluster.sim { } g(s.link_gbps) }"
+    ));
+    assert!(reads_sim(
+        "fn f() { let s = cfg.cluster.sim.clone().unwrap_or_default(); g(s.link_gbps) }"
+    ));
+    assert!(!reads_sim(
+        "fn f() { let s = cfg.cluster.sim.clone().unwrap_or_default(); s.link_gbps = 1.0; }"
     ));
     // The struct parser finds serde renames and accessors that read fields.
     let src = "pub struct R {\n    #[serde(rename = \"type\")]\n    pub kind: K,\n    pub factor: f64,\n}\n\

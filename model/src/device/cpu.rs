@@ -43,16 +43,15 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::cost::{self, Work};
 use super::gemm::{PAR_MIN_MACS, StridedMut, StridedRef, sgemm};
-use super::lane::set_thread_lane;
 use super::pool::BufferPool;
 use super::{
-    AdamWArgs, AttnShape, Cost, Device, Lane, Mat, MatMut, RopeSpec, RouterOut, RouterSpec,
-    attention, current_lane, kernels,
+    AdamWArgs, AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec, attention,
+    kernels,
 };
 use crate::optim::kernel;
 use crate::par::run_pieces;
@@ -61,10 +60,8 @@ use crate::tensor::Tensor;
 /// The host CPU as a device.
 pub struct CpuDevice {
     threads: usize,
-    /// The threads of [`Lane::FIRST`].
-    first: rayon::ThreadPool,
-    /// The threads of the other lanes, each started when its lane first issues work.
-    others: [OnceLock<rayon::ThreadPool>; Lane::MAX - 1],
+    /// The device's host threads.
+    pool: rayon::ThreadPool,
     buffers: Arc<BufferPool>,
     /// Cost and profile, under one lock (one lock per operation).
     stats: Mutex<Stats>,
@@ -84,20 +81,15 @@ impl CpuDevice {
         let threads = threads.max(1);
         CpuDevice {
             threads,
-            first: lane_pool(threads, Lane::FIRST),
-            others: Default::default(),
+            pool: device_pool(threads),
             buffers: Arc::new(BufferPool::new(DEFAULT_CACHE_BYTES)),
             stats: Mutex::new(Stats::default()),
             joins: AtomicUsize::new(0),
         }
     }
 
-    /// The calling thread's lane's pool (see [`super::lane`]).
     fn pool(&self) -> &rayon::ThreadPool {
-        match current_lane().index() {
-            0 => &self.first,
-            i => self.others[i - 1].get_or_init(|| lane_pool(self.threads, Lane::new(i))),
-        }
+        &self.pool
     }
 
     /// The device's cache of freed host buffers (see [`BufferPool`]).
@@ -201,13 +193,12 @@ const PAR_MIN_WHOLE: usize = 1 << 20;
 /// Default bound of the buffer cache (1 GiB).
 pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
 
-/// The rayon threads of one lane; they issue work on that lane.
-fn lane_pool(threads: usize, lane: Lane) -> rayon::ThreadPool {
-    let l = lane.index();
+/// The device's rayon threads (with `threads = 1` its one thread stays idle: the calling thread
+/// computes, see [`Device::on_device_threads`]).
+fn device_pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(move |i| format!("flotilla-cpu{l}-{i}"))
-        .start_handler(move |_| set_thread_lane(lane))
+        .thread_name(|i| format!("flotilla-cpu-{i}"))
         .build()
         .expect("cannot start the CPU device's threads")
 }

@@ -25,9 +25,6 @@ pub mod pool;
 pub mod sim;
 pub mod vmath;
 
-mod lane;
-pub use lane::{Lane, current_lane, with_lane};
-
 use std::fmt;
 use std::ops::Range;
 
@@ -188,8 +185,6 @@ pub trait Device: Send + Sync + fmt::Debug {
 
     /// Runs `f` (which issues operations on this device) on the device's own host threads, where
     /// it has some, so that the [`Device::join`]s inside are cheap; else on the calling thread.
-    /// Work issued from each [`Lane`] runs on threads of its own, never beside another lane's
-    /// (see [`Lane`]).
     fn on_device_threads(&self, f: &mut (dyn FnMut() + Send)) {
         f();
     }

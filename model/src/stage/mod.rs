@@ -316,7 +316,7 @@ impl DeepSeekV3 {
         experts: Option<&mut LocalExperts>,
     ) -> Result<(), PassError> {
         let layers = cache.moe_layers(self);
-        self.stage_backward_weight_yielding(dev, cache, grads, &|| {})?;
+        self.dense_backward_weight(dev, cache, grads)?;
         if let Some(ex) = experts {
             for l in layers {
                 let (Some(moe), Some(g)) = (self.moe(l), grads.moe_mut(l)) else {
@@ -328,14 +328,12 @@ impl DeepSeekV3 {
         Ok(())
     }
 
-    /// The dense part of [`Self::stage_backward_weight`], calling `yield_now` after each
-    /// decoder layer's W: a point where the caller may let other work of its device go first.
-    pub fn stage_backward_weight_yielding(
+    /// The dense part of [`Self::stage_backward_weight`] (everything but the routed experts).
+    fn dense_backward_weight(
         &self,
         dev: &dyn Device,
         cache: StageCache,
         grads: &mut Weights,
-        yield_now: &(dyn Fn() + Sync),
     ) -> Result<(), PassError> {
         let w = &self.weights;
         let ctx = cache.ctx(dev);
@@ -365,7 +363,6 @@ impl DeepSeekV3 {
                 if let Some(dys) = dys {
                     w.layers[i].backward_weight(&ctx, c, dys, &mut g_layers[i]);
                 }
-                yield_now();
             }
         };
         let mut head_w = || {

@@ -112,6 +112,24 @@ impl Schedule {
 }
 
 string_enum! {
+    /// When a rank may start the units of its schedule's action list (`parallel.start_order`).
+    /// Either way a forward waits for the forwards before it in the list and for room among the
+    /// schedule's peak activations, and a W waits for every unit before it.
+    pub enum StartOrder {
+        /// A B (input gradient) starts as soon as its gradient has arrived, even before units
+        /// that the list puts first and that still wait for their inputs: on a real device,
+        /// where phases and messages take varying times, the device does not idle for a late
+        /// input while other work is ready.
+        #[default]
+        Ready = "ready",
+        /// Units start in the list's order: the step follows the schedule's own timeline
+        /// (`flotilla schedule`) exactly when costs are what the schedule assumed, as on the
+        /// simulated device.
+        List = "list",
+    }
+}
+
+string_enum! {
     /// Where compute runs (`cluster.device`).
     pub enum DeviceKind {
         /// f32 on the CPU.
@@ -120,8 +138,8 @@ string_enum! {
         /// NVIDIA GPUs. Not supported yet: there is no CUDA compute device, so validation refuses
         /// it (the cargo feature `cuda` builds only the NCCL backend).
         Cuda = "cuda",
-        /// The cost-model device of the simulated cluster (shapes only, virtual time). Not
-        /// supported yet: no command runs the simulated cluster, so validation refuses it.
+        /// The cost-model device of the simulated cluster (shapes only, virtual time); needs
+        /// `cluster.fabric = "sim"`.
         Sim = "sim",
     }
 }

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use enums::{
     CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule, RopeScalingKind, Schedule,
-    UnknownVariant,
+    StartOrder, UnknownVariant,
 };
 pub use error::{ConfigErrors, ConfigProblem, LoadError};
 pub use model::{ModelSection, RopeScaling};
@@ -218,12 +218,16 @@ impl Config {
         });
         c.parallel.stage_layers = vec![c.model.num_hidden_layers];
         c.parallel.sub_batches = 2;
+        c.parallel.start_order = enums::StartOrder::List;
         c.cluster.listen = Some("0.0.0.0:47000".to_owned());
         c.cluster.peers = Some(vec![
             "10.0.0.1:47000".to_owned(),
             "10.0.0.2:47000".to_owned(),
         ]);
         c.cluster.cpu_threads = Some(2);
+        // [cluster.sim] is read only by the simulated cluster.
+        c.cluster.device = enums::DeviceKind::Sim;
+        c.cluster.fabric = enums::FabricKind::Sim;
         c.cluster.sim = Some(SimConfig::default());
         c.supervision.heartbeat_ms = Some(1000);
         c.sentinel = Some(SentinelConfig::default());

@@ -11,7 +11,7 @@
 //! `validate.rs`, so that configs built in code are checked too.
 
 use super::enums::{CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule};
-use super::enums::{RopeScalingKind, Schedule};
+use super::enums::{RopeScalingKind, Schedule, StartOrder};
 
 /// The TOML type a key must have.
 #[derive(Debug, Clone, Copy)]
@@ -377,6 +377,11 @@ static PARALLEL: &[Field] = &[
         "stage_layers",
         Ty::UsizeList,
         "Decoder layers per pipeline stage, in stage order, e.g. [3, 1] (absent: even split).",
+    ),
+    opt(
+        "start_order",
+        Ty::Enum(StartOrder::NAMES),
+        "\"ready\": a B starts once its gradient is in, before earlier units still waiting; \"list\": units start in the schedule's order, as its timeline assumes (absent: \"ready\").",
     ),
 ];
 

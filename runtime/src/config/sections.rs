@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::enums::{CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule, Schedule};
+use super::enums::{
+    CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule, Schedule, StartOrder,
+};
 
 /// `[job]`: what to run and where its outputs go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +72,10 @@ pub struct ParallelConfig {
     /// empty, so configs without it keep their canonical text and hash.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stage_layers: Vec<usize>,
+    /// When a rank may start its list's units (see [`StartOrder`]). Not serialized when
+    /// `ready` (the default), so configs without it keep their canonical text and hash.
+    #[serde(skip_serializing_if = "is_ready")]
+    pub start_order: StartOrder,
 }
 
 impl Default for ParallelConfig {
@@ -84,8 +90,13 @@ impl Default for ParallelConfig {
             max_hosts_per_token: 4,
             dp_bucket_mib: 25,
             stage_layers: Vec::new(),
+            start_order: StartOrder::Ready,
         }
     }
+}
+
+fn is_ready(v: &StartOrder) -> bool {
+    *v == StartOrder::Ready
 }
 
 fn is_one(v: &usize) -> bool {

@@ -306,7 +306,7 @@ fn config_validate_in_code_reports_every_problem_without_positions() {
     let mut c = Config::default();
     c.parallel.pp = 0;
     c.optimizer.lr = -1.0;
-    c.cluster.device = DeviceKind::Sim;
+    c.cluster.device = DeviceKind::Cuda;
     let err = c.validate().expect_err("invalid");
     assert_eq!(
         err.keys(),
@@ -315,7 +315,7 @@ fn config_validate_in_code_reports_every_problem_without_positions() {
     assert!(err.iter().all(|p| p.line == 0 && p.column == 0));
     assert!(
         err.to_string()
-            .starts_with("<config>:0:0: cluster.device: not supported yet: no command runs")
+            .starts_with("<config>:0:0: cluster.device: not supported yet: there is no CUDA")
     );
 }
 
@@ -357,14 +357,6 @@ fn config_unsupported_keys_are_refused_by_name() {
         one("cluster.device", 2)
     );
     assert_eq!(
-        refused("[cluster]\n\ndevice = \"sim\"\n"),
-        one("cluster.device", 3)
-    );
-    assert_eq!(
-        refused("[cluster]\nfabric = \"sim\"\n"),
-        one("cluster.fabric", 2)
-    );
-    assert_eq!(
         refused("[cluster]\nfabric = \"quic\"\n"),
         one("cluster.fabric", 2)
     );
@@ -377,15 +369,6 @@ fn config_unsupported_keys_are_refused_by_name() {
         refused("[supervision]\nheartbeat_ms = 1000\n"),
         one("supervision.heartbeat_ms", 2)
     );
-    // A table: each key written is named; an empty table is named itself.
-    assert_eq!(
-        refused("[cluster.sim]\nlink_gbps = 100\nhbm_gbps = 1\n"),
-        [
-            ("cluster.sim.link_gbps".to_owned(), 2),
-            ("cluster.sim.hbm_gbps".to_owned(), 3)
-        ]
-    );
-    assert_eq!(refused("[cluster.sim]\n"), one("cluster.sim", 1));
     assert_eq!(
         refused("[sentinel]\nenabled = false\n\nwindow = 5\n"),
         [
@@ -393,17 +376,8 @@ fn config_unsupported_keys_are_refused_by_name() {
             ("sentinel.window".to_owned(), 4)
         ]
     );
+    // A table: each key written is named; an empty table is named itself.
     assert_eq!(refused("[sentinel]\n"), one("sentinel", 1));
-    // Device, fabric and the sim table together: the fabric/device pairing of the future
-    // simulated cluster is not reported on top of the refusals.
-    assert_eq!(
-        refused("[cluster]\ndevice = \"sim\"\nfabric = \"sim\"\n[cluster.sim]\nlink_gbps = 1\n"),
-        [
-            ("cluster.device".to_owned(), 2),
-            ("cluster.fabric".to_owned(), 3),
-            ("cluster.sim.link_gbps".to_owned(), 5)
-        ]
-    );
     // The messages say why and what to do instead.
     let text = |src: &str| match Config::from_toml_str(src, "f.toml") {
         Ok(_) => panic!("accepted:\n{src}"),
@@ -424,9 +398,46 @@ fn config_unsupported_keys_are_refused_by_name() {
         .validate()
         .expect("valid");
     // Built in code: a whole table is named by its path.
-    let mut c = Config::default();
-    c.cluster.sim = Some(SimConfig::default());
-    c.sentinel = Some(SentinelConfig::default());
+    let c = Config {
+        sentinel: Some(SentinelConfig::default()),
+        ..Config::default()
+    };
     let err = c.validate().expect_err("refused");
-    assert_eq!(err.keys(), ["cluster.sim", "sentinel"]);
+    assert_eq!(err.keys(), ["sentinel"]);
+}
+
+/// The simulated cluster: device and fabric "sim" go together, and `[cluster.sim]` is read by
+/// it alone; its numbers must make physical sense.
+#[test]
+fn config_the_simulated_cluster_is_device_and_fabric_sim() {
+    let keys = |src: &str| -> Vec<(String, usize)> {
+        match Config::from_toml_str(src, "f.toml") {
+            Ok(_) => panic!("accepted:\n{src}"),
+            Err(e) => e.iter().map(|p| (p.key.clone(), p.line)).collect(),
+        }
+    };
+    parse("[cluster]\ndevice = \"sim\"\nfabric = \"sim\"\n[cluster.sim]\nlink_gbps = 100\n")
+        .validate()
+        .expect("valid");
+    parse("[cluster]\ndevice = \"sim\"\nfabric = \"sim\"\n")
+        .validate()
+        .expect("valid: [cluster.sim] defaults");
+    assert_eq!(
+        keys("[cluster]\n\ndevice = \"sim\"\n"),
+        [("cluster.device".to_owned(), 3)]
+    );
+    assert_eq!(
+        keys("[cluster]\nfabric = \"sim\"\n"),
+        [("cluster.fabric".to_owned(), 2)]
+    );
+    assert_eq!(keys("[cluster.sim]\n"), [("cluster.sim".to_owned(), 1)]);
+    assert_eq!(
+        keys("[cluster]\ndevice = \"sim\"\nfabric = \"sim\"\n[cluster.sim]\nlink_gbps = 0\n"),
+        [("cluster.sim.link_gbps".to_owned(), 5)]
+    );
+    let text = match Config::from_toml_str("[cluster]\ndevice = \"sim\"\n", "f.toml") {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(text.contains("go together"), "{text}");
 }

@@ -4,7 +4,8 @@
 //! under `#[cfg(test)]`, and then recognises a read of field `F` of a config table whose field
 //! name in its parent is `L` (`checkpoint`, `sim`, `rope_scaling`) and whose type is `T`:
 //! - `….L.F` (`cfg.checkpoint.keep`, also split over lines), not followed by an assignment;
-//! - `X.F` where `X` is bound to the table in scope: `let X = &….L;`, a parameter `X: &T`,
+//! - `X.F` where `X` is bound to the table in scope: `let X = &….L;` (also through
+//!   `.clone().unwrap_or_default()`), a parameter `X: &T`,
 //!   `if let Some(X) = &….L {…}` / `let Some(X) = … else`, or a `Some(X)` arm of
 //!   `match &….L {…}`;
 //! - `….L.M(` or `X.M(` where `M` is an accessor of `T` (in `runtime/src/config/`) that reads
@@ -226,16 +227,20 @@ pub struct Table<'a> {
     pub accessors: &'a BTreeMap<String, BTreeSet<String>>,
 }
 
-/// `.L` at `i` (the `.`), optionally followed by `.as_ref()` / `.as_deref()`: the index just
-/// past it.
+/// `.L` at `i` (the `.`), optionally followed by calls that keep the table (`.as_ref()`,
+/// `.as_deref()`, `.clone()`, `.unwrap_or_default()`, as in `cfg.cluster.sim.clone()
+/// .unwrap_or_default()`): the index just past it.
 fn path_ends_with_table(toks: &[Tok], i: usize, table: &str) -> Option<usize> {
     // toks[i] must be `.` and toks[i+1] the table's field name.
     if !is_punct(toks.get(i), ".") || ident(toks.get(i + 1)) != Some(table) {
         return None;
     }
     let mut after = i + 2;
-    if is_punct(toks.get(after), ".")
-        && matches!(ident(toks.get(after + 1)), Some("as_ref" | "as_deref"))
+    while is_punct(toks.get(after), ".")
+        && matches!(
+            ident(toks.get(after + 1)),
+            Some("as_ref" | "as_deref" | "clone" | "unwrap_or_default")
+        )
         && is_punct(toks.get(after + 2), "(")
         && is_punct(toks.get(after + 3), ")")
     {
