@@ -512,7 +512,8 @@ async fn drive(
             checkpoints::event(
                 log,
                 format!(
-                    "step {step}: update skipped, the batch of step {step} gave a loss of {} and                      a gradient norm of {}",
+                    "step {step}: update skipped, the batch of step {step} gave a loss of {} and \
+                     a gradient norm of {}",
                     stats.loss, stats.grad_norm
                 ),
             )

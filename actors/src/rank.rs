@@ -411,9 +411,13 @@ impl StepCtx {
                 launched.insert(i);
                 let g = &mut comms.grads.groups[i];
                 if let Some(c) = g.comm.take() {
-                    let (stream, names) = (self.stream.clone(), Arc::clone(&g.names));
+                    let (stream, names, sel) = (
+                        self.stream.clone(),
+                        Arc::clone(&g.names),
+                        Arc::clone(&g.sel),
+                    );
                     reducing.spawn(async move {
-                        let (c, r) = grad_sync::reduce(stream, names, c, bucket).await;
+                        let (c, r) = grad_sync::reduce(stream, names, sel, c, bucket).await;
                         (i, c, r)
                     });
                 }

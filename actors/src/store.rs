@@ -16,7 +16,7 @@ use flotilla_model::data::{self, DataLoader, LoaderConfig, TokenDataset, TokenFo
 use flotilla_model::layers::moe::ShardCache;
 use flotilla_model::layers::router::ExpertLoad;
 use flotilla_model::optim::{AdamW, AdamWConfig, LrSchedule, ParamRef};
-use flotilla_model::params::{Kind as ParamKind, Params};
+use flotilla_model::params::{Kind as ParamKind, Params, Selection};
 use flotilla_model::{
     BackwardPass, Batch, CpuDevice, DeepSeekV3, Device, ForwardPass, LossParts, SimDevice,
     SimProfile, StageCache, StepOptions, Tensor, Weights,
@@ -96,6 +96,9 @@ pub struct RankStore {
     pub trainable: Vec<String>,
     /// Trainable tensors this rank counts in the global norm (it is their lowest holder).
     pub canonical: Vec<String>,
+    /// `trainable`, `canonical` and every held tensor as positions in the weights' (and the
+    /// gradients') visit order, so a step finds them without building a name.
+    pub sel: Selections,
     /// The gradients' scale: `1 / (data ranks · micro-batches)`, the mean over the global batch.
     pub scale: f32,
     /// The RoPE table of the last sequence length a forward used (built once, shared by every
@@ -187,31 +190,12 @@ pub fn load_dataset(cfg: &Config) -> Result<TokenDataset, JobError> {
     TokenDataset::new(tokens, cfg.data.seq_len).map_err(|e| JobError::Data(e.to_string()))
 }
 
-/// Move the tensors of `names` out of `w`, in the order of `names` (absent names are left out),
-/// leaving shape-only placeholders, so that many can be held mutably at once;
-/// [`put_grads_back`] restores them.
-pub(crate) fn take_grads(w: &mut Weights, names: &[String]) -> Vec<(String, Tensor)> {
-    let mut found: HashMap<&str, Tensor> = HashMap::with_capacity(names.len());
-    let want: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
-    w.visit_mut("", &mut |n, t, _| {
-        if let Some(&k) = want.get(n) {
-            found.insert(k, std::mem::replace(t, Tensor::shape_only(&[])));
-        }
-    });
-    names
-        .iter()
-        .filter_map(|n| found.remove(n.as_str()).map(|t| (n.clone(), t)))
-        .collect()
-}
-
-/// Put tensors taken by [`take_grads`] back by name.
-pub(crate) fn put_grads_back(w: &mut Weights, taken: Vec<(String, Tensor)>) {
-    let mut back: HashMap<String, Tensor> = taken.into_iter().collect();
-    w.visit_mut("", &mut |n, t, _| {
-        if let Some(v) = back.remove(n) {
-            *t = v;
-        }
-    });
+/// See [`RankStore::sel`].
+#[derive(Debug, Clone, Default)]
+pub struct Selections {
+    pub trainable: Selection,
+    pub canonical: Selection,
+    pub held: Selection,
 }
 
 impl RankStore {
@@ -249,8 +233,10 @@ impl RankStore {
             }
         });
         let mut grads = model.weights.clone();
+        let mut held = Vec::new();
         grads.visit_mut("", &mut |n, t, _| {
             *t = if placement.holds(rank, n) {
+                held.push(n.to_string());
                 dev.zeros(t.shape())
             } else {
                 Tensor::shape_only(t.shape())
@@ -264,6 +250,11 @@ impl RankStore {
         });
         trainable.sort();
         let canonical = shape.canonical(rank);
+        let sel = Selections {
+            trainable: Selection::of(&grads, &trainable),
+            canonical: Selection::of(&grads, &canonical),
+            held: Selection::of(&grads, &held),
+        };
         let o = &cfg.optimizer;
         let opt = AdamW::new(AdamWConfig {
             beta1: o.beta1,
@@ -317,6 +308,7 @@ impl RankStore {
             },
             trainable,
             canonical,
+            sel,
             rope: None,
             batches: Vec::new(),
             passes: HashMap::new(),
@@ -339,13 +331,9 @@ impl RankStore {
     /// A step begins: zero gradients, this step's micro-batches from the loader.
     pub fn begin_step(&mut self, dev: &dyn Device) {
         self.clear_step();
-        let held = &self.placement;
-        let rank = self.rank;
-        self.grads.visit_mut("", &mut |n, t, _| {
-            if held.holds(rank, n) {
-                dev.fill(t, 0.0);
-            }
-        });
+        self.sel
+            .held
+            .for_each_mut(&mut self.grads, &mut |t| dev.fill(t, 0.0));
         self.batches = self
             .loader
             .next_step()
@@ -385,12 +373,7 @@ impl RankStore {
         } else {
             0
         };
-        let named = flotilla_model::params::named(&self.grads);
-        let grads: Vec<&Tensor> = self
-            .canonical
-            .iter()
-            .filter_map(|n| named.get(n).copied())
-            .collect();
+        let grads = self.sel.canonical.refs(&self.grads);
         LocalStats {
             parts,
             tokens,
@@ -461,39 +444,42 @@ impl RankStore {
     /// held trainable tensor (decay on matrices, not on norms).
     fn update(&mut self, dev: &dyn Device, lr: f64, grad_norm: f64) -> Result<(), JobError> {
         let coef = flotilla_model::optim::clip_coefficient(grad_norm, self.grad_clip);
-        let mut values = take_grads(&mut self.model.weights, &self.trainable);
-        let mut grads = take_grads(&mut self.grads, &self.trainable);
+        let sel = &self.sel.trainable;
+        let mut values = sel.take(&mut self.model.weights);
+        let mut grads = sel.take(&mut self.grads);
         if self.grad_clip > 0.0 && coef < 1.0 {
-            for (_, g) in grads.iter_mut() {
+            for g in grads.iter_mut() {
                 dev.scale(g, coef as f32);
             }
         }
-        let by_name: HashMap<&str, &Tensor> = grads.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let mut refs = Vec::with_capacity(values.len());
-        let mut missing = None;
-        for (name, t) in values.iter_mut() {
-            let decay = t.shape().len() >= 2;
-            match by_name.get(name.as_str()) {
-                Some(grad) => refs.push(ParamRef {
+        // The selection holds every trainable name (they were found in these weights), in the
+        // order of `trainable`.
+        let r = if values.len() != self.trainable.len() || grads.len() != self.trainable.len() {
+            Err(JobError::Optim(format!(
+                "{} trainable tensors, {} values and {} gradients found",
+                self.trainable.len(),
+                values.len(),
+                grads.len()
+            )))
+        } else {
+            let mut refs: Vec<ParamRef<'_>> = values
+                .iter_mut()
+                .zip(&grads)
+                .zip(&self.trainable)
+                .map(|((value, grad), name)| ParamRef {
                     name: name.as_str(),
-                    value: t,
+                    decay: value.shape().len() >= 2,
+                    value,
                     grad,
-                    decay,
-                }),
-                None => missing = Some(name.clone()),
-            }
-        }
-        let r = match missing {
-            Some(n) => Err(JobError::Optim(format!("{n}: no gradient"))),
-            None => self
-                .opt
+                })
+                .collect();
+            self.opt
                 .step(dev, lr, &mut refs)
-                .map_err(|e| JobError::Optim(e.to_string())),
+                .map_err(|e| JobError::Optim(e.to_string()))
         };
-        drop(refs);
-        drop(by_name);
-        put_grads_back(&mut self.model.weights, values);
-        put_grads_back(&mut self.grads, grads);
+        let sel = &self.sel.trainable;
+        sel.put_back(&mut self.model.weights, values);
+        sel.put_back(&mut self.grads, grads);
         r
     }
 

@@ -61,6 +61,28 @@ impl Params for Weights {
             m.visit_mut(&format!("model.layers.{}.", n + k), f);
         }
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        self.embed_tokens.for_each_tensor(f);
+        for l in &self.layers {
+            l.for_each_tensor(f);
+        }
+        self.norm.for_each_tensor(f);
+        self.lm_head.for_each_tensor(f);
+        for m in &self.mtp {
+            m.for_each_tensor(f);
+        }
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.embed_tokens.for_each_tensor_mut(f);
+        for l in &mut self.layers {
+            l.for_each_tensor_mut(f);
+        }
+        self.norm.for_each_tensor_mut(f);
+        self.lm_head.for_each_tensor_mut(f);
+        for m in &mut self.mtp {
+            m.for_each_tensor_mut(f);
+        }
+    }
 }
 
 impl Weights {

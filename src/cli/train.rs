@@ -60,8 +60,14 @@ fn job_config(args: &TrainArgs) -> Result<Config> {
 /// that a run is deterministic; the others on a multi-threaded runtime and the wall clock.
 pub fn runtime_for(cfg: &Config) -> Result<(tokio::runtime::Runtime, Arc<dyn Clock>)> {
     if cfg.cluster.device == DeviceKind::Sim {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+        // Timers only, unless the Prometheus exporter needs sockets: without an I/O driver an
+        // idle runtime advances its paused clock without a system call.
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        b.enable_time();
+        if cfg.metrics.prometheus.is_some() {
+            b.enable_io();
+        }
+        let rt = b
             .start_paused(true)
             .build()
             .context("starting the tokio runtime")?;
@@ -127,17 +133,34 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         bar.finish();
         s.map_err(anyhow::Error::from)
     })?;
+    if summary.virtual_time {
+        // The simulated device computes no values: there is no loss to print, and every time
+        // is virtual (the cost model's), not this machine's.
+        let per_step = summary.tokens as f64 / summary.steps.max(1) as f64;
+        println!(
+            "simulated {} steps: {:.4} s per step, {:.0} tokens/s in a step, bubble {:.3}, MFU {}; the run took {:.3} s, checkpoints included (virtual time)",
+            summary.steps,
+            summary.step_s,
+            per_step / summary.step_s.max(f64::MIN_POSITIVE),
+            summary.bubble_fraction,
+            summary
+                .mfu
+                .map_or_else(|| "n/a".to_owned(), |m| format!("{m:.3}")),
+            summary.seconds
+        );
+    } else {
+        println!(
+            "trained {} steps: loss {:.4} -> {:.4} (mean of last 10: {:.4}), {:.0} tokens/s, params_sha256 {}",
+            summary.steps,
+            summary.first_loss,
+            summary.final_loss,
+            summary.final_loss_avg10,
+            summary.tokens_per_s,
+            summary.params_sha256
+        );
+    }
     println!(
-        "trained {} steps: loss {:.4} -> {:.4} (mean of last 10: {:.4}), {:.0} tokens/s, params_sha256 {}",
-        summary.steps,
-        summary.first_loss,
-        summary.final_loss,
-        summary.final_loss_avg10,
-        summary.tokens_per_s,
-        summary.params_sha256
-    );
-    println!(
-        "wrote {}/{{metrics.jsonl,events.jsonl,summary.json}}",
+        "wrote {}/{{metrics.jsonl,events.jsonl,summary.json,trace.json}}",
         out_dir.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -13,10 +13,11 @@
 //! bits, so replicas stay identical.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use flotilla_collectives::{Algo, CommConfig, Communicator, ReduceOp};
 use flotilla_model::Tensor;
+use flotilla_model::params::Selection;
 use flotilla_runtime::fabric::Fabric;
 
 use super::placement::Placement;
@@ -30,6 +31,8 @@ pub const GRAD_CHANNEL: u32 = 0x4752_0000;
 pub struct Group {
     /// The group's trainable tensors, in the order their values are packed.
     pub names: Arc<Vec<String>>,
+    /// `names` as positions in the gradients' visit order (found at the first reduction).
+    pub sel: Arc<OnceLock<Selection>>,
     /// This rank's stages that the group's gradients come from.
     pub stages: BTreeSet<usize>,
     /// The communicator (taken while a reduction runs).
@@ -74,6 +77,7 @@ impl GradGroups {
             .map_err(|e| format!("gradient group {members:?}: {e}"))?;
             groups.push(Group {
                 names: Arc::new(names.clone()),
+                sel: Arc::new(OnceLock::new()),
                 stages,
                 comm: Some(c),
             });
@@ -100,16 +104,17 @@ impl GradGroups {
 pub async fn reduce(
     stream: Stream,
     names: Arc<Vec<String>>,
+    sel: Arc<OnceLock<Selection>>,
     mut comm: Communicator,
     bucket: usize,
 ) -> (Communicator, Result<(), String>) {
     let order = Order::new(Class::Compute, 0, "gradients", 0);
-    let which = Arc::clone(&names);
+    let which = Arc::clone(&sel);
     let packed = stream
         .run(order, move |d| {
             let store = &mut *d.store;
-            let named = flotilla_model::params::named(&store.grads);
-            let ts: Vec<&Tensor> = which.iter().filter_map(|n| named.get(n).copied()).collect();
+            let sel = which.get_or_init(|| Selection::of(&store.grads, &names));
+            let ts: Vec<&Tensor> = sel.refs(&store.grads);
             let n: usize = ts.iter().map(|t| t.numel()).sum();
             let flat = d.dev.pack(&ts, store.scale);
             (n, d.dev.take_values(flat))
@@ -160,15 +165,23 @@ pub async fn reduce(
         .run(order, move |d| {
             let store = &mut *d.store;
             let flat = d.dev.adopt(&[n], summed);
-            let mut taken = crate::store::take_grads(&mut store.grads, &names);
-            let mut ts: Vec<&mut Tensor> = taken.iter_mut().map(|(_, t)| t).collect();
+            // Found by the packing job above.
+            let Some(sel) = sel.get() else {
+                return Err("the group's tensors were never found".to_owned());
+            };
+            let mut taken = sel.take(&mut store.grads);
+            let mut ts: Vec<&mut Tensor> = taken.iter_mut().collect();
             d.dev.unpack(&flat, &mut ts);
             drop(ts);
-            crate::store::put_grads_back(&mut store.grads, taken);
+            sel.put_back(&mut store.grads, taken);
+            Ok(())
         })
         .await;
     (
         comm,
-        unpacked.map_err(|e| format!("unpacking gradients: {e}")),
+        unpacked
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| format!("unpacking gradients: {e}")),
     )
 }

@@ -403,6 +403,24 @@ impl Params for Block {
             Ffn::Moe(m) => m.visit_mut(&format!("{p}mlp."), f),
         }
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        self.input_layernorm.for_each_tensor(f);
+        self.self_attn.for_each_tensor(f);
+        self.post_attention_layernorm.for_each_tensor(f);
+        match &self.mlp {
+            Ffn::Dense(m) => m.for_each_tensor(f),
+            Ffn::Moe(m) => m.for_each_tensor(f),
+        }
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.input_layernorm.for_each_tensor_mut(f);
+        self.self_attn.for_each_tensor_mut(f);
+        self.post_attention_layernorm.for_each_tensor_mut(f);
+        match &mut self.mlp {
+            Ffn::Dense(m) => m.for_each_tensor_mut(f),
+            Ffn::Moe(m) => m.for_each_tensor_mut(f),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,12 @@ impl Params for Embedding {
     fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Tensor, Kind)) {
         f(&format!("{prefix}weight"), &mut self.weight, Kind::Weight);
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        f(&self.weight);
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        f(&mut self.weight);
+    }
 }
 
 #[cfg(test)]

@@ -370,6 +370,42 @@ impl Params for Mla {
         self.kv_b_proj.visit_mut(&format!("{p}kv_b_proj."), f);
         self.o_proj.visit_mut(&format!("{p}o_proj."), f);
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        match &self.q {
+            QProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => {
+                q_a_proj.for_each_tensor(f);
+                q_a_layernorm.for_each_tensor(f);
+                q_b_proj.for_each_tensor(f);
+            }
+            QProj::Full { q_proj } => q_proj.for_each_tensor(f),
+        }
+        self.kv_a_proj_with_mqa.for_each_tensor(f);
+        self.kv_a_layernorm.for_each_tensor(f);
+        self.kv_b_proj.for_each_tensor(f);
+        self.o_proj.for_each_tensor(f);
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        match &mut self.q {
+            QProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => {
+                q_a_proj.for_each_tensor_mut(f);
+                q_a_layernorm.for_each_tensor_mut(f);
+                q_b_proj.for_each_tensor_mut(f);
+            }
+            QProj::Full { q_proj } => q_proj.for_each_tensor_mut(f),
+        }
+        self.kv_a_proj_with_mqa.for_each_tensor_mut(f);
+        self.kv_a_layernorm.for_each_tensor_mut(f);
+        self.kv_b_proj.for_each_tensor_mut(f);
+        self.o_proj.for_each_tensor_mut(f);
+    }
 }
 
 #[cfg(test)]

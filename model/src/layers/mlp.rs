@@ -123,6 +123,16 @@ impl Params for Mlp {
         self.up_proj.visit_mut(&format!("{p}up_proj."), f);
         self.down_proj.visit_mut(&format!("{p}down_proj."), f);
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        self.gate_proj.for_each_tensor(f);
+        self.up_proj.for_each_tensor(f);
+        self.down_proj.for_each_tensor(f);
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.gate_proj.for_each_tensor_mut(f);
+        self.up_proj.for_each_tensor_mut(f);
+        self.down_proj.for_each_tensor_mut(f);
+    }
 }
 
 #[cfg(test)]

@@ -169,6 +169,20 @@ impl Params for MtpLayer {
             .visit_mut(&format!("{p}shared_head.norm."), f);
         self.block.visit_mut(p, f);
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        self.enorm.for_each_tensor(f);
+        self.hnorm.for_each_tensor(f);
+        self.eh_proj.for_each_tensor(f);
+        self.shared_head_norm.for_each_tensor(f);
+        self.block.for_each_tensor(f);
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.enorm.for_each_tensor_mut(f);
+        self.hnorm.for_each_tensor_mut(f);
+        self.eh_proj.for_each_tensor_mut(f);
+        self.shared_head_norm.for_each_tensor_mut(f);
+        self.block.for_each_tensor_mut(f);
+    }
 }
 
 #[cfg(test)]

@@ -194,6 +194,14 @@ impl Params for Router {
             Kind::Buffer,
         );
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        self.gate.for_each_tensor(f);
+        f(&self.e_score_correction_bias);
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        self.gate.for_each_tensor_mut(f);
+        f(&mut self.e_score_correction_bias);
+    }
 }
 
 #[cfg(test)]

@@ -335,4 +335,18 @@ impl Params for Moe {
         self.shared_experts
             .visit_mut(&format!("{p}shared_experts."), f);
     }
+    fn for_each_tensor<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
+        for e in &self.experts {
+            e.for_each_tensor(f);
+        }
+        self.gate.for_each_tensor(f);
+        self.shared_experts.for_each_tensor(f);
+    }
+    fn for_each_tensor_mut(&mut self, f: &mut dyn FnMut(&mut Tensor)) {
+        for e in &mut self.experts {
+            e.for_each_tensor_mut(f);
+        }
+        self.gate.for_each_tensor_mut(f);
+        self.shared_experts.for_each_tensor_mut(f);
+    }
 }
