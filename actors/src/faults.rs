@@ -1,7 +1,9 @@
 //! Injected failures, for testing recovery the way a real fault would exercise it: a rank's
 //! step fails once at a given step and, optionally, the rank loses its memory with it (its own
 //! in-memory checkpoint copy), so that its restore has to come from a peer or from storage; or
-//! a stage actor panics, so that its supervisor restarts it.
+//! a stage actor panics, so that its supervisor restarts it; or a step's job-wide loss is
+//! corrupted (scaled by a factor, NaN included) after the ranks have summed it, as a bad batch
+//! or a numerical fault would, so that the sentinel's rules meet it.
 //!
 //! A plan is shared by the ranks (which consult it before each step) and the job driver (which
 //! asks, when it rolls the job back, whose memory was lost).
@@ -32,6 +34,9 @@ pub struct StagePanic {
 pub struct FaultPlan {
     faults: Mutex<Vec<(InjectedFault, bool)>>,
     panics: Mutex<Vec<(StagePanic, bool)>>,
+    /// (step, factor): the job-wide loss of that step is multiplied by the factor, on every
+    /// rank, every time the step runs.
+    loss_factors: Vec<(u64, f32)>,
 }
 
 impl FaultPlan {
@@ -40,7 +45,24 @@ impl FaultPlan {
         Self {
             faults: Mutex::new(faults.into_iter().map(|f| (f, false)).collect()),
             panics: Mutex::new(Vec::new()),
+            loss_factors: Vec::new(),
         }
+    }
+
+    /// The plan with step `step`'s job-wide loss multiplied by `factor` (`f32::NAN` makes it
+    /// not finite).
+    #[must_use]
+    pub fn with_loss_factor(mut self, step: u64, factor: f32) -> Self {
+        self.loss_factors.push((step, factor));
+        self
+    }
+
+    /// What step `step`'s loss is multiplied by, if anything.
+    pub fn loss_factor(&self, step: u64) -> Option<f32> {
+        self.loss_factors
+            .iter()
+            .find(|(s, _)| *s == step)
+            .map(|&(_, f)| f)
     }
 
     /// The plan with a stage actor's panic added.

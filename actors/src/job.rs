@@ -14,8 +14,9 @@
 //! (`supervision.peer_timeout_ms`), and turns a failed or silent rank into a
 //! [`JobError::RankFailed`] naming the rank and step, never a hang; with checkpoints on, a
 //! failed step rolls every rank back to the last checkpoint (`rollback.rs`) and replays, at most
-//! `supervision.max_job_restarts` times. A step whose loss or gradient norm is not finite is
-//! skipped (no update) and said so in `events.jsonl`. Every `checkpoint.interval` steps the
+//! `supervision.max_job_restarts` times. A step whose loss or gradient norm is not finite, or
+//! (with `[sentinel]`) whose loss spikes, is skipped (no update) and said so in `events.jsonl`;
+//! the sentinel, when there is one, sees every step and its findings go there too. Every `checkpoint.interval` steps the
 //! ranks' state is checkpointed ([`crate::checkpoints`]), and [`train_from`] resumes a job from
 //! a checkpoint.
 
@@ -35,6 +36,7 @@ use flotilla_runtime::supervision::{
 };
 use serde::Serialize;
 
+use crate::anomaly::{Anomaly, Observation};
 use crate::checkpoints::{self, Checkpointer, ResumeFrom};
 use crate::error::JobError;
 use crate::faults::FaultPlan;
@@ -240,10 +242,11 @@ impl Job {
             events_tx.clone(),
             clock.as_ref(),
         )?;
-        let spec = spec
-            .child(coordinator)
-            .observer(events_tx)
-            .with_label("controller");
+        let mut spec = spec.child(coordinator);
+        if let Some(sentinel) = cfg.sentinel.as_ref().and_then(crate::sentinel::child_spec) {
+            spec = spec.child(sentinel);
+        }
+        let spec = spec.observer(events_tx).with_label("controller");
         let event_log = log.clone();
         let events = tokio::spawn(async move {
             while let Some(e) = events_rx.recv().await {
@@ -442,6 +445,50 @@ async fn resume_ranks(
 }
 
 /// The steps of a started job, with its checkpoints and roll-backs; the summary.
+/// Shows the sentinel a step and writes what it finds to `events.jsonl` and the anomaly
+/// counter; `false` when the sentinel is gone (said once in `events.jsonl`).
+async fn report_anomalies(
+    sentinel: &crate::sentinel::SentinelClient,
+    o: Observation,
+    log: &RunLog,
+) -> Result<bool, JobError> {
+    #[derive(Serialize)]
+    struct AnomalyLine<'a> {
+        supervisor: &'a str,
+        child: &'a str,
+        event: String,
+        anomaly: &'a Anomaly,
+    }
+    let step = o.step;
+    match sentinel.observe(o).await {
+        Ok(found) => {
+            for a in &found {
+                metrics::counter!(names::ANOMALIES, "kind" => a.kind.as_str()).increment(1);
+                tracing::warn!("sentinel: {a}");
+                let line = AnomalyLine {
+                    supervisor: "controller",
+                    child: crate::sentinel::CHILD_ID,
+                    event: format!("anomaly: {a}"),
+                    anomaly: a,
+                };
+                log.event(&line).await?;
+            }
+            Ok(true)
+        }
+        Err(why) => {
+            let line = EventLine {
+                supervisor: "controller".into(),
+                child: crate::sentinel::CHILD_ID.into(),
+                event: format!(
+                    "sentinel lost at step {step} ({why}): training goes on without anomaly detection"
+                ),
+            };
+            log.event(&line).await?;
+            Ok(false)
+        }
+    }
+}
+
 async fn drive(
     job: &mut Job,
     resume: Option<ResumeFrom>,
@@ -464,6 +511,7 @@ async fn drive(
         Some(_) => Some(Recovery::new(cfg, job.faults.clone())?),
         None => None,
     };
+    let mut sentinel = crate::sentinel::SentinelClient::find(&job.sup).await;
     let started = clock.now();
     // Per step taken (a roll-back forgets the steps it undoes).
     let mut losses = Vec::with_capacity(cfg.job.steps as usize);
@@ -502,7 +550,8 @@ async fn drive(
         let (flops, dev_s) = all.iter().fold((0.0, 0.0f64), |(f, s), st| {
             (f + st.device_flops, s.max(st.device_seconds))
         });
-        let busy = all.iter().map(|st| st.busy_seconds).sum::<f64>() / all.len().max(1) as f64;
+        let rank_seconds: Vec<f64> = all.iter().map(|st| st.busy_seconds).collect();
+        let busy = rank_seconds.iter().sum::<f64>() / rank_seconds.len().max(1) as f64;
         let Some(mut stats) = all.into_iter().next() else {
             return Err(JobError::Config("a job with no ranks".into()));
         };
@@ -512,9 +561,8 @@ async fn drive(
             checkpoints::event(
                 log,
                 format!(
-                    "step {step}: update skipped, the batch of step {step} gave a loss of {} and \
-                     a gradient norm of {}",
-                    stats.loss, stats.grad_norm
+                    "step {step}: update skipped, its batch gave {}",
+                    stats.skipped_why.as_deref().unwrap_or("no reason")
                 ),
             )
             .await?;
@@ -539,6 +587,25 @@ async fn drive(
         metrics::histogram!(names::STEP_SECONDS).record(secs);
         if cfg.metrics.jsonl {
             log.metric(&rec).await?;
+        }
+        if let Some(s) = sentinel.as_ref() {
+            let o = Observation {
+                step,
+                loss: rec.stats.loss,
+                grad_norm: rec.stats.grad_norm,
+                tokens_per_s: rec.tokens_per_s,
+                rank_seconds,
+                expert_load: rec
+                    .stats
+                    .expert_load_per_layer
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .collect(),
+            };
+            if !report_anomalies(s, o, log).await? {
+                sentinel = None;
+            }
         }
         on_step(&rec);
         if let Some(ck) = ckpt.as_mut().filter(|c| c.due(step + 1)) {

@@ -1,8 +1,9 @@
 //! Flotilla's actors, one per file, and the training job they run: the rank actor (its device
 //! and training state, through its compute stream), the pipeline stage actors and the expert
 //! shard that run the schedule's phases on it, the checkpoint coordinator and its writers, the
-//! job driver under the controller's supervisor, and the run's files.
+//! sentinel, the job driver under the controller's supervisor, and the run's files.
 
+pub mod anomaly;
 pub mod checkpoints;
 pub mod ckpt_coordinator;
 pub mod ckpt_writer;
@@ -22,6 +23,7 @@ pub mod replicas;
 mod rollback;
 pub mod run_log;
 pub mod schedule;
+pub mod sentinel;
 pub mod stage;
 pub mod store;
 pub mod stream;

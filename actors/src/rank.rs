@@ -8,7 +8,7 @@
 //! holders ([`crate::pipeline::grad_sync`]) while the other stages go on; when every stage is
 //! done, one all-reduce of the step's statistics over the job (losses and `Σ g²` as floats,
 //! tokens and expert loads as integers, exactly); then clip, AdamW and the router biases (a
-//! job), skipped when the loss or the norm is not finite. The step runs in a task of its own,
+//! job), skipped when the loss or the norm is not finite or the loss spikes (`[sentinel]`). The step runs in a task of its own,
 //! so the actor keeps answering meanwhile: a child that restarts, or an expert shard that
 //! fails, fails the step at once.
 
@@ -447,13 +447,16 @@ impl StepCtx {
             .run(Order::STEP, |d| d.store.local_stats(d.dev))
             .await
             .map_err(err)?;
-        let (parts, sum_sq, tokens, loads) = reduce_stats(
+        let (mut parts, sum_sq, tokens, loads) = reduce_stats(
             &mut comms.world,
             &local,
             &self.shape.moe_layers,
             self.placement.n_experts,
         )
         .await?;
+        if let Some(f) = self.faults.as_ref().and_then(|p| p.loss_factor(step)) {
+            parts.ce *= f;
+        }
         let mut stats = self
             .stream
             .run(Order::STEP, move |d| {

@@ -24,6 +24,7 @@ use flotilla_model::{
 use flotilla_runtime::config::{Config, DataConfig, DataFormat, DeviceKind, LrSchedule as LrKind};
 use serde::Serialize;
 
+use crate::anomaly::SpikeGuard;
 use crate::error::JobError;
 use crate::model_config::model_config;
 use crate::pipeline::{ModelShape, Placement};
@@ -53,8 +54,12 @@ pub struct StepStats {
     /// The most stage micro-batches (sub-batches, with `parallel.sub_batches`) whose
     /// activations the rank held at once (a forward started, its B not done).
     pub peak_activations: usize,
-    /// The update was skipped: the loss or the gradient norm was not finite.
+    /// The update was skipped: the loss or the gradient norm was not finite, or the loss spiked
+    /// (`[sentinel]`).
     pub skipped: bool,
+    /// Why, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_why: Option<String>,
 }
 
 /// A stage pass in flight.
@@ -99,6 +104,8 @@ pub struct RankStore {
     /// `trainable`, `canonical` and every held tensor as positions in the weights' (and the
     /// gradients') visit order, so a step finds them without building a name.
     pub sel: Selections,
+    /// The loss-spike rule that skips a spiking batch (with `[sentinel]`).
+    pub spike: Option<SpikeGuard>,
     /// The gradients' scale: `1 / (data ranks · micro-batches)`, the mean over the global batch.
     pub scale: f32,
     /// The RoPE table of the last sequence length a forward used (built once, shared by every
@@ -309,6 +316,7 @@ impl RankStore {
             trainable,
             canonical,
             sel,
+            spike: cfg.sentinel.as_ref().and_then(SpikeGuard::new),
             rope: None,
             batches: Vec::new(),
             passes: HashMap::new(),
@@ -396,7 +404,17 @@ impl RankStore {
         let loss = parts.ce + parts.mtp + parts.balance;
         let grad_norm = total_sum_sq.sqrt();
         let lr = self.schedule.lr(step);
-        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        let skipped_why = if !loss.is_finite() || !grad_norm.is_finite() {
+            Some(format!(
+                "loss {loss} and gradient norm {grad_norm}: not finite"
+            ))
+        } else {
+            self.spike
+                .as_mut()
+                .and_then(|g| g.spike(f64::from(loss)))
+                .map(|m| format!("loss {loss:.4}: a spike above the running mean {m:.4}"))
+        };
+        let skipped = skipped_why.is_some();
         if !skipped {
             self.update(dev, lr, grad_norm)?;
             let gamma = self.model.config.bias_gamma();
@@ -437,6 +455,7 @@ impl RankStore {
             busy_seconds: 0.0,
             peak_activations: 0,
             skipped,
+            skipped_why,
         })
     }
 
@@ -626,6 +645,9 @@ impl RankStore {
         });
         self.loader = loader;
         self.step = snap.step;
+        if let Some(g) = self.spike.as_mut() {
+            g.reset();
+        }
         self.clear_step();
         Ok(())
     }

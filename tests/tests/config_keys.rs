@@ -369,7 +369,7 @@ fn the_scan_finds_known_reads_and_misses_known_non_reads() {
     // Refused keys are read nowhere.
     for path in [
         "supervision.heartbeat_ms",
-        "sentinel.window",
+        "cluster.listen",
         "cluster.peers",
     ] {
         assert_eq!(files(path), Vec::<String>::new(), "{path}");

@@ -75,7 +75,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     /// `[checkpoint]`
     pub checkpoint: CheckpointConfig,
-    /// `[sentinel]`: absent by default; not supported yet (validation refuses it when set).
+    /// `[sentinel]`: absent by default (no sentinel); see [`SentinelConfig`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentinel: Option<SentinelConfig>,
     /// `[data]`

@@ -153,7 +153,7 @@ pub(crate) static SECTIONS: &[Section] = &[
     },
     Section {
         name: "sentinel",
-        doc: "Anomaly detection over the metrics stream (not supported yet).",
+        doc: "The sentinel: anomaly detection over every step's statistics, reported in events.jsonl.",
         fields: SENTINEL,
     },
     Section {
@@ -176,22 +176,6 @@ pub(crate) static SECTIONS: &[Section] = &[
 /// The section called `name`.
 pub(crate) fn section(name: &str) -> Option<&'static Section> {
     SECTIONS.iter().find(|s| s.name == name)
-}
-
-/// The keys of the table at dotted `path` (a section such as `sentinel`, or a sub-table such as
-/// `cluster.sim`); empty for a path that names no table.
-pub(crate) fn table_fields(path: &str) -> &'static [Field] {
-    let mut parts = path.split('.');
-    let Some(mut fields) = parts.next().and_then(section).map(|s| s.fields) else {
-        return &[];
-    };
-    for part in parts {
-        match fields.iter().find(|f| f.name == part).map(|f| f.ty) {
-            Some(Ty::Table(sub)) => fields = sub,
-            _ => return &[],
-        }
-    }
-    fields
 }
 
 static JOB: &[Field] = &[
@@ -519,31 +503,38 @@ static CHECKPOINT: &[Field] = &[
 ];
 
 static SENTINEL: &[Field] = &[
-    f(
-        "enabled",
-        Ty::Bool,
-        "Run the anomaly detectors (not supported yet).",
-    ),
+    f("enabled", Ty::Bool, "Run the anomaly detectors."),
     f(
         "loss_spike_factor",
         Ty::Float,
-        "Loss above this multiple of its moving average is a spike (not supported yet).",
+        "A loss above this multiple of its running mean is a spike (> 1).",
     ),
     f(
         "grad_norm_max",
         Ty::Float,
-        "Gradient norm above this is an anomaly (not supported yet).",
+        "A gradient norm above this is a spike.",
+    ),
+    f(
+        "grad_norm_spike_factor",
+        Ty::Float,
+        "A gradient norm above this multiple of its running mean is a spike (> 1).",
     ),
     f(
         "step_time_factor",
         Ty::Float,
-        "Step slower than this multiple of its average is a straggler (not supported yet).",
+        "A rank busy for more than this multiple of the ranks' median in a step is a straggler (> 1).",
     ),
     f(
-        "window",
-        USIZE,
-        "Steps in the moving averages (not supported yet).",
+        "throughput_drop",
+        Ty::Float,
+        "Tokens/s below this fraction of the running mean is a throughput drop (0 < x < 1).",
     ),
+    f(
+        "expert_load_max",
+        Ty::Float,
+        "A MoE layer whose busiest expert takes more than this multiple of the mean load has collapsed (> 1).",
+    ),
+    f("window", USIZE, "Steps in the running means."),
 ];
 
 static DATA: &[Field] = &[

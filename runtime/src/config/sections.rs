@@ -320,15 +320,22 @@ impl CheckpointConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SentinelConfig {
-    /// Run the sentinel.
+    /// Run the sentinel (absent section: no sentinel).
     pub enabled: bool,
-    /// A loss above this multiple of its moving average is a spike.
+    /// A loss above this multiple of its running mean is a spike.
     pub loss_spike_factor: f64,
-    /// A gradient norm above this (or non-finite) is an anomaly.
+    /// A gradient norm above this is a spike.
     pub grad_norm_max: f64,
-    /// A step slower than this multiple of its moving average is a straggler.
+    /// A gradient norm above this multiple of its running mean is a spike.
+    pub grad_norm_spike_factor: f64,
+    /// A rank busy for more than this multiple of the ranks' median in a step is a straggler.
     pub step_time_factor: f64,
-    /// Steps in the moving averages.
+    /// Tokens per second below this fraction of the running mean is a throughput drop.
+    pub throughput_drop: f64,
+    /// A MoE layer whose busiest expert takes more than this multiple of the mean load has
+    /// collapsed onto few experts.
+    pub expert_load_max: f64,
+    /// Steps in the running means.
     pub window: usize,
 }
 
@@ -338,7 +345,10 @@ impl Default for SentinelConfig {
             enabled: true,
             loss_spike_factor: 3.0,
             grad_norm_max: 1e4,
-            step_time_factor: 5.0,
+            grad_norm_spike_factor: 10.0,
+            step_time_factor: 2.0,
+            throughput_drop: 0.5,
+            expert_load_max: 8.0,
             window: 20,
         }
     }

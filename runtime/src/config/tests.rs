@@ -36,10 +36,9 @@ fn parse_schema_only(src: &str) -> Config {
 
 /// The keys `example_full` sets that are not supported yet, as validation of a config built in
 /// code names them (a whole optional table by its own path).
-const EXAMPLE_UNSUPPORTED: [&str; 4] = [
+const EXAMPLE_UNSUPPORTED: [&str; 3] = [
     "cluster.listen",
     "cluster.peers",
-    "sentinel",
     "supervision.heartbeat_ms",
 ];
 

@@ -370,14 +370,12 @@ fn config_unsupported_keys_are_refused_by_name() {
         one("supervision.heartbeat_ms", 2)
     );
     assert_eq!(
-        refused("[sentinel]\nenabled = false\n\nwindow = 5\n"),
+        refused("[cluster]\nlisten = \"127.0.0.1:0\"\n\npeers = []\n"),
         [
-            ("sentinel.enabled".to_owned(), 2),
-            ("sentinel.window".to_owned(), 4)
+            ("cluster.listen".to_owned(), 2),
+            ("cluster.peers".to_owned(), 4)
         ]
     );
-    // A table: each key written is named; an empty table is named itself.
-    assert_eq!(refused("[sentinel]\n"), one("sentinel", 1));
     // The messages say why and what to do instead.
     let text = |src: &str| match Config::from_toml_str(src, "f.toml") {
         Ok(_) => panic!("accepted:\n{src}"),
@@ -397,13 +395,35 @@ fn config_unsupported_keys_are_refused_by_name() {
     parse("[cluster]\ndevice = \"cpu\"\nfabric = \"inproc\"\n")
         .validate()
         .expect("valid");
-    // Built in code: a whole table is named by its path.
-    let c = Config {
-        sentinel: Some(SentinelConfig::default()),
-        ..Config::default()
-    };
+    // Built in code: the key is named by its path.
+    let mut c = Config::default();
+    c.supervision.heartbeat_ms = Some(1000);
     let err = c.validate().expect_err("refused");
-    assert_eq!(err.keys(), ["sentinel"]);
+    assert_eq!(err.keys(), ["supervision.heartbeat_ms"]);
+}
+
+/// `[sentinel]`: absent, no sentinel; present, its thresholds must make sense.
+#[test]
+fn config_sentinel_thresholds_are_checked() {
+    parse("[sentinel]\n")
+        .validate()
+        .expect("the defaults are valid");
+    let keys = |src: &str| match Config::from_toml_str(src, "f.toml") {
+        Ok(_) => panic!("accepted:\n{src}"),
+        Err(e) => e.keys().into_iter().map(str::to_owned).collect::<Vec<_>>(),
+    };
+    assert_eq!(
+        keys("[sentinel]\nloss_spike_factor = 1.0\nthroughput_drop = 1.5\nwindow = 0\n"),
+        [
+            "sentinel.loss_spike_factor",
+            "sentinel.throughput_drop",
+            "sentinel.window"
+        ]
+    );
+    assert_eq!(
+        keys("[sentinel]\ngrad_norm_max = -1.0\nexpert_load_max = 0.5\n"),
+        ["sentinel.grad_norm_max", "sentinel.expert_load_max"]
+    );
 }
 
 /// The simulated cluster: device and fabric "sim" go together, and `[cluster.sim]` is read by

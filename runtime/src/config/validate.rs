@@ -14,7 +14,7 @@
 //! combine it with others. Because the defaults satisfy every rule (a test checks
 //! this), a failing rule always involves at least one key written in the file.
 //!
-//! A key that no code reads yet is refused when set (`unsupported`, `unsupported_table`), with
+//! A key that no code reads yet is refused when set (`unsupported`), with
 //! the message `not supported yet: ...`: a config key is either read by the code it names or
 //! refused, never accepted and ignored (`tests/tests/config_keys.rs` checks every key).
 
@@ -24,7 +24,6 @@ use std::path::Path;
 
 use super::enums::{DataFormat, DeviceKind, FabricKind};
 use super::error::{ConfigProblem, Pos, problem};
-use super::schema::table_fields;
 use super::walk::Walk;
 use super::{Config, DataConfig};
 
@@ -114,32 +113,6 @@ impl<'a> Checker<'a> {
     /// Refuses `key` when `set`: `not supported yet: {why}`.
     fn unsupported(&mut self, key: &str, set: bool, why: &str) {
         self.rule(&[key], !set, || format!("not supported yet: {why}"));
-    }
-
-    /// Refuses the optional table at `table` when `set`, naming each of its keys the file
-    /// writes; the table itself when it is empty in the file or the config was built in code.
-    /// Keys the schema walk already rejected (unknown, wrong type) are not reported again.
-    fn unsupported_table(&mut self, table: &str, set: bool, why: &str) {
-        if !set {
-            return;
-        }
-        let Some(walk) = self.walk else {
-            self.unsupported(table, true, why);
-            return;
-        };
-        let prefix = format!("{table}.");
-        let written: Vec<String> = table_fields(table)
-            .iter()
-            .map(|f| format!("{prefix}{}", f.name))
-            .filter(|k| walk.positions.contains_key(k))
-            .collect();
-        let any_key = walk.positions.keys().any(|k| k.starts_with(&prefix));
-        if written.is_empty() && !any_key {
-            self.unsupported(table, true, why);
-        }
-        for key in &written {
-            self.unsupported(key, true, why);
-        }
     }
 }
 
@@ -399,11 +372,25 @@ fn checkpoint(cfg: &Config, c: &mut Checker<'_>) {
 }
 
 fn sentinel(cfg: &Config, c: &mut Checker<'_>) {
-    c.unsupported_table(
-        "sentinel",
-        cfg.sentinel.is_some(),
-        "no anomaly detector runs yet",
-    );
+    let Some(s) = &cfg.sentinel else {
+        return;
+    };
+    c.at_least_one("sentinel.window", n(s.window));
+    c.positive("sentinel.grad_norm_max", s.grad_norm_max);
+    for (key, v) in [
+        ("sentinel.loss_spike_factor", s.loss_spike_factor),
+        ("sentinel.grad_norm_spike_factor", s.grad_norm_spike_factor),
+        ("sentinel.step_time_factor", s.step_time_factor),
+        ("sentinel.expert_load_max", s.expert_load_max),
+    ] {
+        c.rule(&[key], v.is_finite() && v > 1.0, || {
+            format!("must be a finite number > 1, found {v}")
+        });
+    }
+    let d = s.throughput_drop;
+    c.rule(&["sentinel.throughput_drop"], d > 0.0 && d < 1.0, || {
+        format!("must be between 0 and 1 (exclusive), found {d}")
+    });
 }
 
 fn data(cfg: &Config, c: &mut Checker<'_>) {
