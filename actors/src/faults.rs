@@ -3,7 +3,8 @@
 //! in-memory checkpoint copy), so that its restore has to come from a peer or from storage; or
 //! a stage actor panics, so that its supervisor restarts it; or a step's job-wide loss is
 //! corrupted (scaled by a factor, NaN included) after the ranks have summed it, as a bad batch
-//! or a numerical fault would, so that the sentinel's rules meet it.
+//! or a numerical fault would, so that the sentinel's rules meet it; or a rank's device is
+//! slower than its peers' (a straggler).
 //!
 //! A plan is shared by the ranks (which consult it before each step) and the job driver (which
 //! asks, when it rolls the job back, whose memory was lost).
@@ -37,6 +38,8 @@ pub struct FaultPlan {
     /// (step, factor): the job-wide loss of that step is multiplied by the factor, on every
     /// rank, every time the step runs.
     loss_factors: Vec<(u64, f32)>,
+    /// (rank, factor): that rank's device work takes `factor` times as long.
+    slow_ranks: Vec<(usize, f64)>,
 }
 
 impl FaultPlan {
@@ -46,7 +49,23 @@ impl FaultPlan {
             faults: Mutex::new(faults.into_iter().map(|f| (f, false)).collect()),
             panics: Mutex::new(Vec::new()),
             loss_factors: Vec::new(),
+            slow_ranks: Vec::new(),
         }
+    }
+
+    /// The plan with rank `rank`'s device work taking `factor` times as long, from its start.
+    #[must_use]
+    pub fn with_slow_rank(mut self, rank: usize, factor: f64) -> Self {
+        self.slow_ranks.push((rank, factor));
+        self
+    }
+
+    /// How many times slower `rank`'s device is, if it is.
+    pub fn slowdown(&self, rank: usize) -> Option<f64> {
+        self.slow_ranks
+            .iter()
+            .find(|(r, _)| *r == rank)
+            .map(|&(_, f)| f)
     }
 
     /// The plan with step `step`'s job-wide loss multiplied by `factor` (`f32::NAN` makes it

@@ -171,6 +171,9 @@ impl Actor for RankActor {
                 .await
                 .map_err(|e| format!("rank {rank}: {e}"))?,
         };
+        if let Some(f) = a.faults.as_ref().and_then(|p| p.slowdown(rank)) {
+            stream.slow_down(f);
+        }
         let comms = comms(&a).map_err(|e| format!("rank {rank}: {e}"))?;
         a.links.set_stream(Some(stream.clone()));
         a.links.set_rank_actor(me);

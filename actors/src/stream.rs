@@ -167,6 +167,9 @@ struct Shared {
     cost: Mutex<Cost>,
     /// The jobs of the current step, and when it began.
     spans: Mutex<(Vec<Span>, Option<Started>)>,
+    /// Every job takes this many times its own time (1: none): an injected slow device
+    /// ([`Stream::slow_down`]).
+    slowdown: Mutex<f64>,
 }
 
 /// When a step began, on the stream's own time base.
@@ -179,6 +182,10 @@ enum Started {
 impl Shared {
     fn sched(&self) -> MutexGuard<'_, Sched> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slowdown(&self) -> f64 {
+        *self.slowdown.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn add_cost(&self, c: &Cost) {
@@ -301,6 +308,7 @@ impl Stream {
             sim: None,
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
+            slowdown: Mutex::new(1.0),
         });
         let worker = Arc::clone(&shared);
         let (ready, built) = oneshot::channel();
@@ -320,6 +328,10 @@ impl Stream {
                 while let Some(q) = next_job(&worker) {
                     let start = std::time::Instant::now();
                     let r = run(q.job, dev.as_ref(), &mut store);
+                    let extra = worker.slowdown() - 1.0;
+                    if extra > 0.0 {
+                        std::thread::sleep(start.elapsed().mul_f64(extra));
+                    }
                     worker.record_wall(&q.order, start, std::time::Instant::now());
                     worker.add_cost(&dev.take_cost());
                     let _ = q.reply.send(r);
@@ -349,6 +361,7 @@ impl Stream {
             }),
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
+            slowdown: Mutex::new(1.0),
         });
         tokio::spawn(serve_virtual(Arc::clone(&shared)));
         Stream(Arc::new(Handle(shared)))
@@ -362,6 +375,23 @@ impl Stream {
 
     fn shared(&self) -> &Shared {
         &self.0.0
+    }
+
+    /// From now on every job takes `factor` times its own time (on the CPU the stream's thread
+    /// sleeps for the rest after the job; on the simulated device the modelled cost is scaled):
+    /// an injected slow device, as a straggler's ([`crate::faults::FaultPlan::with_slow_rank`]).
+    /// The results are the same, only later.
+    pub fn slow_down(&self, factor: f64) {
+        let f = if factor.is_finite() {
+            factor.max(1.0)
+        } else {
+            1.0
+        };
+        *self
+            .shared()
+            .slowdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = f;
     }
 
     /// Whether time on this stream is modelled (the simulated device).
@@ -457,7 +487,7 @@ async fn serve_virtual(shared: Arc<Shared>) {
         };
         let c = v.dev.take_cost();
         shared.add_cost(&c);
-        let end = start + flotilla_runtime::clock::dilate(seconds(c.seconds));
+        let end = start + flotilla_runtime::clock::dilate(seconds(c.seconds * shared.slowdown()));
         shared.record_virtual(&q.order, start, end);
         tokio::time::sleep_until(end).await;
         let _ = q.reply.send(result);

@@ -159,3 +159,48 @@ async fn a_spiking_or_non_finite_batch_is_skipped_by_every_rank() {
         assert_eq!(nan, spiked, "sentinel {sentinel}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_rank_is_reported_as_a_straggler_and_left_running() {
+    // Four ranks: two pipeline stages × two data-parallel replicas; rank 3's device is 6 times
+    // slower than its peers'.
+    let mut c = cfg(Some(SentinelConfig::default()));
+    c.job.steps = 4;
+    c.parallel.dp = 2;
+    c.cluster.ranks_per_host = 4;
+    let (plain, _, _) = run_with(c.clone(), FaultPlan::default()).await;
+    let (slow, skipped, events) = run_with(c, FaultPlan::default().with_slow_rank(3, 6.0)).await;
+    assert_eq!(slow, plain, "a slow rank computes the same bits");
+    assert!(skipped.is_empty());
+    let lines: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let stragglers: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["anomaly"]["kind"] == "straggler")
+        .collect();
+    // Rank 3 on (nearly) every step; a peer at most once (busy time is wall time of device
+    // work, and a loaded machine may preempt a rank's thread in the middle of a job).
+    let named = |rank: u64| {
+        stragglers
+            .iter()
+            .filter(|v| v["anomaly"]["rank"] == rank)
+            .count()
+    };
+    assert!(named(3) >= 3, "rank 3 on 3 of 4 steps at least: {events}");
+    for peer in 0..3 {
+        assert!(named(peer) <= 1, "rank {peer}: {stragglers:?}");
+    }
+    // Nothing failed, restarted or rolled back: every child only started (and stopped at the
+    // end), and the driver wrote no roll-back.
+    for v in &lines {
+        let e = v["event"].as_str().unwrap_or("");
+        assert!(
+            ["Started", "Stopped", "anomaly: "]
+                .iter()
+                .any(|ok| e.starts_with(ok)),
+            "{v}"
+        );
+    }
+}
