@@ -4,7 +4,7 @@
 //! a stage actor panics, so that its supervisor restarts it; or a step's job-wide loss is
 //! corrupted (scaled by a factor, NaN included) after the ranks have summed it, as a bad batch
 //! or a numerical fault would, so that the sentinel's rules meet it; or a rank's device is
-//! slower than its peers' (a straggler).
+//! slower than its peers' (a straggler); or a rank's step hangs (the watchdog's case).
 //!
 //! A plan is shared by the ranks (which consult it before each step) and the job driver (which
 //! asks, when it rolls the job back, whose memory was lost).
@@ -40,6 +40,8 @@ pub struct FaultPlan {
     loss_factors: Vec<(u64, f32)>,
     /// (rank, factor): that rank's device work takes `factor` times as long.
     slow_ranks: Vec<(usize, f64)>,
+    /// (rank, step, how long, fired): that rank's step goes silent for that long, once.
+    stalls: Mutex<Vec<(usize, u64, std::time::Duration, bool)>>,
 }
 
 impl FaultPlan {
@@ -50,7 +52,29 @@ impl FaultPlan {
             panics: Mutex::new(Vec::new()),
             loss_factors: Vec::new(),
             slow_ranks: Vec::new(),
+            stalls: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The plan with rank `rank`'s step `step` hanging for `d` (once: a replay runs normally).
+    #[must_use]
+    pub fn with_stall(self, rank: usize, step: u64, d: std::time::Duration) -> Self {
+        self.stalls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((rank, step, d, false));
+        self
+    }
+
+    /// How long `rank`'s step `step` hangs now, if a stall is planned and has not fired (it is
+    /// marked fired).
+    pub fn stall(&self, rank: usize, step: u64) -> Option<std::time::Duration> {
+        let mut stalls = self.stalls.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, _, d, fired) = stalls
+            .iter_mut()
+            .find(|(r, s, _, fired)| !*fired && *r == rank && *s == step)?;
+        *fired = true;
+        Some(*d)
     }
 
     /// The plan with rank `rank`'s device work taking `factor` times as long, from its start.

@@ -374,6 +374,32 @@ fn step_deadline(cfg: &Config) -> Duration {
     cfg.supervision.peer_timeout() * 3
 }
 
+/// The hung-step watchdog's deadline for the next step (`supervision.watchdog_factor`).
+#[derive(Debug, Clone, Copy)]
+struct Watchdog {
+    deadline: Duration,
+    factor: f64,
+    median_s: f64,
+}
+
+/// The watchdog for the next step, once 3 steps have run (never beyond [`step_deadline`]);
+/// `step_secs` are the steps' times so far.
+fn watchdog(cfg: &Config, step_secs: &[f64]) -> Option<Watchdog> {
+    let factor = cfg.supervision.watchdog_factor?;
+    if step_secs.len() < 3 {
+        return None;
+    }
+    let mut s = step_secs.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median_s = s[s.len() / 2];
+    let d = Duration::try_from_secs_f64(factor * median_s).ok()?;
+    Some(Watchdog {
+        deadline: d.min(step_deadline(cfg)),
+        factor,
+        median_s,
+    })
+}
+
 /// [`train_from`] with failures injected by `faults` (tests of the in-flight roll-back).
 pub async fn train_with_faults(
     cfg: Config,
@@ -521,11 +547,31 @@ async fn drive(
     while step < cfg.job.steps {
         let t0 = clock.now();
         let attempt = ranks.attempt;
+        let watchdog = watchdog(cfg, &step_secs);
         let answer = ranks
-            .try_all(clock, step_deadline(cfg), step, "", |reply| {
-                RankMsg::Step(attempt, reply)
-            })
-            .await;
+            .try_all(
+                clock,
+                watchdog.map_or_else(|| step_deadline(cfg), |w| w.deadline),
+                step,
+                "",
+                |reply| RankMsg::Step(attempt, reply),
+            )
+            .await
+            .map_err(|e| match (e, watchdog) {
+                (JobError::RankFailed { rank, step, why }, Some(w))
+                    if why.starts_with("no answer within") =>
+                {
+                    JobError::RankFailed {
+                        rank,
+                        step,
+                        why: format!(
+                            "hung: {why} (the watchdog's deadline: {} × the median step, {:.3} s)",
+                            w.factor, w.median_s
+                        ),
+                    }
+                }
+                (e, _) => e,
+            });
         let all = match (answer, ckpt.as_mut(), recovery.as_mut()) {
             (Ok(all), _, _) => all,
             (Err(e), Some(ck), Some(rec)) => {

@@ -60,8 +60,8 @@ pub enum RankMsg {
     Restarted(String),
     /// Something of the rank failed outside a stage (the expert shard): a step in flight fails.
     Failure(String),
-    /// The step task ended.
-    StepEnded(Box<Comms>, Result<StepStats, String>),
+    /// The step task of an attempt ended.
+    StepEnded(u64, Box<Comms>, Result<StepStats, String>),
 }
 
 /// What a rank is started with.
@@ -103,6 +103,8 @@ pub struct Comms {
 struct Running {
     reply: RpcReplyPort<Result<StepStats, String>>,
     report: UnboundedSender<StageReport>,
+    /// The step task (aborted by a roll-back).
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The rank actor's state.
@@ -203,12 +205,15 @@ impl Actor for RankActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RankMsg::Step(attempt, reply) => s.start_step(me, attempt, reply),
-            RankMsg::StepEnded(comms, result) => {
+            // A step of an older attempt (rolled back since, its task aborted) may still end:
+            // its communicators and result are stale.
+            RankMsg::StepEnded(attempt, comms, result) if attempt == s.attempt => {
                 s.comms = Some(comms);
                 if let Some(r) = s.running.take() {
                     let _ = r.reply.send(result);
                 }
             }
+            RankMsg::StepEnded(..) => {}
             RankMsg::Restarted(who) | RankMsg::Failure(who) => {
                 if let Some(r) = &s.running {
                     let _ = r.report.send(StageReport::Failed {
@@ -271,6 +276,8 @@ impl RankState {
     fn abort(&mut self, attempt: u64) {
         self.attempt = attempt;
         if let Some(r) = self.running.take() {
+            // A step that hangs (the watchdog's case) never ends by itself.
+            r.task.abort();
             let _ = r
                 .reply
                 .send(Err(format!("rank {}: rolled back", self.a.rank)));
@@ -300,10 +307,7 @@ impl RankState {
         };
         self.attempt = attempt;
         let (tx, rx) = unbounded_channel();
-        self.running = Some(Running {
-            reply,
-            report: tx.clone(),
-        });
+        let report = tx.clone();
         let ctx = StepCtx {
             rank,
             attempt,
@@ -314,9 +318,14 @@ impl RankState {
             faults: self.a.faults.clone(),
             order: self.a.config.parallel.start_order,
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let (comms, result) = ctx.run(comms, tx, rx).await;
-            let _ = me.cast(RankMsg::StepEnded(comms, result));
+            let _ = me.cast(RankMsg::StepEnded(attempt, comms, result));
+        });
+        self.running = Some(Running {
+            reply,
+            report,
+            task,
         });
     }
 }
@@ -375,6 +384,10 @@ impl StepCtx {
             })
             .await
             .map_err(err)?;
+        if let Some(d) = self.faults.as_ref().and_then(|f| f.stall(self.rank, step)) {
+            // An injected hang: the rank goes silent in the middle of its step.
+            tokio::time::sleep(d).await;
+        }
         if let Some(f) = self.faults.as_ref().and_then(|f| f.fire(self.rank, step)) {
             return Err(format!(
                 "injected failure at step {step}{}",

@@ -177,3 +177,30 @@ async fn the_roll_back_budget_is_kept() {
     assert!(events.contains("rank 1 failed at step 3"), "{events}");
     assert!(!events.contains("rank 1 failed at step 5"), "{events}");
 }
+
+/// A rank whose step hangs is caught by the watchdog (`supervision.watchdog_factor` × the
+/// median step) long before its peers' deadline (3 × `peer_timeout_ms` = 90 s), the job rolls
+/// back to its last checkpoint and replays, and ends with the parameters of the run that never
+/// hung; the hung step task is aborted, not waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_step_is_caught_by_the_watchdog_and_replayed() {
+    let mut c = cfg(2);
+    c.supervision.watchdog_factor = Some(20.0);
+    let (clean, _, _) = run(c.clone(), vec![]).await;
+    let started = std::time::Instant::now();
+    let plan = FaultPlan::new(vec![]).with_stall(1, 5, std::time::Duration::from_secs(120));
+    let (sha, seen, events) = run_plan(c, plan).await;
+    assert_eq!(sha, clean, "{events}");
+    assert!(events.contains("hung: no answer within"), "{events}");
+    assert!(events.contains("watchdog"), "{events}");
+    assert!(
+        seen.windows(2).any(|w| w[1] <= w[0]),
+        "steps after the checkpoint were replayed: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&7));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "caught by the watchdog, not by the 90 s deadline nor the 120 s hang: {:?}",
+        started.elapsed()
+    );
+}

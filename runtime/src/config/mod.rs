@@ -230,6 +230,7 @@ impl Config {
         c.cluster.fabric = enums::FabricKind::Sim;
         c.cluster.sim = Some(SimConfig::default());
         c.supervision.heartbeat_ms = Some(1000);
+        c.supervision.watchdog_factor = Some(10.0);
         c.sentinel = Some(SentinelConfig::default());
         c.data.seed = Some(c.job.seed);
         c.metrics.prometheus = Some("127.0.0.1:9090".to_owned());

@@ -475,6 +475,11 @@ static SUPERVISION: &[Field] = &[
         U32,
         "Whole-job rollbacks before the job ends.",
     ),
+    opt(
+        "watchdog_factor",
+        Ty::Float,
+        "A step longer than this multiple of the median step (after 3) is hung: roll back (absent: off).",
+    ),
 ];
 
 static CHECKPOINT: &[Field] = &[

@@ -236,6 +236,12 @@ pub struct SupervisionConfig {
     pub peer_timeout_ms: u64,
     /// Whole-job rollbacks the controller allows before ending the job.
     pub max_job_restarts: u32,
+    /// The hung-step watchdog: a step that takes more than this multiple of the median of the
+    /// steps before it (once 3 have run) is declared hung, and the job is rolled back (with
+    /// checkpoints on) or ends. `None`: off, a step waits for its peers' deadline. Not
+    /// serialized when unset, so configs without it keep their canonical text and hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watchdog_factor: Option<f64>,
 }
 
 impl Default for SupervisionConfig {
@@ -249,6 +255,7 @@ impl Default for SupervisionConfig {
             heartbeat_ms: None,
             peer_timeout_ms: 30000,
             max_job_restarts: 10,
+            watchdog_factor: None,
         }
     }
 }

@@ -340,6 +340,13 @@ fn supervision(cfg: &Config, c: &mut Checker<'_>) {
         },
     );
     c.at_least_one("supervision.shutdown_timeout_ms", s.shutdown_timeout_ms);
+    if let Some(f) = s.watchdog_factor {
+        c.rule(
+            &["supervision.watchdog_factor"],
+            f.is_finite() && f > 1.0,
+            || format!("must be a finite number > 1, found {f}"),
+        );
+    }
     c.unsupported(
         "supervision.heartbeat_ms",
         s.heartbeat_ms.is_some(),
