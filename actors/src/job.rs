@@ -5,7 +5,8 @@
 //! ```text
 //! controller        root supervisor, one_for_all (training is a collective act)
 //! ├── rank-r × world    each rank's subtree (rank_tree.rs): rank actor, expert shard, stages
-//! └── ckpt-coordinator  the checkpoint coordinator, with a writers' supervisor per checkpoint
+//! ├── ckpt-coordinator  the checkpoint coordinator, with a writers' supervisor per checkpoint
+//! └── sentinel          with `[sentinel]`: anomaly detection over every step (sentinel.rs)
 //! ```
 //!
 //! The ranks talk over one fabric: in-process channels (`cluster.fabric = "inproc"`), or
@@ -14,11 +15,12 @@
 //! (`supervision.peer_timeout_ms`), and turns a failed or silent rank into a
 //! [`JobError::RankFailed`] naming the rank and step, never a hang; with checkpoints on, a
 //! failed step rolls every rank back to the last checkpoint (`rollback.rs`) and replays, at most
-//! `supervision.max_job_restarts` times. A step whose loss or gradient norm is not finite, or
-//! (with `[sentinel]`) whose loss spikes, is skipped (no update) and said so in `events.jsonl`;
-//! the sentinel, when there is one, sees every step and its findings go there too. Every `checkpoint.interval` steps the
-//! ranks' state is checkpointed ([`crate::checkpoints`]), and [`train_from`] resumes a job from
-//! a checkpoint.
+//! `supervision.max_job_restarts` times; a step that hangs (`supervision.watchdog_factor`) is
+//! rolled back the same way. A step whose loss or gradient norm is not finite, or (with
+//! `[sentinel]`) whose loss spikes, is skipped (no update) and said so in `events.jsonl`; the
+//! sentinel, when there is one, sees every step and its findings go there too. Every
+//! `checkpoint.interval` steps the ranks' state is checkpointed ([`crate::checkpoints`]), and
+//! [`train_from`] resumes a job from a checkpoint.
 
 use std::sync::Arc;
 use std::time::Duration;

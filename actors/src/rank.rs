@@ -8,9 +8,9 @@
 //! holders ([`crate::pipeline::grad_sync`]) while the other stages go on; when every stage is
 //! done, one all-reduce of the step's statistics over the job (losses and `Σ g²` as floats,
 //! tokens and expert loads as integers, exactly); then clip, AdamW and the router biases (a
-//! job), skipped when the loss or the norm is not finite or the loss spikes (`[sentinel]`). The step runs in a task of its own,
-//! so the actor keeps answering meanwhile: a child that restarts, or an expert shard that
-//! fails, fails the step at once.
+//! job), skipped when the loss or the norm is not finite or the loss spikes (`[sentinel]`).
+//! The step runs in a task of its own, so the actor keeps answering meanwhile: a child that
+//! restarts, or an expert shard that fails, fails the step at once; a roll-back aborts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
