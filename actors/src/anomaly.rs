@@ -92,7 +92,7 @@ impl fmt::Display for Anomaly {
 
 /// A running window of the last `len` values.
 #[derive(Debug, Clone)]
-pub(crate) struct Window {
+struct Window {
     len: usize,
     values: VecDeque<f64>,
 }
@@ -125,7 +125,7 @@ impl Window {
 #[derive(Debug, Clone)]
 pub struct Detectors {
     sentinel: SentinelConfig,
-    loss: Window,
+    loss: SpikeGuard,
     grad_norm: Window,
     throughput: Window,
 }
@@ -134,7 +134,7 @@ impl Detectors {
     pub fn new(cfg: &SentinelConfig) -> Detectors {
         Detectors {
             sentinel: cfg.clone(),
-            loss: Window::new(cfg.window),
+            loss: SpikeGuard::with(cfg.loss_spike_factor, cfg.window),
             grad_norm: Window::new(cfg.window),
             throughput: Window::new(cfg.window),
         }
@@ -162,16 +162,15 @@ impl Detectors {
                 format!("loss {}, gradient norm {}", o.loss, o.grad_norm),
             ));
         }
-        let loss_spike = self.loss.mean().filter(|m| loss > c.loss_spike_factor * m);
-        if let Some(m) = loss_spike {
+        let seen = self.loss.window.values.len();
+        if let Some(m) = self.loss.spike(loss) {
             out.push(found(
                 AnomalyKind::LossSpike,
                 loss,
                 c.loss_spike_factor * m,
                 format!(
-                    "loss {loss:.4} above {} × its mean {m:.4} over the last {} steps",
-                    c.loss_spike_factor,
-                    self.loss.values.len()
+                    "loss {loss:.4} above {} × its mean {m:.4} over the last {seen} steps",
+                    c.loss_spike_factor
                 ),
             ));
         }
@@ -252,9 +251,6 @@ impl Detectors {
                 out.push(a);
             }
         }
-        if loss_spike.is_none() {
-            self.loss.push(loss);
-        }
         if !norm_spike {
             self.grad_norm.push(o.grad_norm);
         }
@@ -265,10 +261,10 @@ impl Detectors {
     }
 }
 
-/// The ranks' own loss-spike rule, for skipping a spiking batch: every rank runs it on the same
-/// job-wide losses, in the same order, so all of them skip the same steps without asking
-/// anyone. The same rule as the sentinel's loss-spike detector (`loss_spike_factor` × the mean
-/// of the last `window` losses that were not spikes, once the window is half full).
+/// The loss-spike rule (`loss_spike_factor` × the mean of the last `window` losses that were
+/// not spikes, once the window is half full). The sentinel's detector uses it, and so does every
+/// rank, to skip a spiking batch: all ranks run it on the same job-wide losses, in the same
+/// order, so all of them skip the same steps without asking anyone.
 #[derive(Debug, Clone)]
 pub struct SpikeGuard {
     factor: f64,
@@ -278,10 +274,16 @@ pub struct SpikeGuard {
 impl SpikeGuard {
     /// The guard `s` asks for (none when the sentinel is off).
     pub fn new(s: &SentinelConfig) -> Option<SpikeGuard> {
-        s.enabled.then(|| SpikeGuard {
-            factor: s.loss_spike_factor,
-            window: Window::new(s.window),
-        })
+        s.enabled
+            .then(|| SpikeGuard::with(s.loss_spike_factor, s.window))
+    }
+
+    /// A spike is above `factor` × the mean of the last `window` losses.
+    fn with(factor: f64, window: usize) -> SpikeGuard {
+        SpikeGuard {
+            factor,
+            window: Window::new(window),
+        }
     }
 
     /// The running mean that `loss` spikes above, if it does; a loss that does not joins the

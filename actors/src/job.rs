@@ -38,7 +38,7 @@ use flotilla_runtime::supervision::{
 };
 use serde::Serialize;
 
-use crate::anomaly::{Anomaly, Observation};
+use crate::anomaly::Observation;
 use crate::checkpoints::{self, Checkpointer, ResumeFrom};
 use crate::error::JobError;
 use crate::faults::FaultPlan;
@@ -473,50 +473,6 @@ async fn resume_ranks(
 }
 
 /// The steps of a started job, with its checkpoints and roll-backs; the summary.
-/// Shows the sentinel a step and writes what it finds to `events.jsonl` and the anomaly
-/// counter; `false` when the sentinel is gone (said once in `events.jsonl`).
-async fn report_anomalies(
-    sentinel: &crate::sentinel::SentinelClient,
-    o: Observation,
-    log: &RunLog,
-) -> Result<bool, JobError> {
-    #[derive(Serialize)]
-    struct AnomalyLine<'a> {
-        supervisor: &'a str,
-        child: &'a str,
-        event: String,
-        anomaly: &'a Anomaly,
-    }
-    let step = o.step;
-    match sentinel.observe(o).await {
-        Ok(found) => {
-            for a in &found {
-                metrics::counter!(names::ANOMALIES, "kind" => a.kind.as_str()).increment(1);
-                tracing::warn!("sentinel: {a}");
-                let line = AnomalyLine {
-                    supervisor: "controller",
-                    child: crate::sentinel::CHILD_ID,
-                    event: format!("anomaly: {a}"),
-                    anomaly: a,
-                };
-                log.event(&line).await?;
-            }
-            Ok(true)
-        }
-        Err(why) => {
-            let line = EventLine {
-                supervisor: "controller".into(),
-                child: crate::sentinel::CHILD_ID.into(),
-                event: format!(
-                    "sentinel lost at step {step} ({why}): training goes on without anomaly detection"
-                ),
-            };
-            log.event(&line).await?;
-            Ok(false)
-        }
-    }
-}
-
 async fn drive(
     job: &mut Job,
     resume: Option<ResumeFrom>,
@@ -651,7 +607,7 @@ async fn drive(
                     .enumerate()
                     .collect(),
             };
-            if !report_anomalies(s, o, log).await? {
+            if !s.report(o, log).await? {
                 sentinel = None;
             }
         }

@@ -20,7 +20,12 @@ use flotilla_runtime::supervision::{ChildSpec, Restart, SupervisorHandle};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use flotilla_runtime::metrics as names;
+use serde::Serialize;
+
 use crate::anomaly::{Anomaly, Detectors, Observation};
+use crate::error::JobError;
+use crate::run_log::{EventLine, RunLog};
 
 /// The sentinel's child id under the controller.
 pub const CHILD_ID: &str = "sentinel";
@@ -95,6 +100,46 @@ impl SentinelClient {
             Ok(CallResult::Timeout) => Err("no answer".into()),
             Ok(CallResult::SenderError) => Err("it stopped without answering".into()),
             Err(_) => Err("its mailbox is closed".into()),
+        }
+    }
+
+    /// Shows the sentinel a step and writes what it finds to `events.jsonl` and the anomaly
+    /// counter; `false` when the sentinel is gone (said once in `events.jsonl`).
+    pub async fn report(&self, o: Observation, log: &RunLog) -> Result<bool, JobError> {
+        #[derive(Serialize)]
+        struct AnomalyLine<'a> {
+            supervisor: &'a str,
+            child: &'a str,
+            event: String,
+            anomaly: &'a Anomaly,
+        }
+        let step = o.step;
+        match self.observe(o).await {
+            Ok(found) => {
+                for a in &found {
+                    metrics::counter!(names::ANOMALIES, "kind" => a.kind.as_str()).increment(1);
+                    tracing::warn!("sentinel: {a}");
+                    let line = AnomalyLine {
+                        supervisor: "controller",
+                        child: CHILD_ID,
+                        event: format!("anomaly: {a}"),
+                        anomaly: a,
+                    };
+                    log.event(&line).await?;
+                }
+                Ok(true)
+            }
+            Err(why) => {
+                let line = EventLine {
+                    supervisor: "controller".into(),
+                    child: CHILD_ID.into(),
+                    event: format!(
+                        "sentinel lost at step {step} ({why}): training goes on without anomaly detection"
+                    ),
+                };
+                log.event(&line).await?;
+                Ok(false)
+            }
         }
     }
 }

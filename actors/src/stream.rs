@@ -25,6 +25,7 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -169,7 +170,7 @@ struct Shared {
     spans: Mutex<(Vec<Span>, Option<Started>)>,
     /// Every job takes this many times its own time (1: none): an injected slow device
     /// ([`Stream::slow_down`]).
-    slowdown: Mutex<f64>,
+    slowdown: AtomicU64,
 }
 
 /// When a step began, on the stream's own time base.
@@ -184,8 +185,9 @@ impl Shared {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The factor as [`Stream::slow_down`] set it (the bits of an `f64`).
     fn slowdown(&self) -> f64 {
-        *self.slowdown.lock().unwrap_or_else(|p| p.into_inner())
+        f64::from_bits(self.slowdown.load(Ordering::Relaxed))
     }
 
     fn add_cost(&self, c: &Cost) {
@@ -308,7 +310,7 @@ impl Stream {
             sim: None,
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
-            slowdown: Mutex::new(1.0),
+            slowdown: AtomicU64::new(1.0f64.to_bits()),
         });
         let worker = Arc::clone(&shared);
         let (ready, built) = oneshot::channel();
@@ -361,7 +363,7 @@ impl Stream {
             }),
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
-            slowdown: Mutex::new(1.0),
+            slowdown: AtomicU64::new(1.0f64.to_bits()),
         });
         tokio::spawn(serve_virtual(Arc::clone(&shared)));
         Stream(Arc::new(Handle(shared)))
@@ -387,11 +389,7 @@ impl Stream {
         } else {
             1.0
         };
-        *self
-            .shared()
-            .slowdown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = f;
+        self.shared().slowdown.store(f.to_bits(), Ordering::Relaxed);
     }
 
     /// Whether time on this stream is modelled (the simulated device).

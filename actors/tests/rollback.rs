@@ -2,6 +2,8 @@
 //! committed checkpoint from the fastest sound source (its own memory, a peer's replica or
 //! storage), and the job ends with exactly the parameters of the run that never failed.
 
+mod common;
+
 use std::sync::Arc;
 
 use flotilla_actors::faults::{FaultPlan, InjectedFault, StagePanic};
@@ -36,26 +38,10 @@ async fn run(cfg: Config, faults: Vec<InjectedFault>) -> (String, Vec<u64>, Stri
     run_plan(cfg, FaultPlan::new(faults)).await
 }
 
-/// [`run`] with a whole plan.
+/// [`common::run_plan`] with the steps seen.
 async fn run_plan(cfg: Config, plan: FaultPlan) -> (String, Vec<u64>, String) {
-    let storage = Arc::new(SimStorage::unlimited());
-    let mut seen = Vec::new();
-    let s = train_with_faults(
-        cfg,
-        storage.clone(),
-        Arc::new(RealClock),
-        None,
-        Some(Arc::new(plan)),
-        &mut |r: &StepRecord| seen.push(r.stats.step),
-    )
-    .await
-    .expect("the job recovers and ends");
-    let events = storage.get("events.jsonl").await.expect("events");
-    (
-        s.params_sha256,
-        seen,
-        String::from_utf8_lossy(&events).into_owned(),
-    )
+    let (sha, steps, events) = common::run_plan(cfg, plan).await;
+    (sha, steps.into_iter().map(|(s, _)| s).collect(), events)
 }
 
 fn fault(step: u64, lose_memory: bool) -> InjectedFault {

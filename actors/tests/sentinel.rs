@@ -3,10 +3,12 @@
 //! naming step, kind and (for a collapse) the MoE layer; training is not changed by it. A batch
 //! whose loss spikes (or is not finite) is skipped by every rank.
 
+mod common;
+
 use std::sync::Arc;
 
 use flotilla_actors::faults::FaultPlan;
-use flotilla_actors::{StepRecord, train, train_with_faults};
+use flotilla_actors::{StepRecord, train};
 use flotilla_runtime::clock::RealClock;
 use flotilla_runtime::config::{Config, SentinelConfig};
 use flotilla_runtime::storage::Storage;
@@ -94,29 +96,9 @@ async fn the_sentinel_reports_what_its_detectors_find_and_changes_nothing() {
 
 /// The run's parameter hash, the steps whose update was skipped, and its events.
 async fn run_with(cfg: Config, plan: FaultPlan) -> (String, Vec<u64>, String) {
-    cfg.validate().expect("a valid config");
-    let storage = Arc::new(SimStorage::unlimited());
-    let mut skipped = Vec::new();
-    let s = train_with_faults(
-        cfg,
-        storage.clone(),
-        Arc::new(RealClock),
-        None,
-        Some(Arc::new(plan)),
-        &mut |r: &StepRecord| {
-            if r.stats.skipped {
-                skipped.push(r.stats.step);
-            }
-        },
-    )
-    .await
-    .expect("the job ends");
-    let events = storage.get("events.jsonl").await.expect("events");
-    (
-        s.params_sha256,
-        skipped,
-        String::from_utf8_lossy(&events).into_owned(),
-    )
+    let (sha, steps, events) = common::run_plan(cfg, plan).await;
+    let skipped = steps.into_iter().filter(|s| s.1).map(|s| s.0).collect();
+    (sha, skipped, events)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -478,7 +478,7 @@ static SUPERVISION: &[Field] = &[
     opt(
         "watchdog_factor",
         Ty::Float,
-        "A step longer than this multiple of the median step (after 3) is hung: roll back (absent: off).",
+        "A step longer than this multiple of the median step (after 3) is hung: rolled back with checkpoints on, else the job ends (absent: off).",
     ),
 ];
 
