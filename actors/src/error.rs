@@ -19,6 +19,10 @@ pub enum JobError {
     RankFailed { rank: usize, step: u64, why: String },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The processes of a multi-process job: a control link, an agent, a rank process that
+    /// could not start or rejoin.
+    #[error("processes: {0}")]
+    Processes(String),
 }
 
 impl From<crate::ckpt_coordinator::CheckpointError> for JobError {

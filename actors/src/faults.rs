@@ -42,6 +42,9 @@ pub struct FaultPlan {
     slow_ranks: Vec<(usize, f64)>,
     /// (rank, step, how long, fired): that rank's step goes silent for that long, once.
     stalls: Mutex<Vec<(usize, u64, std::time::Duration, bool)>>,
+    /// Steps that pass over the data loader's next batch and take the one after (a run whose
+    /// data omits a batch, to compare a skipped update with).
+    omitted: Vec<u64>,
 }
 
 impl FaultPlan {
@@ -53,7 +56,21 @@ impl FaultPlan {
             loss_factors: Vec::new(),
             slow_ranks: Vec::new(),
             stalls: Mutex::new(Vec::new()),
+            omitted: Vec::new(),
         }
+    }
+
+    /// The plan with step `step` passing over its batch: it trains on the batch after, and every
+    /// later step one batch further on (on every rank, every time the step runs).
+    #[must_use]
+    pub fn with_omitted_batch(mut self, step: u64) -> Self {
+        self.omitted.push(step);
+        self
+    }
+
+    /// Whether step `step` passes over its batch.
+    pub fn omits_batch(&self, step: u64) -> bool {
+        self.omitted.contains(&step)
     }
 
     /// The plan with rank `rank`'s step `step` hanging for `d` (once: a replay runs normally).

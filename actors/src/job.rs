@@ -42,10 +42,11 @@ use crate::anomaly::Observation;
 use crate::checkpoints::{self, Checkpointer, ResumeFrom};
 use crate::error::JobError;
 use crate::faults::FaultPlan;
+use crate::links::RankLinks;
 use crate::pipeline::{ModelShape, placement};
 use crate::rank::RankMsg;
 use crate::rank_tree::RankTree;
-use crate::ranks::Ranks;
+use crate::ranks::{Fleet, Ranks};
 use crate::rollback::Recovery;
 use crate::run_log::{EventLine, RunLog};
 use crate::store::StepStats;
@@ -168,7 +169,13 @@ pub struct Launch {
     pub window: Option<usize>,
     /// Called with the rank on each rank's device thread as it starts (a benchmark pins it).
     pub on_device_thread: Option<crate::rank::DeviceThreadHook>,
+    /// Ranks that run elsewhere (rank processes, `crate::remote`): their links, whose rank
+    /// actors stand in for them, and their fleet. The tree then holds no rank subtrees.
+    pub remote: Option<RemoteRanks>,
 }
+
+/// Ranks that run in other processes: the links of their stand-in actors, and their fleet.
+pub type RemoteRanks = (Vec<Arc<RankLinks>>, Arc<dyn Fleet>);
 
 /// A running job: its supervision tree, the fabric between its ranks, its run files.
 pub struct Job {
@@ -176,7 +183,6 @@ pub struct Job {
     sup: SupervisorHandle,
     sup_join: tokio::task::JoinHandle<()>,
     events: tokio::task::JoinHandle<()>,
-    hub: Arc<InprocHub>,
     pub(crate) ranks: Ranks,
     pub(crate) log: RunLog,
     engine: flotilla_ckpt::CheckpointEngine,
@@ -204,40 +210,46 @@ impl Job {
         let placement = Arc::new(placement(&cfg)?);
         let shape = Arc::new(ModelShape::of(&cfg, &placement)?);
         let dataset = Arc::new(crate::store::load_dataset(&cfg)?);
-        let (hub, endpoints) = match launch.fabric {
-            Some(f) => f,
-            None => fabric(&cfg)?,
-        };
-        if endpoints.len() != cfg.world_size() {
-            return Err(JobError::Config(format!(
-                "a fabric of {} ranks for a job of {}",
-                endpoints.len(),
-                cfg.world_size()
-            )));
-        }
         let policy = SupervisorPolicy::from_supervision(&cfg.supervision)?
             .with_strategy(Strategy::OneForAll)
             .on_clock(clock.as_ref());
         let (events_tx, mut events_rx) = event_channel();
         let mut spec = policy.spec()?;
-        let mut links = Vec::with_capacity(endpoints.len());
-        for (r, fabric) in endpoints.into_iter().enumerate() {
-            let tree = RankTree {
-                rank: r,
-                config: Arc::clone(&cfg),
-                placement: Arc::clone(&placement),
-                shape: Arc::clone(&shape),
-                dataset: Arc::clone(&dataset),
-                fabric,
-                clock: Arc::clone(&clock),
-                faults: launch.faults.clone(),
-                window: launch.window.unwrap_or(3 * cfg.parallel.sub_batches.max(1)),
-                on_device_thread: launch.on_device_thread.clone(),
-            };
-            let (child, l) = tree.spec(events_tx.clone())?;
-            spec = spec.child(child);
-            links.push(l);
-        }
+        let (fleet, links) = match launch.remote {
+            Some((links, fleet)) => (fleet, links),
+            None => {
+                let (hub, endpoints) = match launch.fabric {
+                    Some(f) => f,
+                    None => fabric(&cfg)?,
+                };
+                if endpoints.len() != cfg.world_size() {
+                    return Err(JobError::Config(format!(
+                        "a fabric of {} ranks for a job of {}",
+                        endpoints.len(),
+                        cfg.world_size()
+                    )));
+                }
+                let mut links = Vec::with_capacity(endpoints.len());
+                for (r, fabric) in endpoints.into_iter().enumerate() {
+                    let tree = RankTree {
+                        rank: r,
+                        config: Arc::clone(&cfg),
+                        placement: Arc::clone(&placement),
+                        shape: Arc::clone(&shape),
+                        dataset: Arc::clone(&dataset),
+                        fabric,
+                        clock: Arc::clone(&clock),
+                        faults: launch.faults.clone(),
+                        window: launch.window.unwrap_or(3 * cfg.parallel.sub_batches.max(1)),
+                        on_device_thread: launch.on_device_thread.clone(),
+                    };
+                    let (child, l) = tree.spec(events_tx.clone())?;
+                    spec = spec.child(child);
+                    links.push(l);
+                }
+                (hub as Arc<dyn Fleet>, links)
+            }
+        };
         let coordinator = crate::ckpt_coordinator::child_spec(
             &cfg,
             engine.clone(),
@@ -265,18 +277,17 @@ impl Job {
         let (sup, sup_join) = match Supervisor::spawn(None, spec, None).await {
             Ok(s) => s,
             Err(e) => {
-                hub.close();
+                fleet.close();
                 let _ = events.await;
                 return Err(e.into());
             }
         };
         Ok(Job {
-            ranks: Ranks::new(links, Arc::clone(&hub)),
+            ranks: Ranks::new(links, fleet),
             cfg,
             sup,
             sup_join,
             events,
-            hub,
             log,
             engine,
             clock,
@@ -340,8 +351,7 @@ impl Job {
     pub async fn restore(&mut self, snaps: Vec<Snapshot>) -> Result<(), JobError> {
         let deadline = self.cfg.supervision.peer_timeout();
         let step = snaps.first().map_or(0, |s| s.step);
-        self.ranks.reset_fabric();
-        self.ranks.attempt += 1;
+        self.ranks.next_attempt().await?;
         let attempt = self.ranks.attempt;
         let msgs = snaps
             .into_iter()
@@ -355,7 +365,7 @@ impl Job {
 
     /// Stop the tree (children in reverse order, each within its shutdown timeout).
     pub async fn stop(self) -> Result<(), JobError> {
-        self.hub.close();
+        self.ranks.close();
         let stop = self
             .sup
             .stop(Duration::from_millis(
@@ -472,8 +482,49 @@ async fn resume_ranks(
     Ok(step)
 }
 
+/// What every step taken so far gave, in order (a roll-back forgets the steps it undoes).
+#[derive(Default)]
+struct Taken {
+    losses: Vec<f32>,
+    tokens: Vec<u64>,
+    secs: Vec<f64>,
+    bubbles: Vec<f64>,
+}
+
+impl Taken {
+    /// Keep the first `n` steps.
+    fn truncate(&mut self, n: usize) {
+        self.losses.truncate(n);
+        self.tokens.truncate(n);
+        self.secs.truncate(n);
+        self.bubbles.truncate(n);
+    }
+}
+
+/// After `failure`, roll every rank back to the newest checkpoint they hold when checkpoints
+/// are on (the newest committed one first becomes their own copies); the step to go on at.
+async fn recover(
+    failure: JobError,
+    ckpt: Option<&mut Checkpointer>,
+    recovery: Option<&mut Recovery>,
+    ranks: &mut Ranks,
+    clock: &dyn Clock,
+    deadline: Duration,
+    log: &RunLog,
+) -> Result<u64, JobError> {
+    let (Some(ck), Some(rec)) = (ckpt, recovery) else {
+        return Err(failure);
+    };
+    ck.finish().await?;
+    if let Some(snaps) = ck.take_committed() {
+        rec.keep(snaps, log).await?;
+    }
+    rec.roll_back(failure, ranks, ck.engine(), clock, deadline, log)
+        .await
+}
+
 /// The steps of a started job, with its checkpoints and roll-backs; the summary.
-async fn drive(
+pub(crate) async fn drive(
     job: &mut Job,
     resume: Option<ResumeFrom>,
     on_step: &mut (dyn FnMut(&StepRecord) + Send),
@@ -495,17 +546,44 @@ async fn drive(
         Some(_) => Some(Recovery::new(cfg, job.faults.clone())?),
         None => None,
     };
+    // The state the job starts from is the first in-memory copy, so that a failure before the
+    // first checkpoint rolls back to the start instead of ending the job. (Not on the simulated
+    // cluster, whose snapshots hold no values.)
+    if let Some(rec) = recovery.as_mut()
+        && cfg.cluster.device != flotilla_runtime::config::DeviceKind::Sim
+    {
+        let snaps = ranks
+            .try_all(clock, deadline, first, "snapshot", RankMsg::Snapshot)
+            .await?;
+        rec.keep(snaps, log).await?;
+    }
     let mut sentinel = crate::sentinel::SentinelClient::find(&job.sup).await;
     let started = clock.now();
-    // Per step taken (a roll-back forgets the steps it undoes).
-    let mut losses = Vec::with_capacity(cfg.job.steps as usize);
-    let mut step_tokens: Vec<u64> = Vec::with_capacity(cfg.job.steps as usize);
-    let (mut step_secs, mut bubbles) = (Vec::new(), Vec::new());
+    let mut taken = Taken::default();
     let mut step = first;
+    // After a rank's failure: roll every rank back (or end the job), forget the steps undone,
+    // and go on at the step rolled back to.
+    macro_rules! roll_back {
+        ($failure:expr) => {{
+            let to = recover(
+                $failure,
+                ckpt.as_mut(),
+                recovery.as_mut(),
+                ranks,
+                clock,
+                deadline,
+                log,
+            )
+            .await?;
+            taken.truncate(to.saturating_sub(first) as usize);
+            step = to;
+            continue;
+        }};
+    }
     while step < cfg.job.steps {
         let t0 = clock.now();
         let attempt = ranks.attempt;
-        let watchdog = watchdog(cfg, &step_secs);
+        let watchdog = watchdog(cfg, &taken.secs);
         let answer = ranks
             .try_all(
                 clock,
@@ -530,25 +608,11 @@ async fn drive(
                 }
                 (e, _) => e,
             });
-        let all = match (answer, ckpt.as_mut(), recovery.as_mut()) {
-            (Ok(all), _, _) => all,
-            (Err(e), Some(ck), Some(rec)) => {
-                // The newest committed checkpoint first becomes the ranks' own copies.
-                ck.finish().await?;
-                if let Some(snaps) = ck.take_committed() {
-                    rec.keep(snaps, log).await?;
-                }
-                step = rec
-                    .roll_back(e, ranks, ck.engine(), clock, deadline, log)
-                    .await?;
-                let kept = step.saturating_sub(first) as usize;
-                losses.truncate(kept);
-                step_tokens.truncate(kept);
-                step_secs.truncate(kept);
-                bubbles.truncate(kept);
-                continue;
+        let all = match answer {
+            Ok(all) => all,
+            Err(e) => {
+                roll_back!(e)
             }
-            (Err(e), _, _) => return Err(e),
         };
         // Every rank reports the job-wide loss and norm; compute is summed over the ranks.
         let (flops, dev_s) = all.iter().fold((0.0, 0.0f64), |(f, s), st| {
@@ -572,8 +636,8 @@ async fn drive(
             .await?;
         }
         let secs = clock.elapsed(t0).as_secs_f64().max(1e-9);
-        step_tokens.push(stats.tokens);
-        losses.push(stats.loss);
+        taken.tokens.push(stats.tokens);
+        taken.losses.push(stats.loss);
         let rec = StepRecord {
             tokens_per_s: stats.tokens as f64 / secs,
             gflops: stats.device_flops / secs / 1e9,
@@ -581,8 +645,8 @@ async fn drive(
             bubble_fraction: (1.0 - busy / secs).max(0.0),
             stats,
         };
-        step_secs.push(secs);
-        bubbles.push(rec.bubble_fraction);
+        taken.secs.push(secs);
+        taken.bubbles.push(rec.bubble_fraction);
         metrics::gauge!(names::TRAIN_LOSS).set(rec.stats.loss as f64);
         metrics::gauge!(names::GRAD_NORM).set(rec.stats.grad_norm);
         metrics::gauge!(names::LEARNING_RATE).set(rec.stats.lr);
@@ -613,7 +677,14 @@ async fn drive(
         }
         on_step(&rec);
         if let Some(ck) = ckpt.as_mut().filter(|c| c.due(step + 1)) {
-            checkpoints::checkpoint(ck, ranks, clock, deadline, step + 1).await?;
+            // A rank that fails while its state is taken is rolled back as in a step.
+            match checkpoints::checkpoint(ck, ranks, clock, deadline, step + 1).await {
+                Ok(()) => {}
+                Err(e @ JobError::RankFailed { .. }) => {
+                    roll_back!(e)
+                }
+                Err(e) => return Err(e),
+            }
         }
         // A committed checkpoint becomes the ranks' in-memory copies and replicas (in the
         // background).
@@ -625,7 +696,7 @@ async fn drive(
         }
         step += 1;
     }
-    let tokens: u64 = step_tokens.iter().sum();
+    let tokens: u64 = taken.tokens.iter().sum();
     if let Some(ck) = ckpt.as_mut() {
         ck.finish().await?;
     }
@@ -649,7 +720,7 @@ async fn drive(
         .await?;
     log.trace(&traces).await?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let step_s = mean(&step_secs);
+    let step_s = mean(&taken.secs);
     let sim = cfg.cluster.device == flotilla_runtime::config::DeviceKind::Sim;
     let mfu = if sim {
         let mcfg = crate::model_config::model_config(&cfg.model)?;
@@ -664,6 +735,7 @@ async fn drive(
     } else {
         None
     };
+    let losses = &taken.losses;
     let tail = &losses[losses.len().saturating_sub(10)..];
     let summary = Summary {
         job: cfg.job.name.clone(),
@@ -682,7 +754,7 @@ async fn drive(
         config_hash: cfg.hash_hex(),
         virtual_time: sim,
         step_s,
-        bubble_fraction: mean(&bubbles),
+        bubble_fraction: mean(&taken.bubbles),
         mfu,
     };
     log.summary(&summary).await?;

@@ -376,9 +376,13 @@ impl StepCtx {
             timeline::peak_activations(list).max(1),
             self.order,
         );
+        let faults = self.faults.clone();
         let step = self
             .stream
-            .run(Order::STEP, |d| {
+            .run(Order::STEP, move |d| {
+                if faults.is_some_and(|f| f.omits_batch(d.store.step)) {
+                    d.store.skip_batch();
+                }
                 d.store.begin_step(d.dev);
                 d.store.step
             })

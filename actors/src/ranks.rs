@@ -2,11 +2,15 @@
 //! gather the answers within a deadline, turning a rank that fails, stops or stays silent into
 //! a [`JobError::RankFailed`] naming it, and marking it failed on the fabric at once so that
 //! its peers stop waiting on it.
+//!
+//! What "marked failed" and "start afresh after a roll-back" mean depends on where the ranks
+//! run: that is the [`Fleet`] (the in-process fabric's hub, or the controller of a job whose
+//! ranks are processes, `crate::remote`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_runtime::clock::{Clock, with_deadline};
+use flotilla_runtime::clock::{BoxFuture, Clock, with_deadline};
 use flotilla_runtime::fabric::inproc::InprocHub;
 use ractor::RpcReplyPort;
 
@@ -14,20 +18,51 @@ use crate::error::JobError;
 use crate::links::RankLinks;
 use crate::rank::RankMsg;
 
+/// Where a job's ranks run, as the job driver needs it besides their actors.
+pub trait Fleet: Send + Sync {
+    /// Mark `rank` failed, so that its peers' waits on it fail now.
+    fn fail_rank(&self, rank: usize, why: String);
+    /// Make every rank ready for `attempt` after a failure: the fabric's traffic and failure
+    /// marks start afresh (and, for rank processes, every rank is up and in a new mesh).
+    fn reset(&self, attempt: u64) -> BoxFuture<'_, Result<(), JobError>>;
+    /// The job is over: close the fabric.
+    fn close(&self);
+    /// The ranks whose own in-memory copies were lost since the last call (their host was):
+    /// a roll-back restores them from a peer's replica, else storage.
+    fn lost_memory(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+impl Fleet for InprocHub {
+    fn fail_rank(&self, rank: usize, why: String) {
+        InprocHub::fail_rank(self, rank, why);
+    }
+
+    fn reset(&self, _attempt: u64) -> BoxFuture<'_, Result<(), JobError>> {
+        InprocHub::reset(self);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn close(&self) {
+        InprocHub::close(self);
+    }
+}
+
 /// The job's ranks, in rank order (found through their links, so a restarted rank actor is
-/// found again), the hub of the fabric between them, and the job's attempt.
+/// found again), where they run, and the job's attempt.
 pub(crate) struct Ranks {
     pub(crate) links: Vec<Arc<RankLinks>>,
-    hub: Arc<InprocHub>,
+    fleet: Arc<dyn Fleet>,
     /// Bumped at every roll-back; every step and restore carries it.
     pub(crate) attempt: u64,
 }
 
 impl Ranks {
-    pub(crate) fn new(links: Vec<Arc<RankLinks>>, hub: Arc<InprocHub>) -> Ranks {
+    pub(crate) fn new(links: Vec<Arc<RankLinks>>, fleet: Arc<dyn Fleet>) -> Ranks {
         Ranks {
             links,
-            hub,
+            fleet,
             attempt: 0,
         }
     }
@@ -37,9 +72,21 @@ impl Ranks {
         self.links.len()
     }
 
-    /// Forget the fabric's failure marks and undelivered messages (a roll-back).
-    pub(crate) fn reset_fabric(&self) {
-        self.hub.reset();
+    /// Start a new attempt (a roll-back): bump it, and have every rank ready for it with the
+    /// fabric's failure marks and undelivered messages forgotten.
+    pub(crate) async fn next_attempt(&mut self) -> Result<(), JobError> {
+        self.attempt += 1;
+        self.fleet.reset(self.attempt).await
+    }
+
+    /// See [`Fleet::lost_memory`].
+    pub(crate) fn lost_memory(&self) -> Vec<usize> {
+        self.fleet.lost_memory()
+    }
+
+    /// Close the fabric (the job is over).
+    pub(crate) fn close(&self) {
+        self.fleet.close();
     }
 
     /// Ask every rank the same question and wait for every answer within `deadline`. Answers
@@ -122,7 +169,7 @@ impl Ranks {
         let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
         let mut first_err = None;
         let fail = |r: usize, why: String, first_err: &mut Option<JobError>| {
-            self.hub.fail_rank(r, why.clone());
+            self.fleet.fail_rank(r, why.clone());
             first_err.get_or_insert(JobError::RankFailed { rank: r, step, why });
         };
         for _ in 0..n {

@@ -44,6 +44,8 @@ pub(crate) struct Recovery {
     hub: Arc<InprocHub>,
     faults: Option<Arc<FaultPlan>>,
     restarts_left: u32,
+    /// `supervision.max_job_restarts`.
+    budget: u32,
     /// The step of the checkpoint every rank holds in its own copy.
     kept: Option<u64>,
     /// The step of the newest committed checkpoint when it is shape-only (nothing kept).
@@ -77,6 +79,7 @@ impl Recovery {
             hub,
             faults,
             restarts_left: cfg.supervision.max_job_restarts,
+            budget: cfg.supervision.max_job_restarts,
             kept: None,
             shape_only: None,
         })
@@ -164,6 +167,18 @@ impl Recovery {
         }
         let Some(to) = self.kept.filter(|_| self.restarts_left > 0) else {
             self.replicas = Some(replicas);
+            if self.kept.is_some() {
+                // The budget is spent: say so with the failure that spent it.
+                return Err(JobError::RankFailed {
+                    rank: *rank,
+                    step: *step,
+                    why: format!(
+                        "{why}; not rolled back: the restart budget \
+                         (supervision.max_job_restarts = {}) is spent",
+                        self.budget
+                    ),
+                });
+            }
             return Err(failure);
         };
         self.restarts_left -= 1;
@@ -174,11 +189,11 @@ impl Recovery {
             ),
         )
         .await?;
-        ranks.reset_fabric();
-        ranks.attempt += 1;
+        ranks.next_attempt().await?;
+        let lost = ranks.lost_memory();
         let mut snaps = Vec::with_capacity(replicas.len());
         for (r, rep) in replicas.iter_mut().enumerate() {
-            if self.faults.as_ref().is_some_and(|f| f.lost_memory(r)) {
+            if lost.contains(&r) || self.faults.as_ref().is_some_and(|f| f.lost_memory(r)) {
                 rep.drop_own();
             }
             let restored = match rep.restore(Some(engine), Some(to)).await {

@@ -147,6 +147,9 @@ pub struct StageState {
     run: Option<Running>,
     /// What arrived and was not taken yet, by key (a combine holds one part per EP index).
     inbox: HashMap<Key, Vec<Option<(Rank, TensorMsg)>>>,
+    /// A peer failed in this attempt (told between steps too): every run fails until the next
+    /// attempt, instead of waiting for the dead peer's messages until its deadline.
+    peer_failed: Option<String>,
 }
 
 /// The stage actor.
@@ -221,6 +224,7 @@ impl Actor for StageActor {
             run_id: 0,
             run: None,
             inbox: HashMap::new(),
+            peer_failed: None,
         })
     }
 
@@ -252,10 +256,15 @@ impl Actor for StageActor {
                     watching: false,
                     plan,
                 });
+                if let Some(why) = s.peer_failed.clone() {
+                    s.fail(why);
+                    return Ok(());
+                }
             }
             StageMsg::Abort { attempt } => {
                 s.attempt = attempt;
                 s.run = None;
+                s.peer_failed = None;
                 s.inbox.clear();
                 return Ok(());
             }
@@ -263,7 +272,9 @@ impl Actor for StageActor {
                 s.receive(src, tag, payload);
             }
             StageMsg::Net(Delivery::PeerFailed { rank, why }) => {
-                s.fail(format!("rank {rank} failed: {why}"));
+                let why = format!("rank {rank} failed: {why}");
+                s.peer_failed.get_or_insert_with(|| why.clone());
+                s.fail(why);
             }
             StageMsg::Done { run_id, unit, out } => {
                 if s.run.as_ref().is_none_or(|r| r.run_id != run_id) {

@@ -22,7 +22,7 @@ use flotilla_model::{
     SimProfile, StageCache, StepOptions, Tensor, Weights,
 };
 use flotilla_runtime::config::{Config, DataConfig, DataFormat, DeviceKind, LrSchedule as LrKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::anomaly::SpikeGuard;
 use crate::error::JobError;
@@ -30,7 +30,7 @@ use crate::model_config::model_config;
 use crate::pipeline::{ModelShape, Placement};
 
 /// What one optimizer step did (a line of `metrics.jsonl`, less the timing the driver adds).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepStats {
     pub step: u64,
     /// The optimised objective: cross-entropy + MTP + balance loss.
@@ -57,8 +57,8 @@ pub struct StepStats {
     /// The update was skipped: the loss or the gradient norm was not finite, or the loss spiked
     /// (`[sentinel]`).
     pub skipped: bool,
-    /// Why, when it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Why, when it was (`null` otherwise: every field is always written, so the statistics
+    /// also cross process boundaries in the control plane's codec).
     pub skipped_why: Option<String>,
 }
 
@@ -334,6 +334,11 @@ impl RankStore {
         self.caches.clear();
         self.shards.clear();
         self.outputs.clear();
+    }
+
+    /// Pass over the loader's next batch (a test's run whose data omits it).
+    pub fn skip_batch(&mut self) {
+        let _ = self.loader.next_step();
     }
 
     /// A step begins: zero gradients, this step's micro-batches from the loader.

@@ -118,23 +118,17 @@ async fn a_panicking_stage_actor_is_restarted_and_the_step_replayed() {
     );
 }
 
+/// The state a job starts from is its first in-memory copy: a failure before the first
+/// checkpoint rolls back to step 0 and the run ends as the clean one does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_before_the_first_checkpoint_ends_the_job() {
-    let storage = Arc::new(SimStorage::unlimited());
-    let err = train_with_faults(
-        cfg(2),
-        storage,
-        Arc::new(RealClock),
-        None,
-        Some(Arc::new(FaultPlan::new(vec![fault(1, false)]))),
-        &mut |_: &StepRecord| {},
-    )
-    .await
-    .expect_err("nothing to roll back to");
-    let text = err.to_string();
+async fn a_failure_before_the_first_checkpoint_rolls_back_to_the_start() {
+    let (clean, _, _) = run(cfg(2), vec![]).await;
+    let (sha, seen, events) = run(cfg(2), vec![fault(1, false)]).await;
+    assert_eq!(sha, clean, "{events}");
+    assert_eq!(seen, vec![0, 0, 1, 2, 3, 4, 5, 6, 7], "{events}");
     assert!(
-        text.contains("rank 1") && text.contains("injected failure"),
-        "{text}"
+        events.contains("rank 1 failed at step 1") && events.contains("back to step 0"),
+        "{events}"
     );
 }
 
@@ -156,6 +150,11 @@ async fn the_roll_back_budget_is_kept() {
     .expect_err("the second failure is one too many");
     assert!(
         err.to_string().contains("injected failure at step 5"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("the restart budget (supervision.max_job_restarts = 1) is spent"),
         "{err}"
     );
     let events = storage.get("events.jsonl").await.expect("events");

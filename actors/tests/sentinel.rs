@@ -126,6 +126,13 @@ async fn a_spiking_or_non_finite_batch_is_skipped_by_every_rank() {
         "the sentinel reports it too"
     );
     assert_ne!(spiked, plain, "the skipped update is missing");
+    // The same parameters as a run of one step fewer whose data omits step 4's batch: the
+    // skip took out that batch's update and nothing else.
+    let mut shorter = c.clone();
+    shorter.job.steps -= 1;
+    let (omitted, none, _) = run_with(shorter, FaultPlan::default().with_omitted_batch(4)).await;
+    assert!(none.is_empty());
+    assert_eq!(spiked, omitted, "a skipped batch is an omitted batch");
 
     // A NaN loss at step 4: skipped for not being finite, with or without a sentinel; the
     // parameters are those of the spiking run (both skipped exactly step 4's update).

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod fabric;
 pub mod metrics;
 pub mod storage;

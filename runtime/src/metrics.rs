@@ -31,6 +31,14 @@ pub const COLLECTIVE_SECONDS: &str = "flotilla_collective_seconds";
 pub const CHECKPOINT_STALL_SECONDS: &str = "flotilla_checkpoint_stall_seconds";
 /// Anomalies flagged by the sentinel (counter, label `kind`).
 pub const ANOMALIES: &str = "flotilla_anomalies_total";
+/// Failures the controller of a multi-process job detected (counter, label `kind`:
+/// `rank_exit`, `agent_exit`, `heartbeat`, `link_lost`, `hung`).
+pub const FAILURES: &str = "flotilla_failures_total";
+/// Actions the controller of a multi-process job took (counter, label `action`: `evict`,
+/// `reassign`, `restart_agent`).
+pub const RECOVERY_ACTIONS: &str = "flotilla_recovery_actions_total";
+/// Seconds from a failure's detection to every rank being back in the mesh (histogram).
+pub const REJOIN_SECONDS: &str = "flotilla_rejoin_seconds";
 
 /// Why the exporter could not start.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 mod bench;
 mod ckpt;
 mod config;
+mod launch;
 mod model;
 mod schedule;
 mod train;
@@ -24,6 +25,14 @@ pub struct Cli {
 enum Command {
     /// Train a model (the built-in default when no config is given).
     Train(train::TrainArgs),
+    /// Run a job as processes on this machine: the controller, a node agent per host (and
+    /// spare), a rank process per rank; failed processes are restarted and the job rolled back.
+    Launch(launch::LaunchArgs),
+    /// Join a job as a node agent (under srun, torchrun-style variables, or --controller).
+    Agent(launch::AgentArgs),
+    /// One rank of a job, started by its node agent (not for direct use).
+    #[command(hide = true)]
+    Rank(launch::RankArgs),
     /// Check or print job config files.
     #[command(subcommand)]
     Config(config::ConfigCmd),
@@ -49,6 +58,9 @@ pub fn main() -> ExitCode {
         .unwrap_or(Command::Train(train::TrainArgs::default()))
     {
         Command::Train(t) => train::run(t),
+        Command::Launch(l) => launch::run_launch(l),
+        Command::Agent(a) => launch::run_agent(a),
+        Command::Rank(r) => launch::run_rank(r),
         Command::Config(c) => config::run(c),
         Command::Bench(b) => bench::run(b),
         Command::Model(m) => model::run(m),

@@ -33,7 +33,7 @@ pub struct TrainArgs {
 }
 
 /// Load the config named on the command line (or the default) and apply the overrides.
-fn job_config(args: &TrainArgs) -> Result<Config> {
+pub fn job_config(args: &TrainArgs) -> Result<Config> {
     let mut cfg = match &args.config {
         Some(path) => Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Config::default(),
@@ -133,6 +133,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         bar.finish();
         s.map_err(anyhow::Error::from)
     })?;
+    print_summary(&summary, &out_dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The summary lines `train` and `launch` print.
+pub fn print_summary(summary: &flotilla_actors::Summary, out_dir: &std::path::Path) {
     if summary.virtual_time {
         // The simulated device computes no values: there is no loss to print, and every time
         // is virtual (the cost model's), not this machine's.
@@ -163,5 +169,4 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         "wrote {}/{{metrics.jsonl,events.jsonl,summary.json,trace.json}}",
         out_dir.display()
     );
-    Ok(ExitCode::SUCCESS)
 }

@@ -367,14 +367,15 @@ fn the_scan_finds_known_reads_and_misses_known_non_reads() {
     // Through `let sim = cfg.cluster.sim.clone().unwrap_or_default();`.
     assert!(files("cluster.sim.link_gbps").contains(&"actors/src/job.rs".to_owned()));
     // Refused keys are read nowhere.
-    for path in [
-        "supervision.heartbeat_ms",
-        "cluster.listen",
-        "cluster.peers",
-    ] {
+    for path in ["cluster.listen", "cluster.peers"] {
         assert_eq!(files(path), Vec::<String>::new(), "{path}");
         assert_eq!(refused(key(path)), Ok(()), "{path}");
     }
+    // Read by the controller of a multi-process job.
+    assert!(
+        files("supervision.heartbeat_ms").contains(&"actors/src/remote/controller.rs".to_owned())
+    );
+    assert!(files("cluster.spares").contains(&"actors/src/remote/controller.rs".to_owned()));
     // A read key is not refused.
     assert!(refused(key("checkpoint.keep")).is_err());
 }

@@ -225,11 +225,13 @@ impl Config {
             "10.0.0.2:47000".to_owned(),
         ]);
         c.cluster.cpu_threads = Some(2);
+        c.cluster.spares = 1;
         // [cluster.sim] is read only by the simulated cluster.
         c.cluster.device = enums::DeviceKind::Sim;
         c.cluster.fabric = enums::FabricKind::Sim;
         c.cluster.sim = Some(SimConfig::default());
         c.supervision.heartbeat_ms = Some(1000);
+        c.supervision.heartbeat_misses = Some(2);
         c.supervision.watchdog_factor = Some(10.0);
         c.sentinel = Some(SentinelConfig::default());
         c.data.seed = Some(c.job.seed);

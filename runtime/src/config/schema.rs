@@ -380,7 +380,7 @@ static CLUSTER: &[Field] = &[
     f(
         "fabric",
         Ty::Enum(FabricKind::NAMES),
-        "Transport between ranks: \"inproc\", or \"sim\" (modelled links); \"quic\" is not supported yet.",
+        "Transport between the ranks of `flotilla train`: \"inproc\", or \"sim\" (modelled links); \"quic\" is not supported yet (the rank processes of `flotilla launch` / `agent` always use QUIC).",
     ),
     opt(
         "listen",
@@ -391,6 +391,11 @@ static CLUSTER: &[Field] = &[
         "peers",
         Ty::StrArray,
         "Every host's agent address (host:port) in host order (not supported yet).",
+    ),
+    opt(
+        "spares",
+        USIZE,
+        "Spare node agents of `flotilla launch` / `agent`: they take over a lost host's ranks (absent: 0).",
     ),
     opt(
         "cpu_threads",
@@ -463,7 +468,12 @@ static SUPERVISION: &[Field] = &[
     opt(
         "heartbeat_ms",
         U64,
-        "Heartbeat period, ms (not supported yet).",
+        "Heartbeat period of the node agents of `flotilla launch` / `agent`, ms (absent: 1000).",
+    ),
+    opt(
+        "heartbeat_misses",
+        U32,
+        "Heartbeats an agent may miss before it is declared lost (absent: 2).",
     ),
     f(
         "peer_timeout_ms",

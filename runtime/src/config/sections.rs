@@ -148,6 +148,11 @@ pub struct ClusterConfig {
     /// multi-process job (not supported yet: refused when set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peers: Option<Vec<String>>,
+    /// Spare node agents of a multi-process job (`flotilla launch`, `flotilla agent`): they run
+    /// no ranks until a host is lost, then take its ranks over. Not serialized when 0, so
+    /// configs without it keep their canonical text and hash.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub spares: usize,
     /// Threads for CPU compute per process; `None` means all available cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_threads: Option<usize>,
@@ -165,6 +170,7 @@ impl Default for ClusterConfig {
             fabric: FabricKind::Inproc,
             listen: None,
             peers: None,
+            spares: 0,
             cpu_threads: None,
             sim: None,
         }
@@ -227,10 +233,14 @@ pub struct SupervisionConfig {
     pub backoff_max_ms: u64,
     /// How long a supervisor waits for a child to stop before killing it, ms.
     pub shutdown_timeout_ms: u64,
-    /// Heartbeat period between agents and the controller, ms (not supported yet: nothing
-    /// sends heartbeats, so validation refuses it when set).
+    /// Heartbeat period of the node agents of a multi-process job, ms (`None`: 1000); an agent
+    /// that misses `heartbeat_misses` of them is declared lost. A job in one process has no
+    /// agents.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ms: Option<u64>,
+    /// Heartbeats an agent may miss before it is declared lost (`None`: 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_misses: Option<u32>,
     /// The deadline of every wait on a peer rank, ms: a peer silent for this long is declared
     /// dead.
     pub peer_timeout_ms: u64,
@@ -253,6 +263,7 @@ impl Default for SupervisionConfig {
             backoff_max_ms: 5000,
             shutdown_timeout_ms: 5000,
             heartbeat_ms: None,
+            heartbeat_misses: None,
             peer_timeout_ms: 30000,
             max_job_restarts: 10,
             watchdog_factor: None,
@@ -476,4 +487,8 @@ impl MetricsConfig {
     pub fn prometheus_addr(&self) -> Option<SocketAddr> {
         self.prometheus.as_deref().and_then(|a| a.parse().ok())
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

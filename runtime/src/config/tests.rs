@@ -36,11 +36,7 @@ fn parse_schema_only(src: &str) -> Config {
 
 /// The keys `example_full` sets that are not supported yet, as validation of a config built in
 /// code names them (a whole optional table by its own path).
-const EXAMPLE_UNSUPPORTED: [&str; 3] = [
-    "cluster.listen",
-    "cluster.peers",
-    "supervision.heartbeat_ms",
-];
+const EXAMPLE_UNSUPPORTED: [&str; 2] = ["cluster.listen", "cluster.peers"];
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -152,7 +148,14 @@ fn config_every_example_parses_and_validates() {
         ),
         (7168, 256, 4096)
     );
-    assert_eq!(seen.len(), 6, "new example configs deserve a check here");
+    let c = get("chaos.toml");
+    assert_eq!(
+        (c.cluster.hosts, c.cluster.ranks_per_host, c.cluster.spares),
+        (4, 1, 1)
+    );
+    assert_eq!((c.parallel.pp, c.parallel.ep, c.world_size()), (2, 2, 4));
+    assert_eq!(c.supervision.heartbeat_ms, Some(500));
+    assert_eq!(seen.len(), 7, "new example configs deserve a check here");
 }
 
 #[test]

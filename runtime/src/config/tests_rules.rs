@@ -366,10 +366,6 @@ fn config_unsupported_keys_are_refused_by_name() {
     );
     assert_eq!(refused("[cluster]\npeers = []\n"), one("cluster.peers", 2));
     assert_eq!(
-        refused("[supervision]\nheartbeat_ms = 1000\n"),
-        one("supervision.heartbeat_ms", 2)
-    );
-    assert_eq!(
         refused("[cluster]\nlisten = \"127.0.0.1:0\"\n\npeers = []\n"),
         [
             ("cluster.listen".to_owned(), 2),
@@ -397,8 +393,15 @@ fn config_unsupported_keys_are_refused_by_name() {
         .expect("valid");
     // Built in code: the key is named by its path.
     let mut c = Config::default();
-    c.supervision.heartbeat_ms = Some(1000);
+    c.cluster.peers = Some(Vec::new());
     let err = c.validate().expect_err("refused");
+    assert_eq!(err.keys(), ["cluster.peers"]);
+    // heartbeat_ms is read by the agents of `flotilla launch` / `agent`.
+    let mut c = Config::default();
+    c.supervision.heartbeat_ms = Some(1000);
+    c.validate().expect("heartbeat_ms is supported");
+    c.supervision.heartbeat_ms = Some(0);
+    let err = c.validate().expect_err("a zero period");
     assert_eq!(err.keys(), ["supervision.heartbeat_ms"]);
 }
 

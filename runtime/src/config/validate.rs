@@ -272,8 +272,10 @@ fn model(cfg: &Config, c: &mut Checker<'_>) {
 
 /// Why the simulated cluster's keys are refused.
 /// Why the multi-process keys are refused.
-const NO_MULTI_PROCESS: &str = "multi-process jobs (`flotilla launch` / `agent`) do not exist \
-     yet; `flotilla train` runs every rank in one process over fabric = \"inproc\"";
+const NO_MULTI_PROCESS: &str = "the ranks of a multi-process job (`flotilla launch` / `agent`) \
+     always meet over QUIC, whatever cluster.fabric says, and find each other through the \
+     controller; fabric = \"inproc\" is the transport of `flotilla train`, which runs every \
+     rank in one process";
 
 fn cluster(cfg: &Config, c: &mut Checker<'_>) {
     let cl = &cfg.cluster;
@@ -347,12 +349,12 @@ fn supervision(cfg: &Config, c: &mut Checker<'_>) {
             || format!("must be a finite number > 1, found {f}"),
         );
     }
-    c.unsupported(
-        "supervision.heartbeat_ms",
-        s.heartbeat_ms.is_some(),
-        "nothing sends heartbeats; a silent peer is found by the deadline \
-         supervision.peer_timeout_ms",
-    );
+    if let Some(hb) = s.heartbeat_ms {
+        c.at_least_one("supervision.heartbeat_ms", hb);
+    }
+    if let Some(m) = s.heartbeat_misses {
+        c.at_least_one("supervision.heartbeat_misses", u64::from(m));
+    }
     c.at_least_one("supervision.peer_timeout_ms", s.peer_timeout_ms);
 }
 

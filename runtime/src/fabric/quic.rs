@@ -461,6 +461,12 @@ impl QuicFabric {
             tokio::time::timeout(self.shared.opts.connect_timeout, self.endpoint.wait_idle()).await;
     }
 
+    /// Declare `peer` failed (told by the job's controller, which saw it die): its connections
+    /// are closed and receives from it fail at once with `why`.
+    pub fn fail_peer(&self, peer: Rank, why: String) {
+        self.shared.fail_peer(peer, why);
+    }
+
     /// Close every connection now (unsent data is dropped) and fail local receives.
     pub fn close(&self) {
         self.endpoint

@@ -50,7 +50,23 @@ fn cert_err(e: rcgen::Error) -> QuicError {
 impl JobCa {
     /// A fresh CA with a new ECDSA P-256 key.
     pub fn generate() -> Result<Self, QuicError> {
-        let key = KeyPair::generate().map_err(cert_err)?;
+        Self::with_key(KeyPair::generate().map_err(cert_err)?)
+    }
+
+    /// The CA whose PKCS#8 key is `key_der` (as [`Self::key_der`] wrote it): the issuer of the
+    /// certificates of a job's processes, which all read it from the job directory.
+    pub fn from_key_der(key_der: &[u8]) -> Result<Self, QuicError> {
+        Self::with_key(KeyPair::try_from(key_der).map_err(cert_err)?)
+    }
+
+    /// The CA's key as PKCS#8 DER (secret: keep it in a directory only the job's user reads).
+    pub fn key_der(&self) -> Vec<u8> {
+        self.key.serialize_der()
+    }
+
+    /// The CA certificate of `key`. The same key gives a certificate with the same subject and
+    /// key, so a CA rebuilt from its key issues certificates that chain to any of its copies.
+    fn with_key(key: KeyPair) -> Result<Self, QuicError> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
         params
             .distinguished_name
@@ -72,8 +88,33 @@ impl JobCa {
 
     /// Issue the certificate and key of `rank`.
     pub fn issue(&self, rank: Rank) -> Result<RankIdentity, QuicError> {
+        let (cert, key) = self.issue_cert(&rank_name(rank))?;
+        Ok(RankIdentity {
+            rank,
+            cert,
+            key,
+            ca: self.cert_der(),
+        })
+    }
+
+    /// Issue a certificate for the DNS name `name` (a control-plane peer: the controller, an
+    /// agent, a rank process).
+    pub fn issue_named(&self, name: &str) -> Result<NamedIdentity, QuicError> {
+        let (cert, key) = self.issue_cert(name)?;
+        Ok(NamedIdentity {
+            name: name.to_owned(),
+            cert,
+            key,
+            ca: self.cert_der(),
+        })
+    }
+
+    fn issue_cert(
+        &self,
+        name: &str,
+    ) -> Result<(CertificateDer<'static>, PrivatePkcs8KeyDer<'static>), QuicError> {
         let key = KeyPair::generate().map_err(cert_err)?;
-        let name = rank_name(rank);
+        let name = name.to_owned();
         let mut params = CertificateParams::new(vec![name.clone()]).map_err(cert_err)?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -84,13 +125,102 @@ impl JobCa {
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
             .map_err(cert_err)?;
-        Ok(RankIdentity {
-            rank,
-            cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            ca: self.cert_der(),
-        })
+        Ok((
+            cert.der().clone(),
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
     }
+}
+
+/// A certificate for a DNS name, its key, and the job CA to trust (the control plane's peers).
+pub struct NamedIdentity {
+    pub name: String,
+    pub cert: CertificateDer<'static>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+    pub ca: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for NamedIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedIdentity")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NamedIdentity {
+    /// The QUIC server side for protocol `alpn`: present our certificate, require one from the
+    /// job CA.
+    pub fn server_config(
+        &self,
+        alpn: &[u8],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, QuicError> {
+        server_config(&self.cert, &self.key, &self.ca, alpn, transport)
+    }
+
+    /// The QUIC client side for protocol `alpn`: trust only the job CA, present our certificate.
+    pub fn client_config(
+        &self,
+        alpn: &[u8],
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ClientConfig, QuicError> {
+        client_config(&self.cert, &self.key, &self.ca, alpn, transport)
+    }
+}
+
+fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, QuicError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).map_err(tls_err)?;
+    Ok(Arc::new(roots))
+}
+
+/// Mutual TLS 1.3, server side: `cert` and `key` presented, a client certificate from `ca`
+/// required.
+fn server_config(
+    cert: &CertificateDer<'static>,
+    key: &PrivatePkcs8KeyDer<'static>,
+    ca: &CertificateDer<'static>,
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider.clone())
+        .build()
+        .map_err(tls_err)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert.clone()], PrivateKeyDer::Pkcs8(key.clone_key()))
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport);
+    Ok(cfg)
+}
+
+/// Mutual TLS 1.3, client side: only `ca` trusted, `cert` and `key` presented.
+fn client_config(
+    cert: &CertificateDer<'static>,
+    key: &PrivatePkcs8KeyDer<'static>,
+    ca: &CertificateDer<'static>,
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, QuicError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(vec![cert.clone()], PrivateKeyDer::Pkcs8(key.clone_key()))
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport);
+    Ok(cfg)
 }
 
 /// What one rank needs to join the mesh: its certificate and key, and the job CA to trust.
@@ -176,36 +306,12 @@ impl RankIdentity {
         })
     }
 
-    fn roots(&self) -> Result<Arc<RootCertStore>, QuicError> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone()).map_err(tls_err)?;
-        Ok(Arc::new(roots))
-    }
-
-    fn chain(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.cert.clone()]
-    }
-
     /// The QUIC server side: present our certificate, require one from the job CA.
     pub(crate) fn server_config(
         &self,
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, QuicError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
-            .build()
-            .map_err(tls_err)?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
-            .map_err(tls_err)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
-        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(transport);
-        Ok(cfg)
+        server_config(&self.cert, &self.key, &self.ca, ALPN, transport)
     }
 
     /// The QUIC client side: trust only the job CA, present our certificate.
@@ -213,18 +319,7 @@ impl RankIdentity {
         &self,
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, QuicError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
-            .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(self.chain(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
-            .map_err(tls_err)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
-        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-        cfg.transport_config(transport);
-        Ok(cfg)
+        client_config(&self.cert, &self.key, &self.ca, ALPN, transport)
     }
 }
 
@@ -235,7 +330,12 @@ impl RankIdentity {
 /// (context tag `[2]`, short length, the name), which cannot match a longer name such as
 /// `rank-12.flotilla` for rank 2.
 pub fn cert_names_rank(der: &[u8], rank: Rank) -> bool {
-    let name = rank_name(rank);
+    cert_names(der, &rank_name(rank))
+}
+
+/// Whether a (verified) certificate carries the DNS subject-alternative name `name` exactly
+/// (see [`cert_names_rank`]).
+pub fn cert_names(der: &[u8], name: &str) -> bool {
     let Ok(len) = u8::try_from(name.len()) else {
         return false;
     };
