@@ -282,6 +282,27 @@ pub fn run_agent(args: AgentArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The debug knob of rank processes: `FLOTILLA_DEBUG_SLOW_RANK=R:F` makes rank R's device work
+/// take F times as long (tests of straggler detection; agents pass their environment on).
+const SLOW_RANK: &str = "FLOTILLA_DEBUG_SLOW_RANK";
+
+/// The faults the knob asks of rank `rank`.
+fn slow_rank_knob(
+    rank: usize,
+    value: Option<&str>,
+) -> Result<Option<Arc<flotilla_actors::faults::FaultPlan>>> {
+    let Some(v) = value else { return Ok(None) };
+    let bad = || anyhow!("{SLOW_RANK}={v:?}: expected RANK:FACTOR, e.g. 3:4.0");
+    let (r, f) = v.split_once(':').ok_or_else(bad)?;
+    let r: usize = r.trim().parse().map_err(|_| bad())?;
+    let f: f64 = f.trim().parse().map_err(|_| bad())?;
+    if !(f.is_finite() && f >= 1.0) {
+        return Err(bad());
+    }
+    Ok((r == rank)
+        .then(|| Arc::new(flotilla_actors::faults::FaultPlan::default().with_slow_rank(r, f))))
+}
+
 /// `flotilla rank` (started by an agent).
 pub fn run_rank(args: RankArgs) -> Result<ExitCode> {
     let mut cfg = load(&args.config)?;
@@ -292,6 +313,7 @@ pub fn run_rank(args: RankArgs) -> Result<ExitCode> {
         controller: args.controller,
         rank: args.rank,
         agent: args.agent,
+        faults: slow_rank_knob(args.rank, std::env::var(SLOW_RANK).ok().as_deref())?,
     };
     runtime()?.block_on(rank_process::run(a))?;
     Ok(ExitCode::SUCCESS)
@@ -306,6 +328,24 @@ mod tests {
             vars.iter()
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_slow_rank_knob_is_parsed_or_refused() {
+        assert!(slow_rank_knob(1, None).expect("unset").is_none());
+        assert!(
+            slow_rank_knob(1, Some("2:4"))
+                .expect("another rank")
+                .is_none()
+        );
+        let plan = slow_rank_knob(2, Some("2:4.5"))
+            .expect("ok")
+            .expect("this rank");
+        assert_eq!(plan.slowdown(2), Some(4.5));
+        for bad in ["2", "x:4", "2:y", "2:0.5", "2:nan"] {
+            let e = slow_rank_knob(2, Some(bad)).expect_err(bad);
+            assert!(e.to_string().contains("RANK:FACTOR"), "{e}");
         }
     }
 

@@ -585,3 +585,48 @@ fn strangers_and_bad_frames_are_refused_while_the_job_goes_on() {
         "the refusals are logged: {stderr}"
     );
 }
+
+/// A rank process whose device is slowed (`FLOTILLA_DEBUG_SLOW_RANK`) is reported by the
+/// sentinel as a straggler on (nearly) every step, and nothing is restarted or rolled back.
+#[test]
+fn a_slow_rank_process_is_reported_as_a_straggler_and_left_running() {
+    let want = reference();
+    let (_cfg_dir, config) = chaos_config("chaos-slow-config", |t| format!("{t}\n[sentinel]\n"));
+    let dir = tmp("chaos-slow");
+    let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["launch", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&*dir)
+        .env("FLOTILLA_DEBUG_SLOW_RANK", "2:6")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flotilla launch starts");
+    let out = finish(child, TRIAL_LIMIT, "slow rank");
+    let events = ended_with(&out, &dir, &want);
+    let named = |rank: u64| {
+        events
+            .iter()
+            .filter(|v| v["anomaly"]["kind"] == "straggler" && v["anomaly"]["rank"] == rank)
+            .count()
+    };
+    assert!(
+        named(2) >= 12,
+        "rank 2 on half the 24 steps at least: {events:?}"
+    );
+    for kind in ["rank_exit", "agent_exit", "heartbeat", "link_lost", "hung"] {
+        assert!(
+            !events.iter().any(|e| e["kind"] == kind),
+            "{kind}: a straggler must not be restarted"
+        );
+    }
+    assert!(
+        !events
+            .iter()
+            .filter_map(|e| e["event"].as_str())
+            .any(|t| t.contains("rolling every rank back")),
+        "a straggler must not roll the job back"
+    );
+}

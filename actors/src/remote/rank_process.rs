@@ -40,6 +40,8 @@ pub struct RankProcessArgs {
     pub controller: SocketAddr,
     pub rank: usize,
     pub agent: usize,
+    /// Failures to inject (the debug knob of `flotilla rank`, for tests).
+    pub faults: Option<Arc<crate::faults::FaultPlan>>,
 }
 
 /// The rank's subtree of one attempt, and the fabric under it.
@@ -194,7 +196,7 @@ impl Process {
             dataset: Arc::clone(&self.dataset),
             fabric: Arc::clone(&now.fabric) as Arc<dyn Fabric>,
             clock: Arc::clone(&clock),
-            faults: None,
+            faults: self.a.faults.clone(),
             window: 3 * self.cfg.parallel.sub_batches.max(1),
             on_device_thread: None,
         };
