@@ -200,7 +200,7 @@ impl ControlLink {
 
     /// Whether the peer's (verified) certificate names `name`.
     pub fn peer_is(&self, name: &str) -> bool {
-        tls::peer_cert(&self.tx.conn).is_some_and(|c| tls::cert_names(&c, name))
+        self.tx.peer_is(name)
     }
 
     /// The peer's address.
@@ -243,6 +243,11 @@ impl ControlTx {
             .write_all(bytes)
             .await
             .map_err(transport)
+    }
+
+    /// Whether the peer's (verified) certificate names `name`.
+    pub fn peer_is(&self, name: &str) -> bool {
+        tls::peer_cert(&self.conn).is_some_and(|c| tls::cert_names(&c, name))
     }
 
     /// Close the link at once, telling the peer `why`.

@@ -63,7 +63,7 @@ pub async fn run(a: AgentArgs) -> Result<(), JobError> {
         .map_err(err)?
         .map_err(err)?;
     let id = ca
-        .issue_named(&format!("agent-{}.flotilla", a.index))
+        .issue_named(&super::controller::agent_name(a.index))
         .map_err(err)?;
     let hb = heartbeat(&a.config);
     let idle = (hb * 4).max(Duration::from_secs(5));

@@ -228,6 +228,11 @@ impl Controller {
     }
 }
 
+/// The certificate name of agent `index`.
+pub fn agent_name(index: usize) -> String {
+    format!("agent-{index}.flotilla")
+}
+
 /// What the launcher of the agents tells the controller.
 #[derive(Clone)]
 pub struct ControllerHandle(Arc<Shared>);
@@ -324,16 +329,6 @@ impl Shared {
     async fn serve(self: Arc<Self>, link: ControlLink) {
         let remote = link.remote();
         let ip = remote.ip();
-        let (named_agent, named_rank) = (
-            |i: usize| format!("agent-{i}.flotilla"),
-            |r: usize| tls::rank_name(r),
-        );
-        let agent_ok: Vec<bool> = (0..self.agent_slots())
-            .map(|i| link.peer_is(&named_agent(i)))
-            .collect();
-        let rank_ok: Vec<bool> = (0..self.lines.len())
-            .map(|r| link.peer_is(&named_rank(r)))
-            .collect();
         let (tx, mut rx, _) = link.split();
         let hello = tokio::time::timeout(Duration::from_secs(10), rx.recv::<Up>()).await;
         let hello = match hello {
@@ -356,16 +351,24 @@ impl Shared {
                     &format!("its config (hash {config_hash}) is not the job's ({hash})"),
                 )
             }
-            Hello::Agent { index, .. } if !agent_ok.get(index).copied().unwrap_or(false) => refuse(
-                &tx,
-                remote,
-                &format!("claims agent {index} without its certificate"),
-            ),
-            Hello::Rank { rank, .. } if !rank_ok.get(rank).copied().unwrap_or(false) => refuse(
-                &tx,
-                remote,
-                &format!("claims rank {rank} without its certificate"),
-            ),
+            Hello::Agent { index, .. }
+                if index >= self.agent_slots() || !tx.peer_is(&agent_name(index)) =>
+            {
+                refuse(
+                    &tx,
+                    remote,
+                    &format!("claims agent {index} without its certificate"),
+                )
+            }
+            Hello::Rank { rank, .. }
+                if rank >= self.lines.len() || !tx.peer_is(&tls::rank_name(rank)) =>
+            {
+                refuse(
+                    &tx,
+                    remote,
+                    &format!("claims rank {rank} without its certificate"),
+                )
+            }
             Hello::Agent {
                 index,
                 pid,
