@@ -127,8 +127,9 @@ impl ParallelConfig {
 
 /// `[cluster]`: the machines, the device and fabric seams, and the simulated cluster's physics.
 ///
-/// Only `device = "cpu"` and `fabric = "inproc"` run today; validation refuses the other
-/// devices and fabrics, `listen`, `peers` and `[cluster.sim]` as not supported yet.
+/// Validation refuses `device = "cuda"`, `fabric = "quic"`, `listen` and `peers` as not
+/// supported yet (the rank processes of `flotilla launch` / `agent` meet over QUIC whatever
+/// `fabric` says).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -156,7 +157,7 @@ pub struct ClusterConfig {
     /// Threads for CPU compute per process; `None` means all available cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_threads: Option<usize>,
-    /// Physics of the simulated cluster (`[cluster.sim]`; not supported yet: refused when set).
+    /// Physics of the simulated cluster (`[cluster.sim]`; only with `device = "sim"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sim: Option<SimConfig>,
 }
