@@ -513,9 +513,45 @@ fn a_spent_restart_budget_ends_the_job_with_a_verified_checkpoint() {
     assert!(!text.is_empty(), "ckpt verify said nothing");
 }
 
-/// While a job runs, the controller refuses a peer with another CA's certificate, a peer of
-/// the job's CA that sends garbage or an oversized frame, and one that claims an agent already
-/// in the job; the job ends with the parameters of the run without them.
+/// Dial the controller trusting the job's CA but presenting no certificate; whether anything
+/// came back.
+async fn without_certificate(addr: std::net::SocketAddr, dir: &Path) -> bool {
+    use quinn::rustls;
+    let ca = std::fs::read(dir.join("ca.der")).expect("ca.der");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.into()).expect("the job's CA");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![flotilla_runtime::control::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+    let mut ep =
+        quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("endpoint");
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let exchange = async {
+        let conn = ep
+            .connect(addr, flotilla_runtime::control::CONTROLLER_NAME)
+            .ok()?
+            .await
+            .ok()?;
+        let (mut tx, mut rx) = conn.open_bi().await.ok()?;
+        tx.write_all(b"hello").await.ok()?;
+        let mut b = [0u8; 1];
+        rx.read_exact(&mut b).await.ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// While a job runs, the controller refuses a peer with another CA's certificate, one with no
+/// certificate, and peers of the job's CA that send garbage or an oversized frame; the job ends
+/// with the parameters of the run without them.
 #[test]
 fn strangers_and_bad_frames_are_refused_while_the_job_goes_on() {
     use flotilla_runtime::control::{self, keys};
@@ -550,7 +586,12 @@ fn strangers_and_bad_frames_are_refused_while_the_job_goes_on() {
                 "a peer of another CA was answered"
             );
         }
-        // The job's own CA, but garbage, an oversized frame, and a claim to a taken index.
+        // No certificate at all: the server requires one.
+        assert!(
+            !without_certificate(addr, &dir).await,
+            "a peer without a certificate was answered"
+        );
+        // The job's own CA, but garbage or an oversized frame instead of a hello.
         let ca = keys::load_ca(&dir).expect("the job's CA");
         let mut oversized = control::MAGIC.to_vec();
         oversized.extend_from_slice(&u32::MAX.to_le_bytes());
