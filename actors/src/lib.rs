@@ -8,6 +8,7 @@ pub mod checkpoints;
 pub mod ckpt_coordinator;
 pub mod ckpt_writer;
 pub mod comm;
+mod driver;
 pub mod error;
 pub mod expert_shard;
 pub mod faults;

@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 
 use super::agent::{describe, kill, spawn_flotilla};
 use super::controller::Controller;
+use crate::driver::drive;
 use crate::error::JobError;
-use crate::job::{Job, Launch, StepRecord, Summary, drive};
+use crate::job::{Job, Launch, StepRecord, Summary};
 use crate::run_log::RunLog;
 
 fn err(why: impl std::fmt::Display) -> JobError {
