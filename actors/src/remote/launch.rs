@@ -126,6 +126,8 @@ pub async fn launch(
                     continue;
                 }
                 restarts += 1;
+                metrics::counter!(flotilla_runtime::metrics::RECOVERY_ACTIONS, "action" => "restart_agent")
+                    .increment(1);
                 tokio::time::sleep(backoff).await;
                 match spawner.spawn(i, &exits_tx, &over) {
                     Ok(pid) => pids.lock().unwrap_or_else(|p| p.into_inner())[i] = pid,

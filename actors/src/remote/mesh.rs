@@ -162,9 +162,8 @@ impl Shared {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, changed.changed()).await.is_err() {
                 return Err(JobError::Processes(format!(
-                    "at step {}, waited {:?} for {what}: {why}",
-                    self.step(),
-                    rejoin_timeout(&self.cfg)
+                    "at step {}, gave up waiting for {what}: {why}",
+                    self.step()
                 )));
             }
         }
