@@ -200,6 +200,11 @@ impl Job {
         launch: Launch,
     ) -> Result<Job, JobError> {
         let cfg = Arc::new(cfg);
+        // A device this binary or machine cannot give is said before any actor starts (in this
+        // process's ranks; a multi-process job's ranks check their own).
+        if launch.remote.is_none() {
+            crate::store::check_device(&cfg)?;
+        }
         let engine = checkpoints::engine_for(&cfg, &storage)?;
         let log = RunLog::new(storage);
         if fresh {

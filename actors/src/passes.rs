@@ -211,10 +211,10 @@ pub fn weight(d: &mut OnDevice<'_>, chunk: usize, stage: usize) -> Result<(), St
             .shards
             .remove(&(chunk, layer))
             .ok_or_else(|| format!("{what}: the experts of layer {layer} kept nothing"))?;
-        let (Some(m), Some(g)) = (store.model.moe(layer), store.grads.moe_mut(layer)) else {
+        let Some(g) = store.grads.moe_mut(layer) else {
             return Err(format!("{what}: layer {layer} has no routed experts"));
         };
-        shard::backward_weight(d.dev, &m.experts, c, &mut g.experts)
+        shard::backward_weight(d.dev, c, &mut g.experts)
             .map_err(|e| format!("{what}, experts of layer {layer}: {e}"))?;
     }
     Ok(())

@@ -160,7 +160,7 @@ impl Actor for RankActor {
             if let Some(h) = &hook {
                 h(rank);
             }
-            let dev = make_device(&cfg)?;
+            let dev = make_device(&cfg, rank)?;
             let store = RankStore::build(&cfg, rank, placement, &shape, dataset, dev.as_ref())?;
             Ok((dev, store))
         };

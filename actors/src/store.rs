@@ -138,17 +138,63 @@ impl RankStore {
     }
 }
 
-/// The compute device `[cluster] device` names.
-pub fn make_device(cfg: &Config) -> Result<Box<dyn Device>, JobError> {
+/// The compute device `[cluster] device` names, for `rank` (on CUDA: GPU `rank` mod the GPUs
+/// the driver sees).
+pub fn make_device(cfg: &Config, rank: usize) -> Result<Box<dyn Device>, JobError> {
     Ok(match cfg.cluster.device {
         DeviceKind::Cpu => Box::new(CpuDevice::new(cpu_threads(cfg))),
         DeviceKind::Sim => Box::new(SimDevice::new(sim_profile(cfg))),
-        DeviceKind::Cuda => {
-            return Err(JobError::Config(
-                "cluster.device = \"cuda\": the CUDA device is not supported yet".into(),
-            ));
-        }
+        DeviceKind::Cuda => return cuda_device(cfg, rank),
     })
+}
+
+/// Whether this binary and machine have the device `cfg` names (a clear error before the job
+/// starts, rather than a rank that fails to start).
+pub fn check_device(cfg: &Config) -> Result<(), JobError> {
+    if cfg.cluster.device != DeviceKind::Cuda {
+        return Ok(());
+    }
+    gpu_count().map(|_| ())
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_count() -> Result<usize, JobError> {
+    match flotilla_model::device::cuda::device_count() {
+        0 => Err(JobError::Config(
+            "cluster.device = \"cuda\": the CUDA driver sees no GPU (is libcuda.so on the \
+             library path?)"
+                .into(),
+        )),
+        n => Ok(n),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_count() -> Result<usize, JobError> {
+    Err(JobError::Config(
+        "cluster.device = \"cuda\": this binary was built without the CUDA device; build it \
+         with `cargo build --release --features cuda`"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(cfg: &Config, rank: usize) -> Result<Box<dyn Device>, JobError> {
+    use flotilla_model::device::cuda::{CudaDevice, Precision};
+    use flotilla_runtime::config::Precision as P;
+    let gpus = gpu_count()?;
+    let precision = match cfg.model.precision {
+        P::Fp32 => Precision::Fp32,
+        P::Bf16 => Precision::Bf16,
+    };
+    let dev = CudaDevice::new(rank % gpus, precision)
+        .map_err(|e| JobError::Config(format!("cluster.device = \"cuda\": rank {rank}: {e}")))?;
+    Ok(Box::new(dev))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_cfg: &Config, _rank: usize) -> Result<Box<dyn Device>, JobError> {
+    gpu_count().map(|_| unreachable!("gpu_count errs without the cuda feature"))
 }
 
 /// The simulated device's speeds from `[cluster.sim]` (its defaults where the table is

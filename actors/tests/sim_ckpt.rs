@@ -35,7 +35,7 @@ fn sim(steps: u64) -> Config {
 #[tokio::test(start_paused = true)]
 async fn a_simulated_rank_checkpoints_its_modelled_size_on_virtual_time() {
     let cfg = sim(4);
-    let dev = make_device(&cfg).expect("device");
+    let dev = make_device(&cfg, 0).expect("device");
     let placement = Arc::new(flotilla_actors::pipeline::placement(&cfg).expect("placement"));
     let shape = ModelShape::of(&cfg, &placement).expect("shape");
     let dataset = Arc::new(load_dataset(&cfg).expect("dataset"));

@@ -45,8 +45,10 @@ pub(crate) enum Storage {
     Host(HostBuf),
     /// No values at all: the simulated device tracks shapes and costs only.
     ShapeOnly,
-    // A CUDA device adds `Cuda(cudarc::driver::CudaSlice<f32>)` here behind the `cuda` feature;
-    // layer code does not change because it never matches on `Storage`.
+    /// f32 values in GPU memory (the CUDA device, feature `cuda`). Layer code does not change
+    /// because it never matches on `Storage`.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cudarc::driver::CudaSlice<f32>>),
 }
 
 /// A contiguous, row-major f32 tensor on some device.
@@ -61,6 +63,8 @@ impl fmt::Debug for Tensor {
         let kind = match self.storage {
             Storage::Host(_) => "host",
             Storage::ShapeOnly => "shape-only",
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => "cuda",
         };
         write!(f, "Tensor({:?}, {kind})", self.shape)
     }
@@ -140,7 +144,7 @@ impl Tensor {
     pub fn host(&self) -> Option<&[f32]> {
         match &self.storage {
             Storage::Host(v) => Some(&v.data),
-            Storage::ShapeOnly => None,
+            _ => None,
         }
     }
 
@@ -148,7 +152,7 @@ impl Tensor {
     pub fn host_mut(&mut self) -> Option<&mut [f32]> {
         match &mut self.storage {
             Storage::Host(v) => Some(&mut v.data),
-            Storage::ShapeOnly => None,
+            _ => None,
         }
     }
 
@@ -156,7 +160,26 @@ impl Tensor {
     pub fn into_host(mut self) -> Option<Vec<f32>> {
         match &mut self.storage {
             Storage::Host(v) => Some(std::mem::take(&mut v.data)),
-            Storage::ShapeOnly => None,
+            _ => None,
+        }
+    }
+
+    /// A tensor whose values live in GPU memory (the CUDA device's tensors).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_cuda(shape: &[usize], data: cudarc::driver::CudaSlice<f32>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cuda(Box::new(data)),
+        }
+    }
+
+    /// The GPU values, when the tensor is the CUDA device's.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Option<&cudarc::driver::CudaSlice<f32>> {
+        match &self.storage {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
         }
     }
 

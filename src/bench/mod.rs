@@ -9,6 +9,8 @@ pub mod nccl;
 pub mod pipeline;
 pub mod sim;
 pub mod step;
+#[cfg(feature = "cuda")]
+pub mod step_cuda;
 
 use serde_json::Value;
 

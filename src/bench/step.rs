@@ -1,7 +1,8 @@
 //! `flotilla bench step`: training-step throughput of a job as `flotilla train` runs it (its
 //! actor tree, its compute streams; tokens/s, achieved GFLOP/s, peak memory) beside the raw GEMM
-//! rate of the same GEMM crate and thread count on the step's own GEMM shapes, measured in the
-//! same run.
+//! rate on the step's own GEMM shapes, measured in the same run: the same GEMM crate and thread
+//! count on the CPU, cuBLAS on the GPU (`--device cuda`, which adds MFU, a per-kernel table and
+//! the ratios against PyTorch, `step_cuda.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,24 +42,24 @@ async fn timed(job: &mut Job, warmup: usize, steps: usize) -> Result<(f64, u64)>
     Ok((secs / steps.max(1) as f64, tokens))
 }
 
-/// Run `warmup` then `steps` timed training steps of `cfg`'s job, then the GEMM baseline.
-pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
-    ensure!(
-        cfg.world_size() == 1,
-        "bench step measures one rank: pp = ep = dp = 1"
-    );
+/// `cfg` as the bench runs it: no checkpoints or metrics files, a schedule long enough.
+fn bench_config(cfg: &Config, warmup: usize, steps: usize) -> Config {
     let mut cfg = cfg.clone();
     cfg.checkpoint.interval = 0;
     cfg.metrics.jsonl = false;
     // The bench takes the steps itself; `job.steps` only sets the LR schedule's length, kept
     // at least the config's (its warm-up must fit in it).
     cfg.job.steps = cfg.job.steps.max((warmup + steps) as u64);
+    cfg
+}
+
+/// The job's timed steps: (seconds per step, tokens trained in them).
+fn timed_job(cfg: &Config, warmup: usize, steps: usize) -> Result<(f64, u64)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let mut report = Report::default();
-    let (step_secs, tokens) = rt.block_on(async {
+    rt.block_on(async {
         let storage = Arc::new(SimStorage::unlimited());
         let mut job = Job::start(
             cfg.clone(),
@@ -71,7 +72,35 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
         let r = timed(&mut job, warmup, steps).await;
         job.stop().await?;
         r
-    })?;
+    })
+}
+
+/// What `--device cuda` adds to the bench (read only by a binary built with `--features cuda`).
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct GpuOptions {
+    /// `tools/bench/torch_baseline.py`'s output, for the ratios.
+    pub torch: Option<std::path::PathBuf>,
+    /// The GPU's dense bf16 peak, TFLOP/s (MFU's denominator).
+    pub peak_tflops: f64,
+    /// The GPU's memory bandwidth, GB/s (for the per-kernel table).
+    pub peak_gbps: f64,
+    /// Also profile one forward+backward kernel by kernel.
+    pub kernels: bool,
+}
+
+/// Run `warmup` then `steps` timed training steps of `cfg`'s job, then the GEMM baseline.
+pub fn run(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Result<Report> {
+    ensure!(
+        cfg.world_size() == 1,
+        "bench step measures one rank: pp = ep = dp = 1"
+    );
+    if cfg.cluster.device == flotilla_runtime::config::DeviceKind::Cuda {
+        return run_cuda(cfg, warmup, steps, gpu);
+    }
+    let cfg = bench_config(cfg, warmup, steps);
+    let mut report = Report::default();
+    let (step_secs, tokens) = timed_job(&cfg, warmup, steps)?;
     let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
     let mtp = mcfg.num_nextn_predict_layers;
     let (batch, seq) = (cfg.data.batch_size, cfg.data.seq_len);
@@ -118,4 +147,70 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize) -> Result<Report> {
         "peak_rss_mib": rss,
     }}));
     Ok(report)
+}
+
+/// The bench on the GPU: the job's timed steps (its peak pool memory), cuBLAS on the step's
+/// GEMM shapes, MFU, the optional per-kernel table and the ratios against PyTorch.
+#[cfg(feature = "cuda")]
+fn run_cuda(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Result<Report> {
+    use super::step_cuda;
+    let cfg = bench_config(cfg, warmup, steps);
+    let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
+    let name = step_cuda::gpu_name(&cfg)?;
+    let mut report = Report::default();
+    step_cuda::reset_peak();
+    let (step_secs, tokens) = timed_job(&cfg, warmup, steps)?;
+    let peak_mib = step_cuda::peak_mib();
+    let mtp = mcfg.num_nextn_predict_layers;
+    let (batch, seq) = (cfg.data.batch_size, cfg.data.seq_len);
+    let flops = step_flops(&mcfg, batch, seq, mtp);
+    let tokens_per_s = tokens as f64 / (step_secs * steps.max(1) as f64);
+    let achieved = flops.total() / step_secs;
+    let mfu = achieved / (gpu.peak_tflops * 1e12);
+    report.push(json!({
+        "bench": "train_step", "device": "cuda", "gpu": name,
+        "precision": cfg.model.precision.as_str(), "batch": batch, "seq": seq, "steps": steps,
+        "step_ms": step_secs * 1e3, "tokens_per_s": tokens_per_s,
+        "flops_per_step": flops.total(), "achieved_tflops": achieved / 1e12, "mfu": mfu,
+        "peak_gpu_mib": peak_mib,
+    }));
+    let shapes = step_gemm_shapes(&mcfg, batch, seq, mtp);
+    let gemm_gflops = step_cuda::raw_gemm(&cfg, &shapes)?;
+    report.push(json!({
+        "bench": "raw_gemm_same_shapes", "device": "cuda", "shapes": shapes.len(),
+        "tflops": gemm_gflops / 1e3,
+    }));
+    if gpu.kernels {
+        // The experts' GEMMs grouped (what the job ran) and, as the baseline, one per expert.
+        for grouped in [true, false] {
+            for mut row in
+                step_cuda::kernel_table(&cfg, &mcfg, gpu.peak_tflops, gpu.peak_gbps, grouped)?
+            {
+                row["bench"] = json!("kernel");
+                report.push(row);
+            }
+        }
+    }
+    let (eager, compile) = match &gpu.torch {
+        Some(p) => step_cuda::torch_rates(p)?,
+        None => (None, None),
+    };
+    report.push(json!({"summary": {
+        "gpu": name,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "peak_gpu_mib": peak_mib,
+        "step_over_gemm": achieved / (gemm_gflops * 1e9),
+        "over_torch_eager": eager.map(|e| tokens_per_s / e),
+        "over_torch_compile": compile.map(|c| tokens_per_s / c),
+    }}));
+    Ok(report)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_cfg: &Config, _warmup: usize, _steps: usize, _gpu: &GpuOptions) -> Result<Report> {
+    anyhow::bail!(
+        "bench step --device cuda: this binary was built without the CUDA device; build it with \
+         `cargo build --release --features cuda`"
+    )
 }

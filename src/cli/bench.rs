@@ -159,6 +159,25 @@ pub struct StepArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Run on this device instead of the config's `cluster.device` ("cuda" needs a binary built
+    /// with `--features cuda`).
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
+    /// With --device cuda: `tools/bench/torch_baseline.py`'s JSON output, for the summary's
+    /// ratios against PyTorch eager and torch.compile.
+    #[arg(long)]
+    torch: Option<std::path::PathBuf>,
+    /// With --device cuda: the GPU's dense bf16 peak in TFLOP/s, MFU's denominator (H100 and
+    /// H200 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+    /// With --device cuda: the GPU's memory bandwidth in GB/s, for the kernel table (H100 SXM:
+    /// 3350; H200: 4800).
+    #[arg(long, default_value_t = 3350.0)]
+    peak_gbps: f64,
+    /// With --device cuda: also profile one forward+backward kernel by kernel.
+    #[arg(long)]
+    kernels: bool,
 }
 
 #[derive(Debug, Args)]
@@ -275,7 +294,27 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 }
                 None => flotilla_runtime::config::Config::default(),
             };
-            step::run(&cfg, a.warmup, a.steps)?.print(a.json);
+            let mut cfg = cfg;
+            match a.device.as_deref() {
+                Some("cuda") => cfg.cluster.device = flotilla_runtime::config::DeviceKind::Cuda,
+                Some(_) => cfg.cluster.device = flotilla_runtime::config::DeviceKind::Cpu,
+                None => {}
+            }
+            let cuda = cfg.cluster.device == flotilla_runtime::config::DeviceKind::Cuda;
+            anyhow::ensure!(
+                cuda || (a.torch.is_none() && !a.kernels),
+                "--torch and --kernels need --device cuda"
+            );
+            if cfg.model.precision == flotilla_runtime::config::Precision::Bf16 && !cuda {
+                anyhow::bail!("model.precision = \"bf16\" needs --device cuda");
+            }
+            let gpu = step::GpuOptions {
+                torch: a.torch.clone(),
+                peak_tflops: a.peak_tflops,
+                peak_gbps: a.peak_gbps,
+                kernels: a.kernels,
+            };
+            step::run(&cfg, a.warmup, a.steps, &gpu)?.print(a.json);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -3,8 +3,8 @@
 //! Layer code is written once against `&dyn Device` and runs unchanged on
 //! - [`cpu::CpuDevice`]: f32 on the host, multithreaded GEMM, wall-clock measured per op;
 //! - [`sim::SimDevice`]: shapes only, no arithmetic, cost computed from a [`sim::SimProfile`];
-//! - a CUDA device (later, behind the `cuda` feature): cuBLAS GEMM + NVRTC kernels, one kernel per
-//!   method below, cost from CUDA events.
+//! - [`cuda::CudaDevice`] (feature `cuda`): tensors in GPU memory, cuBLAS GEMM and NVRTC-compiled
+//!   kernels, cost from CUDA events.
 //!
 //! The operations are kernels, not a tensor algebra (the llm.c / candle-backend style): GEMM on
 //! row ranges of 2-D views, and fused forward/backward kernels for RMSNorm, SwiGLU, RoPE, MLA
@@ -19,6 +19,8 @@
 pub mod attention;
 pub mod cost;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;
 pub mod kernels;
 pub mod pool;
@@ -214,6 +216,34 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// `c = a · b` (or `c += a · b` when `accumulate`), on 2-D views with optional transposes.
     fn gemm(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool);
 
+    /// The experts' GEMMs on their row blocks: for each group `i`,
+    /// `c[rows[i]] (+)= a[rows[i]] · op(ws[i])`, `op` the transpose when `trans_w`. The row
+    /// ranges are disjoint. One GEMM per group unless the device has a grouped GEMM.
+    fn gemm_rows_grouped(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        ws: &[&Tensor],
+        rows: &[Range<usize>],
+        trans_w: bool,
+        accumulate: bool,
+    ) {
+        gemm_rows_each(self, c, a, ws, rows, trans_w, accumulate)
+    }
+
+    /// The experts' weight gradients: for each group `i` with rows,
+    /// `gs[i] += dy[rows[i]]ᵀ · x[rows[i]]`. One GEMM per group unless the device has a grouped
+    /// GEMM.
+    fn gemm_weight_grouped(
+        &self,
+        gs: &mut [&mut Tensor],
+        dy: &Tensor,
+        x: &Tensor,
+        rows: &[Range<usize>],
+    ) {
+        gemm_weight_each(self, gs, dy, x, rows)
+    }
+
     // ---- element-wise and copies --------------------------------------------------------------
 
     /// `dst += src` (same number of elements).
@@ -326,6 +356,51 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// CPU); `values` is `None`, or ignored, on a device without values. A programming error
     /// (panic) when the values do not fill `shape`.
     fn adopt(&self, shape: &[usize], values: Option<Vec<f32>>) -> Tensor;
+}
+
+/// [`Device::gemm_rows_grouped`] as one GEMM per group (its default, and a device's fallback).
+pub fn gemm_rows_each<D: Device + ?Sized>(
+    dev: &D,
+    c: &mut Tensor,
+    a: &Tensor,
+    ws: &[&Tensor],
+    rows: &[Range<usize>],
+    trans_w: bool,
+    accumulate: bool,
+) {
+    for (w, r) in ws.iter().zip(rows) {
+        let wm = if trans_w {
+            Mat::all(w).t()
+        } else {
+            Mat::all(w)
+        };
+        dev.gemm(
+            MatMut::rows(c, r.clone()),
+            Mat::rows(a, r.clone()),
+            wm,
+            accumulate,
+        );
+    }
+}
+
+/// [`Device::gemm_weight_grouped`] as one GEMM per group with rows.
+pub fn gemm_weight_each<D: Device + ?Sized>(
+    dev: &D,
+    gs: &mut [&mut Tensor],
+    dy: &Tensor,
+    x: &Tensor,
+    rows: &[Range<usize>],
+) {
+    for (g, r) in gs.iter_mut().zip(rows) {
+        if !r.is_empty() {
+            dev.gemm(
+                MatMut::all(g),
+                Mat::rows(dy, r.clone()).t(),
+                Mat::rows(x, r.clone()),
+                true,
+            );
+        }
+    }
 }
 
 /// One parameter's AdamW update, for [`Device::adamw`].

@@ -58,7 +58,7 @@ impl LocalExperts {
             .caches
             .remove(&moe.layer)
             .ok_or(ShardError::NoBackward)?;
-        shard::backward_weight(dev, &moe.experts, cache, &mut grads.experts)
+        shard::backward_weight(dev, cache, &mut grads.experts)
     }
 }
 

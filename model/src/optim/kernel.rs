@@ -8,15 +8,15 @@ use super::AdamWConfig;
 #[derive(Clone, Copy, Debug)]
 pub struct Coef {
     /// `1 − lr·λ` when the parameter is decayed.
-    decay: Option<f32>,
+    pub(crate) decay: Option<f32>,
     /// Which of `torch.lerp`'s two formulas the first moment uses.
-    lerp_small: bool,
-    w1: f32,
-    beta2: f32,
-    w2: f32,
-    eps: f32,
-    bc2_sqrt: f32,
-    step_size: f32,
+    pub(crate) lerp_small: bool,
+    pub(crate) w1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) w2: f32,
+    pub(crate) eps: f32,
+    pub(crate) bc2_sqrt: f32,
+    pub(crate) step_size: f32,
 }
 
 impl Coef {

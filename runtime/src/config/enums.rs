@@ -130,13 +130,25 @@ string_enum! {
 }
 
 string_enum! {
+    /// How the GEMMs of a step round their inputs (`model.precision`).
+    pub enum Precision {
+        /// f32 everywhere.
+        #[default]
+        Fp32 = "fp32",
+        /// GEMM inputs rounded to bf16 on the GPU's tensor cores, f32 accumulation; weights,
+        /// activations, gradients and the optimizer stay f32 (CUDA device only).
+        Bf16 = "bf16",
+    }
+}
+
+string_enum! {
     /// Where compute runs (`cluster.device`).
     pub enum DeviceKind {
         /// f32 on the CPU.
         #[default]
         Cpu = "cpu",
-        /// NVIDIA GPUs. Not supported yet: there is no CUDA compute device, so validation refuses
-        /// it (the cargo feature `cuda` builds only the NCCL backend).
+        /// One NVIDIA GPU per rank (rank r on GPU r mod the GPUs the driver sees); needs a
+        /// binary built with the cargo feature `cuda`.
         Cuda = "cuda",
         /// The cost-model device of the simulated cluster (shapes only, virtual time); needs
         /// `cluster.fabric = "sim"`.

@@ -44,8 +44,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use enums::{
-    CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule, RopeScalingKind, Schedule,
-    StartOrder, UnknownVariant,
+    CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule, Precision, RopeScalingKind,
+    Schedule, StartOrder, UnknownVariant,
 };
 pub use error::{ConfigErrors, ConfigProblem, LoadError};
 pub use model::{ModelSection, RopeScaling};
@@ -208,7 +208,8 @@ impl Config {
 
     /// The default config with every optional key set to an example value. `to_toml_string`
     /// shows these values, commented out, for unset keys; tests use it to check the schema.
-    /// It sets the keys that are not supported yet too, so it does not pass validation.
+    /// It sets the keys that are not supported yet too, and bf16 beside the simulated device,
+    /// so it does not pass validation.
     pub(crate) fn example_full() -> Config {
         let mut c = Config::default();
         c.model.hf_dir = Some(PathBuf::from("path/to/hf-model"));
@@ -216,6 +217,8 @@ impl Config {
             original_max_position_embeddings: Some(c.model.max_position_embeddings),
             ..RopeScaling::default()
         });
+        // bf16 needs device = "cuda", which the [cluster.sim] example below cannot have.
+        c.model.precision = enums::Precision::Bf16;
         c.parallel.stage_layers = vec![c.model.num_hidden_layers];
         c.parallel.sub_batches = 2;
         c.parallel.start_order = enums::StartOrder::List;

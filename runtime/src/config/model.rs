@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::enums::RopeScalingKind;
+use super::enums::{Precision, RopeScalingKind};
 
 /// The model architecture and its training-only hyper-parameters (`[model]`).
 ///
@@ -84,6 +84,14 @@ pub struct ModelSection {
     /// RoPE scaling (`[model.rope_scaling]`); absent means plain RoPE.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// How GEMMs round their inputs: "fp32", or "bf16" (CUDA only). Not serialized when "fp32",
+    /// so configs without it keep their canonical text and hash.
+    #[serde(skip_serializing_if = "is_fp32")]
+    pub precision: Precision,
+}
+
+fn is_fp32(p: &Precision) -> bool {
+    *p == Precision::Fp32
 }
 
 impl Default for ModelSection {
@@ -119,6 +127,7 @@ impl Default for ModelSection {
             init_std: 0.02,
             hf_dir: None,
             rope_scaling: None,
+            precision: Precision::Fp32,
         }
     }
 }

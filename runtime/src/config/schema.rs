@@ -11,7 +11,7 @@
 //! `validate.rs`, so that configs built in code are checked too.
 
 use super::enums::{CheckpointMode, DataFormat, DeviceKind, FabricKind, LrSchedule};
-use super::enums::{RopeScalingKind, Schedule, StartOrder};
+use super::enums::{Precision, RopeScalingKind, Schedule, StartOrder};
 
 /// The TOML type a key must have.
 #[derive(Debug, Clone, Copy)]
@@ -300,6 +300,11 @@ static MODEL: &[Field] = &[
         Ty::Table(ROPE_SCALING),
         "YaRN RoPE scaling (absent: plain RoPE).",
     ),
+    opt(
+        "precision",
+        Ty::Enum(Precision::NAMES),
+        "GEMM precision: \"fp32\", or \"bf16\" (inputs rounded to bf16 on the tensor cores, f32 accumulation and storage; needs cluster.device = \"cuda\") (absent: fp32).",
+    ),
 ];
 
 static ROPE_SCALING: &[Field] = &[
@@ -375,7 +380,7 @@ static CLUSTER: &[Field] = &[
     f(
         "device",
         Ty::Enum(DeviceKind::NAMES),
-        "Compute device: \"cpu\", or \"sim\" (shapes only, virtual time; needs fabric = \"sim\"); \"cuda\" is not supported yet.",
+        "Compute device: \"cpu\", \"cuda\" (one GPU per rank; a binary built with --features cuda), or \"sim\" (shapes only, virtual time; needs fabric = \"sim\").",
     ),
     f(
         "fabric",

@@ -127,8 +127,7 @@ impl ParallelConfig {
 
 /// `[cluster]`: the machines, the device and fabric seams, and the simulated cluster's physics.
 ///
-/// Validation refuses `device = "cuda"`, `fabric = "quic"`, `listen` and `peers` as not
-/// supported yet (the rank processes of `flotilla launch` / `agent` meet over QUIC whatever
+/// Validation refuses `fabric = "quic"`, `listen` and `peers` as not supported yet (the rank processes of `flotilla launch` / `agent` meet over QUIC whatever
 /// `fabric` says).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use super::enums::{DataFormat, DeviceKind, FabricKind};
+use super::enums::{DataFormat, DeviceKind, FabricKind, Precision};
 use super::error::{ConfigProblem, Pos, problem};
 use super::walk::Walk;
 use super::{Config, DataConfig};
@@ -281,11 +281,15 @@ fn cluster(cfg: &Config, c: &mut Checker<'_>) {
     let cl = &cfg.cluster;
     c.at_least_one("cluster.hosts", n(cl.hosts));
     c.at_least_one("cluster.ranks_per_host", n(cl.ranks_per_host));
-    c.unsupported(
-        "cluster.device",
-        cl.device == DeviceKind::Cuda,
-        "there is no CUDA compute device (building with `cargo build --features cuda` adds only \
-         the NCCL backend and `flotilla bench nccl`); use device = \"cpu\"",
+    c.rule(
+        &["model.precision", "cluster.device"],
+        cfg.model.precision == Precision::Fp32 || cl.device == DeviceKind::Cuda,
+        || {
+            format!(
+                "precision = \"bf16\" needs device = \"cuda\" (the {} device computes in f32)",
+                cl.device.as_str()
+            )
+        },
     );
     let sim_dev = cl.device == DeviceKind::Sim;
     let sim_fab = cl.fabric == FabricKind::Sim;

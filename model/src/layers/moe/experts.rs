@@ -1,4 +1,5 @@
-//! The routed experts on expert-grouped rows: one GEMM chain per expert over its row range.
+//! The routed experts on expert-grouped rows: each projection is one grouped GEMM over the
+//! experts' row ranges ([`Device::gemm_rows_grouped`], [`Device::gemm_weight_grouped`]).
 //!
 //! Without EP the rows are the dispatched `xe` and every expert runs here; with EP they are the
 //! rows peers sent to this rank (`xl`) and only this rank's experts run. Either way the experts'
@@ -32,8 +33,9 @@ pub(super) struct ExpertDys {
 }
 
 impl ExpertRows {
-    fn rows(&self, j: usize) -> Range<usize> {
-        self.offsets[j]..self.offsets[j + 1]
+    /// The row range of every expert that ran here.
+    fn spans(&self) -> Vec<Range<usize>> {
+        spans(&self.offsets)
     }
 
     /// Runs experts `ids` (indices into `experts`) on `x`, grouped by `offsets` (which must cover
@@ -49,17 +51,36 @@ impl ExpertRows {
         debug_assert_eq!(offsets.last().copied(), Some(x.rows()));
         let rows = x.rows();
         let width = experts.first().map_or(0, Mlp::width);
-        let span = |j: usize| offsets[j]..offsets[j + 1];
-        // Every row belongs to exactly one expert, so the per-expert GEMMs overwrite these fully.
+        let sp = spans(&offsets);
+        let mine = &experts[ids.clone()];
+        // Every row belongs to exactly one expert, so the grouped GEMMs overwrite these fully.
         let (mut g, mut u) = (dev.empty(&[rows, width]), dev.empty(&[rows, width]));
-        for (j, e) in ids.clone().enumerate() {
-            experts[e].forward_gate_up_rows(dev, &x, span(j), &mut g, &mut u);
-        }
+        dev.gemm_rows_grouped(
+            &mut g,
+            &x,
+            &weights(mine, |m| &m.gate_proj.weight),
+            &sp,
+            true,
+            false,
+        );
+        dev.gemm_rows_grouped(
+            &mut u,
+            &x,
+            &weights(mine, |m| &m.up_proj.weight),
+            &sp,
+            true,
+            false,
+        );
         let h = dev.swiglu_forward(&g, &u);
         let mut y = dev.empty(&[rows, x.cols()]);
-        for (j, e) in ids.clone().enumerate() {
-            experts[e].down_proj.forward_rows(dev, &h, span(j), &mut y);
-        }
+        dev.gemm_rows_grouped(
+            &mut y,
+            &h,
+            &weights(mine, |m| &m.down_proj.weight),
+            &sp,
+            true,
+            false,
+        );
         let this = ExpertRows {
             ids,
             offsets,
@@ -76,58 +97,58 @@ impl ExpertRows {
         experts: &[Mlp],
         d_y: Tensor,
     ) -> (Tensor, ExpertDys) {
+        let sp = self.spans();
+        let mine = &experts[self.ids.clone()];
         let mut d_h = dev.empty(self.act.h.shape());
-        for (j, e) in self.ids.clone().enumerate() {
-            experts[e]
-                .down_proj
-                .backward_input_rows(dev, &d_y, self.rows(j), &mut d_h, false);
-        }
+        dev.gemm_rows_grouped(
+            &mut d_h,
+            &d_y,
+            &weights(mine, |m| &m.down_proj.weight),
+            &sp,
+            false,
+            false,
+        );
         let (d_g, d_u) = dev.swiglu_backward(&self.act.g, &self.act.u, &d_h);
         let mut d_x = dev.empty(self.x.shape());
-        for (j, e) in self.ids.clone().enumerate() {
-            let expert = &experts[e];
-            expert
-                .gate_proj
-                .backward_input_rows(dev, &d_g, self.rows(j), &mut d_x, false);
-            expert
-                .up_proj
-                .backward_input_rows(dev, &d_u, self.rows(j), &mut d_x, true);
-        }
+        dev.gemm_rows_grouped(
+            &mut d_x,
+            &d_g,
+            &weights(mine, |m| &m.gate_proj.weight),
+            &sp,
+            false,
+            false,
+        );
+        dev.gemm_rows_grouped(
+            &mut d_x,
+            &d_u,
+            &weights(mine, |m| &m.up_proj.weight),
+            &sp,
+            false,
+            true,
+        );
         (d_x, ExpertDys { d_y, d_g, d_u })
     }
 
     /// W: accumulates the weight gradients of the experts that ran here into `grads` (indexed
-    /// like `experts`); the other experts' gradients are not touched.
-    pub(super) fn backward_weight(
-        &self,
-        dev: &dyn Device,
-        experts: &[Mlp],
-        dys: &ExpertDys,
-        grads: &mut [Mlp],
-    ) {
-        for (j, e) in self.ids.clone().enumerate() {
-            let r = self.rows(j);
-            if r.is_empty() {
-                continue;
-            }
-            let (expert, ge) = (&experts[e], &mut grads[e]);
-            expert.down_proj.backward_weight_rows(
-                dev,
-                &self.act.h,
-                &dys.d_y,
-                r.clone(),
-                &mut ge.down_proj,
-            );
-            expert.gate_proj.backward_weight_rows(
-                dev,
-                &self.x,
-                &dys.d_g,
-                r.clone(),
-                &mut ge.gate_proj,
-            );
-            expert
-                .up_proj
-                .backward_weight_rows(dev, &self.x, &dys.d_u, r, &mut ge.up_proj);
-        }
+    /// like the layer's experts); the other experts' gradients are not touched.
+    pub(super) fn backward_weight(&self, dev: &dyn Device, dys: &ExpertDys, grads: &mut [Mlp]) {
+        let sp = self.spans();
+        let mine = &mut grads[self.ids.clone()];
+        let mut down: Vec<&mut Tensor> = mine.iter_mut().map(|m| &mut m.down_proj.weight).collect();
+        dev.gemm_weight_grouped(&mut down, &dys.d_y, &self.act.h, &sp);
+        let mut gate: Vec<&mut Tensor> = mine.iter_mut().map(|m| &mut m.gate_proj.weight).collect();
+        dev.gemm_weight_grouped(&mut gate, &dys.d_g, &self.x, &sp);
+        let mut up: Vec<&mut Tensor> = mine.iter_mut().map(|m| &mut m.up_proj.weight).collect();
+        dev.gemm_weight_grouped(&mut up, &dys.d_u, &self.x, &sp);
     }
+}
+
+/// `offsets` (n + 1 boundaries) as n row ranges.
+fn spans(offsets: &[usize]) -> Vec<Range<usize>> {
+    offsets.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
+/// One projection's weight of each expert.
+fn weights<'a>(experts: &'a [Mlp], f: impl Fn(&'a Mlp) -> &'a Tensor) -> Vec<&'a Tensor> {
+    experts.iter().map(f).collect()
 }

@@ -204,15 +204,14 @@ pub fn backward_input(
 }
 
 /// W: accumulates the weight gradients of the experts that ran here into `grads` (indexed like
-/// `experts`; the other experts' gradients are not touched).
+/// the layer's experts; the other experts' gradients are not touched).
 pub fn backward_weight(
     dev: &dyn Device,
-    experts: &[Mlp],
     cache: ShardCache,
     grads: &mut [Mlp],
 ) -> Result<(), ShardError> {
     let dys = cache.dys.as_ref().ok_or(ShardError::NoBackward)?;
-    cache.rows.backward_weight(dev, experts, dys, grads);
+    cache.rows.backward_weight(dev, dys, grads);
     Ok(())
 }
 

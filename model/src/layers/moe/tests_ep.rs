@@ -239,7 +239,7 @@ fn layer_vs_single_rank(p: usize, top_k: usize) {
             .into_values()
             .next()
             .expect("the layer ran on every owner");
-        shard::backward_weight(&d, &locals[q].experts, c, &mut gs[q].experts).expect("W");
+        shard::backward_weight(&d, c, &mut gs[q].experts).expect("W");
     }
     let outs: Vec<_> = results
         .into_iter()
@@ -571,9 +571,8 @@ fn ep_stage_matches_single_rank_model() {
                 .stage_backward_weight(&d, cache, &mut g, None)
                 .expect("W");
             for (layer, c) in std::mem::take(&mut caches[q]) {
-                let m = locals[q].moe(layer).expect("a MoE layer");
                 let gm = g.moe_mut(layer).expect("a MoE layer");
-                shard::backward_weight(&d, &m.experts, c, &mut gm.experts).expect("W");
+                shard::backward_weight(&d, c, &mut gm.experts).expect("W");
             }
             (out, g)
         })

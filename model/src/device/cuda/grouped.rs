@@ -1,0 +1,207 @@
+//! The routed experts' GEMMs as one cuBLAS grouped GEMM per projection
+//! (`cublasGemmGroupedBatchedEx`: one group per expert, since each has its own row count),
+//! instead of a GEMM per expert. The per-problem pointers go to the GPU (cuBLAS reads them
+//! there); sizes, transposes and scalars stay on the host.
+//!
+//! Where cuBLAS refuses the call (older library, a precision it does not group), the device
+//! falls back to one GEMM per expert for the rest of the process and says so once on stderr.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use cudarc::cublas::sys::{self as blas_sys, cublasOperation_t, cudaDataType};
+use cudarc::driver::DevicePtr;
+
+use super::{CudaDevice, Precision, cost};
+use crate::device::{gemm_rows_each, gemm_weight_each};
+use crate::tensor::Tensor;
+
+/// One problem of a grouped call, row-major: `C (m × n) (+)= op(A) (m × k) · op(B) (k × n)`.
+struct Problem {
+    a: u64,
+    a_trans: bool,
+    lda: usize,
+    b: u64,
+    b_trans: bool,
+    ldb: usize,
+    c: u64,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+fn op(t: bool) -> cublasOperation_t {
+    if t {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+impl CudaDevice {
+    /// Whether the experts' GEMMs are grouped (default) or issued one per expert.
+    pub fn set_grouped_gemm(&self, on: bool) {
+        self.grouped.store(on, Ordering::Relaxed);
+    }
+
+    /// Issues `ps` as one grouped GEMM; false if cuBLAS refused it (nothing was issued).
+    fn grouped(&self, ps: &[Problem], accumulate: bool) -> bool {
+        if ps.is_empty() {
+            return true;
+        }
+        self.ctx
+            .bind_to_thread()
+            .unwrap_or_else(|e| panic!("CUDA context: {e}"));
+        // Column-major, as in blas.rs: Cᵀ = op(B)ᵀ · op(A)ᵀ, so B's pointer and flag come first.
+        let ta: Vec<cublasOperation_t> = ps.iter().map(|p| op(p.b_trans)).collect();
+        let tb: Vec<cublasOperation_t> = ps.iter().map(|p| op(p.a_trans)).collect();
+        let m: Vec<i32> = ps.iter().map(|p| p.n as i32).collect();
+        let n: Vec<i32> = ps.iter().map(|p| p.m as i32).collect();
+        let k: Vec<i32> = ps.iter().map(|p| p.k as i32).collect();
+        let lda: Vec<i32> = ps.iter().map(|p| p.ldb as i32).collect();
+        let ldb: Vec<i32> = ps.iter().map(|p| p.lda as i32).collect();
+        let ldc: Vec<i32> = ps.iter().map(|p| p.ldc as i32).collect();
+        let alpha = vec![1.0f32; ps.len()];
+        let beta = vec![if accumulate { 1.0f32 } else { 0.0 }; ps.len()];
+        let sizes = vec![1i32; ps.len()];
+        let mut ptrs: Vec<u64> = ps.iter().map(|p| p.b).collect();
+        ptrs.extend(ps.iter().map(|p| p.a));
+        ptrs.extend(ps.iter().map(|p| p.c));
+        let dev_ptrs = self.upload_any(&ptrs);
+        let (base, _g) = dev_ptrs.device_ptr(&self.stream);
+        let g = ps.len() as u64;
+        let compute = match self.precision {
+            Precision::Fp32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Precision::Bf16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        // SAFETY: every host array has one entry per group and lives past the call; the pointer
+        // arrays are in device memory (three blocks of `g` pointers), each pointing into a live
+        // allocation that covers its problem; the scalars are host floats.
+        let status = unsafe {
+            blas_sys::cublasGemmGroupedBatchedEx(
+                self.blas.handle(),
+                ta.as_ptr(),
+                tb.as_ptr(),
+                m.as_ptr(),
+                n.as_ptr(),
+                k.as_ptr(),
+                alpha.as_ptr().cast(),
+                base as *const *const _,
+                cudaDataType::CUDA_R_32F,
+                lda.as_ptr(),
+                (base + 8 * g) as *const *const _,
+                cudaDataType::CUDA_R_32F,
+                ldb.as_ptr(),
+                beta.as_ptr().cast(),
+                (base + 16 * g) as *const *mut _,
+                cudaDataType::CUDA_R_32F,
+                ldc.as_ptr(),
+                ps.len() as i32,
+                sizes.as_ptr(),
+                compute,
+            )
+        };
+        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return true;
+        }
+        if self.grouped.swap(false, Ordering::Relaxed) {
+            eprintln!(
+                "flotilla: cuBLAS grouped GEMM refused ({status:?}, {:?}); the experts run one GEMM each",
+                self.precision
+            );
+        }
+        false
+    }
+
+    pub(super) fn rows_grouped(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        ws: &[&Tensor],
+        rows: &[Range<usize>],
+        trans_w: bool,
+        accumulate: bool,
+    ) {
+        let (ac, cc) = (a.cols(), c.cols());
+        let work = rows
+            .iter()
+            .zip(ws)
+            .fold(cost::Work::default(), |mut w, (r, wt)| {
+                let k = if trans_w { wt.cols() } else { wt.rows() };
+                let n = if trans_w { wt.rows() } else { wt.cols() };
+                let g = cost::gemm(r.len(), n, k, accumulate);
+                w.flops += g.flops;
+                w.bytes += g.bytes;
+                w.gemm = true;
+                w
+            });
+        let done = self.grouped.load(Ordering::Relaxed)
+            && self.op("gemm_grouped", work, || {
+                let ps: Vec<Problem> = rows
+                    .iter()
+                    .zip(ws)
+                    .filter(|(r, _)| !r.is_empty())
+                    .map(|(r, w)| Problem {
+                        a: self.ptr(a) + (r.start * ac * 4) as u64,
+                        a_trans: false,
+                        lda: ac,
+                        b: self.ptr(w),
+                        b_trans: trans_w,
+                        ldb: w.cols(),
+                        c: self.ptr(c) + (r.start * cc * 4) as u64,
+                        ldc: cc,
+                        m: r.len(),
+                        n: cc,
+                        k: ac,
+                    })
+                    .collect();
+                self.grouped(&ps, accumulate)
+            });
+        if !done {
+            gemm_rows_each(self, c, a, ws, rows, trans_w, accumulate);
+        }
+    }
+
+    pub(super) fn weight_grouped(
+        &self,
+        gs: &mut [&mut Tensor],
+        dy: &Tensor,
+        x: &Tensor,
+        rows: &[Range<usize>],
+    ) {
+        let (dc, xc) = (dy.cols(), x.cols());
+        let work = rows.iter().fold(cost::Work::default(), |mut w, r| {
+            let g = cost::gemm(dc, xc, r.len(), true);
+            w.flops += g.flops;
+            w.bytes += g.bytes;
+            w.gemm = true;
+            w
+        });
+        let done = self.grouped.load(Ordering::Relaxed)
+            && self.op("gemm_grouped_weight", work, || {
+                let ps: Vec<Problem> = rows
+                    .iter()
+                    .zip(gs.iter())
+                    .filter(|(r, _)| !r.is_empty())
+                    .map(|(r, g)| Problem {
+                        a: self.ptr(dy) + (r.start * dc * 4) as u64,
+                        a_trans: true,
+                        lda: dc,
+                        b: self.ptr(x) + (r.start * xc * 4) as u64,
+                        b_trans: false,
+                        ldb: xc,
+                        c: self.ptr(g),
+                        ldc: xc,
+                        m: dc,
+                        n: xc,
+                        k: r.len(),
+                    })
+                    .collect();
+                self.grouped(&ps, true)
+            });
+        if !done {
+            gemm_weight_each(self, gs, dy, x, rows);
+        }
+    }
+}

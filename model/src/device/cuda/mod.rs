@@ -1,0 +1,813 @@
+//! The CUDA device (feature `cuda`): every tensor in GPU memory, GEMMs through cuBLAS, every
+//! other operation a CUDA C kernel of `kernels.cu` compiled by NVRTC at run time.
+//!
+//! One device is one GPU context and one compute stream; every operation is issued to that
+//! stream and returns without waiting, except those whose result the trait hands to the host
+//! (the router's top-k indices, which decide the expert shapes; the losses; Σg²; downloads).
+//! Memory comes from the driver's stream-ordered pool (`cuMemAllocAsync`), whose release
+//! threshold is raised so that freed blocks stay cached for the next step: the caching
+//! allocator. cudarc's per-allocation event tracking is off, since all work is on one stream.
+//!
+//! Costs: FLOPs and bytes are counted per operation as on the CPU ([`super::cost`]); seconds
+//! are the GPU time between the first operation after a [`Device::take_cost`] and the next
+//! one, read from CUDA events. With [`CudaDevice::set_profiling`] every operation is bracketed by
+//! its own events and [`CudaDevice::take_profile`] gives each kernel's time (the per-kernel
+//! table of `docs/benchmarks.md`).
+//!
+//! Precision ([`Precision`]): tensors and the optimizer are f32; `Fp32` GEMMs are plain f32
+//! (`cublasSgemm`), `Bf16` GEMMs round their inputs to bf16 on the tensor cores and accumulate in
+//! f32 (`CUBLAS_COMPUTE_32F_FAST_16BF`).
+
+mod attention;
+mod blas;
+mod grouped;
+mod layers;
+pub mod module;
+mod profile;
+mod train;
+
+use std::ops::Range;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+
+use super::cost::{self, Work};
+use super::{AdamWArgs, AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec};
+use crate::tensor::Tensor;
+use module::{Arg, Kernels, launch, over};
+pub use profile::KernelTime;
+use profile::Stats;
+
+/// What can go wrong while a CUDA device starts.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// A driver call failed (no GPU, no driver, out of memory...).
+    #[error("CUDA {what}: {why}")]
+    Driver { what: &'static str, why: String },
+    /// NVRTC refused `kernels.cu`.
+    #[error("NVRTC could not compile kernels.cu: {0}")]
+    Compile(String),
+    /// cuBLAS could not start.
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+}
+
+impl CudaError {
+    pub(crate) fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
+        move |e| CudaError::Driver {
+            what,
+            why: e.to_string(),
+        }
+    }
+}
+
+/// How GEMMs round their inputs (everything else is f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 inputs, f32 arithmetic.
+    Fp32,
+    /// Inputs rounded to bf16 on the tensor cores, f32 accumulation and output.
+    Bf16,
+}
+
+/// One GPU as a device.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: blas::Blas,
+    k: Kernels,
+    precision: Precision,
+    stats: Mutex<Stats>,
+    gpu_name: String,
+    /// Whether the experts' GEMMs are grouped (`grouped.rs`).
+    grouped: AtomicBool,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaDevice {{ ordinal: {}, gpu: {:?}, precision: {:?} }}",
+            self.ctx.ordinal(),
+            self.gpu_name,
+            self.precision
+        )
+    }
+}
+
+/// Number of GPUs the driver sees (0 without a driver or a GPU).
+pub fn device_count() -> usize {
+    // The driver library is loaded lazily; without one, cudarc panics rather than erring.
+    std::panic::catch_unwind(CudaContext::device_count)
+        .ok()
+        .and_then(|r| r.ok())
+        .map_or(0, |n| n.max(0) as usize)
+}
+
+impl CudaDevice {
+    /// A device on GPU `ordinal` with its own stream, cuBLAS handle and kernels.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<CudaDevice, CudaError> {
+        if device_count() <= ordinal {
+            return Err(CudaError::Driver {
+                what: "device",
+                why: format!(
+                    "no GPU {ordinal}: the driver sees {} (is libcuda.so on the library path?)",
+                    device_count()
+                ),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(CudaError::driver("context"))?;
+        // SAFETY: no slice of this context exists yet; all its work goes to one stream, so the
+        // per-slice events that order work between streams are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
+        let stream = ctx.new_stream().map_err(CudaError::driver("stream"))?;
+        let blas = blas::Blas::new(&stream)?;
+        let k = Kernels::load(&ctx)?;
+        let gpu_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            blas,
+            k,
+            precision,
+            stats: Mutex::new(Stats::default()),
+            gpu_name,
+            grouped: AtomicBool::new(true),
+        })
+    }
+
+    /// The GPU's name as the driver gives it.
+    pub fn gpu_name(&self) -> &str {
+        &self.gpu_name
+    }
+
+    /// The compute stream (for NCCL's stream to wait on, and for tests).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits until every operation issued so far has finished.
+    pub fn synchronize(&self) {
+        self.stream
+            .synchronize()
+            .unwrap_or_else(|e| panic!("CUDA stream failed: {e}"));
+    }
+
+    // ---- helpers for the operation files --------------------------------------------------
+
+    /// A device pointer to `t`'s values (`t` must be this kind of device's tensor).
+    fn ptr(&self, t: &Tensor) -> u64 {
+        let s = t.cuda().unwrap_or_else(|| {
+            panic!("CUDA kernel given a tensor that is not in GPU memory: {t:?}")
+        });
+        let (p, _no_sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// An uninitialised allocation of `n` f32s.
+    fn alloc(&self, n: usize) -> CudaSlice<f32> {
+        let r = if n == 0 {
+            self.stream.null::<f32>()
+        } else {
+            // SAFETY: the callers overwrite every element before reading (see `Device::empty`).
+            unsafe { self.stream.alloc::<f32>(n) }
+        };
+        r.unwrap_or_else(|e| panic!("CUDA allocation of {n} floats failed: {e}"))
+    }
+
+    fn out(&self, shape: &[usize]) -> Tensor {
+        Tensor::from_cuda(shape, self.alloc(shape.iter().product()))
+    }
+
+    /// Host values `data` (of any device type) as a new GPU buffer.
+    fn upload_any<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> CudaSlice<T> {
+        let r = if data.is_empty() {
+            self.stream.null::<T>()
+        } else {
+            self.stream.clone_htod(data)
+        };
+        r.unwrap_or_else(|e| panic!("CUDA upload failed: {e}"))
+    }
+
+    fn run(&self, name: &'static str, cfg: cudarc::driver::LaunchConfig, args: &[Arg]) {
+        launch(&self.stream, self.k.get(name), cfg, args);
+    }
+
+    /// Issues `f` as operation `name` doing `work`: counted, and timed when profiling.
+    fn op<R>(&self, name: &'static str, work: Work, f: impl FnOnce() -> R) -> R {
+        let token = self.stats().begin(&self.ctx, &self.stream, name);
+        let r = f();
+        self.stats().end(&self.stream, token, work);
+        r
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether every operation is timed on its own (slower: two events per operation).
+    pub fn set_profiling(&self, on: bool) {
+        self.stats().profiling = on;
+    }
+
+    /// Each kernel's calls, GPU seconds, FLOPs and bytes since the last call (waits for the
+    /// stream), sorted by time.
+    pub fn take_profile(&self) -> Vec<KernelTime> {
+        self.synchronize();
+        self.stats().take_profile()
+    }
+
+    fn fill_n(&self, t: &mut Tensor, value: f32) {
+        let n = t.numel();
+        let p = self.ptr(t);
+        self.run(
+            "fill_f32",
+            over(n),
+            &[Arg::P(p), Arg::F(value), Arg::L(n as i64)],
+        );
+    }
+
+    /// `dst[:, dst_col0..+width] = src[:, src_col0..+width]`.
+    fn copy_cols(
+        &self,
+        src: &Tensor,
+        src_col0: usize,
+        dst: &Tensor,
+        dst_col0: usize,
+        width: usize,
+    ) {
+        let rows = src.rows();
+        self.run(
+            "copy_cols",
+            over(rows * width),
+            &[
+                Arg::P(self.ptr(src)),
+                Arg::I(src.cols() as i32),
+                Arg::I(src_col0 as i32),
+                Arg::P(self.ptr(dst)),
+                Arg::I(dst.cols() as i32),
+                Arg::I(dst_col0 as i32),
+                Arg::I(width as i32),
+                Arg::L(rows as i64),
+            ],
+        );
+    }
+
+    /// Device-to-device copy of `n` floats between raw pointers.
+    fn copy_raw(&self, dst: u64, src: u64, n: usize) {
+        if n == 0 {
+            return;
+        }
+        // SAFETY: both ranges lie inside live allocations of this context (callers' bounds).
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, n * 4, self.stream.cu_stream())
+        }
+        .unwrap_or_else(|e| panic!("CUDA copy failed: {e}"));
+    }
+}
+
+/// Peak bytes held by GPU `ordinal`'s default memory pool, which every [`CudaDevice`] of this
+/// process on that GPU allocates from (`None` without a GPU).
+pub fn pool_peak_bytes(ordinal: usize) -> Option<u64> {
+    if device_count() <= ordinal {
+        return None;
+    }
+    let ctx = CudaContext::new(ordinal).ok()?;
+    pool_attr(
+        &ctx,
+        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+    )
+    .ok()
+}
+
+/// Starts [`pool_peak_bytes`] afresh from what the pool holds now.
+pub fn reset_pool_peak(ordinal: usize) {
+    if device_count() <= ordinal {
+        return;
+    }
+    if let Ok(ctx) = CudaContext::new(ordinal) {
+        let _ = set_pool_attr(
+            &ctx,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        );
+    }
+}
+
+/// Keeps freed blocks in the device's default memory pool instead of returning them to the
+/// driver at every synchronisation: a release threshold of "everything".
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    set_pool_attr(
+        ctx,
+        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        u64::MAX,
+    )
+}
+
+fn default_pool(ctx: &Arc<CudaContext>) -> Result<cudarc::driver::sys::CUmemoryPool, CudaError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and an out-pointer to a local.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(CudaError::driver("memory pool"))?;
+    Ok(pool)
+}
+
+fn set_pool_attr(
+    ctx: &Arc<CudaContext>,
+    attr: cudarc::driver::sys::CUmemPool_attribute,
+    value: u64,
+) -> Result<(), CudaError> {
+    let pool = default_pool(ctx)?;
+    let mut v = value;
+    // SAFETY: both attributes used here take a cuuint64_t.
+    unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+        .result()
+        .map_err(CudaError::driver("memory pool attribute"))
+}
+
+fn pool_attr(
+    ctx: &Arc<CudaContext>,
+    attr: cudarc::driver::sys::CUmemPool_attribute,
+) -> Result<u64, CudaError> {
+    let pool = default_pool(ctx)?;
+    let mut v = 0u64;
+    // SAFETY: as in `set_pool_attr`.
+    unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+        .result()
+        .map_err(CudaError::driver("memory pool attribute"))?;
+    Ok(v)
+}
+
+/// The host rows of a scatter sorted by destination (stable): `(destinations, offsets, sources)`
+/// for the `scatter_add_sorted` kernel, so that each row sums its sources in the CPU's order.
+fn sorted_scatter(index: &[u32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<usize> = (0..index.len()).collect();
+    order.sort_by_key(|&r| index[r]);
+    let (mut dsts, mut offs, mut srcs) = (Vec::new(), vec![0i32], Vec::with_capacity(index.len()));
+    for (k, &r) in order.iter().enumerate() {
+        if k > 0 && index[order[k - 1]] != index[r] {
+            offs.push(k as i32);
+        }
+        if k == 0 || index[order[k - 1]] != index[r] {
+            dsts.push(index[r] as i32);
+        }
+        srcs.push(r as i32);
+    }
+    offs.push(index.len() as i32);
+    if index.is_empty() {
+        offs.truncate(1);
+    }
+    (dsts, offs, srcs)
+}
+
+impl Device for CudaDevice {
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.ctx.ordinal(), self.gpu_name)
+    }
+
+    fn take_cost(&self) -> Cost {
+        self.stats().take_cost(&self.stream)
+    }
+
+    // ---- memory -------------------------------------------------------------------------
+
+    fn zeros(&self, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let s = if n == 0 {
+            self.stream.null::<f32>()
+        } else {
+            self.stream.alloc_zeros::<f32>(n)
+        };
+        Tensor::from_cuda(
+            shape,
+            s.unwrap_or_else(|e| panic!("CUDA allocation failed: {e}")),
+        )
+    }
+
+    fn empty(&self, shape: &[usize]) -> Tensor {
+        self.out(shape)
+    }
+
+    fn upload(&self, shape: &[usize], data: &[f32]) -> Tensor {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "upload {shape:?}"
+        );
+        Tensor::from_cuda(shape, self.upload_any(data))
+    }
+
+    fn download(&self, t: &Tensor) -> Option<Vec<f32>> {
+        let s = t.cuda()?;
+        if s.is_empty() {
+            return Some(Vec::new());
+        }
+        Some(
+            self.stream
+                .clone_dtoh(s)
+                .unwrap_or_else(|e| panic!("CUDA download failed: {e}")),
+        )
+    }
+
+    fn copy(&self, t: &Tensor) -> Tensor {
+        let out = self.out(t.shape());
+        self.op("copy", cost::copy(t.numel()), || {
+            self.copy_raw(self.ptr(&out), self.ptr(t), t.numel())
+        });
+        out
+    }
+
+    // ---- GEMM -----------------------------------------------------------------------------
+
+    fn gemm(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+        let (m, k) = a.dims();
+        let (k2, n) = b.dims();
+        assert!(
+            k == k2 && c.rows.len() == m && c.t.cols() == n,
+            "gemm: c {:?}[{:?}] = a {:?} · b {:?}",
+            c.t.shape(),
+            c.rows,
+            a.dims(),
+            b.dims()
+        );
+        self.op("gemm", cost::gemm(m, n, k, accumulate), || {
+            self.blas.gemm(self, c, a, b, accumulate, self.precision)
+        });
+    }
+
+    fn gemm_rows_grouped(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        ws: &[&Tensor],
+        rows: &[Range<usize>],
+        trans_w: bool,
+        accumulate: bool,
+    ) {
+        self.rows_grouped(c, a, ws, rows, trans_w, accumulate)
+    }
+
+    fn gemm_weight_grouped(
+        &self,
+        gs: &mut [&mut Tensor],
+        dy: &Tensor,
+        x: &Tensor,
+        rows: &[Range<usize>],
+    ) {
+        self.weight_grouped(gs, dy, x, rows)
+    }
+
+    // ---- element-wise and copies ----------------------------------------------------------
+
+    fn add_assign(&self, dst: &mut Tensor, src: &Tensor) {
+        let n = dst.numel();
+        assert_eq!(
+            n,
+            src.numel(),
+            "add_assign {:?} += {:?}",
+            dst.shape(),
+            src.shape()
+        );
+        self.op("add_assign", cost::elementwise(n, 1.0, 3.0), || {
+            self.run(
+                "add_assign_f32",
+                over(n),
+                &[
+                    Arg::P(self.ptr(dst)),
+                    Arg::P(self.ptr(src)),
+                    Arg::L(n as i64),
+                ],
+            )
+        });
+    }
+
+    fn slice_cols(&self, src: &Tensor, cols: Range<usize>) -> Tensor {
+        assert!(
+            cols.end <= src.cols(),
+            "slice_cols {cols:?} of {:?}",
+            src.shape()
+        );
+        let out = self.out(&[src.rows(), cols.len()]);
+        self.op("slice_cols", cost::copy(out.numel()), || {
+            self.copy_cols(src, cols.start, &out, 0, cols.len())
+        });
+        out
+    }
+
+    fn write_cols(&self, dst: &mut Tensor, col0: usize, src: &Tensor) {
+        assert!(
+            src.rows() == dst.rows() && col0 + src.cols() <= dst.cols(),
+            "write_cols {:?} at {col0} into {:?}",
+            src.shape(),
+            dst.shape()
+        );
+        self.op("write_cols", cost::copy(src.numel()), || {
+            self.copy_cols(src, 0, dst, col0, src.cols())
+        });
+    }
+
+    fn gather_rows(&self, src: &Tensor, index: &[u32]) -> Tensor {
+        let c = src.cols();
+        assert!(
+            index.iter().all(|&i| (i as usize) < src.rows()),
+            "gather_rows: an index beyond {} rows",
+            src.rows()
+        );
+        let out = self.out(&[index.len(), c]);
+        self.op("gather_rows", cost::copy(index.len() * c), || {
+            if index.is_empty() || c == 0 {
+                return;
+            }
+            let idx = self.upload_any(index);
+            let (ip, _g) = idx.device_ptr(&self.stream);
+            self.run(
+                "gather_rows",
+                over(index.len() * c),
+                &[
+                    Arg::P(self.ptr(src)),
+                    Arg::P(ip),
+                    Arg::P(self.ptr(&out)),
+                    Arg::L(index.len() as i64),
+                    Arg::I(c as i32),
+                ],
+            );
+        });
+        out
+    }
+
+    fn concat_rows(&self, parts: &[&Tensor], cols: usize) -> Tensor {
+        assert!(
+            parts.iter().all(|p| p.cols() == cols),
+            "concat_rows: parts of another width than {cols}"
+        );
+        let rows = parts.iter().map(|p| p.rows()).sum::<usize>();
+        let out = self.out(&[rows, cols]);
+        self.op("concat_rows", cost::copy(rows * cols), || {
+            let base = self.ptr(&out);
+            let mut at = 0usize;
+            for p in parts {
+                self.copy_raw(base + (at * 4) as u64, self.ptr(p), p.numel());
+                at += p.numel();
+            }
+        });
+        out
+    }
+
+    fn split_rows(&self, t: &Tensor, rows: &[usize]) -> Vec<Tensor> {
+        assert_eq!(rows.iter().sum::<usize>(), t.rows(), "split_rows {rows:?}");
+        let c = t.cols();
+        self.op("split_rows", cost::copy(t.numel()), || {
+            let base = self.ptr(t);
+            let mut at = 0usize;
+            rows.iter()
+                .map(|&r| {
+                    let out = self.out(&[r, c]);
+                    self.copy_raw(self.ptr(&out), base + (at * 4) as u64, r * c);
+                    at += r * c;
+                    out
+                })
+                .collect()
+        })
+    }
+
+    fn scatter_add_rows(&self, dst: &mut Tensor, src: &Tensor, index: &[u32]) {
+        let c = dst.cols();
+        assert!(
+            src.cols() == c
+                && src.rows() == index.len()
+                && index.iter().all(|&i| (i as usize) < dst.rows()),
+            "scatter_add_rows {:?} -> {:?}",
+            src.shape(),
+            dst.shape()
+        );
+        self.op(
+            "scatter_add_rows",
+            cost::elementwise(src.numel(), 1.0, 3.0),
+            || {
+                if index.is_empty() || c == 0 {
+                    return;
+                }
+                let (dsts, offs, srcs) = sorted_scatter(index);
+                let (d, o, s) = (
+                    self.upload_any(&dsts),
+                    self.upload_any(&offs),
+                    self.upload_any(&srcs),
+                );
+                let (dp, _g1) = d.device_ptr(&self.stream);
+                let (op, _g2) = o.device_ptr(&self.stream);
+                let (sp, _g3) = s.device_ptr(&self.stream);
+                self.run(
+                    "scatter_add_sorted",
+                    over(dsts.len() * c),
+                    &[
+                        Arg::P(self.ptr(dst)),
+                        Arg::P(self.ptr(src)),
+                        Arg::P(dp),
+                        Arg::P(op),
+                        Arg::P(sp),
+                        Arg::I(dsts.len() as i32),
+                        Arg::I(c as i32),
+                    ],
+                );
+            },
+        );
+    }
+
+    fn scale_rows(&self, x: &mut Tensor, s: &Tensor) {
+        assert_eq!(
+            s.numel(),
+            x.rows(),
+            "scale_rows {:?} by {:?}",
+            x.shape(),
+            s.shape()
+        );
+        let n = x.numel();
+        self.op("scale_rows", cost::elementwise(n, 1.0, 2.0), || {
+            self.run(
+                "scale_rows",
+                over(n),
+                &[
+                    Arg::P(self.ptr(x)),
+                    Arg::P(self.ptr(s)),
+                    Arg::L(x.rows() as i64),
+                    Arg::I(x.cols() as i32),
+                ],
+            )
+        });
+    }
+
+    fn rows_dot(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        assert_eq!(a.shape(), b.shape(), "rows_dot");
+        let out = self.out(&[a.rows(), 1]);
+        self.op("rows_dot", cost::elementwise(a.numel(), 2.0, 2.0), || {
+            self.run(
+                "rows_dot",
+                over(a.rows() * 32),
+                &[
+                    Arg::P(self.ptr(a)),
+                    Arg::P(self.ptr(b)),
+                    Arg::P(self.ptr(&out)),
+                    Arg::L(a.rows() as i64),
+                    Arg::I(a.cols() as i32),
+                ],
+            )
+        });
+        out
+    }
+
+    // ---- layer kernels (layers.rs, attention.rs) -------------------------------------------
+
+    fn embedding_forward(&self, table: &Tensor, ids: &[u32]) -> Tensor {
+        self.gather_rows(table, ids)
+    }
+
+    fn embedding_backward(&self, ids: &[u32], dy: &Tensor, dtable: &mut Tensor) {
+        self.scatter_add_rows(dtable, dy, ids)
+    }
+
+    fn rmsnorm_forward(&self, x: &Tensor, w: &Tensor, eps: f32) -> (Tensor, Tensor) {
+        self.rmsnorm_fwd(x, w, eps)
+    }
+
+    fn rmsnorm_backward_input(&self, x: &Tensor, w: &Tensor, rstd: &Tensor, dy: &Tensor) -> Tensor {
+        self.rmsnorm_bwd_input(x, w, rstd, dy)
+    }
+
+    fn rmsnorm_backward_weight(&self, x: &Tensor, rstd: &Tensor, dy: &Tensor, dw: &mut Tensor) {
+        self.rmsnorm_bwd_weight(x, rstd, dy, dw)
+    }
+
+    fn swiglu_forward(&self, gate: &Tensor, up: &Tensor) -> Tensor {
+        self.swiglu_fwd(gate, up)
+    }
+
+    fn swiglu_backward(&self, gate: &Tensor, up: &Tensor, dh: &Tensor) -> (Tensor, Tensor) {
+        self.swiglu_bwd(gate, up, dh)
+    }
+
+    fn rope(&self, x: &mut Tensor, table: &Tensor, spec: RopeSpec, inverse: bool) {
+        self.rope_apply(x, table, spec, inverse)
+    }
+
+    fn attention_forward(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        k_pe: &Tensor,
+        s: AttnShape,
+    ) -> (Tensor, Tensor) {
+        self.attn_forward(q, kv, k_pe, s)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        k_pe: &Tensor,
+        probs: &Tensor,
+        dout: &Tensor,
+        s: AttnShape,
+    ) -> (Tensor, Tensor, Tensor) {
+        self.attn_backward(q, kv, k_pe, probs, dout, s)
+    }
+
+    fn router_forward(&self, logits: &Tensor, bias: &Tensor, spec: RouterSpec) -> RouterOut {
+        self.router_fwd(logits, bias, spec)
+    }
+
+    fn router_backward(
+        &self,
+        scores: &Tensor,
+        topk: &[u32],
+        dweights: &Tensor,
+        spec: RouterSpec,
+    ) -> Tensor {
+        self.router_bwd(scores, topk, dweights, spec)
+    }
+
+    fn balance_loss(
+        &self,
+        scores: &Tensor,
+        topk: &[u32],
+        spec: RouterSpec,
+        seq_len: usize,
+        alpha: f32,
+    ) -> (f32, Tensor) {
+        self.balance(scores, topk, spec, seq_len, alpha)
+    }
+
+    fn cross_entropy(&self, logits: &Tensor, targets: &[i64], grad_scale: f32) -> (f32, Tensor) {
+        self.ce(logits, targets, grad_scale)
+    }
+
+    // ---- training state (train.rs) --------------------------------------------------------
+
+    fn fill(&self, t: &mut Tensor, value: f32) {
+        self.op("fill", cost::elementwise(t.numel(), 0.0, 1.0), || {
+            self.fill_n(t, value)
+        });
+    }
+
+    fn scale(&self, t: &mut Tensor, s: f32) {
+        self.scale_all(t, s)
+    }
+
+    fn sum_squares(&self, ts: &[&Tensor]) -> f64 {
+        self.sum_sq(ts)
+    }
+
+    fn adamw(&self, params: &mut [AdamWArgs<'_>]) {
+        self.adamw_all(params)
+    }
+
+    fn pack(&self, ts: &[&Tensor], scale: f32) -> Tensor {
+        self.pack_all(ts, scale)
+    }
+
+    fn unpack(&self, flat: &Tensor, ts: &mut [&mut Tensor]) {
+        self.unpack_all(flat, ts)
+    }
+
+    fn write(&self, t: &mut Tensor, data: &[f32]) {
+        assert_eq!(t.numel(), data.len(), "write {:?}", t.shape());
+        *t = self.upload(t.shape(), data);
+    }
+
+    fn take_values(&self, t: Tensor) -> Option<Vec<f32>> {
+        self.download(&t)
+    }
+
+    fn adopt(&self, shape: &[usize], values: Option<Vec<f32>>) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        match values {
+            Some(v) => {
+                assert_eq!(v.len(), n, "adopt: {} values for {shape:?}", v.len());
+                self.upload(shape, &v)
+            }
+            None => self.zeros(shape),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sorted_scatter;
+
+    #[test]
+    fn a_sorted_scatter_keeps_each_rows_sources_in_order() {
+        let (d, o, s) = sorted_scatter(&[2, 0, 2, 1, 0]);
+        assert_eq!(d, vec![0, 1, 2]);
+        assert_eq!(o, vec![0, 2, 3, 5]);
+        assert_eq!(s, vec![1, 4, 3, 0, 2]);
+        let (d, o, s) = sorted_scatter(&[]);
+        assert!(d.is_empty() && s.is_empty());
+        assert_eq!(o, vec![0]);
+    }
+}

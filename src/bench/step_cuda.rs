@@ -1,0 +1,146 @@
+//! `flotilla bench step --device cuda` (feature `cuda`): what the GPU side of the step bench adds
+//! — cuBLAS on the step's own GEMM shapes as the baseline, a per-kernel profile of one
+//! forward+backward of the same model and batch, the memory pool's peak, and the ratios against
+//! PyTorch from `tools/bench/torch_baseline.py`'s output.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use flotilla_model::device::cuda::{self, CudaDevice, Precision};
+use flotilla_model::device::{Mat, MatMut};
+use flotilla_model::flops::GemmShape;
+use flotilla_model::rng::Rng;
+use flotilla_model::{Batch, DeepSeekV3, Device, ModelConfig, StepOptions};
+use flotilla_runtime::config::{Config, Precision as P};
+use serde_json::{Value, json};
+
+/// The device's GEMM precision for `cfg`.
+pub fn precision(cfg: &Config) -> Precision {
+    match cfg.model.precision {
+        P::Fp32 => Precision::Fp32,
+        P::Bf16 => Precision::Bf16,
+    }
+}
+
+fn device(cfg: &Config) -> Result<CudaDevice> {
+    CudaDevice::new(0, precision(cfg)).context("starting the CUDA device on GPU 0")
+}
+
+/// The name of GPU 0.
+pub fn gpu_name(cfg: &Config) -> Result<String> {
+    Ok(device(cfg)?.gpu_name().to_owned())
+}
+
+/// Forgets the memory pool's peak (before the timed job).
+pub fn reset_peak() {
+    cuda::reset_pool_peak(0);
+}
+
+/// The memory pool's peak since [`reset_peak`], in MiB.
+pub fn peak_mib() -> Option<f64> {
+    cuda::pool_peak_bytes(0).map(|b| b as f64 / (1u64 << 20) as f64)
+}
+
+/// cuBLAS alone on every GEMM shape of the step (each as often as the step runs it): GFLOP/s.
+pub fn raw_gemm(cfg: &Config, shapes: &[GemmShape]) -> Result<f64> {
+    let dev = device(cfg)?;
+    let mut flops = 0.0;
+    let mut secs = 0.0;
+    for s in shapes {
+        let a = dev.upload(&[s.m, s.k], &vec![0.5; s.m * s.k]);
+        let b = dev.upload(&[s.k, s.n], &vec![0.25; s.k * s.n]);
+        let mut c = dev.zeros(&[s.m, s.n]);
+        dev.gemm(MatMut::all(&mut c), Mat::all(&a), Mat::all(&b), false);
+        dev.synchronize();
+        let reps = s.count.max(1) * 3;
+        let t = Instant::now();
+        for _ in 0..reps {
+            dev.gemm(MatMut::all(&mut c), Mat::all(&a), Mat::all(&b), false);
+        }
+        dev.synchronize();
+        secs += t.elapsed().as_secs_f64();
+        flops += 2.0 * (s.m * s.n * s.k * reps) as f64;
+    }
+    Ok(flops / secs.max(1e-12) / 1e9)
+}
+
+/// One profiled forward+backward of the model on a batch of random tokens (after one untimed
+/// one): each kernel's calls, time, share of the pass, and achieved TFLOP/s or GB/s beside the
+/// GPU's peaks (`peak_tflops`, `peak_gbps`).
+pub fn kernel_table(
+    cfg: &Config,
+    mcfg: &ModelConfig,
+    peak_tflops: f64,
+    peak_gbps: f64,
+    grouped: bool,
+) -> Result<Vec<Value>> {
+    let dev = device(cfg)?;
+    dev.set_grouped_gemm(grouped);
+    let model = DeepSeekV3::init(mcfg, &dev, cfg.job.seed).context("model init")?;
+    let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
+    let mut rng = Rng::new(cfg.job.seed);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| (rng.next_u64() % mcfg.vocab_size as u64) as u32)
+        .collect();
+    let batch = Batch::causal(ids, b, t);
+    let opts = StepOptions::from_config(mcfg);
+    let mut grads = model.zero_grads(&dev);
+    let mut pass = |profile: bool| -> Result<()> {
+        dev.set_profiling(profile);
+        model
+            .forward_backward(&dev, &batch, &opts, &mut grads)
+            .map_err(|e| anyhow::anyhow!("forward_backward: {e}"))?;
+        dev.synchronize();
+        Ok(())
+    };
+    pass(false)?;
+    let _ = dev.take_profile();
+    pass(true)?;
+    let table = dev.take_profile();
+    let total: f64 = table.iter().map(|k| k.seconds).sum();
+    Ok(table
+        .iter()
+        .map(|k| {
+            let tflops = k.flops / k.seconds.max(1e-12) / 1e12;
+            let gbps = k.bytes / k.seconds.max(1e-12) / 1e9;
+            json!({
+                "kernel": k.name, "grouped_gemm": grouped, "calls": k.calls, "ms": k.seconds * 1e3,
+                "share": k.seconds / total.max(1e-12),
+                "tflops": tflops, "pct_peak_tflops": 100.0 * tflops / peak_tflops,
+                "gbps": gbps, "pct_peak_gbps": 100.0 * gbps / peak_gbps,
+            })
+        })
+        .collect())
+}
+
+/// `(eager, compile)` tokens/s from `tools/bench/torch_baseline.py`'s JSON lines.
+pub fn torch_rates(path: &Path) -> Result<(Option<f64>, Option<f64>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the PyTorch results {}", path.display()))?;
+    let (mut eager, mut compile) = (None, None);
+    for (i, line) in text.lines().enumerate() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v.get("bench").and_then(Value::as_str) != Some("torch_baseline") {
+            continue;
+        }
+        let Some(tps) = v.get("tokens_per_s").and_then(Value::as_f64) else {
+            bail!(
+                "{}:{}: a torch_baseline line without tokens_per_s",
+                path.display(),
+                i + 1
+            );
+        };
+        match v.get("mode").and_then(Value::as_str) {
+            Some("eager") => eager = Some(tps),
+            Some("compile") => compile = Some(tps),
+            other => bail!("{}:{}: unknown mode {other:?}", path.display(), i + 1),
+        }
+    }
+    if eager.is_none() && compile.is_none() {
+        bail!("{}: no torch_baseline line in it", path.display());
+    }
+    Ok((eager, compile))
+}
