@@ -101,6 +101,9 @@ impl CudaDevice {
         let out = self.out(&[n, d.ow]);
         let probs = self.out(&[d.b, d.h, d.t, d.t]);
         self.op("attention_forward", cost::attention_forward(&s), || {
+            if d.b * d.h * d.t == 0 {
+                return;
+            }
             let k = self.gather_keys(kv, k_pe, &s, &d);
             let (qp, kp, pp) = (self.ptr(q), self.ptr(&k), self.ptr(&probs));
             let (kvp, op) = (self.ptr(kv), self.ptr(&out));
@@ -173,6 +176,9 @@ impl CudaDevice {
         let dkv = self.out(&[n, d.kvw]);
         let dk_pe = self.out(&[n, s.rope]);
         self.op("attention_backward", cost::attention_backward(&s), || {
+            if d.b * d.h * d.t == 0 {
+                return;
+            }
             let k = self.gather_keys(kv, k_pe, &s, &d);
             let ds = self.out(&[d.b, d.h, d.t, d.t]);
             let dk = self.out(&[d.b, d.h, d.t, d.dqk]);

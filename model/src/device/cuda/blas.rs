@@ -18,6 +18,7 @@ use super::{CudaDevice, CudaError, Precision};
 /// A cuBLAS handle bound to the device's stream.
 pub(super) struct Blas {
     handle: cublasHandle_t,
+    ctx: Arc<cudarc::driver::CudaContext>,
 }
 
 // SAFETY: the handle is used only by the device that owns it, whose operations are issued one at
@@ -27,8 +28,32 @@ unsafe impl Sync for Blas {}
 
 impl Drop for Blas {
     fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
         // SAFETY: created in `Blas::new` and destroyed once.
         let _ = unsafe { cublas::destroy_handle(self.handle) };
+    }
+}
+
+/// Whether the cuBLAS loaded has `cublasGemmGroupedBatchedEx` (12.5 and later).
+pub(super) fn has_grouped_gemm() -> bool {
+    use cudarc::cublas::sys::{cublasGetProperty, cublasStatus_t, libraryPropertyType};
+    let version = |p: libraryPropertyType| -> Option<i32> {
+        // cudarc panics when the library or the symbol is missing.
+        std::panic::catch_unwind(move || {
+            let mut v = 0i32;
+            // SAFETY: `cublasGetProperty` writes one int; it needs no handle.
+            let status = unsafe { cublasGetProperty(p, &mut v) };
+            (status == cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(v)
+        })
+        .ok()
+        .flatten()
+    };
+    match (
+        version(libraryPropertyType::MAJOR_VERSION),
+        version(libraryPropertyType::MINOR_VERSION),
+    ) {
+        (Some(major), Some(minor)) => (major, minor) >= (12, 5),
+        _ => false,
     }
 }
 
@@ -98,7 +123,10 @@ impl Blas {
         // SAFETY: a live handle and the device's live stream.
         unsafe { cublas::set_stream(handle, stream.cu_stream() as _) }
             .map_err(|e| CudaError::Blas(format!("{e:?}")))?;
-        Ok(Blas { handle })
+        Ok(Blas {
+            handle,
+            ctx: stream.context().clone(),
+        })
     }
 
     /// The raw handle (for the grouped GEMM of `grouped.rs`).

@@ -9,6 +9,11 @@
 typedef long long i64;
 typedef unsigned int u32;
 
+// NVRTC has no <math.h>.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #define FOR_EACH(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
 
@@ -150,13 +155,14 @@ extern "C" __global__ void scale_rows(float* x, const float* s, i64 rows, int co
 
 // out[r] = dot(a[r], b[r]): one warp per row.
 extern "C" __global__ void rows_dot(const float* a, const float* b, float* out, i64 rows, int cols) {
-    i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    float acc = 0.0f;
-    for (int c = lane; c < cols; c += 32) acc += a[r * cols + c] * b[r * cols + c];
-    acc = warp_sum(acc);
-    if (lane == 0) out[r] = acc;
+    i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
+        float acc = 0.0f;
+        for (int c = lane; c < cols; c += 32) acc += a[r * cols + c] * b[r * cols + c];
+        acc = warp_sum(acc);
+        if (lane == 0) out[r] = acc;
+    }
 }
 
 // ---- RMSNorm (one block per row) ---------------------------------------------------------------

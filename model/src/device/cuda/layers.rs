@@ -90,12 +90,14 @@ impl CudaDevice {
         dw: &mut Tensor,
     ) {
         let (rows, d) = (x.rows(), x.cols());
-        let chunks = rows.div_ceil(WEIGHT_GRAD_ROWS);
+        // At most 65535 chunks (the grid's y limit).
+        let per = WEIGHT_GRAD_ROWS.max(rows.div_ceil(65535));
+        let chunks = rows.div_ceil(per);
         self.op(
             "rmsnorm_backward_weight",
             cost::elementwise(x.numel(), 3.0, 2.0),
             || {
-                if rows == 0 {
+                if rows == 0 || d == 0 {
                     return;
                 }
                 let partial = self.alloc(chunks * d);
@@ -115,7 +117,7 @@ impl CudaDevice {
                         Arg::P(pp),
                         Arg::L(rows as i64),
                         Arg::I(d as i32),
-                        Arg::I(WEIGHT_GRAD_ROWS as i32),
+                        Arg::I(per as i32),
                     ],
                 );
                 self.run(
@@ -177,6 +179,12 @@ impl CudaDevice {
             "rope: {} rotary channels (the kernel takes an even number up to 256)",
             spec.dim
         );
+        assert!(
+            spec.heads == 0
+                || spec.offset + (spec.heads - 1) * spec.head_stride + spec.dim <= x.cols(),
+            "rope: {spec:?} reaches past {} columns",
+            x.cols()
+        );
         let rows = x.rows();
         self.op(
             "rope",
@@ -208,7 +216,12 @@ impl CudaDevice {
     pub(super) fn router_fwd(&self, logits: &Tensor, bias: &Tensor, spec: RouterSpec) -> RouterOut {
         let (e, k) = (spec.n_experts, spec.top_k);
         assert!(
-            e <= 256 && spec.n_group <= 64 && e % spec.n_group.max(1) == 0 && logits.cols() == e,
+            e <= 256
+                && (1..=64).contains(&spec.n_group)
+                && spec.topk_group <= spec.n_group
+                && k <= e
+                && e.is_multiple_of(spec.n_group)
+                && logits.cols() == e,
             "router: {e} experts in {} groups (the kernel takes up to 256 in up to 64)",
             spec.n_group
         );

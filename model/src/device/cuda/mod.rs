@@ -73,9 +73,10 @@ pub enum Precision {
 
 /// One GPU as a device.
 pub struct CudaDevice {
+    // Dropped in this order: the cuBLAS handle before the stream it is bound to.
+    blas: blas::Blas,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: blas::Blas,
     k: Kernels,
     precision: Precision,
     stats: Mutex<Stats>,
@@ -134,7 +135,7 @@ impl CudaDevice {
             precision,
             stats: Mutex::new(Stats::default()),
             gpu_name,
-            grouped: AtomicBool::new(true),
+            grouped: AtomicBool::new(blas::has_grouped_gemm()),
         })
     }
 
@@ -260,6 +261,9 @@ impl CudaDevice {
         if n == 0 {
             return;
         }
+        self.ctx
+            .bind_to_thread()
+            .unwrap_or_else(|e| panic!("CUDA context: {e}"));
         // SAFETY: both ranges lie inside live allocations of this context (callers' bounds).
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(dst, src, n * 4, self.stream.cu_stream())
