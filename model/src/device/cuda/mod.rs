@@ -99,7 +99,11 @@ impl std::fmt::Debug for CudaDevice {
 
 /// Number of GPUs the driver sees (0 without a driver or a GPU).
 pub fn device_count() -> usize {
-    // The driver library is loaded lazily; without one, cudarc panics rather than erring.
+    // cudarc loads the driver library lazily and panics where there is none: look first.
+    // SAFETY: loading libcuda runs its initialisers, as any CUDA program does.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
     std::panic::catch_unwind(CudaContext::device_count)
         .ok()
         .and_then(|r| r.ok())
