@@ -167,7 +167,8 @@ impl Tensor {
     /// A tensor whose values live in GPU memory (the CUDA device's tensors).
     #[cfg(feature = "cuda")]
     pub(crate) fn from_cuda(shape: &[usize], data: cudarc::driver::CudaSlice<f32>) -> Tensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        // An empty tensor holds one unused value (see the CUDA device's `alloc`).
+        debug_assert_eq!(shape.iter().product::<usize>().max(1), data.len());
         Tensor {
             shape: shape.to_vec(),
             storage: Storage::Cuda(Box::new(data)),

@@ -171,15 +171,12 @@ impl CudaDevice {
         p
     }
 
-    /// An uninitialised allocation of `n` f32s.
+    /// An uninitialised allocation of `n` f32s (at least one: the driver may refuse empty
+    /// allocations, so an empty tensor holds one unused value).
     fn alloc(&self, n: usize) -> CudaSlice<f32> {
-        let r = if n == 0 {
-            self.stream.null::<f32>()
-        } else {
-            // SAFETY: the callers overwrite every element before reading (see `Device::empty`).
-            unsafe { self.stream.alloc::<f32>(n) }
-        };
-        r.unwrap_or_else(|e| panic!("CUDA allocation of {n} floats failed: {e}"))
+        // SAFETY: the callers overwrite every element before reading (see `Device::empty`).
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }
+            .unwrap_or_else(|e| panic!("CUDA allocation of {n} floats failed: {e}"))
     }
 
     fn out(&self, shape: &[usize]) -> Tensor {
@@ -187,9 +184,12 @@ impl CudaDevice {
     }
 
     /// Host values `data` (of any device type) as a new GPU buffer.
-    fn upload_any<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> CudaSlice<T> {
+    fn upload_any<T>(&self, data: &[T]) -> CudaSlice<T>
+    where
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
         let r = if data.is_empty() {
-            self.stream.null::<T>()
+            self.stream.alloc_zeros::<T>(1)
         } else {
             self.stream.clone_htod(data)
         };
@@ -388,11 +388,7 @@ impl Device for CudaDevice {
 
     fn zeros(&self, shape: &[usize]) -> Tensor {
         let n: usize = shape.iter().product();
-        let s = if n == 0 {
-            self.stream.null::<f32>()
-        } else {
-            self.stream.alloc_zeros::<f32>(n)
-        };
+        let s = self.stream.alloc_zeros::<f32>(n.max(1));
         Tensor::from_cuda(
             shape,
             s.unwrap_or_else(|e| panic!("CUDA allocation failed: {e}")),
@@ -414,12 +410,12 @@ impl Device for CudaDevice {
 
     fn download(&self, t: &Tensor) -> Option<Vec<f32>> {
         let s = t.cuda()?;
-        if s.is_empty() {
+        if t.numel() == 0 {
             return Some(Vec::new());
         }
         Some(
             self.stream
-                .clone_dtoh(s)
+                .clone_dtoh(&s.slice(0..t.numel()))
                 .unwrap_or_else(|e| panic!("CUDA download failed: {e}")),
         )
     }
