@@ -171,6 +171,10 @@ struct Shared {
     /// Every job takes this many times its own time (1: none): an injected slow device
     /// ([`Stream::slow_down`]).
     slowdown: AtomicU64,
+    /// The device thread of a real stream, joined when the stream closes: the device and the
+    /// rank's state are dropped there, and a GPU's teardown should finish before the process
+    /// exits (a 40 GB CUDA job segfaulted at exit while this thread was left running).
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// When a step began, on the stream's own time base.
@@ -246,6 +250,19 @@ impl Drop for Handle {
         if let Some(v) = &self.0.sim {
             v.issued.notify_one();
         }
+        // Wait for the device thread to run out its queue and drop the device (never from that
+        // thread itself).
+        let thread = self
+            .0
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = thread
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
     }
 }
 
@@ -311,10 +328,11 @@ impl Stream {
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
             slowdown: AtomicU64::new(1.0f64.to_bits()),
+            thread: Mutex::new(None),
         });
         let worker = Arc::clone(&shared);
         let (ready, built) = oneshot::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
                 let (dev, mut store) = match build() {
@@ -340,6 +358,7 @@ impl Stream {
                 }
             })
             .map_err(|e| JobError::Config(format!("cannot start a compute thread: {e}")))?;
+        *shared.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
         let handle = Stream(Arc::new(Handle(shared)));
         match built.await {
             Ok(Ok(())) => Ok(handle),
@@ -364,6 +383,7 @@ impl Stream {
             cost: Mutex::new(Cost::default()),
             spans: Mutex::new((Vec::new(), None)),
             slowdown: AtomicU64::new(1.0f64.to_bits()),
+            thread: Mutex::new(None),
         });
         tokio::spawn(serve_virtual(Arc::clone(&shared)));
         Stream(Arc::new(Handle(shared)))
