@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod chaos;
-#[cfg(feature = "cuda")]
 mod cuda;
 
 fn flotilla(args: &[&str]) -> Output {
@@ -113,44 +112,6 @@ fn train_refuses_keys_that_are_not_supported_yet() {
         "{err}"
     );
     assert!(!dir.join("summary.json").exists());
-}
-
-/// `cluster.device = "cuda"` where the binary has no CUDA device (built without the feature)
-/// or the machine has no GPU: one line saying which, before anything runs.
-#[test]
-fn train_on_cuda_without_a_gpu_says_why() {
-    #[cfg(feature = "cuda")]
-    if flotilla_model::device::cuda::device_count() > 0 {
-        eprintln!("train_on_cuda_without_a_gpu_says_why: skipped, this machine has a GPU");
-        return;
-    }
-    let dir = tmp("no-gpu");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let file = dir.join("cuda.toml");
-    std::fs::write(&file, "[cluster]\ndevice = \"cuda\"\n").expect("write");
-    let out = dir.join("out");
-    let run = flotilla(&[
-        "train",
-        "--config",
-        file.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--quiet",
-    ]);
-    assert_eq!(run.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&run.stderr);
-    let why = if cfg!(feature = "cuda") {
-        "the CUDA driver sees no GPU"
-    } else {
-        "this binary was built without the CUDA device; build it with `cargo build --release \
-         --features cuda`"
-    };
-    assert!(
-        err.contains(&format!("cluster.device = \"cuda\": {why}")),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(!out.join("summary.json").exists());
 }
 
 /// `[metrics] log_every = 3` over 7 steps: the `tracing` step line comes after steps 3 and 6.
