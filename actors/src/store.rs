@@ -178,16 +178,21 @@ fn gpu_count() -> Result<usize, JobError> {
     ))
 }
 
+/// The CUDA device's GEMM precision for `cfg`'s `model.precision`.
 #[cfg(feature = "cuda")]
-fn cuda_device(cfg: &Config, rank: usize) -> Result<Box<dyn Device>, JobError> {
-    use flotilla_model::device::cuda::{CudaDevice, Precision};
+pub fn cuda_precision(cfg: &Config) -> flotilla_model::device::cuda::Precision {
+    use flotilla_model::device::cuda::Precision;
     use flotilla_runtime::config::Precision as P;
-    let gpus = gpu_count()?;
-    let precision = match cfg.model.precision {
+    match cfg.model.precision {
         P::Fp32 => Precision::Fp32,
         P::Bf16 => Precision::Bf16,
-    };
-    let dev = CudaDevice::new(rank % gpus, precision)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(cfg: &Config, rank: usize) -> Result<Box<dyn Device>, JobError> {
+    let gpus = gpu_count()?;
+    let dev = flotilla_model::device::cuda::CudaDevice::new(rank % gpus, cuda_precision(cfg))
         .map_err(|e| JobError::Config(format!("cluster.device = \"cuda\": rank {rank}: {e}")))?;
     Ok(Box::new(dev))
 }

@@ -7,24 +7,17 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use flotilla_model::device::cuda::{self, CudaDevice, Precision};
+use flotilla_model::device::cuda::{self, CudaDevice};
 use flotilla_model::device::{Mat, MatMut};
 use flotilla_model::flops::GemmShape;
 use flotilla_model::rng::Rng;
 use flotilla_model::{Batch, DeepSeekV3, Device, ModelConfig, StepOptions};
-use flotilla_runtime::config::{Config, Precision as P};
+use flotilla_runtime::config::Config;
 use serde_json::{Value, json};
 
-/// The device's GEMM precision for `cfg`.
-pub fn precision(cfg: &Config) -> Precision {
-    match cfg.model.precision {
-        P::Fp32 => Precision::Fp32,
-        P::Bf16 => Precision::Bf16,
-    }
-}
-
 fn device(cfg: &Config) -> Result<CudaDevice> {
-    CudaDevice::new(0, precision(cfg)).context("starting the CUDA device on GPU 0")
+    CudaDevice::new(0, flotilla_actors::store::cuda_precision(cfg))
+        .context("starting the CUDA device on GPU 0")
 }
 
 /// The name of GPU 0.

@@ -300,14 +300,15 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 Some(_) => cfg.cluster.device = flotilla_runtime::config::DeviceKind::Cpu,
                 None => {}
             }
+            // The overridden device must still fit the config (a simulated fabric, bf16 on
+            // the CPU): the same rules, the same messages as a config file's.
+            cfg.validate()
+                .map_err(|e| anyhow::anyhow!("bench step --device: {e}"))?;
             let cuda = cfg.cluster.device == flotilla_runtime::config::DeviceKind::Cuda;
             anyhow::ensure!(
                 cuda || (a.torch.is_none() && !a.kernels),
                 "--torch and --kernels need --device cuda"
             );
-            if cfg.model.precision == flotilla_runtime::config::Precision::Bf16 && !cuda {
-                anyhow::bail!("model.precision = \"bf16\" needs --device cuda");
-            }
             let gpu = step::GpuOptions {
                 torch: a.torch.clone(),
                 peak_tflops: a.peak_tflops,

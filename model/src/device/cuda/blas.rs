@@ -106,7 +106,8 @@ fn op_of(t: bool) -> cublasOperation_t {
     }
 }
 
-fn compute_of(p: Precision) -> cublasComputeType_t {
+/// The cuBLAS compute type of a precision (plain and grouped GEMMs alike).
+pub(super) fn compute_of(p: Precision) -> cublasComputeType_t {
     match p {
         Precision::Fp32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
         Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,

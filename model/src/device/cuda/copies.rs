@@ -272,20 +272,16 @@ impl CudaDevice {
 fn sorted_scatter(index: &[u32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
     let mut order: Vec<usize> = (0..index.len()).collect();
     order.sort_by_key(|&r| index[r]);
-    let (mut dsts, mut offs, mut srcs) = (Vec::new(), vec![0i32], Vec::with_capacity(index.len()));
+    let (mut dsts, mut offs) = (Vec::new(), Vec::new());
     for (k, &r) in order.iter().enumerate() {
-        if k > 0 && index[order[k - 1]] != index[r] {
-            offs.push(k as i32);
-        }
+        // A new destination starts a new group.
         if k == 0 || index[order[k - 1]] != index[r] {
             dsts.push(index[r] as i32);
+            offs.push(k as i32);
         }
-        srcs.push(r as i32);
     }
     offs.push(index.len() as i32);
-    if index.is_empty() {
-        offs.truncate(1);
-    }
+    let srcs = order.iter().map(|&r| r as i32).collect();
     (dsts, offs, srcs)
 }
 

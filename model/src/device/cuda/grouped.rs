@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use cudarc::cublas::sys::{self as blas_sys, cublasOperation_t, cudaDataType};
 use cudarc::driver::DevicePtr;
 
-use super::{CudaDevice, Precision, cost};
+use super::{CudaDevice, cost};
 use crate::device::{gemm_rows_each, gemm_weight_each};
 use crate::tensor::Tensor;
 
@@ -71,10 +71,7 @@ impl CudaDevice {
         let dev_ptrs = self.upload_any(&ptrs);
         let (base, _g) = dev_ptrs.device_ptr(&self.stream);
         let g = ps.len() as u64;
-        let compute = match self.precision {
-            Precision::Fp32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            Precision::Bf16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-        };
+        let compute = super::blas::compute_of(self.precision);
         // SAFETY: every host array has one entry per group and lives past the call; the pointer
         // arrays are in device memory (three blocks of `g` pointers), each pointing into a live
         // allocation that covers its problem; the scalars are host floats.

@@ -267,18 +267,33 @@ extern "C" __global__ void rope(float* x, int cols, const float* table, int seq_
 
 // ---- attention: layouts and the causal softmax ------------------------------------------------
 
+// Element i of a walk over [B, H, T, width]: its offset in the head-major layout (rows of
+// `hw`, columns from `hoff`) and in the token-major one (rows of `rw`, heads `rhs` apart,
+// columns from `roff`).
+struct HeadsIndex {
+    i64 heads, tokens;
+};
+
+__device__ __forceinline__ HeadsIndex heads_index(i64 i, int width, int T, int H, int hw, int hoff,
+                                                  int rw, int rhs, int roff) {
+    int c = (int)(i % width);
+    i64 q = i / width;
+    int t = (int)(q % T);
+    q /= T;
+    int h = (int)(q % H);
+    int b = (int)(q / H);
+    HeadsIndex x;
+    x.heads = (((i64)b * H + h) * T + t) * hw + hoff + c;
+    x.tokens = ((i64)b * T + t) * rw + (i64)h * rhs + roff + c;
+    return x;
+}
+
 // dst[((b*H + h)*T + t)*dst_w + dst_off + c] = src[(b*T + t)*src_cols + h*src_hs + src_off + c].
 extern "C" __global__ void to_heads(const float* src, int src_cols, int src_hs, int src_off, float* dst,
                                     int dst_w, int dst_off, int width, int B, int T, int H) {
     FOR_EACH(i, (i64)B * H * T * width) {
-        int c = (int)(i % width);
-        i64 q = i / width;
-        int t = (int)(q % T);
-        q /= T;
-        int h = (int)(q % H);
-        int b = (int)(q / H);
-        dst[(((i64)b * H + h) * T + t) * dst_w + dst_off + c] =
-            src[((i64)b * T + t) * src_cols + (i64)h * src_hs + src_off + c];
+        HeadsIndex x = heads_index(i, width, T, H, dst_w, dst_off, src_cols, src_hs, src_off);
+        dst[x.heads] = src[x.tokens];
     }
 }
 
@@ -286,14 +301,8 @@ extern "C" __global__ void to_heads(const float* src, int src_cols, int src_hs, 
 extern "C" __global__ void from_heads(const float* src, int src_w, int src_off, float* dst, int dst_cols,
                                       int dst_hs, int dst_off, int width, int B, int T, int H) {
     FOR_EACH(i, (i64)B * H * T * width) {
-        int c = (int)(i % width);
-        i64 q = i / width;
-        int t = (int)(q % T);
-        q /= T;
-        int h = (int)(q % H);
-        int b = (int)(q / H);
-        dst[((i64)b * T + t) * dst_cols + (i64)h * dst_hs + dst_off + c] =
-            src[(((i64)b * H + h) * T + t) * src_w + src_off + c];
+        HeadsIndex x = heads_index(i, width, T, H, src_w, src_off, dst_cols, dst_hs, dst_off);
+        dst[x.tokens] = src[x.heads];
     }
 }
 

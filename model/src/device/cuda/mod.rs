@@ -152,11 +152,6 @@ impl CudaDevice {
         &self.gpu_name
     }
 
-    /// The compute stream (for NCCL's stream to wait on, and for tests).
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
     /// Waits until every operation issued so far has finished.
     pub fn synchronize(&self) {
         self.stream
