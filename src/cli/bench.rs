@@ -175,7 +175,8 @@ pub struct StepArgs {
     /// 3350; H200: 4800).
     #[arg(long, default_value_t = 3350.0)]
     peak_gbps: f64,
-    /// With --device cuda: also profile one forward+backward kernel by kernel.
+    /// With --device cuda: also profile one forward+backward kernel by kernel, twice: the
+    /// experts' GEMMs grouped, then one per expert.
     #[arg(long)]
     kernels: bool,
 }
