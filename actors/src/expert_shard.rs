@@ -275,5 +275,10 @@ fn run_experts(
         }
         other => return Err(format!("{what}: a {other:?} on the shard's channel")),
     };
-    Ok(out.into_iter().map(|t| to_payload(d.dev, t, &[])).collect())
+    // What goes back to this rank's own stage stays on the device.
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .map(|(p, t)| to_payload(d.dev, t, &[], p == ep.index))
+        .collect())
 }

@@ -129,6 +129,8 @@ fn advance(
         })
         .transpose()?;
     let what = |w: &str| format!("{w} of micro-batch {chunk}, stage {stage}");
+    // This rank's own EP index: its part stays on the device.
+    let own = d.store.placement.topo.coord(d.store.rank).ep;
     let model = &d.store.model;
     let (y, backward) = match &mut pass {
         Pass::Forward(p) => (p.step(model, d.dev, back), false),
@@ -141,7 +143,8 @@ fn advance(
             kind: Kind::Dispatch,
             parts: parts
                 .into_iter()
-                .map(|p| to_payload(d.dev, p.rows, &p.counts))
+                .enumerate()
+                .map(|(p, part)| to_payload(d.dev, part.rows, &part.counts, p == own))
                 .collect(),
         },
         Yield::GradDispatch { layer, parts } => Out::Post {
@@ -149,7 +152,8 @@ fn advance(
             kind: Kind::GradDispatch,
             parts: parts
                 .into_iter()
-                .map(|t| to_payload(d.dev, t, &[]))
+                .enumerate()
+                .map(|(p, t)| to_payload(d.dev, t, &[], p == own))
                 .collect(),
         },
         Yield::Await { layer } => Out::Await {
@@ -187,7 +191,7 @@ fn finish(d: &mut OnDevice<'_>, chunk: usize, stage: usize, pass: Pass) -> Answe
         }
     };
     Ok(Out::Done {
-        output: output.map(|t| to_payload(d.dev, t, &[])),
+        output: output.map(|t| to_payload(d.dev, t, &[], false)),
     })
 }
 

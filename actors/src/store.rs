@@ -395,9 +395,9 @@ impl RankStore {
     /// A step begins: zero gradients, this step's micro-batches from the loader.
     pub fn begin_step(&mut self, dev: &dyn Device) {
         self.clear_step();
-        self.sel
-            .held
-            .for_each_mut(&mut self.grads, &mut |t| dev.fill(t, 0.0));
+        let mut held = self.sel.held.take(&mut self.grads);
+        dev.fill_many(&mut held.iter_mut().collect::<Vec<_>>(), 0.0);
+        self.sel.held.put_back(&mut self.grads, held);
         self.batches = self
             .loader
             .next_step()
@@ -523,9 +523,7 @@ impl RankStore {
         let mut values = sel.take(&mut self.model.weights);
         let mut grads = sel.take(&mut self.grads);
         if self.grad_clip > 0.0 && coef < 1.0 {
-            for g in grads.iter_mut() {
-                dev.scale(g, coef as f32);
-            }
+            dev.scale_many(&mut grads.iter_mut().collect::<Vec<_>>(), coef as f32);
         }
         // The selection holds every trainable name (they were found in these weights), in the
         // order of `trainable`.

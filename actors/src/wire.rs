@@ -11,11 +11,13 @@
 //! the step, the micro-batch, the layer and the [`Kind`]. A tensor travels as
 //! [`TensorMsg`]: `meta = [rows, cols, extra…]` (integers, exact at any size: the dispatch's
 //! per-expert row counts are its extra) and the values, or only their size for the simulated
-//! device. Everything read off the fabric is checked before use: a message that does not fit
-//! is an error naming its sender, never a panic.
+//! device. A tensor for this rank's own actors travels as itself ([`Values::Local`]), so a
+//! GPU's rows never leave the GPU on their way to its own expert shard. Everything read off
+//! the fabric is checked before use: a message that does not fit is an error naming its
+//! sender, never a panic.
 
 use flotilla_model::{Device, Tensor};
-use flotilla_runtime::fabric::{Payload, Rank, Tag, TensorMsg, Values};
+use flotilla_runtime::fabric::{LocalValue, Payload, Rank, Tag, TensorMsg, Values};
 
 /// First channel of the stage actors (`+ stage`).
 pub const STAGE_CHANNEL: u32 = 0x5347_0000;
@@ -126,17 +128,28 @@ impl Key {
     }
 }
 
-/// A device tensor `[rows, cols]` as a payload, with integer `extra` metadata (moved out of the
-/// tensor, no copy on the CPU).
-pub fn to_payload(dev: &dyn Device, t: Tensor, extra: &[u64]) -> Payload {
+/// A device tensor `[rows, cols]` as a payload, with integer `extra` metadata. To this rank
+/// (`local`) the tensor itself travels, as an in-process value, and stays on the device; to
+/// another rank its values go through the host (moved out of the tensor, no copy on the CPU).
+/// The simulated device's tensors travel as their size either way.
+pub fn to_payload(dev: &dyn Device, t: Tensor, extra: &[u64], local: bool) -> Payload {
     let (rows, cols) = (t.rows() as u64, t.cols() as u64);
     let bytes = t.numel() as u64 * 4;
     let mut meta = Vec::with_capacity(2 + extra.len());
     meta.extend([rows, cols]);
     meta.extend_from_slice(extra);
-    let values = match dev.take_values(t) {
-        Some(v) => Values::F32(v),
-        None => Values::Absent { bytes },
+    let values = if t.is_shape_only() {
+        Values::Absent { bytes }
+    } else if local {
+        Values::Local {
+            bytes,
+            value: LocalValue::new(t),
+        }
+    } else {
+        match dev.take_values(t) {
+            Some(v) => Values::F32(v),
+            None => Values::Absent { bytes },
+        }
     };
     Payload::Tensor(TensorMsg { meta, values })
 }
@@ -163,6 +176,16 @@ pub fn from_payload(
         .ok_or_else(|| bad(format!("{rows} rows")))?;
     let n = rows * want_cols;
     let values = match msg.values {
+        Values::Local { value, .. } => {
+            let t: Tensor = value.take().map_err(|why| bad(why.to_string()))?;
+            if t.shape() != [rows, want_cols] {
+                return Err(bad(format!(
+                    "a {:?} tensor said to be {rows} x {want_cols}",
+                    t.shape()
+                )));
+            }
+            return Ok((t, msg.meta[2..].to_vec()));
+        }
         Values::F32(v) if v.len() == n => Some(v),
         Values::F32(v) => return Err(bad(format!("{} values for {rows} x {want_cols}", v.len()))),
         Values::Absent { bytes } if bytes == n as u64 * 4 => None,
@@ -212,7 +235,7 @@ mod tests {
     fn tensors_travel_and_bad_ones_are_named() {
         let dev = CpuDevice::new(1);
         let t = dev.upload(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let Payload::Tensor(msg) = to_payload(&dev, t, &[7, u64::MAX]) else {
+        let Payload::Tensor(msg) = to_payload(&dev, t, &[7, u64::MAX], false) else {
             panic!("a tensor payload");
         };
         let (back, extra) = from_payload(&dev, 4, msg.clone(), 3).expect("fits");
@@ -225,11 +248,38 @@ mod tests {
         assert!(from_payload(&dev, 4, short, 3).is_err());
         // The simulated device sends sizes only, and takes them.
         let sim = SimDevice::new(SimProfile::h200());
-        let Payload::Tensor(m) = to_payload(&sim, sim.empty(&[4, 8]), &[]) else {
+        let Payload::Tensor(m) = to_payload(&sim, sim.empty(&[4, 8]), &[], true) else {
             panic!("a tensor payload");
         };
         assert_eq!(m.values, Values::Absent { bytes: 128 });
         let (t, _) = from_payload(&sim, 0, m, 8).expect("fits");
         assert_eq!(t.shape(), &[4, 8]);
+    }
+
+    #[test]
+    fn to_this_rank_the_tensor_itself_travels_once() {
+        let dev = CpuDevice::new(1);
+        let t = dev.upload(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let Payload::Tensor(msg) = to_payload(&dev, t, &[9], true) else {
+            panic!("a tensor payload");
+        };
+        assert!(matches!(msg.values, Values::Local { bytes: 16, .. }));
+        let copy = msg.clone();
+        let e = from_payload(&dev, 1, msg.clone(), 3).expect_err("width");
+        assert!(e.contains("expected 3"), "{e}");
+        let (back, extra) = from_payload(&dev, 1, msg, 2).expect("fits");
+        assert_eq!(back.host(), Some(&[1.0, 2.0, 3.0, 4.0][..]));
+        assert_eq!(extra, vec![9]);
+        // A clone of the message shares the tensor, which only the first receiver gets.
+        let e = from_payload(&dev, 1, copy, 2).expect_err("taken");
+        assert!(e.contains("rank 1") && e.contains("already taken"), "{e}");
+        // A local tensor whose metadata lies about its shape is refused.
+        let t = dev.upload(&[1, 2], &[1.0, 2.0]);
+        let Payload::Tensor(mut msg) = to_payload(&dev, t, &[], true) else {
+            panic!("a tensor payload");
+        };
+        msg.meta[0] = 3;
+        let e = from_payload(&dev, 2, msg, 2).expect_err("shape");
+        assert!(e.contains("[1, 2]"), "{e}");
     }
 }

@@ -323,6 +323,7 @@ pub(crate) fn payload_kind(p: &Payload) -> &'static str {
         Payload::Tensor(t) => match t.values {
             Values::Absent { .. } => "shape-only",
             Values::F32(_) => "f32 tensor",
+            Values::Local { .. } => "in-process tensor",
         },
     }
 }

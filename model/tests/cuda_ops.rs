@@ -434,3 +434,122 @@ fn grouped_expert_gemms_match_the_cpu() {
         }
     }
 }
+
+#[test]
+fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
+    let Some((cpu, _)) = devices("bf16 gemms") else {
+        return;
+    };
+    let gpu = CudaDevice::new(0, Precision::Bf16).expect("a bf16 CUDA device on GPU 0");
+    let p = Pair {
+        cpu: &cpu,
+        gpu: &gpu,
+    };
+    let mut rng = Rng::new(11);
+    let (ac, ag) = p.rand(&mut rng, &[64, 256]);
+    let (bc, bg) = p.rand(&mut rng, &[256, 48]);
+    let (mut cc, mut cg) = (cpu.zeros(&[64, 48]), gpu.zeros(&[64, 48]));
+    cpu.gemm(MatMut::all(&mut cc), Mat::all(&ac), Mat::all(&bc), false);
+    gpu.gemm(MatMut::all(&mut cg), Mat::all(&ag), Mat::all(&bg), false);
+    let e = rel(
+        &gpu.download(&cg).expect("gpu"),
+        &cpu.download(&cc).expect("cpu"),
+    );
+    assert!(e > 1e-4 && e < 2e-2, "bf16 gemm: relative error {e:.3e}");
+    // The router's gate: f32 on a bf16 device.
+    gpu.gemm_full_precision(MatMut::all(&mut cg), Mat::all(&ag), Mat::all(&bg), false);
+    p.close("full-precision gemm", &cc, &cg, TOL);
+    // The experts: one grouped call each for the forward and W, in TF32.
+    let rows = [0..20, 20..20, 20..64];
+    let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[48, 256])).collect();
+    let (w1, w2): (Vec<&Tensor>, Vec<&Tensor>) = ws.iter().map(|(a, b)| (a, b)).unzip();
+    let (mut yc, mut yg) = (cpu.zeros(&[64, 48]), gpu.zeros(&[64, 48]));
+    cpu.gemm_rows_grouped(&mut yc, &ac, &w1, &rows, true, false);
+    gpu.gemm_rows_grouped(&mut yg, &ag, &w2, &rows, true, false);
+    p.close("grouped rows, bf16 device", &yc, &yg, 1e-2);
+    let (dc, dg) = p.rand(&mut rng, &[64, 48]);
+    let mut gc: Vec<Tensor> = (0..3).map(|_| cpu.zeros(&[48, 256])).collect();
+    let mut gg: Vec<Tensor> = (0..3).map(|_| gpu.zeros(&[48, 256])).collect();
+    cpu.gemm_weight_grouped(&mut gc.iter_mut().collect::<Vec<_>>(), &dc, &ac, &rows);
+    gpu.gemm_weight_grouped(&mut gg.iter_mut().collect::<Vec<_>>(), &dg, &ag, &rows);
+    for i in [0, 2] {
+        p.close(&format!("grouped W {i}, bf16 device"), &gc[i], &gg[i], 1e-2);
+    }
+    assert!(gpu.grouped_gemm(), "cuBLAS refused the grouped GEMM");
+}
+
+#[test]
+fn many_tensor_operations_match_the_cpu() {
+    let Some((cpu, gpu)) = devices("many tensors") else {
+        return;
+    };
+    let p = Pair {
+        cpu: &cpu,
+        gpu: &gpu,
+    };
+    let mut rng = Rng::new(5);
+    // Sizes across the launch's chunking (16,384 values), an empty one among them.
+    let shapes: [&[usize]; 4] = [&[3, 7000], &[0, 4], &[5], &[65_537]];
+    let mut xs: Vec<(Tensor, Tensor)> = shapes.iter().map(|s| p.rand(&mut rng, s)).collect();
+    {
+        let (mut c, mut g): (Vec<&mut Tensor>, Vec<&mut Tensor>) =
+            xs.iter_mut().map(|(a, b)| (a, b)).unzip();
+        cpu.scale_many(&mut c, 0.7);
+        gpu.scale_many(&mut g, 0.7);
+    }
+    for (i, (c, g)) in xs.iter().enumerate() {
+        p.close(&format!("scale_many {i}"), c, g, 0.0);
+    }
+    let (c_refs, g_refs): (Vec<&Tensor>, Vec<&Tensor>) = xs.iter().map(|(a, b)| (a, b)).unzip();
+    let s1 = cpu.sum_squares(&c_refs);
+    let s2 = gpu.sum_squares(&g_refs);
+    assert!((s1 - s2).abs() <= 1e-12 * s1, "sum_squares {s1} vs {s2}");
+    // AdamW on all four at once, with and without decay: one launch per coefficient set.
+    let mut st: Vec<[(Tensor, Tensor); 3]> = shapes
+        .iter()
+        .map(|s| {
+            let g = p.rand(&mut rng, s);
+            let m = p.rand(&mut rng, s);
+            let n: usize = s.iter().product();
+            let v0: Vec<f32> = rng.normal_vec(n, 1.0).iter().map(|x| x * x).collect();
+            [g, m, p.both(s, &v0)]
+        })
+        .collect();
+    let coef = |i: usize| Coef::new(AdamWConfig::default(), 1e-3, 3, i.is_multiple_of(2));
+    let mut args: Vec<AdamWArgs<'_>> = Vec::new();
+    for (i, ((xc, _), [g, m, v])) in xs.iter_mut().zip(st.iter_mut()).enumerate() {
+        args.push(AdamWArgs {
+            value: xc,
+            grad: &g.0,
+            exp_avg: &mut m.0,
+            exp_avg_sq: &mut v.0,
+            coef: coef(i),
+        });
+    }
+    cpu.adamw(&mut args);
+    let mut args: Vec<AdamWArgs<'_>> = Vec::new();
+    for (i, ((_, xg), [g, m, v])) in xs.iter_mut().zip(st.iter_mut()).enumerate() {
+        args.push(AdamWArgs {
+            value: xg,
+            grad: &g.1,
+            exp_avg: &mut m.1,
+            exp_avg_sq: &mut v.1,
+            coef: coef(i),
+        });
+    }
+    gpu.adamw(&mut args);
+    for (i, ((xc, xg), [_, m, v])) in xs.iter().zip(&st).enumerate() {
+        p.close(&format!("adamw many value {i}"), xc, xg, 1e-6);
+        p.close(&format!("adamw many exp_avg {i}"), &m.0, &m.1, 1e-6);
+        p.close(&format!("adamw many exp_avg_sq {i}"), &v.0, &v.1, 1e-6);
+    }
+    {
+        let (mut c, mut g): (Vec<&mut Tensor>, Vec<&mut Tensor>) =
+            xs.iter_mut().map(|(a, b)| (a, b)).unzip();
+        cpu.fill_many(&mut c, 0.25);
+        gpu.fill_many(&mut g, 0.25);
+    }
+    for (i, (c, g)) in xs.iter().enumerate() {
+        p.close(&format!("fill_many {i}"), c, g, 0.0);
+    }
+}

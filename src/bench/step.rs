@@ -1,8 +1,9 @@
 //! `flotilla bench step`: training-step throughput of a job as `flotilla train` runs it (its
 //! actor tree, its compute streams; tokens/s, achieved GFLOP/s, peak memory) beside the raw GEMM
 //! rate on the step's own GEMM shapes, measured in the same run: the same GEMM crate and thread
-//! count on the CPU, cuBLAS on the GPU (`--device cuda`, which adds MFU, a per-kernel table and
-//! the ratios against PyTorch, `step_cuda.rs`).
+//! count on the CPU, cuBLAS on the GPU (`--device cuda`, which adds MFU, a per-kernel table,
+//! the ratios against PyTorch and where the compute thread's time goes: its jobs by kind and
+//! each device operation's host time, `step_cuda.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,19 +28,63 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Seconds per timed step and the tokens they trained.
-async fn timed(job: &mut Job, warmup: usize, steps: usize) -> Result<(f64, u64)> {
-    let mut tokens = 0u64;
-    let mut secs = 0.0;
+/// What the timed steps of a job took.
+#[derive(Clone, Debug, Default)]
+struct Timed {
+    /// Wall seconds per step.
+    step_secs: f64,
+    /// Tokens trained in all the timed steps.
+    tokens: u64,
+    /// Per step, the seconds the device reported for its work (on a GPU: from the first
+    /// operation to the last of each job, idle gaps inside a job included).
+    device_secs: f64,
+    /// Per step, the seconds the compute thread spent issuing (on a GPU) or running (on the
+    /// CPU) jobs.
+    busy_secs: f64,
+    /// The last step's jobs on rank 0, by kind: (what, how many, seconds).
+    jobs: Vec<(&'static str, u64, f64)>,
+}
+
+/// The jobs of one rank's step, summed by kind (most time first).
+fn jobs_by_kind(spans: &[flotilla_actors::stream::Span]) -> Vec<(&'static str, u64, f64)> {
+    let mut by: std::collections::BTreeMap<&'static str, (u64, f64)> = Default::default();
+    for s in spans {
+        let e = by.entry(s.what).or_default();
+        e.0 += 1;
+        e.1 += s.end - s.start;
+    }
+    let mut v: Vec<_> = by.into_iter().map(|(w, (n, t))| (w, n, t)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
+}
+
+/// Runs `warmup` then `steps` steps; `timing` is called as the timed steps begin.
+async fn timed(job: &mut Job, warmup: usize, steps: usize, timing: fn()) -> Result<Timed> {
+    let mut t = Timed::default();
     for s in 0..warmup + steps {
-        let t = Instant::now();
+        if s == warmup {
+            timing();
+        }
+        let start = Instant::now();
         let all = job.step(s as u64).await?;
         if s >= warmup {
-            secs += t.elapsed().as_secs_f64();
-            tokens += all.first().map_or(0, |x| x.tokens);
+            t.step_secs += start.elapsed().as_secs_f64();
+            if let Some(r0) = all.first() {
+                t.tokens += r0.tokens;
+                t.device_secs += r0.device_seconds;
+                t.busy_secs += r0.busy_seconds;
+            }
         }
     }
-    Ok((secs / steps.max(1) as f64, tokens))
+    if let Some(last) = (warmup + steps).checked_sub(1) {
+        let trace = job.trace(last as u64).await?;
+        t.jobs = trace.first().map(|s| jobs_by_kind(s)).unwrap_or_default();
+    }
+    let n = steps.max(1) as f64;
+    t.step_secs /= n;
+    t.device_secs /= n;
+    t.busy_secs /= n;
+    Ok(t)
 }
 
 /// `cfg` as the bench runs it: no checkpoints or metrics files, a schedule long enough.
@@ -53,8 +98,8 @@ fn bench_config(cfg: &Config, warmup: usize, steps: usize) -> Config {
     cfg
 }
 
-/// The job's timed steps: (seconds per step, tokens trained in them).
-fn timed_job(cfg: &Config, warmup: usize, steps: usize) -> Result<(f64, u64)> {
+/// The job's timed steps (`timing` is called as they begin).
+fn timed_job(cfg: &Config, warmup: usize, steps: usize, timing: fn()) -> Result<Timed> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,7 +114,7 @@ fn timed_job(cfg: &Config, warmup: usize, steps: usize) -> Result<(f64, u64)> {
             Launch::default(),
         )
         .await?;
-        let r = timed(&mut job, warmup, steps).await;
+        let r = timed(&mut job, warmup, steps, timing).await;
         job.stop().await?;
         r
     })
@@ -100,7 +145,9 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Resul
     }
     let cfg = bench_config(cfg, warmup, steps);
     let mut report = Report::default();
-    let (step_secs, tokens) = timed_job(&cfg, warmup, steps)?;
+    let Timed {
+        step_secs, tokens, ..
+    } = timed_job(&cfg, warmup, steps, || {})?;
     let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
     let mtp = mcfg.num_nextn_predict_layers;
     let (batch, seq) = (cfg.data.batch_size, cfg.data.seq_len);
@@ -159,7 +206,9 @@ fn run_cuda(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Resu
     let name = step_cuda::gpu_name(&cfg)?;
     let mut report = Report::default();
     step_cuda::reset_peak();
-    let (step_secs, tokens) = timed_job(&cfg, warmup, steps)?;
+    let timed = timed_job(&cfg, warmup, steps, step_cuda::start_host_timing)?;
+    let host = step_cuda::host_times(steps);
+    let (step_secs, tokens) = (timed.step_secs, timed.tokens);
     let peak_mib = step_cuda::peak_mib();
     let mtp = mcfg.num_nextn_predict_layers;
     let (batch, seq) = (cfg.data.batch_size, cfg.data.seq_len);
@@ -173,7 +222,19 @@ fn run_cuda(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Resu
         "step_ms": step_secs * 1e3, "tokens_per_s": tokens_per_s,
         "flops_per_step": flops.total(), "achieved_tflops": achieved / 1e12, "mfu": mfu,
         "peak_gpu_mib": peak_mib,
+        "gpu_ms_per_step": timed.device_secs * 1e3,
+        "issue_ms_per_step": timed.busy_secs * 1e3,
     }));
+    // Where the compute thread's time goes: its jobs by kind (the last step), and the device
+    // operations' own host time (launching, or waiting for a result the host needs).
+    for (what, n, secs) in &timed.jobs {
+        report.push(json!({
+            "bench": "step_job", "what": what, "jobs": n, "ms": secs * 1e3,
+        }));
+    }
+    for h in host {
+        report.push(h);
+    }
     let shapes = step_gemm_shapes(&mcfg, batch, seq, mtp);
     let gemm_gflops = step_cuda::raw_gemm(&cfg, &shapes)?;
     report.push(json!({
@@ -191,18 +252,23 @@ fn run_cuda(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Resu
             }
         }
     }
-    let (eager, compile) = match &gpu.torch {
+    let torch = match &gpu.torch {
         Some(p) => step_cuda::torch_rates(p)?,
-        None => (None, None),
+        None => step_cuda::TorchRates::default(),
     };
+    let over = |t: Option<f64>| t.map(|t| tokens_per_s / t);
     report.push(json!({"summary": {
         "gpu": name,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu,
         "peak_gpu_mib": peak_mib,
         "step_over_gemm": achieved / (gemm_gflops * 1e9),
-        "over_torch_eager": eager.map(|e| tokens_per_s / e),
-        "over_torch_compile": compile.map(|c| tokens_per_s / c),
+        // Against PyTorch in Flotilla's precision (fp32 master weights, bf16 products) …
+        "over_torch_eager": over(torch.eager),
+        "over_torch_compile": over(torch.compile),
+        // … and against PyTorch with the whole model in bf16.
+        "over_torch_bf16_weights_eager": over(torch.bf16_eager),
+        "over_torch_bf16_weights_compile": over(torch.bf16_compile),
     }}));
     Ok(report)
 }

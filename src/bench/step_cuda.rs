@@ -25,6 +25,30 @@ pub fn gpu_name(cfg: &Config) -> Result<String> {
     Ok(device(cfg)?.gpu_name().to_owned())
 }
 
+/// Switches the device operations' host timing on, and forgets what it counted so far (as the
+/// timed steps begin).
+pub fn start_host_timing() {
+    cuda::set_host_timing(true);
+    cuda::take_host_times();
+}
+
+/// The operations' host time per step over the timed `steps` (the most expensive first), and
+/// host timing off.
+pub fn host_times(steps: usize) -> Vec<Value> {
+    cuda::set_host_timing(false);
+    let n = steps.max(1) as f64;
+    cuda::take_host_times()
+        .into_iter()
+        .take(20)
+        .map(|h| {
+            json!({
+                "bench": "host_op", "op": h.name, "calls_per_step": h.calls as f64 / n,
+                "ms_per_step": h.seconds * 1e3 / n,
+            })
+        })
+        .collect()
+}
+
 /// Forgets the memory pool's peak (before the timed job).
 pub fn reset_peak() {
     cuda::reset_pool_peak(0);
@@ -107,11 +131,22 @@ pub fn kernel_table(
         .collect())
 }
 
-/// `(eager, compile)` tokens/s from `tools/bench/torch_baseline.py`'s JSON lines.
-pub fn torch_rates(path: &Path) -> Result<(Option<f64>, Option<f64>)> {
+/// PyTorch's tokens/s from `tools/bench/torch_baseline.py`'s output, by the model's weights
+/// (`"fp32"`: fp32 master weights with bf16 autocast, Flotilla's bf16 mode; `"bf16"`: the whole
+/// model in bf16) and mode (`"eager"`, `"compile"`). A line without `weights` is fp32 (the
+/// script's default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TorchRates {
+    pub eager: Option<f64>,
+    pub compile: Option<f64>,
+    pub bf16_eager: Option<f64>,
+    pub bf16_compile: Option<f64>,
+}
+
+pub fn torch_rates(path: &Path) -> Result<TorchRates> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the PyTorch results {}", path.display()))?;
-    let (mut eager, mut compile) = (None, None);
+    let mut r = TorchRates::default();
     for (i, line) in text.lines().enumerate() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
@@ -126,14 +161,25 @@ pub fn torch_rates(path: &Path) -> Result<(Option<f64>, Option<f64>)> {
                 i + 1
             );
         };
-        match v.get("mode").and_then(Value::as_str) {
-            Some("eager") => eager = Some(tps),
-            Some("compile") => compile = Some(tps),
-            other => bail!("{}:{}: unknown mode {other:?}", path.display(), i + 1),
-        }
+        let weights = v.get("weights").and_then(Value::as_str).unwrap_or("fp32");
+        let slot = match (weights, v.get("mode").and_then(Value::as_str)) {
+            ("fp32", Some("eager")) => &mut r.eager,
+            ("fp32", Some("compile")) => &mut r.compile,
+            ("bf16", Some("eager")) => &mut r.bf16_eager,
+            ("bf16", Some("compile")) => &mut r.bf16_compile,
+            (w, m) => bail!(
+                "{}:{}: unknown weights {w:?} or mode {m:?}",
+                path.display(),
+                i + 1
+            ),
+        };
+        *slot = Some(tps);
     }
-    if eager.is_none() && compile.is_none() {
+    if [r.eager, r.compile, r.bf16_eager, r.bf16_compile]
+        .iter()
+        .all(Option::is_none)
+    {
         bail!("{}: no torch_baseline line in it", path.display());
     }
-    Ok((eager, compile))
+    Ok(r)
 }

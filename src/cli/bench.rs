@@ -164,7 +164,8 @@ pub struct StepArgs {
     #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
     /// With --device cuda: `tools/bench/torch_baseline.py`'s JSON output, for the summary's
-    /// ratios against PyTorch eager and torch.compile.
+    /// ratios against PyTorch eager and torch.compile (fp32 master weights with bf16 autocast,
+    /// and, from its `--weights bf16` lines, the whole model in bf16).
     #[arg(long)]
     torch: Option<std::path::PathBuf>,
     /// With --device cuda: the GPU's dense bf16 peak in TFLOP/s, MFU's denominator (H100 and

@@ -216,6 +216,12 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// `c = a · b` (or `c += a · b` when `accumulate`), on 2-D views with optional transposes.
     fn gemm(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool);
 
+    /// [`Device::gemm`] kept in f32 whatever the device's precision: the router's gate, whose
+    /// rounding would flip which experts a token goes to (as the DeepSeek-V3 report keeps it).
+    fn gemm_full_precision(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+        self.gemm(c, a, b, accumulate)
+    }
+
     /// The experts' GEMMs on their row blocks: for each group `i`,
     /// `c[rows[i]] (+)= a[rows[i]] · op(ws[i])`, `op` the transpose when `trans_w`. The row
     /// ranges are disjoint. One GEMM per group unless the device has a grouped GEMM.
@@ -335,6 +341,18 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn fill(&self, t: &mut Tensor, value: f32);
     /// `t[i] *= s` for every element (averaging, clipping).
     fn scale(&self, t: &mut Tensor, s: f32);
+    /// [`Device::fill`] on every tensor of `ts` (a device may do them in one launch).
+    fn fill_many(&self, ts: &mut [&mut Tensor], value: f32) {
+        for t in ts.iter_mut() {
+            self.fill(t, value);
+        }
+    }
+    /// [`Device::scale`] on every tensor of `ts` (a device may do them in one launch).
+    fn scale_many(&self, ts: &mut [&mut Tensor], s: f32) {
+        for t in ts.iter_mut() {
+            self.scale(t, s);
+        }
+    }
     /// `Σ t[i]²` over every tensor, in f64, summed in fixed pieces of
     /// [`crate::optim::SQ_PIECE`] values: the same bits however the device splits the work
     /// (0 on a device without values).

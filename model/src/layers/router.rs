@@ -4,9 +4,11 @@
 //! `s = σ(x W_gateᵀ)`; experts are *chosen* on `s + e_score_correction_bias` with group-limited
 //! top-k; the combine weights are the *unbiased* `s` of the chosen experts (normalised, scaled), so
 //! gradients reach `W_gate` through the weights only. The bias is a buffer, moved between steps by
-//! [`bias_update`] from the load each expert received.
+//! [`bias_update`] from the load each expert received. The gate's GEMMs stay in f32 whatever
+//! the device's precision ([`crate::device::Device::gemm_full_precision`]).
 
 use crate::config::ModelConfig;
+use crate::device::{Mat, MatMut};
 use crate::device::{RouterSpec, Tensor};
 use crate::layers::Ctx;
 use crate::layers::linear::Linear;
@@ -72,7 +74,14 @@ impl Router {
     /// Routes `x` (`[n, hidden]`): returns the combine weights `[n·k, 1]` and the cache.
     pub fn forward(&self, ctx: &Ctx<'_>, x: &Tensor) -> (Tensor, RouterCache) {
         let dev = ctx.dev;
-        let logits = self.gate.forward(dev, x);
+        let w = &self.gate.weight;
+        let mut logits = dev.empty(&[x.rows(), w.rows()]);
+        dev.gemm_full_precision(
+            MatMut::all(&mut logits),
+            Mat::all(x),
+            Mat::all(w).t(),
+            false,
+        );
         let out = dev.router_forward(&logits, &self.e_score_correction_bias, self.spec);
         let (balance_loss, d_balance) = if ctx.balance_alpha > 0.0 {
             let (l, d) = dev.balance_loss(
@@ -109,16 +118,25 @@ impl Router {
         if let Some(db) = &c.d_balance {
             dev.add_assign(&mut d_logits, db);
         }
-        (
-            self.gate.backward_input(dev, &d_logits),
-            RouterDys { d_logits },
-        )
+        let w = &self.gate.weight;
+        let mut dx = dev.empty(&[d_logits.rows(), w.cols()]);
+        dev.gemm_full_precision(
+            MatMut::all(&mut dx),
+            Mat::all(&d_logits),
+            Mat::all(w),
+            false,
+        );
+        (dx, RouterDys { d_logits })
     }
 
     /// W: `dW_gate += d_logitsᵀ x`.
     pub fn backward_weight(&self, ctx: &Ctx<'_>, x: &Tensor, dys: &RouterDys, g: &mut Router) {
-        self.gate
-            .backward_weight(ctx.dev, x, &dys.d_logits, &mut g.gate);
+        ctx.dev.gemm_full_precision(
+            MatMut::all(&mut g.gate.weight),
+            Mat::all(&dys.d_logits).t(),
+            Mat::all(x),
+            true,
+        );
     }
 
     /// Moves the bias by [`bias_update`] for the given per-expert loads.

@@ -14,6 +14,8 @@ pub mod inproc;
 pub mod quic;
 pub mod sim;
 
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +74,46 @@ pub enum Values {
     F32(Vec<f32>),
     /// No values: a shape-only tensor of this many bytes (the simulated device).
     Absent { bytes: u64 },
+    /// A value that stays in this process, of this many bytes: a device tensor that a rank
+    /// hands to its own actors without a copy to the host. An in-process fabric moves it; a
+    /// network fabric refuses to send it.
+    Local { bytes: u64, value: LocalValue },
+}
+
+/// A value of any type moved through an in-process fabric ([`Values::Local`]). Cloning the
+/// message shares the value; the first [`LocalValue::take`] gets it.
+#[derive(Clone)]
+pub struct LocalValue(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl LocalValue {
+    pub fn new<T: Any + Send>(value: T) -> LocalValue {
+        LocalValue(Arc::new(Mutex::new(Some(Box::new(value)))))
+    }
+
+    /// The value, or why not: it is not a `T`, or it was taken already (a cloned message).
+    pub fn take<T: Any>(&self) -> Result<T, &'static str> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take().map(|b| b.downcast::<T>()) {
+            Some(Ok(v)) => Ok(*v),
+            Some(Err(other)) => {
+                *slot = Some(other);
+                Err("an in-process value of another type")
+            }
+            None => Err("an in-process value that was already taken"),
+        }
+    }
+}
+
+impl PartialEq for LocalValue {
+    fn eq(&self, other: &LocalValue) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for LocalValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalValue")
+    }
 }
 
 impl Values {
@@ -79,7 +121,7 @@ impl Values {
     pub fn byte_len(&self) -> u64 {
         match self {
             Values::F32(v) => v.len() as u64 * 4,
-            Values::Absent { bytes } => *bytes,
+            Values::Absent { bytes } | Values::Local { bytes, .. } => *bytes,
         }
     }
 }

@@ -270,18 +270,19 @@ impl CudaDevice {
 /// The host rows of a scatter sorted by destination (stable): `(destinations, offsets, sources)`
 /// for the `scatter_add_sorted` kernel, so that each row sums its sources in the CPU's order.
 fn sorted_scatter(index: &[u32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut order: Vec<usize> = (0..index.len()).collect();
-    order.sort_by_key(|&r| index[r]);
+    // The experts' stable counting sort, with each destination row as an "expert" of one slot
+    // per source row.
+    let rows = index.iter().max().map_or(0, |&m| m as usize + 1);
+    let plan = crate::layers::moe::plan_dispatch(index, rows, 1);
     let (mut dsts, mut offs) = (Vec::new(), Vec::new());
-    for (k, &r) in order.iter().enumerate() {
-        // A new destination starts a new group.
-        if k == 0 || index[order[k - 1]] != index[r] {
-            dsts.push(index[r] as i32);
-            offs.push(k as i32);
+    for r in 0..rows {
+        if !plan.rows(r).is_empty() {
+            dsts.push(r as i32);
+            offs.push(plan.offsets[r] as i32);
         }
     }
     offs.push(index.len() as i32);
-    let srcs = order.iter().map(|&r| r as i32).collect();
+    let srcs = plan.token_of_row.iter().map(|&s| s as i32).collect();
     (dsts, offs, srcs)
 }
 

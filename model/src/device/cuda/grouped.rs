@@ -3,8 +3,12 @@
 //! instead of a GEMM per expert. The per-problem pointers go to the GPU (cuBLAS reads them
 //! there); sizes, transposes and scalars stay on the host.
 //!
-//! Where cuBLAS refuses the call (older library, a precision it does not group), the device
-//! falls back to one GEMM per expert for the rest of the process and says so once on stderr.
+//! With `Precision::Bf16` the grouped call rounds its f32 operands to TF32, not bf16: cuBLAS
+//! 13.0 groups neither `CUBLAS_COMPUTE_32F_FAST_16BF` on f32 operands nor bf16 operands
+//! (`CUDA_R_16BF` A and B with an f32 C); both answer `CUBLAS_STATUS_NOT_SUPPORTED` on an H100
+//! (`docs/benchmarks.md`). TF32 keeps more bits than bf16. Where cuBLAS refuses the call (older
+//! library), the device falls back to one GEMM per expert for the rest of the process and says
+//! so once on stderr.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -45,6 +49,11 @@ impl CudaDevice {
         self.grouped.store(on, Ordering::Relaxed);
     }
 
+    /// Whether the experts' GEMMs are grouped now (false after cuBLAS refused a call).
+    pub fn grouped_gemm(&self) -> bool {
+        self.grouped.load(Ordering::Relaxed)
+    }
+
     /// Issues `ps` as one grouped GEMM; false if cuBLAS refused it (nothing was issued).
     fn grouped(&self, ps: &[Problem], accumulate: bool) -> bool {
         if ps.is_empty() {
@@ -71,7 +80,10 @@ impl CudaDevice {
         let dev_ptrs = self.upload_any(&ptrs);
         let (base, _g) = dev_ptrs.device_ptr(&self.stream);
         let g = ps.len() as u64;
-        let compute = super::blas::compute_of(self.precision);
+        let compute = match self.precision {
+            super::Precision::Fp32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            super::Precision::Bf16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        };
         // SAFETY: every host array has one entry per group and lives past the call; the pointer
         // arrays are in device memory (three blocks of `g` pointers), each pointing into a live
         // allocation that covers its problem; the scalars are host floats.

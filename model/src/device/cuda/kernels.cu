@@ -79,37 +79,114 @@ extern "C" __global__ void add_assign_f32(float* dst, const float* src, i64 n) {
     FOR_EACH(i, n) dst[i] += src[i];
 }
 
-// dst = src * a (one tensor of a gradient bucket).
-extern "C" __global__ void scaled_copy(float* dst, const float* src, float a, i64 n) {
-    FOR_EACH(i, n) dst[i] = src[i] * a;
-}
+// ---- many tensors in one launch (train.rs) -----------------------------------------------------
+// A launch over T tensors reads a table of 64-bit words: L lists of T pointers (list l, tensor t
+// at [l*T + t]), then T lengths, then T+1 chunk starts (tensor t's chunks of `chunk` values are
+// first[t] .. first[t+1]), then T offsets into a flat buffer. One block per chunk (grid-stride).
 
-// Σ x² of each piece of `piece` values, in f64: one block per piece.
-extern "C" __global__ void sum_squares_pieces(const float* x, i64 n, int piece, double* out) {
-    i64 start = (i64)blockIdx.x * piece;
-    i64 end = start + piece < n ? start + piece : n;
-    double acc = 0.0;
-    for (i64 i = start + threadIdx.x; i < end; i += blockDim.x) {
-        double v = (double)x[i];
-        acc += v * v;
+typedef unsigned long long u64;
+
+// Tensor t, and the range [*s, *e) of its values, of global chunk c.
+__device__ __forceinline__ int mt_chunk(const u64* tab, int T, int L, i64 chunk, i64 c, i64* s, i64* e) {
+    const i64* len = (const i64*)(tab + (i64)L * T);
+    const i64* first = len + T;
+    int lo = 0, hi = T - 1;  // the last tensor whose chunks start at or before c
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (first[mid] <= c) lo = mid; else hi = mid - 1;
     }
-    acc = block_sum_d(acc);
-    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+    *s = (c - first[lo]) * chunk;
+    *e = *s + chunk < len[lo] ? *s + chunk : len[lo];
+    return lo;
 }
 
-// AdamW in place (optim/kernel.rs `Coef::apply`, torch.lerp's two-sided formula included).
-extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, i64 n, int has_decay,
-                                     float decay, int lerp_small, float w1, float beta2, float w2,
-                                     float eps, float bc2_sqrt, float step_size) {
-    FOR_EACH(i, n) {
-        float pv = has_decay ? p[i] * decay : p[i];
-        float gv = g[i], mv = m[i];
-        mv = lerp_small ? mv + w1 * (gv - mv) : gv - (gv - mv) * (1.0f - w1);
-        float vv = v[i] * beta2 + w2 * gv * gv;
-        float denom = sqrtf(vv) / bc2_sqrt + eps;
-        p[i] = pv + -step_size * (mv / denom);
-        m[i] = mv;
-        v[i] = vv;
+__device__ __forceinline__ i64 mt_chunks(const u64* tab, int T, int L) {
+    return ((const i64*)(tab + (i64)L * T))[2 * T];
+}
+
+__device__ __forceinline__ i64 mt_offset(const u64* tab, int T, int L, int t) {
+    return ((const i64*)(tab + (i64)L * T))[2 * T + 1 + t];
+}
+
+extern "C" __global__ void mt_fill(const u64* tab, int T, i64 chunk, float v) {
+    for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 1); c += gridDim.x) {
+        i64 s, e;
+        int t = mt_chunk(tab, T, 1, chunk, c, &s, &e);
+        float* x = (float*)tab[t];
+        for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) x[i] = v;
+    }
+}
+
+extern "C" __global__ void mt_scale(const u64* tab, int T, i64 chunk, float a) {
+    for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 1); c += gridDim.x) {
+        i64 s, e;
+        int t = mt_chunk(tab, T, 1, chunk, c, &s, &e);
+        float* x = (float*)tab[t];
+        for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) x[i] *= a;
+    }
+}
+
+// flat[offset[t] + i] = x_t[i] * a: a gradient bucket.
+extern "C" __global__ void mt_pack(const u64* tab, int T, i64 chunk, float* flat, float a) {
+    for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 1); c += gridDim.x) {
+        i64 s, e;
+        int t = mt_chunk(tab, T, 1, chunk, c, &s, &e);
+        const float* x = (const float*)tab[t];
+        float* out = flat + mt_offset(tab, T, 1, t);
+        for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) out[i] = x[i] * a;
+    }
+}
+
+extern "C" __global__ void mt_unpack(const u64* tab, int T, i64 chunk, const float* flat) {
+    for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 1); c += gridDim.x) {
+        i64 s, e;
+        int t = mt_chunk(tab, T, 1, chunk, c, &s, &e);
+        float* x = (float*)tab[t];
+        const float* in = flat + mt_offset(tab, T, 1, t);
+        for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) x[i] = in[i];
+    }
+}
+
+// Σ x² of every piece (chunk) of every tensor, in f64, out[c] for global piece c (the CPU sums
+// the same pieces; the host adds them up in order).
+extern "C" __global__ void mt_sum_squares(const u64* tab, int T, i64 chunk, double* out) {
+    for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 1); c += gridDim.x) {
+        i64 s, e;
+        int t = mt_chunk(tab, T, 1, chunk, c, &s, &e);
+        const float* x = (const float*)tab[t];
+        double acc = 0.0;
+        for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
+            double v = (double)x[i];
+            acc += v * v;
+        }
+        acc = block_sum_d(acc);
+        if (threadIdx.x == 0) out[c] = acc;
+        __syncthreads();
+    }
+}
+
+// AdamW in place over lists (value, grad, exp_avg, exp_avg_sq): optim/kernel.rs `Coef::apply`,
+// torch.lerp's two-sided formula included.
+extern "C" __global__ void mt_adamw(const u64* tab, int T, i64 chunk, int has_decay, float decay,
+                                    int lerp_small, float w1, float beta2, float w2, float eps,
+                                    float bc2_sqrt, float step_size) {
+    for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 4); c += gridDim.x) {
+        i64 s, e;
+        int t = mt_chunk(tab, T, 4, chunk, c, &s, &e);
+        float* p = (float*)tab[t];
+        const float* g = (const float*)tab[T + t];
+        float* m = (float*)tab[2 * T + t];
+        float* v = (float*)tab[3 * T + t];
+        for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
+            float pv = has_decay ? p[i] * decay : p[i];
+            float gv = g[i], mv = m[i];
+            mv = lerp_small ? mv + w1 * (gv - mv) : gv - (gv - mv) * (1.0f - w1);
+            float vv = v[i] * beta2 + w2 * gv * gv;
+            float denom = sqrtf(vv) / bc2_sqrt + eps;
+            p[i] = pv + -step_size * (mv / denom);
+            m[i] = mv;
+            v[i] = vv;
+        }
     }
 }
 
@@ -226,42 +303,49 @@ extern "C" __global__ void swiglu_bwd(const float* g, const float* u, const floa
     }
 }
 
-// ---- RoPE (one thread per row and head; dim ≤ 256) ------------------------------------------
+// ---- RoPE (one thread per rotated pair; a block holds whole (row, head) units; dim ≤ 256) ------
 
+// Each (row, head) unit's h = dim/2 pairs are read by its h threads, the block waits, then they
+// write: the interleaved layouts move values between pairs, in place.
 extern "C" __global__ void rope(float* x, int cols, const float* table, int seq_len, int heads,
                                 int head_stride, int offset, int dim, int interleave, int inverse, i64 rows) {
-    FOR_EACH(i, rows * heads) {
-        i64 r = i / heads;
-        int head = (int)(i % heads);
-        int h = dim / 2;
-        const float* cs = table + (i64)(r % seq_len) * dim;
-        const float* sn = cs + h;
-        float* v = x + r * cols + (i64)head * head_stride + offset;
-        float tmp[256];
-        if (!inverse) {
-            for (int k = 0; k < h; ++k) {
-                tmp[k] = interleave ? v[2 * k] : v[k];
-                tmp[h + k] = interleave ? v[2 * k + 1] : v[h + k];
-            }
-            for (int k = 0; k < h; ++k) {
-                v[k] = tmp[k] * cs[k] - tmp[h + k] * sn[k];
-                v[h + k] = tmp[h + k] * cs[k] + tmp[k] * sn[k];
-            }
-        } else {
-            for (int k = 0; k < h; ++k) {
-                tmp[k] = v[k] * cs[k] + v[h + k] * sn[k];
-                tmp[h + k] = v[h + k] * cs[k] - v[k] * sn[k];
-            }
-            for (int k = 0; k < h; ++k) {
+    int h = dim / 2;
+    int per = blockDim.x / h;
+    int u = threadIdx.x / h, k = threadIdx.x % h;
+    i64 units = rows * heads;
+    for (i64 first = (i64)blockIdx.x * per; first < units; first += (i64)gridDim.x * per) {
+        i64 i = first + u;
+        bool live = u < per && i < units;
+        float a = 0.0f, b = 0.0f, c = 0.0f, s = 0.0f;
+        float* v = x;
+        if (live) {
+            i64 r = i / heads;
+            int head = (int)(i % heads);
+            const float* cs = table + (i64)(r % seq_len) * dim;
+            c = cs[k];
+            s = cs[h + k];
+            v = x + r * cols + (i64)head * head_stride + offset;
+            bool il = interleave && !inverse;
+            a = il ? v[2 * k] : v[k];
+            b = il ? v[2 * k + 1] : v[h + k];
+        }
+        __syncthreads();
+        if (live) {
+            if (!inverse) {
+                v[k] = a * c - b * s;
+                v[h + k] = b * c + a * s;
+            } else {
+                float t0 = a * c + b * s, t1 = b * c - a * s;
                 if (interleave) {
-                    v[2 * k] = tmp[k];
-                    v[2 * k + 1] = tmp[h + k];
+                    v[2 * k] = t0;
+                    v[2 * k + 1] = t1;
                 } else {
-                    v[k] = tmp[k];
-                    v[h + k] = tmp[h + k];
+                    v[k] = t0;
+                    v[h + k] = t1;
                 }
             }
         }
+        __syncthreads();
     }
 }
 

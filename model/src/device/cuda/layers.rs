@@ -2,9 +2,10 @@
 //! cross-entropy. Each issues the `kernels.cu` kernel of the same name; the host math they follow
 //! is `device/kernels.rs`.
 
-use cudarc::driver::DevicePtr;
+use cudarc::driver::{DevicePtr, LaunchConfig};
 
 use super::module::{Arg, BLOCK, over, per_row};
+use super::profile::host_timed;
 use super::{CudaDevice, cost};
 use crate::device::{Device, RopeSpec, RouterOut, RouterSpec};
 use crate::tensor::Tensor;
@@ -186,13 +187,25 @@ impl CudaDevice {
             x.cols()
         );
         let rows = x.rows();
+        let h = spec.dim / 2;
+        if h == 0 || rows * spec.heads == 0 {
+            return;
+        }
+        // Whole (row, head) units per block, one thread per rotated pair.
+        let per = (256 / h).max(1);
+        let units = rows * spec.heads;
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(per).min(1 << 20) as u32, 1, 1),
+            block_dim: ((per * h) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         self.op(
             "rope",
             cost::elementwise(rows * spec.heads * spec.dim, 3.0, 2.0),
             || {
                 self.run(
                     "rope",
-                    over(rows * spec.heads),
+                    cfg,
                     &[
                         Arg::P(self.ptr(x)),
                         Arg::I(x.cols() as i32),
@@ -253,10 +266,11 @@ impl CudaDevice {
                 ],
             )
         });
-        let mut topk = self
-            .stream
-            .clone_dtoh(&topk_dev)
-            .unwrap_or_else(|err| panic!("CUDA download failed: {err}"));
+        let mut topk = host_timed("download", || {
+            self.stream
+                .clone_dtoh(&topk_dev)
+                .unwrap_or_else(|err| panic!("CUDA download failed: {err}"))
+        });
         topk.truncate(n * k);
         RouterOut {
             scores,
@@ -365,10 +379,11 @@ impl CudaDevice {
                     Arg::L((n_seq * seq_len) as i64),
                 ],
             );
-            let per_seq = self
-                .stream
-                .clone_dtoh(&losses)
-                .unwrap_or_else(|err| panic!("CUDA download failed: {err}"));
+            let per_seq = host_timed("download", || {
+                self.stream
+                    .clone_dtoh(&losses)
+                    .unwrap_or_else(|err| panic!("CUDA download failed: {err}"))
+            });
             per_seq.iter().sum::<f32>() / n_seq as f32
         });
         (loss, dl)
@@ -406,10 +421,11 @@ impl CudaDevice {
                         Arg::P(lp),
                     ],
                 );
-                let l = self
-                    .stream
-                    .clone_dtoh(&per_row_loss)
-                    .unwrap_or_else(|err| panic!("CUDA download failed: {err}"));
+                let l = host_timed("download", || {
+                    self.stream
+                        .clone_dtoh(&per_row_loss)
+                        .unwrap_or_else(|err| panic!("CUDA download failed: {err}"))
+                });
                 l.iter().map(|&x| f64::from(x)).sum::<f64>() as f32
             },
         );

@@ -10,7 +10,8 @@
 //!
 //! Costs: FLOPs and bytes are counted per operation as on the CPU ([`super::cost`]); seconds
 //! are the GPU time between the first operation after a [`Device::take_cost`] and the next
-//! one, read from CUDA events. With [`CudaDevice::set_profiling`] every operation is bracketed by
+//! one, read from CUDA events once the GPU has passed them ([`Device::take_cost`] does not
+//! wait). With [`CudaDevice::set_profiling`] every operation is bracketed by
 //! its own events and [`CudaDevice::take_profile`] gives each kernel's time (the per-kernel
 //! table of `docs/benchmarks.md`).
 //!
@@ -40,8 +41,8 @@ use crate::tensor::Tensor;
 use module::{Arg, Kernels, launch};
 use pool::keep_freed_memory;
 pub use pool::{pool_peak_bytes, reset_pool_peak};
-pub use profile::KernelTime;
-use profile::Stats;
+pub use profile::{HostTime, KernelTime, set_host_timing, take_host_times};
+use profile::{Stats, host_timed};
 
 /// What can go wrong while a CUDA device starts.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +191,7 @@ impl CudaDevice {
         let r = if data.is_empty() {
             self.stream.alloc_zeros::<T>(1)
         } else {
-            self.stream.clone_htod(data)
+            host_timed("upload", || self.stream.clone_htod(data))
         };
         r.unwrap_or_else(|e| panic!("CUDA upload failed: {e}"))
     }
@@ -202,7 +203,7 @@ impl CudaDevice {
     /// Issues `f` as operation `name` doing `work`: counted, and timed when profiling.
     fn op<R>(&self, name: &'static str, work: Work, f: impl FnOnce() -> R) -> R {
         let token = self.stats().begin(&self.ctx, &self.stream, name);
-        let r = f();
+        let r = host_timed(name, f);
         self.stats().end(&self.stream, token, work);
         r
     }
@@ -262,11 +263,11 @@ impl Device for CudaDevice {
         if t.numel() == 0 {
             return Some(Vec::new());
         }
-        Some(
+        Some(host_timed("download", || {
             self.stream
                 .clone_dtoh(&s.slice(0..t.numel()))
-                .unwrap_or_else(|e| panic!("CUDA download failed: {e}")),
-        )
+                .unwrap_or_else(|e| panic!("CUDA download failed: {e}"))
+        }))
     }
 
     fn copy(&self, t: &Tensor) -> Tensor {
@@ -288,6 +289,18 @@ impl Device for CudaDevice {
         );
         self.op("gemm", cost::gemm(m, n, k, accumulate), || {
             self.blas.gemm(self, c, a, b, accumulate, self.precision)
+        });
+    }
+
+    fn gemm_full_precision(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+        let (m, k) = a.dims();
+        let (k2, n) = b.dims();
+        assert!(
+            k == k2 && c.rows.len() == m && c.t.cols() == n,
+            "gemm_full_precision"
+        );
+        self.op("gemm f32", cost::gemm(m, n, k, accumulate), || {
+            self.blas.gemm(self, c, a, b, accumulate, Precision::Fp32)
         });
     }
 
@@ -446,6 +459,14 @@ impl Device for CudaDevice {
 
     fn scale(&self, t: &mut Tensor, s: f32) {
         self.scale_all(t, s)
+    }
+
+    fn fill_many(&self, ts: &mut [&mut Tensor], value: f32) {
+        self.fill_many_op(ts, value)
+    }
+
+    fn scale_many(&self, ts: &mut [&mut Tensor], s: f32) {
+        self.scale_many_op(ts, s)
     }
 
     fn sum_squares(&self, ts: &[&Tensor]) -> f64 {

@@ -344,10 +344,19 @@ pub fn finish_payload(dtype: Dtype, p: Payload) -> Result<Payload, FrameError> {
 /// A tensor's body bytes: metadata count, metadata, values (all little-endian). A shape-only
 /// tensor has no values to send.
 pub fn tensor_body(t: &TensorMsg) -> Result<Vec<u8>, FrameError> {
-    let Values::F32(v) = &t.values else {
-        return Err(FrameError::BadTensor(
-            "a shape-only tensor (the simulated device's) has no values to send".into(),
-        ));
+    let v = match &t.values {
+        Values::F32(v) => v,
+        Values::Absent { .. } => {
+            return Err(FrameError::BadTensor(
+                "a shape-only tensor (the simulated device's) has no values to send".into(),
+            ));
+        }
+        Values::Local { .. } => {
+            return Err(FrameError::BadTensor(
+                "an in-process value (a device tensor for this rank) cannot cross the network"
+                    .into(),
+            ));
+        }
     };
     let mut out = Vec::with_capacity(8 + t.meta.len() * 8 + v.len() * 4);
     out.extend_from_slice(&(t.meta.len() as u64).to_le_bytes());
