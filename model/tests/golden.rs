@@ -52,10 +52,20 @@ type Tol = (f64, f64);
 const F32_TOL: Tol = (1e-4, 1e-3);
 
 fn check_set(dir: &Path) -> Result<String, String> {
-    check_set_on(dir, &CpuDevice::new(2), F32_TOL)
+    check_set_on(dir, &CpuDevice::new(2), F32_TOL).0
 }
 
-fn check_set_on(dir: &Path, dev: &dyn Device, tol: Tol) -> Result<String, String> {
+/// Tokens per expert of each MoE layer, as a forward routed them.
+type Loads = Vec<(usize, Vec<u64>)>;
+
+/// The set at `dir` on `dev` within `tol`: a summary line (the error's lists what is off), and
+/// the routing's expert loads (empty if the forward did not run).
+fn check_set_on(dir: &Path, dev: &dyn Device, tol: Tol) -> (Result<String, String>, Loads) {
+    let mut loads = Vec::new();
+    (run_set(dir, dev, tol, &mut loads), loads)
+}
+
+fn run_set(dir: &Path, dev: &dyn Device, tol: Tol, loads: &mut Loads) -> Result<String, String> {
     let model = hf::load(dir, dev).map_err(|e| e.to_string())?;
     let io = hf::read_safetensors(&dir.join("io.safetensors")).map_err(|e| e.to_string())?;
     let grads_ref =
@@ -115,6 +125,11 @@ fn check_set_on(dir: &Path, dev: &dyn Device, tol: Tol) -> Result<String, String
         worst.1,
         grads_ref.len()
     );
+    *loads = out
+        .loads
+        .iter()
+        .map(|l| (l.layer, l.counts.clone()))
+        .collect();
     if failures.is_empty() {
         Ok(summary)
     } else {
@@ -154,15 +169,27 @@ fn golden_parity_on_cuda() {
         return;
     }
     let mut errors = Vec::new();
+    // Each set's routing in f32, to say where bf16 routes a token elsewhere.
+    let mut f32_loads = std::collections::BTreeMap::new();
     for (precision, tol) in [(Precision::Fp32, F32_TOL), (Precision::Bf16, (2e-2, 2e-2))] {
         let dev = CudaDevice::new(0, precision).expect("a CUDA device on GPU 0");
         for dir in &golden_sets() {
-            match check_set_on(dir, &dev, tol) {
+            let (r, loads) = check_set_on(dir, &dev, tol);
+            let flips = match f32_loads.get(dir) {
+                Some(f) if !loads.is_empty() => routing_change(f, &loads),
+                _ => String::new(),
+            };
+            f32_loads.entry(dir.clone()).or_insert(loads);
+            match r {
                 Ok(s) => println!("ok   {precision:?} {s}"),
                 Err(s) => {
                     println!("FAIL {precision:?} {s}");
                     errors.push(format!("{precision:?} {s}"));
                 }
+            }
+            if !flips.is_empty() {
+                let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+                println!("     {precision:?} {name}{flips}");
             }
         }
     }
@@ -171,4 +198,24 @@ fn golden_parity_on_cuda() {
         "golden parity on CUDA failed:\n{}",
         errors.join("\n")
     );
+}
+
+/// Where `other` routed tokens differently from `base`: ": routing as in f32" or ": routing
+/// differs from f32 (layer L: n token-slots moved, …)".
+#[cfg(feature = "cuda")]
+fn routing_change(base: &Loads, other: &Loads) -> String {
+    let diffs: Vec<String> = base
+        .iter()
+        .zip(other)
+        .filter(|(a, b)| a != b)
+        .map(|((layer, a), (_, b))| {
+            let moved: u64 = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).sum::<u64>() / 2;
+            format!("layer {layer}: {moved} token-slots moved")
+        })
+        .collect();
+    if diffs.is_empty() {
+        ": routing as in f32".into()
+    } else {
+        format!(": routing differs from f32 ({})", diffs.join(", "))
+    }
 }

@@ -106,7 +106,7 @@ fn op_of(t: bool) -> cublasOperation_t {
     }
 }
 
-/// The cuBLAS compute type of a precision (plain and grouped GEMMs alike).
+/// The cuBLAS compute type of a precision (plain and strided-batched GEMMs).
 pub(super) fn compute_of(p: Precision) -> cublasComputeType_t {
     match p {
         Precision::Fp32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
