@@ -586,6 +586,18 @@ mod tests {
             encode_frame(0, Tag::new(0, 0), shape_only),
             Err(FrameError::BadTensor(_))
         ));
+        // Nor can a value that only lives in this process (a device tensor for this rank).
+        let local = Payload::Tensor(TensorMsg {
+            meta: vec![1, 1],
+            values: Values::Local {
+                bytes: 4,
+                value: crate::fabric::LocalValue::new(1.0f32),
+            },
+        });
+        match encode_frame(0, Tag::new(0, 0), local) {
+            Err(FrameError::BadTensor(why)) => assert!(why.contains("cannot cross"), "{why}"),
+            other => panic!("an in-process value was framed: {other:?}"),
+        }
         for body in [
             &[1u8, 2, 3][..],
             &u64::MAX.to_le_bytes()[..],
