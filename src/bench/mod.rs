@@ -18,16 +18,32 @@ use serde_json::Value;
 #[derive(Debug, Default)]
 pub struct Report {
     pub records: Vec<Value>,
+    /// Print each record as it is pushed, as JSON (`Some(true)`) or `key=value` lines.
+    live: Option<bool>,
+    /// Records printed so far.
+    printed: usize,
 }
 
 impl Report {
-    pub fn push(&mut self, v: Value) {
-        self.records.push(v);
+    /// A report that prints each record as soon as it is pushed, so that a run cut short (a
+    /// time limit on a GPU machine) keeps what it measured.
+    pub fn live(json: bool) -> Report {
+        Report {
+            live: Some(json),
+            ..Report::default()
+        }
     }
 
-    /// Print as JSON lines (`json`) or as a readable table.
-    pub fn print(&self, json: bool) {
-        for r in &self.records {
+    pub fn push(&mut self, v: Value) {
+        self.records.push(v);
+        if let Some(json) = self.live {
+            self.print(json);
+        }
+    }
+
+    /// Print the records not printed yet, as JSON lines (`json`) or as a readable table.
+    pub fn print(&mut self, json: bool) {
+        for r in &self.records[self.printed..] {
             if json {
                 println!("{r}");
             } else if let Value::Object(m) = r {
@@ -35,5 +51,6 @@ impl Report {
                 println!("{}", fields.join("  "));
             }
         }
+        self.printed = self.records.len();
     }
 }

@@ -134,17 +134,24 @@ pub struct GpuOptions {
     pub kernels: bool,
 }
 
-/// Run `warmup` then `steps` timed training steps of `cfg`'s job, then the GEMM baseline.
-pub fn run(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Result<Report> {
+/// Run `warmup` then `steps` timed training steps of `cfg`'s job, then the GEMM baseline; each
+/// record is printed as soon as it is measured (as JSON with `json`).
+pub fn run(
+    cfg: &Config,
+    warmup: usize,
+    steps: usize,
+    gpu: &GpuOptions,
+    json: bool,
+) -> Result<Report> {
     ensure!(
         cfg.world_size() == 1,
         "bench step measures one rank: pp = ep = dp = 1"
     );
     if cfg.cluster.device == flotilla_runtime::config::DeviceKind::Cuda {
-        return run_cuda(cfg, warmup, steps, gpu);
+        return run_cuda(cfg, warmup, steps, gpu, json);
     }
     let cfg = bench_config(cfg, warmup, steps);
-    let mut report = Report::default();
+    let mut report = Report::live(json);
     let Timed {
         step_secs, tokens, ..
     } = timed_job(&cfg, warmup, steps, || {})?;
@@ -199,12 +206,18 @@ pub fn run(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Resul
 /// The bench on the GPU: the job's timed steps (its peak pool memory), cuBLAS on the step's
 /// GEMM shapes, MFU, the optional per-kernel table and the ratios against PyTorch.
 #[cfg(feature = "cuda")]
-fn run_cuda(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Result<Report> {
+fn run_cuda(
+    cfg: &Config,
+    warmup: usize,
+    steps: usize,
+    gpu: &GpuOptions,
+    json: bool,
+) -> Result<Report> {
     use super::step_cuda;
     let cfg = bench_config(cfg, warmup, steps);
     let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
     let name = step_cuda::gpu_name(&cfg)?;
-    let mut report = Report::default();
+    let mut report = Report::live(json);
     step_cuda::reset_peak();
     let timed = timed_job(&cfg, warmup, steps, step_cuda::start_host_timing)?;
     let host = step_cuda::host_times(steps);
@@ -274,7 +287,13 @@ fn run_cuda(cfg: &Config, warmup: usize, steps: usize, gpu: &GpuOptions) -> Resu
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(_cfg: &Config, _warmup: usize, _steps: usize, _gpu: &GpuOptions) -> Result<Report> {
+fn run_cuda(
+    _cfg: &Config,
+    _warmup: usize,
+    _steps: usize,
+    _gpu: &GpuOptions,
+    _json: bool,
+) -> Result<Report> {
     anyhow::bail!(
         "bench step --device cuda: this binary was built without the CUDA device; build it with \
          `cargo build --release --features cuda`"

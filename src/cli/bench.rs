@@ -14,7 +14,8 @@ pub enum BenchCmd {
     Actors(ActorsArgs),
     /// Checkpoint cost: async stall vs sync save, persist vs raw write+fsync, restore times.
     Ckpt(CkptArgs),
-    /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes.
+    /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes
+    /// (each record printed as soon as it is measured).
     Step(StepArgs),
     /// Collectives over the in-process and QUIC fabrics (time, algbw, busbw) vs memcpy; QUIC vs bare quinn and TCP between two processes.
     Collectives(crate::bench::collectives::CollectivesArgs),
@@ -211,7 +212,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 tensor_mib: a.tensor_mib,
                 ..ActorBenchArgs::default()
             };
-            let report = rt.block_on(actors::run(&args))?;
+            let mut report = rt.block_on(actors::run(&args))?;
             report.print(a.json);
             Ok(ExitCode::SUCCESS)
         }
@@ -263,7 +264,7 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 window: a.window,
                 trace: a.trace,
             };
-            let report = crate::bench::pipeline::run(&args)?;
+            let mut report = crate::bench::pipeline::run(&args)?;
             if a.json {
                 report.print(true);
             } else {
@@ -317,7 +318,8 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 peak_gbps: a.peak_gbps,
                 kernels: a.kernels,
             };
-            step::run(&cfg, a.warmup, a.steps, &gpu)?.print(a.json);
+            // The bench prints each record as it is measured.
+            step::run(&cfg, a.warmup, a.steps, &gpu, a.json)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -622,6 +622,27 @@ fn a_checkpoint_exports_to_an_hf_folder_that_loads_back_bit_exactly() {
 }
 
 #[test]
+fn bench_step_prints_the_step_then_its_baseline_then_the_summary() {
+    let out = flotilla_ok(&["bench", "step", "--json", "--warmup", "0", "--steps", "1"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["bench"], "train_step");
+    assert!(lines[0]["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    assert_eq!(lines[1]["bench"], "raw_gemm_same_shapes");
+    assert!(
+        lines[2]["summary"]["step_over_gemm"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0)
+    );
+    let err = flotilla(&["bench", "step", "--kernels"]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("need --device cuda"));
+}
+
+#[test]
 fn bench_ckpt_reports_stall_persist_and_restore() {
     let dir = tmp("bench-ckpt");
     std::fs::create_dir_all(&dir).expect("mkdir");
