@@ -2,7 +2,7 @@
 //! `cargo test -p flotilla-model --release --test gemm_bench -- --ignored --nocapture --test-threads 1`
 //!
 //! - `compare_gemm_crates`: gemm / matrixmultiply / faer on the default model's GEMM shapes with 2
-//!   threads (and 1), the measurement behind the choice recorded in `device/cpu.rs`;
+//!   threads (and 1), the measurement behind the choice recorded in `device/cpu/mod.rs`;
 //! - `training_step_vs_raw_gemm`: achieved GFLOP/s of a training step of the default model
 //!   (batch 8 × 64) against the raw GEMM rate of the same shapes on the same device.
 

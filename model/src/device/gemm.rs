@@ -1,6 +1,6 @@
 //! The CPU device's GEMM: faer on strided host views, plus the `vzeroupper` hygiene it needs.
 //!
-//! Why faer and how it is threaded is measured and recorded in `cpu.rs`.
+//! Why faer and how it is threaded is measured and recorded in `cpu/mod.rs`.
 
 /// Below this many multiply-adds a GEMM runs on one thread: on the model's small shapes faer's
 /// parallel split costs more than it saves (see the measurements above).
