@@ -38,8 +38,8 @@ struct Timed {
     /// Per step, the seconds the device reported for its work (on a GPU: from the first
     /// operation to the last of each job, idle gaps inside a job included).
     device_secs: f64,
-    /// Per step, the seconds the compute thread spent issuing (on a GPU) or running (on the
-    /// CPU) jobs.
+    /// Per step, the seconds the compute thread spent in jobs: running them (on the CPU), or
+    /// issuing them and waiting where one hands a result to the host (on a GPU).
     busy_secs: f64,
     /// The last step's jobs on rank 0, by kind: (what, how many, seconds).
     jobs: Vec<(&'static str, u64, f64)>,
@@ -236,7 +236,7 @@ fn run_cuda(
         "flops_per_step": flops.total(), "achieved_tflops": achieved / 1e12, "mfu": mfu,
         "peak_gpu_mib": peak_mib,
         "gpu_ms_per_step": timed.device_secs * 1e3,
-        "issue_ms_per_step": timed.busy_secs * 1e3,
+        "compute_thread_ms_per_step": timed.busy_secs * 1e3,
     }));
     // Where the compute thread's time goes: its jobs by kind (the last step), and the device
     // operations' own host time (launching, or waiting for a result the host needs).

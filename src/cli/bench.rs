@@ -14,8 +14,9 @@ pub enum BenchCmd {
     Actors(ActorsArgs),
     /// Checkpoint cost: async stall vs sync save, persist vs raw write+fsync, restore times.
     Ckpt(CkptArgs),
-    /// Training-step throughput (tokens/s, GFLOP/s, peak RSS) vs the raw GEMM rate on the same shapes
-    /// (each record printed as soon as it is measured).
+    /// Training-step throughput vs the raw GEMM rate on the same shapes: tokens/s, GFLOP/s and
+    /// peak RSS on the CPU; with --device cuda, MFU, peak GPU memory, where the compute thread's
+    /// time goes and the ratios against PyTorch (each record printed as soon as it is measured).
     Step(StepArgs),
     /// Collectives over the in-process and QUIC fabrics (time, algbw, busbw) vs memcpy; QUIC vs bare quinn and TCP between two processes.
     Collectives(crate::bench::collectives::CollectivesArgs),

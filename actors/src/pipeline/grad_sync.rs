@@ -10,8 +10,8 @@
 //! micro-batches)` (the mean over the global batch), the buffer is all-reduced (sum) in buckets
 //! of `dp_bucket_mib` over the fabric while the stream goes on with the other stage's
 //! backward, and one job unpacks the sums into the gradients. Every member receives the same
-//! bits, so replicas stay identical. A group of one rank skips the all-reduce, and its packed
-//! buffer never leaves the device.
+//! bits, so replicas stay identical. A group of one rank skips the all-reduce: one job scales its
+//! gradients in place.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
@@ -111,9 +111,22 @@ pub async fn reduce(
 ) -> (Communicator, Result<(), String>) {
     let order = Order::new(Class::Compute, 0, "gradients", 0);
     let which = Arc::clone(&sel);
-    // A group of one (tensors only this rank holds) has nothing to sum with: its packed buffer
-    // stays on the device, from the packing job to the unpacking one.
-    let alone = comm.size() == 1;
+    if comm.size() == 1 {
+        // A group of one (tensors only this rank holds) has nothing to sum with: its gradients
+        // are scaled in place, the same `g · scale` the packing would compute.
+        let scaled = stream
+            .run(order, move |d| {
+                let store = &mut *d.store;
+                let sel = which.get_or_init(|| Selection::of(&store.grads, &names));
+                let mut taken = sel.take(&mut store.grads);
+                d.dev
+                    .scale_many(&mut taken.iter_mut().collect::<Vec<_>>(), store.scale);
+                sel.put_back(&mut store.grads, taken);
+            })
+            .await
+            .map_err(|e| format!("scaling gradients: {e}"));
+        return (comm, scaled);
+    }
     let packed = stream
         .run(order, move |d| {
             let store = &mut *d.store;
@@ -121,19 +134,11 @@ pub async fn reduce(
             let ts: Vec<&Tensor> = sel.refs(&store.grads);
             let n: usize = ts.iter().map(|t| t.numel()).sum();
             let flat = d.dev.pack(&ts, store.scale);
-            if alone {
-                (n, Packed::Device(flat))
-            } else {
-                (n, Packed::Host(d.dev.take_values(flat)))
-            }
+            (n, d.dev.take_values(flat))
         })
         .await;
     let (n, values) = match packed {
-        Ok((n, Packed::Host(v))) => (n, v),
-        Ok((_, Packed::Device(flat))) => {
-            let r = unpack(&stream, order, sel, move |_| flat).await;
-            return (comm, r);
-        }
+        Ok(p) => p,
         Err(e) => return (comm, Err(format!("packing gradients: {e}"))),
     };
     let summed = match values {
@@ -171,29 +176,11 @@ pub async fn reduce(
         Ok(s) => s,
         Err(e) => return (comm, Err(e)),
     };
-    let r = unpack(&stream, order, sel, move |dev| dev.adopt(&[n], summed)).await;
-    (comm, r)
-}
-
-/// What the packing job hands on: the values through the host (for the all-reduce), or the
-/// packed buffer itself (a group of one).
-enum Packed {
-    Host(Option<Vec<f32>>),
-    Device(Tensor),
-}
-
-/// Unpacks the summed buffer (made on the device by `flat`) into the group's gradients.
-async fn unpack(
-    stream: &Stream,
-    order: Order,
-    sel: Arc<OnceLock<Selection>>,
-    flat: impl FnOnce(&dyn flotilla_model::Device) -> Tensor + Send + 'static,
-) -> Result<(), String> {
     let unpacked = stream
         .run(order, move |d| {
             let store = &mut *d.store;
-            let flat = flat(d.dev);
-            // Found by the packing job.
+            let flat = d.dev.adopt(&[n], summed);
+            // Found by the packing job above.
             let Some(sel) = sel.get() else {
                 return Err("the group's tensors were never found".to_owned());
             };
@@ -205,8 +192,11 @@ async fn unpack(
             Ok(())
         })
         .await;
-    unpacked
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
-        .map_err(|e| format!("unpacking gradients: {e}"))
+    (
+        comm,
+        unpacked
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| format!("unpacking gradients: {e}")),
+    )
 }

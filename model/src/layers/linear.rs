@@ -1,7 +1,5 @@
 //! Linear layer without bias (`y = x Wᵀ`, `W` is `[out, in]` as in HF `nn.Linear`).
 
-use std::ops::Range;
-
 use crate::device::{Device, Mat, MatMut};
 use crate::params::{Kind, Params};
 use crate::rng::Rng;
@@ -44,16 +42,6 @@ impl Linear {
         y
     }
 
-    /// `y[rows] = x[rows] Wᵀ` (one expert's slice of a dispatched batch).
-    pub fn forward_rows(&self, dev: &dyn Device, x: &Tensor, rows: Range<usize>, y: &mut Tensor) {
-        dev.gemm(
-            MatMut::rows(y, rows.clone()),
-            Mat::rows(x, rows),
-            Mat::all(&self.weight).t(),
-            false,
-        );
-    }
-
     /// B: `dx = dy W`.
     pub fn backward_input(&self, dev: &dyn Device, dy: &Tensor) -> Tensor {
         let mut dx = dev.empty(&[dy.rows(), self.weight.cols()]);
@@ -66,46 +54,12 @@ impl Linear {
         dx
     }
 
-    /// B on a row range: `dx[rows] (+)= dy[rows] W`.
-    pub fn backward_input_rows(
-        &self,
-        dev: &dyn Device,
-        dy: &Tensor,
-        rows: Range<usize>,
-        dx: &mut Tensor,
-        accumulate: bool,
-    ) {
-        dev.gemm(
-            MatMut::rows(dx, rows.clone()),
-            Mat::rows(dy, rows),
-            Mat::all(&self.weight),
-            accumulate,
-        );
-    }
-
     /// W: `dW += dyᵀ x`.
     pub fn backward_weight(&self, dev: &dyn Device, x: &Tensor, dy: &Tensor, grad: &mut Linear) {
         dev.gemm(
             MatMut::all(&mut grad.weight),
             Mat::all(dy).t(),
             Mat::all(x),
-            true,
-        );
-    }
-
-    /// W on a row range: `dW += dy[rows]ᵀ x[rows]`.
-    pub fn backward_weight_rows(
-        &self,
-        dev: &dyn Device,
-        x: &Tensor,
-        dy: &Tensor,
-        rows: Range<usize>,
-        grad: &mut Linear,
-    ) {
-        dev.gemm(
-            MatMut::all(&mut grad.weight),
-            Mat::rows(dy, rows.clone()).t(),
-            Mat::rows(x, rows),
             true,
         );
     }

@@ -4,8 +4,6 @@
 //! (width `n_shared_experts · moe_intermediate_size`) and as each routed expert. The `_rows`
 //! variants run on one expert's row range of a dispatched batch.
 
-use std::ops::Range;
-
 use crate::device::Device;
 use crate::layers::linear::Linear;
 use crate::params::{Kind, Params};
@@ -96,19 +94,6 @@ impl Mlp {
             .backward_weight(dev, x, &dys.dg, &mut g.gate_proj);
         self.up_proj
             .backward_weight(dev, x, &dys.du, &mut g.up_proj);
-    }
-
-    /// Gate and up projections of rows `r` of a dispatched batch into `g`, `u`.
-    pub fn forward_gate_up_rows(
-        &self,
-        dev: &dyn Device,
-        x: &Tensor,
-        r: Range<usize>,
-        g: &mut Tensor,
-        u: &mut Tensor,
-    ) {
-        self.gate_proj.forward_rows(dev, x, r.clone(), g);
-        self.up_proj.forward_rows(dev, x, r, u);
     }
 }
 

@@ -341,6 +341,26 @@ fn config_bf16_needs_the_cuda_device() {
     assert_eq!(c.model.precision, Precision::Fp32);
 }
 
+/// The CUDA kernels' limits are the config's: more routed experts, groups or rotary channels
+/// than the router and RoPE kernels take are refused on `device = "cuda"` (and allowed on the
+/// CPU), naming the key.
+#[test]
+fn config_names_what_exceeds_the_cuda_kernels() {
+    let src = "[model]\nn_routed_experts = 512\nn_group = 128\nnum_experts_per_tok = 8\n\
+               topk_group = 4\nqk_rope_head_dim = 512\n";
+    parse(src).validate().expect("the CPU takes them");
+    let err = Config::from_toml_str(&format!("{src}[cluster]\ndevice = \"cuda\"\n"), "f.toml")
+        .expect_err("beyond the CUDA kernels");
+    let text = err.to_string();
+    for want in [
+        "model.n_routed_experts = 512 exceeds the CUDA device's limit of 256",
+        "model.n_group = 128 exceeds the CUDA device's limit of 64",
+        "model.qk_rope_head_dim = 512 exceeds the CUDA device's limit of 256",
+    ] {
+        assert!(text.contains(want), "{text}");
+    }
+}
+
 #[test]
 fn config_valid_layouts_pass() {
     for src in [

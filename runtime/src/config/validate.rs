@@ -291,6 +291,20 @@ fn cluster(cfg: &Config, c: &mut Checker<'_>) {
             )
         },
     );
+    // The CUDA kernels' limits (`model/src/device/cuda/layers.rs`): the router keeps a token's
+    // scores and groups in registers, RoPE a row's rotary channels.
+    if cl.device == DeviceKind::Cuda {
+        let m = &cfg.model;
+        for (key, value, max) in [
+            ("model.n_routed_experts", m.n_routed_experts, 256),
+            ("model.n_group", m.n_group, 64),
+            ("model.qk_rope_head_dim", m.qk_rope_head_dim, 256),
+        ] {
+            c.rule(&[key, "cluster.device"], value <= max, || {
+                format!("{key} = {value} exceeds the CUDA device's limit of {max}")
+            });
+        }
+    }
     let sim_dev = cl.device == DeviceKind::Sim;
     let sim_fab = cl.fabric == FabricKind::Sim;
     c.rule(

@@ -12,7 +12,7 @@ use super::{CudaDevice, cost};
 use crate::device::AttnShape;
 use crate::tensor::Tensor;
 
-/// Widths and pointers of one attention call.
+/// Widths of one attention call.
 struct Dims {
     b: usize,
     t: usize,

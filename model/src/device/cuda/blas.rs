@@ -98,7 +98,8 @@ pub(super) struct Batched {
     pub accumulate: bool,
 }
 
-fn op_of(t: bool) -> cublasOperation_t {
+/// cuBLAS's transpose flag.
+pub(super) fn op_of(t: bool) -> cublasOperation_t {
     if t {
         cublasOperation_t::CUBLAS_OP_T
     } else {

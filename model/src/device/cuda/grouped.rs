@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use cudarc::cublas::sys::{self as blas_sys, cublasOperation_t, cudaDataType};
 use cudarc::driver::DevicePtr;
 
+use super::blas::op_of;
 use super::{CudaDevice, cost};
 use crate::device::{gemm_rows_each, gemm_weight_each};
 use crate::tensor::Tensor;
@@ -33,14 +34,6 @@ struct Problem {
     m: usize,
     n: usize,
     k: usize,
-}
-
-fn op(t: bool) -> cublasOperation_t {
-    if t {
-        cublasOperation_t::CUBLAS_OP_T
-    } else {
-        cublasOperation_t::CUBLAS_OP_N
-    }
 }
 
 impl CudaDevice {
@@ -63,8 +56,8 @@ impl CudaDevice {
             .bind_to_thread()
             .unwrap_or_else(|e| panic!("CUDA context: {e}"));
         // Column-major, as in blas.rs: Cᵀ = op(B)ᵀ · op(A)ᵀ, so B's pointer and flag come first.
-        let ta: Vec<cublasOperation_t> = ps.iter().map(|p| op(p.b_trans)).collect();
-        let tb: Vec<cublasOperation_t> = ps.iter().map(|p| op(p.a_trans)).collect();
+        let ta: Vec<cublasOperation_t> = ps.iter().map(|p| op_of(p.b_trans)).collect();
+        let tb: Vec<cublasOperation_t> = ps.iter().map(|p| op_of(p.a_trans)).collect();
         let m: Vec<i32> = ps.iter().map(|p| p.n as i32).collect();
         let n: Vec<i32> = ps.iter().map(|p| p.m as i32).collect();
         let k: Vec<i32> = ps.iter().map(|p| p.k as i32).collect();
@@ -133,6 +126,18 @@ impl CudaDevice {
         accumulate: bool,
     ) {
         let (ac, cc) = (a.cols(), c.cols());
+        for w in ws {
+            let (k, n) = if trans_w {
+                (w.cols(), w.rows())
+            } else {
+                (w.rows(), w.cols())
+            };
+            assert!(
+                (k, n) == (ac, cc),
+                "grouped GEMM: a weight {:?} for rows of {ac} into {cc} columns",
+                w.shape()
+            );
+        }
         let work = rows
             .iter()
             .zip(ws)
@@ -180,6 +185,10 @@ impl CudaDevice {
         rows: &[Range<usize>],
     ) {
         let (dc, xc) = (dy.cols(), x.cols());
+        assert!(
+            gs.iter().all(|g| g.shape() == [dc, xc]),
+            "grouped W: gradients for {dc} x {xc}"
+        );
         let work = rows.iter().fold(cost::Work::default(), |mut w, r| {
             let g = cost::gemm(dc, xc, r.len(), true);
             w.flops += g.flops;

@@ -24,7 +24,7 @@ mod blas;
 mod copies;
 mod grouped;
 mod layers;
-pub mod module;
+mod module;
 mod pool;
 mod profile;
 mod train;
@@ -225,6 +225,33 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    /// Operation `name`: `c (+)= a · b` in `precision`.
+    fn gemm_at(
+        &self,
+        name: &'static str,
+        c: MatMut<'_>,
+        a: Mat<'_>,
+        b: Mat<'_>,
+        accumulate: bool,
+        precision: Precision,
+    ) {
+        let (m, k) = a.dims();
+        let (k2, n) = b.dims();
+        assert!(
+            k == k2 && c.rows.len() == m && c.t.cols() == n,
+            "{name}: c {:?}[{:?}] = a {:?} · b {:?}",
+            c.t.shape(),
+            c.rows,
+            a.dims(),
+            b.dims()
+        );
+        self.op(name, cost::gemm(m, n, k, accumulate), || {
+            self.blas.gemm(self, c, a, b, accumulate, precision)
+        });
+    }
+}
+
 impl Device for CudaDevice {
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.ctx.ordinal(), self.gpu_name)
@@ -277,31 +304,11 @@ impl Device for CudaDevice {
     // ---- GEMM -----------------------------------------------------------------------------
 
     fn gemm(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
-        let (m, k) = a.dims();
-        let (k2, n) = b.dims();
-        assert!(
-            k == k2 && c.rows.len() == m && c.t.cols() == n,
-            "gemm: c {:?}[{:?}] = a {:?} · b {:?}",
-            c.t.shape(),
-            c.rows,
-            a.dims(),
-            b.dims()
-        );
-        self.op("gemm", cost::gemm(m, n, k, accumulate), || {
-            self.blas.gemm(self, c, a, b, accumulate, self.precision)
-        });
+        self.gemm_at("gemm", c, a, b, accumulate, self.precision)
     }
 
     fn gemm_full_precision(&self, c: MatMut<'_>, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
-        let (m, k) = a.dims();
-        let (k2, n) = b.dims();
-        assert!(
-            k == k2 && c.rows.len() == m && c.t.cols() == n,
-            "gemm_full_precision"
-        );
-        self.op("gemm f32", cost::gemm(m, n, k, accumulate), || {
-            self.blas.gemm(self, c, a, b, accumulate, Precision::Fp32)
-        });
+        self.gemm_at("gemm f32", c, a, b, accumulate, Precision::Fp32)
     }
 
     fn gemm_rows_grouped(

@@ -20,18 +20,18 @@ use crate::tensor::Tensor;
 /// Values per chunk of the element-wise launches.
 const CHUNK: usize = 1 << 14;
 
-/// A coefficient set's bits (equal bits: one launch).
-fn bits(k: &crate::optim::Coef) -> [u32; 9] {
+/// A coefficient set's bits (equal bits: one launch; no decay differs from every decay).
+fn bits(k: &crate::optim::Coef) -> [u64; 8] {
+    let f = |x: f32| u64::from(x.to_bits());
     [
-        k.decay.map_or(u32::MAX, f32::to_bits),
-        u32::from(k.decay.is_some()) << 1 | u32::from(k.lerp_small),
-        k.w1.to_bits(),
-        k.beta2.to_bits(),
-        k.w2.to_bits(),
-        k.eps.to_bits(),
-        k.bc2_sqrt.to_bits(),
-        k.step_size.to_bits(),
-        0,
+        k.decay.map_or(0, |d| 1 << 32 | f(d)),
+        u64::from(k.lerp_small),
+        f(k.w1),
+        f(k.beta2),
+        f(k.w2),
+        f(k.eps),
+        f(k.bc2_sqrt),
+        f(k.step_size),
     ]
 }
 
