@@ -331,11 +331,71 @@ fn attention_forward_and_backward_match_the_cpu() {
     p.close("attention out", &o1, &o2, TOL);
     p.close("attention probs", &p1, &p2, TOL);
     let (dc, dg) = p.rand(&mut rng, &[n, s.heads * s.v]);
-    let (a1, b1, c1) = cpu.attention_backward(&qc, &kvc, &kc, &p1, &dc, s);
-    let (a2, b2, c2) = gpu.attention_backward(&qg, &kvg, &kg, &p2, &dg, s);
+    let (a1, b1, c1) = cpu.attention_backward(&qc, &kvc, &kc, &o1, &p1, &dc, s);
+    let (a2, b2, c2) = gpu.attention_backward(&qg, &kvg, &kg, &o2, &p2, &dg, s);
     p.close("attention dq", &a1, &a2, TOL);
     p.close("attention dkv", &b1, &b2, TOL);
     p.close("attention dk_pe", &c1, &c2, TOL);
+}
+
+/// bf16's tolerance (issue #9): relative error within 2e-2.
+const BF16_TOL: f64 = 2e-2;
+
+#[test]
+fn fused_bf16_attention_matches_the_cpu() {
+    let Some((cpu, _)) = devices("fused attention") else {
+        return;
+    };
+    let gpu = CudaDevice::new(0, Precision::Bf16).expect("a CUDA device on GPU 0");
+    gpu.set_fused_attention(true);
+    let p = Pair {
+        cpu: &cpu,
+        gpu: &gpu,
+    };
+    let mut rng = Rng::new(6);
+    // Head dims that are not multiples of the tiles (padding) with sequences that end inside
+    // a tile, and DeepSeek-V3's own head dims (128 + 64, 128).
+    for (batch, seq, heads, nope, rope, v) in [(2, 150, 3, 12, 6, 10), (1, 200, 2, 128, 64, 128)] {
+        let s = AttnShape {
+            batch,
+            seq,
+            heads,
+            nope,
+            rope,
+            v,
+            scale: 1.0 / ((nope + rope) as f32).sqrt(),
+        };
+        let n = s.batch * s.seq;
+        let (qc, qg) = p.rand(&mut rng, &[n, s.heads * (s.nope + s.rope)]);
+        let (kvc, kvg) = p.rand(&mut rng, &[n, s.heads * (s.nope + s.v)]);
+        let (kc, kg) = p.rand(&mut rng, &[n, s.rope]);
+        let (o1, p1) = cpu.attention_forward(&qc, &kvc, &kc, s);
+        let (o2, lse) = gpu.attention_forward(&qg, &kvg, &kg, s);
+        assert_eq!(lse.shape(), &[batch, heads, seq], "the fused kernels ran");
+        let what = format!("{s:?}");
+        p.close(&format!("fused attention out {what}"), &o1, &o2, BF16_TOL);
+        let (dc, dg) = p.rand(&mut rng, &[n, s.heads * s.v]);
+        let (a1, b1, c1) = cpu.attention_backward(&qc, &kvc, &kc, &o1, &p1, &dc, s);
+        let (a2, b2, c2) = gpu.attention_backward(&qg, &kvg, &kg, &o2, &lse, &dg, s);
+        p.close(&format!("fused attention dq {what}"), &a1, &a2, BF16_TOL);
+        p.close(&format!("fused attention dkv {what}"), &b1, &b2, BF16_TOL);
+        p.close(&format!("fused attention dk_pe {what}"), &c1, &c2, BF16_TOL);
+        // The same call on the cuBLAS path (what the fused kernels are measured against).
+        gpu.set_fused_attention(false);
+        let (o3, probs) = gpu.attention_forward(&qg, &kvg, &kg, s);
+        assert_eq!(
+            probs.shape(),
+            &[batch, heads, seq, seq],
+            "the cuBLAS path ran"
+        );
+        p.close(
+            &format!("cuBLAS bf16 attention out {what}"),
+            &o1,
+            &o3,
+            BF16_TOL,
+        );
+        gpu.set_fused_attention(true);
+    }
 }
 
 #[test]
@@ -459,21 +519,43 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
     // The router's gate: f32 on a bf16 device.
     gpu.gemm_full_precision(MatMut::all(&mut cg), Mat::all(&ag), Mat::all(&bg), false);
     p.close("full-precision gemm", &cc, &cg, TOL);
-    // The experts: one grouped call each for the forward and W, in TF32.
-    let rows = [0..20, 20..20, 20..64];
-    let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[48, 256])).collect();
+    // The experts: one grouped call each for the forward, B and W, by the bf16 kernel and by
+    // cuBLAS in TF32; more than one 128 × 128 tile per expert, and an expert without rows.
+    let rows = [0..20, 20..20, 20..300];
+    let (xc, xg) = p.rand(&mut rng, &[300, 256]);
+    let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[160, 256])).collect();
     let (w1, w2): (Vec<&Tensor>, Vec<&Tensor>) = ws.iter().map(|(a, b)| (a, b)).unzip();
-    let (mut yc, mut yg) = (cpu.zeros(&[64, 48]), gpu.zeros(&[64, 48]));
-    cpu.gemm_rows_grouped(&mut yc, &ac, &w1, &rows, true, false);
-    gpu.gemm_rows_grouped(&mut yg, &ag, &w2, &rows, true, false);
-    p.close("grouped rows, bf16 device", &yc, &yg, 1e-2);
-    let (dc, dg) = p.rand(&mut rng, &[64, 48]);
-    let mut gc: Vec<Tensor> = (0..3).map(|_| cpu.zeros(&[48, 256])).collect();
-    let mut gg: Vec<Tensor> = (0..3).map(|_| gpu.zeros(&[48, 256])).collect();
-    cpu.gemm_weight_grouped(&mut gc.iter_mut().collect::<Vec<_>>(), &dc, &ac, &rows);
-    gpu.gemm_weight_grouped(&mut gg.iter_mut().collect::<Vec<_>>(), &dg, &ag, &rows);
-    for i in [0, 2] {
-        p.close(&format!("grouped W {i}, bf16 device"), &gc[i], &gg[i], 1e-2);
+    let (dc, dg) = p.rand(&mut rng, &[300, 160]);
+    for kernel in [true, false] {
+        gpu.set_expert_kernel(kernel);
+        let (mut yc, mut yg) = p.rand(&mut rng, &[300, 160]);
+        for acc in [false, true] {
+            cpu.gemm_rows_grouped(&mut yc, &xc, &w1, &rows, true, acc);
+            gpu.gemm_rows_grouped(&mut yg, &xg, &w2, &rows, true, acc);
+            p.close(
+                &format!("grouped rows kernel={kernel} acc={acc}"),
+                &yc,
+                &yg,
+                1e-2,
+            );
+        }
+        let (mut bc, mut bg) = (cpu.zeros(&[300, 256]), gpu.zeros(&[300, 256]));
+        cpu.gemm_rows_grouped(&mut bc, &dc, &w1, &rows, false, false);
+        gpu.gemm_rows_grouped(&mut bg, &dg, &w2, &rows, false, false);
+        p.close(&format!("grouped B kernel={kernel}"), &bc, &bg, 1e-2);
+        let (gc, gg) = p.rand(&mut rng, &[160, 256]);
+        let mut gc: Vec<Tensor> = (0..3).map(|_| cpu.copy(&gc)).collect();
+        let mut gg: Vec<Tensor> = (0..3).map(|_| gpu.copy(&gg)).collect();
+        cpu.gemm_weight_grouped(&mut gc.iter_mut().collect::<Vec<_>>(), &dc, &xc, &rows);
+        gpu.gemm_weight_grouped(&mut gg.iter_mut().collect::<Vec<_>>(), &dg, &xg, &rows);
+        for i in 0..3 {
+            p.close(
+                &format!("grouped W {i} kernel={kernel}"),
+                &gc[i],
+                &gg[i],
+                1e-2,
+            );
+        }
     }
     assert!(gpu.grouped_gemm(), "cuBLAS refused the grouped GEMM");
 }

@@ -255,10 +255,22 @@ fn run_cuda(
         "tflops": gemm_gflops / 1e3,
     }));
     if gpu.kernels {
-        // The experts' GEMMs grouped (what the job ran) and, as the baseline, one per expert.
-        for grouped in [true, false] {
-            for mut row in
-                step_cuda::kernel_table(&cfg, &mcfg, gpu.peak_tflops, gpu.peak_gbps, grouped)?
+        // What the job ran (the experts' W by the bf16 kernel, the rest grouped by cuBLAS,
+        // attention by cuBLAS) and, beside it, the experts' W by cuBLAS, every expert GEMM one
+        // by one, and attention by the fused kernels.
+        let variants = [
+            (true, true, false),
+            (false, true, false),
+            (false, false, false),
+            (true, true, true),
+        ];
+        for (expert_kernel, grouped, fused_attention) in variants {
+            let v = step_cuda::Variant {
+                expert_kernel,
+                grouped,
+                fused_attention,
+            };
+            for mut row in step_cuda::kernel_table(&cfg, &mcfg, gpu.peak_tflops, gpu.peak_gbps, v)?
             {
                 row["bench"] = json!("kernel");
                 report.push(row);

@@ -82,6 +82,18 @@ pub fn raw_gemm(cfg: &Config, shapes: &[GemmShape]) -> Result<f64> {
     Ok(flops / secs.max(1e-12) / 1e9)
 }
 
+/// Which implementation of the experts' GEMMs and of attention a kernel table ran.
+#[derive(Clone, Copy, Debug)]
+pub struct Variant {
+    /// The experts' GEMMs by `gemm.cu`'s bf16 grouped kernel (bf16 precision only).
+    pub expert_kernel: bool,
+    /// Else one cuBLAS grouped GEMM per projection (TF32 in bf16 precision), else one GEMM per
+    /// expert.
+    pub grouped: bool,
+    /// bf16 attention by the fused kernels (else cuBLAS around kept probabilities).
+    pub fused_attention: bool,
+}
+
 /// One profiled forward+backward of the model on a batch of random tokens (after one untimed
 /// one): each kernel's calls, time, share of the pass, and achieved TFLOP/s or GB/s beside the
 /// GPU's peaks (`peak_tflops`, `peak_gbps`).
@@ -90,10 +102,12 @@ pub fn kernel_table(
     mcfg: &ModelConfig,
     peak_tflops: f64,
     peak_gbps: f64,
-    grouped: bool,
+    v: Variant,
 ) -> Result<Vec<Value>> {
     let dev = device(cfg)?;
-    dev.set_grouped_gemm(grouped);
+    dev.set_grouped_gemm(v.grouped);
+    dev.set_expert_kernel(v.expert_kernel);
+    dev.set_fused_attention(v.fused_attention);
     let model = DeepSeekV3::init(mcfg, &dev, cfg.job.seed).context("model init")?;
     let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
     let mut rng = Rng::new(cfg.job.seed);
@@ -122,7 +136,8 @@ pub fn kernel_table(
             let tflops = k.flops / k.seconds.max(1e-12) / 1e12;
             let gbps = k.bytes / k.seconds.max(1e-12) / 1e9;
             json!({
-                "kernel": k.name, "grouped_gemm": grouped, "calls": k.calls, "ms": k.seconds * 1e3,
+                "kernel": k.name, "expert_kernel": v.expert_kernel, "grouped_gemm": v.grouped,
+                "fused_attention": v.fused_attention, "calls": k.calls, "ms": k.seconds * 1e3,
                 "share": k.seconds / total.max(1e-12),
                 "tflops": tflops, "pct_peak_tflops": 100.0 * tflops / peak_tflops,
                 "gbps": gbps, "pct_peak_gbps": 100.0 * gbps / peak_gbps,

@@ -293,7 +293,9 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn rope(&self, x: &mut Tensor, table: &Tensor, spec: RopeSpec, inverse: bool);
     /// Causal MLA attention. `q`: `[n, H*(nope+rope)]` (rope part rotated), `kv`: `[n, H*(nope+v)]`
     /// (k_nope then v per head), `k_pe`: `[n, rope]` (rotated, shared by all heads).
-    /// Returns `(out [n, H*v], probs [B, H, T, T])`.
+    /// Returns `(out [n, H*v], saved)`: `saved` is what this device's backward reads besides
+    /// the inputs and `out` (the CPU's: the probabilities `[B, H, T, T]`; a fused kernel's: each
+    /// query row's log-sum-exp `[B, H, T]`).
     fn attention_forward(
         &self,
         q: &Tensor,
@@ -301,13 +303,16 @@ pub trait Device: Send + Sync + fmt::Debug {
         k_pe: &Tensor,
         s: AttnShape,
     ) -> (Tensor, Tensor);
-    /// Gradients `(dq, dkv, dk_pe)` of attention from `dout`.
+    /// Gradients `(dq, dkv, dk_pe)` of attention from `dout`; `out` and `saved` are what
+    /// [`Device::attention_forward`] returned for these inputs.
+    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         q: &Tensor,
         kv: &Tensor,
         k_pe: &Tensor,
-        probs: &Tensor,
+        out: &Tensor,
+        saved: &Tensor,
         dout: &Tensor,
         s: AttnShape,
     ) -> (Tensor, Tensor, Tensor);

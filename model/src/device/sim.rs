@@ -262,6 +262,7 @@ impl Device for SimDevice {
         q: &Tensor,
         kv: &Tensor,
         k_pe: &Tensor,
+        _out: &Tensor,
         _p: &Tensor,
         _dout: &Tensor,
         s: AttnShape,

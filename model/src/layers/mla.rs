@@ -68,7 +68,8 @@ pub struct MlaCache {
     kv: Tensor,
     /// `k_pe` after RoPE, `[n, rope]`.
     k_pe: Tensor,
-    probs: Tensor,
+    /// What the device keeps for attention's backward (see [`Device::attention_forward`]).
+    saved: Tensor,
     /// Attention output before `o_proj`, `[n, H·v]`.
     o: Tensor,
 }
@@ -204,7 +205,7 @@ impl Mla {
         let (q, qa) = q_out.expect("the query path ran");
         let (ckv, k_pe, ckv_n, ckv_norm, kv) = kv_out.expect("the key/value path ran");
 
-        let (o, probs) = dev.attention_forward(&q, &kv, &k_pe, self.shape(ctx));
+        let (o, saved) = dev.attention_forward(&q, &kv, &k_pe, self.shape(ctx));
         let y = self.o_proj.forward(dev, &o);
         (
             y,
@@ -216,7 +217,7 @@ impl Mla {
                 ckv_n,
                 kv,
                 k_pe,
-                probs,
+                saved,
                 o,
             },
         )
@@ -227,7 +228,7 @@ impl Mla {
         let dev = ctx.dev;
         let d_o = self.o_proj.backward_input(dev, dy);
         let (mut d_q, d_kv, mut d_kpe) =
-            dev.attention_backward(&c.q, &c.kv, &c.k_pe, &c.probs, &d_o, self.shape(ctx));
+            dev.attention_backward(&c.q, &c.kv, &c.k_pe, &c.o, &c.saved, &d_o, self.shape(ctx));
         // The key/value path's B and the query path's B are independent until their input
         // gradients are summed: the device runs them side by side.
         let mut kv_out = None;

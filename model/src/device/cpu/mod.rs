@@ -434,6 +434,7 @@ impl Device for CpuDevice {
         q: &Tensor,
         kv: &Tensor,
         k_pe: &Tensor,
+        _out: &Tensor,
         probs: &Tensor,
         dout: &Tensor,
         s: AttnShape,

@@ -273,30 +273,44 @@ impl CudaDevice {
                 count: d.h,
                 accumulate: false,
             });
-            let dims = [Arg::I(d.b as i32), Arg::I(d.t as i32), Arg::I(d.h as i32)];
-            // dk_nope back into dkv's k_nope columns; dk_pe summed over the heads.
-            let mut a = vec![
-                Arg::P(dkp),
-                Arg::I(d.dqk as i32),
-                Arg::I(0),
-                Arg::P(dkvp),
-                Arg::I(d.kvw as i32),
-                Arg::I(d.dkv as i32),
-                Arg::I(0),
-                Arg::I(s.nope as i32),
-            ];
-            a.extend(dims);
-            self.run("from_heads", over(n * d.h * s.nope), &a);
-            let mut a = vec![
-                Arg::P(dkp),
-                Arg::I(d.dqk as i32),
-                Arg::I(s.nope as i32),
-                Arg::P(self.ptr(&dk_pe)),
-                Arg::I(s.rope as i32),
-            ];
-            a.extend(dims);
-            self.run("sum_heads", over(n * s.rope), &a);
+            self.keys_grad_from_heads(&dk, &dkv, &dk_pe, &s);
         });
         (dq, dkv, dk_pe)
+    }
+
+    /// From the `[B, H, T, nope+rope]` key gradient `dk`: its k_nope part into `dkv`'s k_nope
+    /// columns, its k_pe part summed over the heads (which share k_pe) into `dk_pe`.
+    pub(super) fn keys_grad_from_heads(
+        &self,
+        dk: &Tensor,
+        dkv: &Tensor,
+        dk_pe: &Tensor,
+        s: &AttnShape,
+    ) {
+        let d = Dims::of(s);
+        let n = d.b * d.t;
+        let dkp = self.ptr(dk);
+        let dims = [Arg::I(d.b as i32), Arg::I(d.t as i32), Arg::I(d.h as i32)];
+        let mut a = vec![
+            Arg::P(dkp),
+            Arg::I(d.dqk as i32),
+            Arg::I(0),
+            Arg::P(self.ptr(dkv)),
+            Arg::I(d.kvw as i32),
+            Arg::I(d.dkv as i32),
+            Arg::I(0),
+            Arg::I(s.nope as i32),
+        ];
+        a.extend(dims);
+        self.run("from_heads", over(n * d.h * s.nope), &a);
+        let mut a = vec![
+            Arg::P(dkp),
+            Arg::I(d.dqk as i32),
+            Arg::I(s.nope as i32),
+            Arg::P(self.ptr(dk_pe)),
+            Arg::I(s.rope as i32),
+        ];
+        a.extend(dims);
+        self.run("sum_heads", over(n * s.rope), &a);
     }
 }

@@ -1,14 +1,18 @@
-//! The routed experts' GEMMs as one cuBLAS grouped GEMM per projection
-//! (`cublasGemmGroupedBatchedEx`: one group per expert, since each has its own row count),
-//! instead of a GEMM per expert. The per-problem pointers go to the GPU (cuBLAS reads them
-//! there); sizes, transposes and scalars stay on the host.
+//! The routed experts' GEMMs as one grouped GEMM per projection (one problem per expert, since
+//! each has its own row count), instead of a GEMM per expert.
 //!
-//! With `Precision::Bf16` the grouped call rounds its f32 operands to TF32, not bf16: cuBLAS
-//! 13.0 groups neither `CUBLAS_COMPUTE_32F_FAST_16BF` on f32 operands nor bf16 operands
-//! (`CUDA_R_16BF` A and B with an f32 C); both answer `CUBLAS_STATUS_NOT_SUPPORTED` on an H100
-//! (`docs/benchmarks.md`). TF32 keeps more bits than bf16. Where cuBLAS refuses the call (older
-//! library), the device falls back to one GEMM per expert for the rest of the process and says
-//! so once on stderr.
+//! Each call is cuBLAS' `cublasGemmGroupedBatchedEx`, whose per-problem pointers go to the GPU
+//! (sizes, transposes and scalars stay on the host), except the weight gradients in bf16
+//! precision: those are `gemm.cu`'s `grouped_gemm_bf16` (operands rounded to bf16, f32
+//! accumulation; its problem table goes to the GPU in one upload), which on the issue's config
+//! took 21.5 ms per step where cuBLAS took 25.5, while cuBLAS kept the forward and input-gradient
+//! calls at 14.3 ms where the kernel took 35.4 (H100, `docs/benchmarks.md`).
+//! [`CudaDevice::set_expert_kernel`] turns the kernel off (the baseline). cuBLAS 13.0 groups neither `CUBLAS_COMPUTE_32F_FAST_16BF` on f32
+//! operands nor bf16 operands (`CUDA_R_16BF` A and B with an f32 C): both answer
+//! `CUBLAS_STATUS_NOT_SUPPORTED` on an H100, so in bf16 precision cuBLAS' grouped call rounds to
+//! TF32 (`docs/benchmarks.md` compares the two). Where cuBLAS refuses the call (older library),
+//! the device falls back to one GEMM per expert for the rest of the process and says so once
+//! on stderr.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -47,9 +51,30 @@ impl CudaDevice {
         self.grouped.load(Ordering::Relaxed)
     }
 
-    /// Issues `ps` as one grouped GEMM; false if cuBLAS refused it (nothing was issued).
-    fn grouped(&self, ps: &[Problem], accumulate: bool) -> bool {
+    /// Whether bf16 expert weight gradients take `gemm.cu`'s kernel (default) or cuBLAS'
+    /// grouped GEMM in TF32 (the baseline it is measured against). No effect in fp32 precision.
+    pub fn set_expert_kernel(&self, on: bool) {
+        self.expert_kernel.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the experts' weight gradients (`weight`) or other GEMMs are grouped in one launch
+    /// now (by the kernel or by cuBLAS).
+    fn grouping(&self, weight: bool) -> bool {
+        (weight && self.own_kernel()) || self.grouped.load(Ordering::Relaxed)
+    }
+
+    fn own_kernel(&self) -> bool {
+        self.precision == super::Precision::Bf16 && self.expert_kernel.load(Ordering::Relaxed)
+    }
+
+    /// Issues `ps` as one grouped GEMM, by the kernel where `kernel` allows and the device uses
+    /// it; false if cuBLAS refused it (nothing was issued).
+    fn grouped(&self, ps: &[Problem], accumulate: bool, kernel: bool) -> bool {
         if ps.is_empty() {
+            return true;
+        }
+        if kernel && self.own_kernel() {
+            self.grouped_kernel(ps, accumulate);
             return true;
         }
         self.ctx
@@ -150,7 +175,7 @@ impl CudaDevice {
                 w.gemm = true;
                 w
             });
-        let done = self.grouped.load(Ordering::Relaxed)
+        let done = self.grouping(false)
             && self.op("gemm_grouped", work, || {
                 let ps: Vec<Problem> = rows
                     .iter()
@@ -170,7 +195,7 @@ impl CudaDevice {
                         k: ac,
                     })
                     .collect();
-                self.grouped(&ps, accumulate)
+                self.grouped(&ps, accumulate, false)
             });
         if !done {
             gemm_rows_each(self, c, a, ws, rows, trans_w, accumulate);
@@ -196,7 +221,7 @@ impl CudaDevice {
             w.gemm = true;
             w
         });
-        let done = self.grouped.load(Ordering::Relaxed)
+        let done = self.grouping(true)
             && self.op("gemm_grouped_weight", work, || {
                 let ps: Vec<Problem> = rows
                     .iter()
@@ -216,10 +241,50 @@ impl CudaDevice {
                         k: r.len(),
                     })
                     .collect();
-                self.grouped(&ps, true)
+                self.grouped(&ps, true, true)
             });
         if !done {
             gemm_weight_each(self, gs, dy, x, rows);
         }
+    }
+
+    /// `ps` as one launch of `grouped_gemm_bf16`: its problem table (`GemmProblem` of
+    /// `gemm.cu`, 72 bytes each, in tile order) goes to the GPU in one upload.
+    fn grouped_kernel(&self, ps: &[Problem], accumulate: bool) {
+        const TILE: usize = 128;
+        let mut table = Vec::with_capacity(ps.len() * 72);
+        let mut tiles = 0usize;
+        for p in ps {
+            for v in [p.a, p.b, p.c] {
+                table.extend(v.to_le_bytes());
+            }
+            for v in [p.lda, p.ldb, p.ldc] {
+                table.extend((v as i64).to_le_bytes());
+            }
+            let fields = [p.m, p.n, p.k, p.a_trans as usize, p.b_trans as usize, tiles];
+            for v in fields {
+                table.extend((v as i32).to_le_bytes());
+            }
+            tiles += p.m.div_ceil(TILE) * p.n.div_ceil(TILE);
+        }
+        if tiles == 0 {
+            return;
+        }
+        let table = self.upload_any(&table);
+        let (base, _g) = table.device_ptr(&self.stream);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (tiles as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.run(
+            "grouped_gemm_bf16",
+            cfg,
+            &[
+                super::module::Arg::P(base),
+                super::module::Arg::I(ps.len() as i32),
+                super::module::Arg::I(accumulate as i32),
+            ],
+        );
     }
 }

@@ -22,18 +22,20 @@
 mod attention;
 mod blas;
 mod copies;
+mod flash;
 mod grouped;
 mod layers;
 mod module;
 mod pool;
 mod profile;
+mod staging;
 mod train;
 
 use std::ops::Range;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::cost::{self, Work};
 use super::{AdamWArgs, AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec};
@@ -88,6 +90,13 @@ pub struct CudaDevice {
     gpu_name: String,
     /// Whether the experts' GEMMs are grouped (`grouped.rs`).
     grouped: AtomicBool,
+    /// Whether bf16 expert GEMMs take `gemm.cu`'s grouped kernel (`grouped.rs`).
+    expert_kernel: AtomicBool,
+    /// Whether bf16 attention takes the fused kernels (`flash.rs`) where they fit (off by default).
+    fused_attention: AtomicBool,
+    flash: flash::FlashCache,
+    /// Pinned host memory that uploads pass through.
+    staging: Mutex<staging::Staging>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -135,6 +144,7 @@ impl CudaDevice {
         let stream = ctx.new_stream().map_err(CudaError::driver("stream"))?;
         let blas = blas::Blas::new(&stream)?;
         let k = Kernels::load(&ctx)?;
+        let staging = Mutex::new(staging::Staging::new(&ctx)?);
         let gpu_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(CudaDevice {
             ctx,
@@ -145,6 +155,11 @@ impl CudaDevice {
             stats: Mutex::new(Stats::default()),
             gpu_name,
             grouped: AtomicBool::new(blas::has_grouped_gemm()),
+            expert_kernel: AtomicBool::new(true),
+            // Off until measured faster: `flash.rs` says where it stands.
+            fused_attention: AtomicBool::new(false),
+            flash: flash::FlashCache::default(),
+            staging,
         })
     }
 
@@ -183,17 +198,40 @@ impl CudaDevice {
         Tensor::from_cuda(shape, self.alloc(shape.iter().product()))
     }
 
-    /// Host values `data` (of any device type) as a new GPU buffer.
+    /// Host values `data` (of any device type) as a new GPU buffer, through the pinned ring
+    /// (`staging.rs`) so that the host does not wait for the stream.
     fn upload_any<T>(&self, data: &[T]) -> CudaSlice<T>
     where
         T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
     {
-        let r = if data.is_empty() {
-            self.stream.alloc_zeros::<T>(1)
-        } else {
-            host_timed("upload", || self.stream.clone_htod(data))
-        };
-        r.unwrap_or_else(|e| panic!("CUDA upload failed: {e}"))
+        if data.is_empty() {
+            return self
+                .stream
+                .alloc_zeros::<T>(1)
+                .unwrap_or_else(|e| panic!("CUDA allocation failed: {e}"));
+        }
+        host_timed("upload", || {
+            // SAFETY: every element is written by the copy below before anything reads it.
+            let mut dst = unsafe { self.stream.alloc::<T>(data.len()) }
+                .unwrap_or_else(|e| panic!("CUDA allocation of an upload failed: {e}"));
+            // SAFETY: `T` is one of the plain numeric types the device uploads (f32, u32, u8,
+            // u64: no padding, every bit pattern valid), so its bytes are readable as `u8`.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
+            };
+            let staged = {
+                let (p, _no_sync) = dst.device_ptr_mut(&self.stream);
+                let mut ring = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+                ring.upload(&self.stream, p, bytes)
+                    .unwrap_or_else(|e| panic!("CUDA upload failed: {e}"))
+            };
+            if !staged {
+                self.stream
+                    .memcpy_htod(data, &mut dst)
+                    .unwrap_or_else(|e| panic!("CUDA upload failed: {e}"));
+            }
+            dst
+        })
     }
 
     fn run(&self, name: &'static str, cfg: cudarc::driver::LaunchConfig, args: &[Arg]) {
@@ -210,6 +248,23 @@ impl CudaDevice {
 
     fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether bf16 attention takes the fused kernels of `flash.cu` or (the default) the cuBLAS
+    /// GEMMs around a kept `[B, H, T, T]` probability tensor. A backward follows what its
+    /// forward did, whatever this says then.
+    pub fn set_fused_attention(&self, on: bool) {
+        self.fused_attention
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether attention of shape `s` takes the fused kernels now.
+    fn fused(&self, s: &AttnShape) -> bool {
+        self.precision == Precision::Bf16
+            && self
+                .fused_attention
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && flash::fits(s)
     }
 
     /// Whether every operation is timed on its own (slower: two events per operation).
@@ -412,7 +467,11 @@ impl Device for CudaDevice {
         k_pe: &Tensor,
         s: AttnShape,
     ) -> (Tensor, Tensor) {
-        self.attn_forward(q, kv, k_pe, s)
+        if self.fused(&s) {
+            self.flash_forward(q, kv, k_pe, s)
+        } else {
+            self.attn_forward(q, kv, k_pe, s)
+        }
     }
 
     fn attention_backward(
@@ -420,11 +479,16 @@ impl Device for CudaDevice {
         q: &Tensor,
         kv: &Tensor,
         k_pe: &Tensor,
-        probs: &Tensor,
+        out: &Tensor,
+        saved: &Tensor,
         dout: &Tensor,
         s: AttnShape,
     ) -> (Tensor, Tensor, Tensor) {
-        self.attn_backward(q, kv, k_pe, probs, dout, s)
+        if saved.shape().len() == 3 {
+            self.flash_backward(q, kv, k_pe, out, saved, dout, s)
+        } else {
+            self.attn_backward(q, kv, k_pe, saved, dout, s)
+        }
     }
 
     fn router_forward(&self, logits: &Tensor, bias: &Tensor, spec: RouterSpec) -> RouterOut {

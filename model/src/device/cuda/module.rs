@@ -9,8 +9,16 @@ use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use super::CudaError;
 
-/// The kernels' source, compiled at run time (nothing needs nvcc at build time).
-pub const SOURCE: &str = include_str!("kernels.cu");
+/// The kernels' source, compiled at run time (nothing needs nvcc at build time): the
+/// element-wise, reduction and layout kernels, then the tensor-core helpers and the experts'
+/// grouped GEMM.
+pub const SOURCE: &str = concat!(
+    include_str!("kernels.cu"),
+    "\n",
+    include_str!("tensor_core.cuh"),
+    "\n",
+    include_str!("gemm.cu")
+);
 
 /// Every `extern "C"` kernel of [`SOURCE`].
 const NAMES: &[&str] = &[
@@ -46,6 +54,7 @@ const NAMES: &[&str] = &[
     "balance_stats",
     "balance_grad",
     "cross_entropy",
+    "grouped_gemm_bf16",
 ];
 
 /// PTX text by compute capability: one NVRTC compilation per architecture per process.
