@@ -90,7 +90,7 @@ pub struct CudaDevice {
     gpu_name: String,
     /// Whether the experts' GEMMs are grouped (`grouped.rs`).
     grouped: AtomicBool,
-    /// Whether bf16 expert GEMMs take `gemm.cu`'s grouped kernel (`grouped.rs`).
+    /// Whether the experts' bf16 weight gradients take `gemm.cu`'s grouped kernel (`grouped.rs`).
     expert_kernel: AtomicBool,
     /// Whether bf16 attention takes the fused kernels (`flash.rs`) where they fit (off by default).
     fused_attention: AtomicBool,
