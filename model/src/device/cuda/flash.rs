@@ -180,9 +180,33 @@ fn grid(s: &AttnShape, smem: u32) -> LaunchConfig {
     }
 }
 
-/// Which operand `flash_pack` packs: (source, second source (k_pe), row stride, head stride,
-/// first column, width, columns from the first source).
-type PackSpec = (u64, u64, usize, usize, usize, usize, usize);
+/// Where each head's part of an operand lies in its f32 tensor, for `flash_pack`: columns
+/// `first..first + width` of head `h` at `h · head_stride` in rows of `row_stride`, except that
+/// the columns from `split` on come from `k_pe` (the keys' shared rotary part) where given.
+struct Slice {
+    src: u64,
+    k_pe: Option<u64>,
+    row_stride: usize,
+    head_stride: usize,
+    first: usize,
+    width: usize,
+    split: usize,
+}
+
+impl Slice {
+    /// Columns `first..first + width` of each head's `head_stride` columns, from one tensor.
+    fn heads(src: u64, s: &AttnShape, head_stride: usize, first: usize, width: usize) -> Slice {
+        Slice {
+            src,
+            k_pe: None,
+            row_stride: s.heads * head_stride,
+            head_stride,
+            first,
+            width,
+            split: width,
+        }
+    }
+}
 
 impl CudaDevice {
     fn flash_kernels(&self, s: &AttnShape) -> Arc<FlashKernels> {
@@ -267,14 +291,8 @@ impl CudaDevice {
                     Arg::I(s.seq as i32),
                 ],
             );
-            let h = HeadShape::of(&s);
-            let (_, dvp) = h.widths();
-            let dop = self.pack(
-                &k,
-                (self.ptr(dout), 0, s.heads * s.v, s.v, 0, s.v, s.v),
-                dvp,
-                &s,
-            );
+            let dvp = HeadShape::of(&s).widths().1;
+            let dop = self.pack(&k, Slice::heads(self.ptr(dout), &s, s.v, 0, s.v), dvp, &s);
             let (qp, kp, vp) = (
                 self.pack_q(&k, q, &s),
                 self.pack_k(&k, kv, k_pe, &s),
@@ -310,20 +328,19 @@ impl CudaDevice {
 
     /// `flash_pack`: one operand as bf16 `[B·H, padded T, width]` (in an f32 tensor of half
     /// as many values).
-    fn pack(&self, k: &FlashKernels, spec: PackSpec, width: usize, s: &AttnShape) -> Tensor {
-        let (src, src2, stride, hs, off, cols, split) = spec;
+    fn pack(&self, k: &FlashKernels, from: Slice, width: usize, s: &AttnShape) -> Tensor {
         let tp = padded(s.seq);
         let pairs = s.batch * s.heads * tp * width / 2;
         let dst = self.out(&[pairs]);
         let args = [
             Arg::P(self.ptr(&dst)),
-            Arg::P(src),
-            Arg::P(if src2 == 0 { src } else { src2 }),
-            Arg::I(stride as i32),
-            Arg::I(hs as i32),
-            Arg::I(off as i32),
-            Arg::I(cols as i32),
-            Arg::I(split as i32),
+            Arg::P(from.src),
+            Arg::P(from.k_pe.unwrap_or(from.src)),
+            Arg::I(from.row_stride as i32),
+            Arg::I(from.head_stride as i32),
+            Arg::I(from.first as i32),
+            Arg::I(from.width as i32),
+            Arg::I(from.split as i32),
             Arg::I(width as i32),
             Arg::I(s.batch as i32),
             Arg::I(s.seq as i32),
@@ -333,30 +350,28 @@ impl CudaDevice {
         dst
     }
 
+    /// The queries: each head's `nope + rope` columns of `q`.
     fn pack_q(&self, k: &FlashKernels, q: &Tensor, s: &AttnShape) -> Tensor {
         let dqk = s.nope + s.rope;
-        let spec = (self.ptr(q), 0, s.heads * dqk, dqk, 0, dqk, dqk);
-        self.pack(k, spec, HeadShape::of(s).widths().0, s)
+        let from = Slice::heads(self.ptr(q), s, dqk, 0, dqk);
+        self.pack(k, from, HeadShape::of(s).widths().0, s)
     }
 
+    /// The keys: each head's k_nope columns of `kv`, then the shared `k_pe`.
     fn pack_k(&self, k: &FlashKernels, kv: &Tensor, k_pe: &Tensor, s: &AttnShape) -> Tensor {
-        let dkv = s.nope + s.v;
-        let spec = (
-            self.ptr(kv),
-            self.ptr(k_pe),
-            s.heads * dkv,
-            dkv,
-            0,
-            s.nope + s.rope,
-            s.nope,
-        );
-        self.pack(k, spec, HeadShape::of(s).widths().0, s)
+        let from = Slice {
+            k_pe: Some(self.ptr(k_pe)),
+            width: s.nope + s.rope,
+            split: s.nope,
+            ..Slice::heads(self.ptr(kv), s, s.nope + s.v, 0, s.nope)
+        };
+        self.pack(k, from, HeadShape::of(s).widths().0, s)
     }
 
+    /// The values: each head's v columns of `kv`.
     fn pack_v(&self, k: &FlashKernels, kv: &Tensor, s: &AttnShape) -> Tensor {
-        let dkv = s.nope + s.v;
-        let spec = (self.ptr(kv), 0, s.heads * dkv, dkv, s.nope, s.v, s.v);
-        self.pack(k, spec, HeadShape::of(s).widths().1, s)
+        let from = Slice::heads(self.ptr(kv), s, s.nope + s.v, s.nope, s.v);
+        self.pack(k, from, HeadShape::of(s).widths().1, s)
     }
 }
 
