@@ -178,8 +178,9 @@ pub struct StepArgs {
     /// 3350; H200: 4800).
     #[arg(long, default_value_t = 3350.0)]
     peak_gbps: f64,
-    /// With --device cuda: also profile one forward+backward kernel by kernel, twice: the
-    /// experts' GEMMs grouped, then one per expert.
+    /// With --device cuda: also profile one forward+backward kernel by kernel, four times: as
+    /// the job runs, with the experts' weight gradients by cuBLAS instead of Flotilla's kernel,
+    /// with every expert GEMM one by one, and with the fused attention.
     #[arg(long)]
     kernels: bool,
 }
