@@ -254,7 +254,9 @@ impl CudaDevice {
         (out, lse)
     }
 
-    /// `(dq, dkv, dk_pe)` from the forward's `out` and `lse`.
+    /// `(dq, dkv, dk_pe)` from the forward's `out` and `lse`. Packs q, k and v again rather
+    /// than keep the forward's packed copies alive until backward (a pass over each, against
+    /// their memory for every layer in flight).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_backward(
         &self,

@@ -20,6 +20,8 @@ pub(super) struct Staging {
     base: *mut u8,
     head: usize,
     in_flight: VecDeque<CudaEvent>,
+    /// Events of finished uploads, for the next ones (an upload is on the step's hot path).
+    spare: Vec<CudaEvent>,
 }
 
 // SAFETY: `base` points into `ring`, which the struct owns; it is only written through
@@ -39,6 +41,7 @@ impl Staging {
             base,
             head: 0,
             in_flight: VecDeque::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -57,13 +60,14 @@ impl Staging {
         // Finished uploads leave the queue; at the end of the ring, wait for every upload
         // still reading from it, then start again at its beginning.
         while self.in_flight.front().is_some_and(CudaEvent::is_complete) {
-            self.in_flight.pop_front();
+            self.spare.extend(self.in_flight.pop_front());
         }
         let start = self.head.next_multiple_of(16);
         let start = if start + n > self.ring.len() {
             for e in self.in_flight.drain(..) {
                 e.synchronize()
                     .map_err(CudaError::driver("staging upload"))?;
+                self.spare.push(e);
             }
             0
         } else {
@@ -79,10 +83,13 @@ impl Staging {
         // `part` stays untouched until the event recorded after the copy has passed.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, part, stream.cu_stream()) }
             .map_err(CudaError::driver("staging upload"))?;
-        let done = stream
-            .context()
-            .new_event(None)
-            .map_err(CudaError::driver("staging event"))?;
+        let done = match self.spare.pop() {
+            Some(e) => e,
+            None => stream
+                .context()
+                .new_event(None)
+                .map_err(CudaError::driver("staging event"))?,
+        };
         done.record(stream)
             .map_err(CudaError::driver("staging event"))?;
         self.in_flight.push_back(done);
