@@ -7,7 +7,7 @@
 #![cfg(feature = "cuda")]
 
 use flotilla_model::CpuDevice;
-use flotilla_model::device::cuda::{CudaDevice, Precision, device_count};
+use flotilla_model::device::cuda::{CudaDevice, ExpertKernel, Precision, device_count};
 use flotilla_model::device::{
     AdamWArgs, AttnShape, Device, Mat, MatMut, RopeSpec, RouterSpec, Tensor,
 };
@@ -526,14 +526,14 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
     let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[160, 256])).collect();
     let (w1, w2): (Vec<&Tensor>, Vec<&Tensor>) = ws.iter().map(|(a, b)| (a, b)).unzip();
     let (dc, dg) = p.rand(&mut rng, &[300, 160]);
-    for kernel in [true, false] {
+    for kernel in [ExpertKernel::All, ExpertKernel::Off] {
         gpu.set_expert_kernel(kernel);
         let (mut yc, mut yg) = p.rand(&mut rng, &[300, 160]);
         for acc in [false, true] {
             cpu.gemm_rows_grouped(&mut yc, &xc, &w1, &rows, true, acc);
             gpu.gemm_rows_grouped(&mut yg, &xg, &w2, &rows, true, acc);
             p.close(
-                &format!("grouped rows kernel={kernel} acc={acc}"),
+                &format!("grouped rows kernel={kernel:?} acc={acc}"),
                 &yc,
                 &yg,
                 1e-2,
@@ -542,7 +542,7 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
         let (mut bc, mut bg) = (cpu.zeros(&[300, 256]), gpu.zeros(&[300, 256]));
         cpu.gemm_rows_grouped(&mut bc, &dc, &w1, &rows, false, false);
         gpu.gemm_rows_grouped(&mut bg, &dg, &w2, &rows, false, false);
-        p.close(&format!("grouped B kernel={kernel}"), &bc, &bg, 1e-2);
+        p.close(&format!("grouped B kernel={kernel:?}"), &bc, &bg, 1e-2);
         let (gc, gg) = p.rand(&mut rng, &[160, 256]);
         let mut gc: Vec<Tensor> = (0..3).map(|_| cpu.copy(&gc)).collect();
         let mut gg: Vec<Tensor> = (0..3).map(|_| gpu.copy(&gg)).collect();
@@ -550,7 +550,7 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
         gpu.gemm_weight_grouped(&mut gg.iter_mut().collect::<Vec<_>>(), &dg, &xg, &rows);
         for i in 0..3 {
             p.close(
-                &format!("grouped W {i} kernel={kernel}"),
+                &format!("grouped W {i} kernel={kernel:?}"),
                 &gc[i],
                 &gg[i],
                 1e-2,

@@ -1,6 +1,6 @@
 //! The tensor-core kernels' logic on the CPU: `flash.cu` (fused attention) and `gemm.cu` (the
 //! experts' grouped GEMM), each behind `tensor_core.cuh` as on the GPU, compiled by the host's C++ compiler against `kernel_sim/warp.h`, which
-//! stands in for CUDA threads, warps, `mma.sync` and `cp.async`, and checked against products in
+//! stands in for CUDA threads, warps, `mma.sync`, `ldmatrix` and `cp.async`, and checked against products in
 //! double precision. What a GPU adds (timing, a missing wait on a copy in flight) is for
 //! `cuda_ops.rs`; this catches wrong indices, masks and tile loops on any machine with `c++`
 //! (the test says "skipped" where there is none). Needs no feature.
@@ -59,9 +59,30 @@ fn for_host(src: &str) -> String {
         ),
         (
             "__device__ __forceinline__ void cp16(",
-            "u16* smem, const u16* global) { memcpy(smem, global, 16); }",
+            "void* smem, const void* global) { memcpy(smem, global, 16); }",
+        ),
+        (
+            "__device__ __forceinline__ void cp16z(",
+            "void* smem, const void* global, int bytes) { \
+             if (bytes) memcpy(smem, global, 16); else memset(smem, 0, 16); }",
+        ),
+        (
+            "__device__ __forceinline__ u32 pack2(",
+            "float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }",
         ),
         ("__device__ __forceinline__ void cp_commit(", ") {}"),
+        (
+            "__device__ __forceinline__ u32 smem_addr(",
+            "const void*) { return 0; }",
+        ),
+        (
+            "__device__ __forceinline__ void ldsm4(",
+            "u32* r, const u16* p) { sim_ldsm4(r, p, false); }",
+        ),
+        (
+            "__device__ __forceinline__ void ldsm4_t(",
+            "u32* r, const u16* p) { sim_ldsm4(r, p, true); }",
+        ),
         (
             "template <int N> __device__ __forceinline__ void cp_wait(",
             ") {}",
@@ -75,6 +96,10 @@ fn for_host(src: &str) -> String {
     s.replace(
         "extern __shared__ __align__(16) u16 smem[];",
         "u16* smem = g_smem;",
+    )
+    .replace(
+        "extern __shared__ __align__(16) float gsm[];",
+        "float* gsm = (float*)g_smem;",
     )
     .replace("extern \"C\" __global__", "__global__")
 }

@@ -132,6 +132,11 @@ pub struct GpuOptions {
     pub peak_gbps: f64,
     /// Also profile one forward+backward kernel by kernel.
     pub kernels: bool,
+    /// The timed steps' expert GEMMs ("kernel-w", "kernel", "cublas", "per-expert"; `None`:
+    /// the device's default).
+    pub expert_gemm: Option<String>,
+    /// The timed steps' attention ("fused", "cublas"; `None`: the device's default).
+    pub attention: Option<String>,
 }
 
 /// Run `warmup` then `steps` timed training steps of `cfg`'s job, then the GEMM baseline; each
@@ -217,6 +222,7 @@ fn run_cuda(
     let cfg = bench_config(cfg, warmup, steps);
     let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
     let name = step_cuda::gpu_name(&cfg)?;
+    let choice = step_cuda::kernel_choice(gpu.expert_gemm.as_deref(), gpu.attention.as_deref())?;
     let mut report = Report::live(json);
     step_cuda::reset_peak();
     let timed = timed_job(&cfg, warmup, steps, step_cuda::start_host_timing)?;
@@ -237,6 +243,8 @@ fn run_cuda(
         "peak_gpu_mib": peak_mib,
         "gpu_ms_per_step": timed.device_secs * 1e3,
         "compute_thread_ms_per_step": timed.busy_secs * 1e3,
+        "expert_gemm": step_cuda::expert_gemm_name(choice),
+        "attention": if choice.fused_attention { "fused" } else { "cublas" },
     }));
     // Where the compute thread's time goes: its jobs by kind (the last step), and the device
     // operations' own host time (launching, or waiting for a result the host needs).
@@ -255,17 +263,18 @@ fn run_cuda(
         "tflops": gemm_gflops / 1e3,
     }));
     if gpu.kernels {
-        // What the job ran (the experts' W by the bf16 kernel, the rest grouped by cuBLAS,
-        // attention by cuBLAS) and, beside it, the experts' W by cuBLAS, every expert GEMM one
-        // by one, and attention by the fused kernels.
+        // The device's defaults (the experts' W by the bf16 kernel, their forward and B grouped
+        // by cuBLAS, fused attention) and, beside them, every expert GEMM by the kernel and all
+        // by cuBLAS' grouped call. (The other choices are `--expert-gemm per-expert` and
+        // `--attention cublas` for the timed steps.)
+        use flotilla_model::device::cuda::ExpertKernel;
         let variants = [
-            (true, true, false),
-            (false, true, false),
-            (false, false, false),
-            (true, true, true),
+            (ExpertKernel::Weights, true, true),
+            (ExpertKernel::All, true, true),
+            (ExpertKernel::Off, true, true),
         ];
         for (expert_kernel, grouped, fused_attention) in variants {
-            let v = step_cuda::Variant {
+            let v = flotilla_model::device::cuda::KernelChoice {
                 expert_kernel,
                 grouped,
                 fused_attention,

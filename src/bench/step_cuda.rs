@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use flotilla_model::device::cuda::{self, CudaDevice};
+use flotilla_model::device::cuda::{self, CudaDevice, ExpertKernel, KernelChoice};
 use flotilla_model::device::{Mat, MatMut};
 use flotilla_model::flops::GemmShape;
 use flotilla_model::rng::Rng;
@@ -18,6 +18,41 @@ use serde_json::{Value, json};
 fn device(cfg: &Config) -> Result<CudaDevice> {
     CudaDevice::new(0, flotilla_actors::store::cuda_precision(cfg))
         .context("starting the CUDA device on GPU 0")
+}
+
+/// The kernels for the timed steps from `bench step`'s `--expert-gemm` and `--attention` (the
+/// device's defaults where absent), made what every CUDA device of this process starts with.
+pub fn kernel_choice(expert_gemm: Option<&str>, attention: Option<&str>) -> Result<KernelChoice> {
+    let mut c = KernelChoice::default();
+    match expert_gemm {
+        None => {}
+        Some("kernel-w") => c.expert_kernel = ExpertKernel::Weights,
+        Some("kernel") => c.expert_kernel = ExpertKernel::All,
+        Some("cublas") => c.expert_kernel = ExpertKernel::Off,
+        Some("per-expert") => {
+            c.expert_kernel = ExpertKernel::Off;
+            c.grouped = false;
+        }
+        Some(other) => bail!("--expert-gemm {other:?}: kernel-w, kernel, cublas or per-expert"),
+    }
+    match attention {
+        None => {}
+        Some("fused") => c.fused_attention = true,
+        Some("cublas") => c.fused_attention = false,
+        Some(other) => bail!("--attention {other:?}: fused or cublas"),
+    }
+    cuda::set_start_kernels(c);
+    Ok(c)
+}
+
+/// `--expert-gemm`'s name for `c`.
+pub fn expert_gemm_name(c: KernelChoice) -> &'static str {
+    match (c.expert_kernel, c.grouped) {
+        (ExpertKernel::All, _) => "kernel",
+        (ExpertKernel::Weights, _) => "kernel-w",
+        (ExpertKernel::Off, true) => "cublas",
+        (ExpertKernel::Off, false) => "per-expert",
+    }
 }
 
 /// The name of GPU 0.
@@ -82,18 +117,6 @@ pub fn raw_gemm(cfg: &Config, shapes: &[GemmShape]) -> Result<f64> {
     Ok(flops / secs.max(1e-12) / 1e9)
 }
 
-/// Which implementation of the experts' GEMMs and of attention a kernel table ran.
-#[derive(Clone, Copy, Debug)]
-pub struct Variant {
-    /// The experts' GEMMs by `gemm.cu`'s bf16 grouped kernel (bf16 precision only).
-    pub expert_kernel: bool,
-    /// Else one cuBLAS grouped GEMM per projection (TF32 in bf16 precision), else one GEMM per
-    /// expert.
-    pub grouped: bool,
-    /// bf16 attention by the fused kernels (else cuBLAS around kept probabilities).
-    pub fused_attention: bool,
-}
-
 /// One profiled forward+backward of the model on a batch of random tokens (after one untimed
 /// one): each kernel's calls, time, share of the pass, and achieved TFLOP/s or GB/s beside the
 /// GPU's peaks (`peak_tflops`, `peak_gbps`).
@@ -102,7 +125,7 @@ pub fn kernel_table(
     mcfg: &ModelConfig,
     peak_tflops: f64,
     peak_gbps: f64,
-    v: Variant,
+    v: KernelChoice,
 ) -> Result<Vec<Value>> {
     let dev = device(cfg)?;
     dev.set_grouped_gemm(v.grouped);
@@ -136,7 +159,7 @@ pub fn kernel_table(
             let tflops = k.flops / k.seconds.max(1e-12) / 1e12;
             let gbps = k.bytes / k.seconds.max(1e-12) / 1e9;
             json!({
-                "kernel": k.name, "expert_kernel": v.expert_kernel, "grouped_gemm": v.grouped,
+                "kernel": k.name, "expert_kernel": format!("{:?}", v.expert_kernel).to_lowercase(), "grouped_gemm": v.grouped,
                 "fused_attention": v.fused_attention, "calls": k.calls, "ms": k.seconds * 1e3,
                 "share": k.seconds / total.max(1e-12),
                 "tflops": tflops, "pct_peak_tflops": 100.0 * tflops / peak_tflops,
@@ -197,4 +220,23 @@ pub fn torch_rates(path: &Path) -> Result<TorchRates> {
         bail!("{}: no torch_baseline line in it", path.display());
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `--expert-gemm` value names the choice it makes, and a bad one is refused.
+    #[test]
+    fn expert_gemm_flags_round_trip() {
+        for name in ["kernel-w", "kernel", "cublas", "per-expert"] {
+            let c = kernel_choice(Some(name), Some("cublas")).expect("a known value");
+            assert_eq!(expert_gemm_name(c), name);
+            assert!(!c.fused_attention);
+        }
+        let c = kernel_choice(None, None).expect("the defaults");
+        assert_eq!(c, KernelChoice::default());
+        assert!(kernel_choice(Some("cudnn"), None).is_err());
+        assert!(kernel_choice(None, Some("flash3")).is_err());
+    }
 }

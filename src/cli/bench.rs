@@ -178,11 +178,21 @@ pub struct StepArgs {
     /// 3350; H200: 4800).
     #[arg(long, default_value_t = 3350.0)]
     peak_gbps: f64,
-    /// With --device cuda: also profile one forward+backward kernel by kernel, four times: as
-    /// the job runs, with the experts' weight gradients by cuBLAS instead of Flotilla's kernel,
-    /// with every expert GEMM one by one, and with the fused attention.
+    /// With --device cuda: also profile one forward+backward kernel by kernel, three times:
+    /// with the device's defaults (as --expert-gemm kernel-w --attention fused), then with
+    /// --expert-gemm kernel and with --expert-gemm cublas.
     #[arg(long)]
     kernels: bool,
+    /// With --device cuda: what runs the routed experts' GEMMs in bf16 for the timed steps:
+    /// "kernel-w" (Flotilla's grouped kernel for the weight gradients, cuBLAS' grouped GEMM in
+    /// TF32 for the forward and input gradients; the default), "kernel" (the kernel for all),
+    /// "cublas" (cuBLAS' grouped GEMM for all) or "per-expert" (one cuBLAS GEMM per expert).
+    #[arg(long, value_parser = ["kernel-w", "kernel", "cublas", "per-expert"])]
+    expert_gemm: Option<String>,
+    /// With --device cuda: what runs bf16 attention for the timed steps: "fused" (flash.cu's
+    /// kernels; the default) or "cublas" (GEMMs around kept probabilities).
+    #[arg(long, value_parser = ["fused", "cublas"])]
+    attention: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -311,14 +321,19 @@ pub fn run(cmd: BenchCmd) -> Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("bench step --device: {e}"))?;
             let cuda = cfg.cluster.device == flotilla_runtime::config::DeviceKind::Cuda;
             anyhow::ensure!(
-                cuda || (a.torch.is_none() && !a.kernels),
-                "--torch and --kernels need --device cuda"
+                cuda || (a.torch.is_none()
+                    && !a.kernels
+                    && a.expert_gemm.is_none()
+                    && a.attention.is_none()),
+                "--torch, --kernels, --expert-gemm and --attention need --device cuda"
             );
             let gpu = step::GpuOptions {
                 torch: a.torch.clone(),
                 peak_tflops: a.peak_tflops,
                 peak_gbps: a.peak_gbps,
                 kernels: a.kernels,
+                expert_gemm: a.expert_gemm.clone(),
+                attention: a.attention.clone(),
             };
             // The bench prints each record as it is measured.
             step::run(&cfg, a.warmup, a.steps, &gpu, a.json)?;

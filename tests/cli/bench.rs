@@ -19,9 +19,19 @@ fn bench_step_prints_the_step_then_its_baseline_then_the_summary() {
             .as_f64()
             .is_some_and(|x| x > 0.0)
     );
-    let err = flotilla(&["bench", "step", "--kernels"]);
-    assert!(!err.status.success());
-    assert!(String::from_utf8_lossy(&err.stderr).contains("need --device cuda"));
+    for flags in [
+        &["--kernels"][..],
+        &["--attention", "cublas"],
+        &["--expert-gemm", "kernel"],
+    ] {
+        let err = flotilla(&[&["bench", "step"][..], flags].concat());
+        assert!(!err.status.success(), "{flags:?} on the CPU");
+        assert!(
+            String::from_utf8_lossy(&err.stderr).contains("need --device cuda"),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&err.stderr)
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 // logic (indexing, masking, the online softmax, the tile loops) can be checked on a machine
 // without a GPU (model/tests/kernel_sim.rs). Each CUDA thread of a block is a std::thread;
 // __syncthreads and the warp-wide operations are barriers; mma.sync m16n8k16 is computed from
-// its operands laid out as the PTX ISA documents them. cp.async becomes a plain copy, so what
+// its operands laid out as the PTX ISA documents them, and ldmatrix likewise. cp.async becomes a plain copy, so what
 // this cannot see is a missing wait on a copy in flight.
 #include <barrier>
 #include <cmath>
@@ -100,6 +100,38 @@ void sim_mma(float* c, const u32* a, u32 b0, u32 b1) {
         c[e] += s;
     }
 }
+
+// ldmatrix .x4 (and .trans) for one warp: lanes 8i..8i+8 hand in the addresses of block i's
+// rows; lane l reads back, per block, the pair the PTX ISA gives it (see tensor_core.cuh).
+const unsigned short* g_rows[MAX_WARPS][32];
+void sim_ldsm4(u32* r, const unsigned short* p, bool trans) {
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    g_warp[w]->arrive_and_wait();
+    g_rows[w][l] = p;
+    g_warp[w]->arrive_and_wait();
+    for (int i = 0; i < 4; ++i) {
+        if (trans) {
+            const unsigned short* r0 = g_rows[w][8 * i + 2 * (l & 3)];
+            const unsigned short* r1 = g_rows[w][8 * i + 2 * (l & 3) + 1];
+            r[i] = (u32)r0[l >> 2] | ((u32)r1[l >> 2] << 16);
+        } else {
+            const unsigned short* row = g_rows[w][8 * i + (l >> 2)];
+            r[i] = (u32)row[2 * (l & 3)] | ((u32)row[2 * (l & 3) + 1] << 16);
+        }
+    }
+    g_warp[w]->arrive_and_wait();
+}
+
+struct float2 {
+    float x, y;
+};
+struct float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct uint2 {
+    u32 x, y;
+};
 
 // Runs `kernel` over a grid of (gx, gy) blocks of `threads` threads, one block at a time.
 void launch(int gx, int gy, int threads, const std::function<void()>& kernel) {

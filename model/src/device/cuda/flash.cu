@@ -16,7 +16,7 @@
 // split in two kernels so that no sum needs an atomic (the results do not depend on timing):
 // one per key block for dK and dV, one per query block for dQ.
 
-// (tensor_core.cuh comes first: bf16 rounding, fragment loads, the MMA.)
+// (tensor_core.cuh comes first: bf16 rounding, fragment loads, the MMA, cp.async.)
 
 #define NEG_INF __int_as_float(0xff800000)
 #define DQK (NOPE + ROPE)
@@ -34,17 +34,6 @@
 // leave fewer registers for scores).
 #define BQ2 32
 #define THREADS 128
-
-// 16 bytes from global to shared memory without passing through registers (cp.async), and
-// the waits for them.
-__device__ __forceinline__ void cp16(u16* smem, const u16* global) {
-    u32 a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(global));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most `N` committed groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Reductions over the four lanes that hold one row of an accumulator.
 __device__ __forceinline__ float quad_max(float v) {
@@ -64,34 +53,40 @@ template <int N> __device__ __forceinline__ void zero(float (*acc)[4]) {
 }
 
 // acc (16 × N) += A · Bᵀ over D columns: A the warp's 16 rows of a row-major tile (rows of `lda`),
-// B N rows of another (rows of `ldb`); both run along D, so every fragment is a pair load.
+// B N rows of another (rows of `ldb`); both run along D, so each fragment is one ldmatrix (B's
+// two n-tiles at a time).
 template <int D, int N>
-__device__ __forceinline__ void rows_by_rows(float (*acc)[4], const u16* a, int lda, const u16* b, int ldb, int g,
-                                             int t) {
+__device__ __forceinline__ void rows_by_rows(float (*acc)[4], const u16* a, int lda, const u16* b, int ldb, int lane) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         u32 af[4];
-        frag_a(af, a, lda, g, t, 16 * kk);
+        ldsm4(af, a + (lane & 15) * lda + 16 * kk + (lane >> 4) * 8);
 #pragma unroll
-        for (int j = 0; j < N / 8; ++j) {
-            const u16* br = b + (j * 8 + g) * ldb + 16 * kk + 2 * t;
-            mma(acc[j], af, ld2(br), ld2(br + 8));
+        for (int jp = 0; jp < N / 16; ++jp) {
+            u32 bf[4];
+            ldsm4(bf, b + (16 * jp + (lane & 7) + ((lane >> 4) << 3)) * ldb + 16 * kk + ((lane >> 3) & 1) * 8);
+            mma(acc[2 * jp], af, bf[0], bf[1]);
+            mma(acc[2 * jp + 1], af, bf[2], bf[3]);
         }
     }
 }
 
 // acc (16 × D) += C · B: C the warp's 16 × K accumulators (scores or probabilities, rounded to
 // bf16 as they become A fragments), B K rows of a row-major tile of D columns (rows of `ldb`),
-// read down its columns.
+// read down its columns by the transposing ldmatrix, two n-tiles at a time.
 template <int K, int D>
-__device__ __forceinline__ void scores_by_rows(float (*acc)[4], float (*c)[4], const u16* b, int ldb, int g, int t) {
+__device__ __forceinline__ void scores_by_rows(float (*acc)[4], float (*c)[4], const u16* b, int ldb, int lane) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; ++kk) {
         u32 af[4];
         c_to_a(af, c[2 * kk], c[2 * kk + 1]);
-        const u16* b0 = b + (16 * kk + 2 * t) * ldb + g;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) mma(acc[j], af, ld2_col(b0 + j * 8, ldb), ld2_col(b0 + j * 8 + 8 * ldb, ldb));
+        for (int jp = 0; jp < D / 16; ++jp) {
+            u32 bf[4];
+            ldsm4_t(bf, b + (16 * kk + (lane & 15)) * ldb + 16 * jp + (lane >> 4) * 8);
+            mma(acc[2 * jp], af, bf[0], bf[1]);
+            mma(acc[2 * jp + 1], af, bf[2], bf[3]);
+        }
     }
 }
 
@@ -191,14 +186,19 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
         __syncthreads();
 
-        // S = Q Kᵀ for the warp's 16 rows × BK keys.
+        // S = Q Kᵀ for the warp's 16 rows × BK keys (K's fragments two key-tiles at a time).
         float s[BK / 8][4];
+        zero<BK / 8>(s);
 #pragma unroll
-        for (int j = 0; j < BK / 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            const u16* kr = kt + (j * 8 + g) * LDK + 2 * t;
+        for (int jp = 0; jp < BK / 16; ++jp) {
+            const u16* kr = kt + (16 * jp + (lane & 7) + ((lane >> 4) << 3)) * LDK + ((lane >> 3) & 1) * 8;
 #pragma unroll
-            for (int kk = 0; kk < DQKP / 16; ++kk) mma(s[j], qa[kk], ld2(kr + 16 * kk), ld2(kr + 16 * kk + 8));
+            for (int kk = 0; kk < DQKP / 16; ++kk) {
+                u32 bf[4];
+                ldsm4(bf, kr + 16 * kk);
+                mma(s[2 * jp], qa[kk], bf[0], bf[1]);
+                mma(s[2 * jp + 1], qa[kk], bf[2], bf[3]);
+            }
         }
         // Scale, mask (key after query, or past T), and the online softmax.
         float mx[2] = {m[0], m[1]};
@@ -238,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             o[j][3] *= alpha[1];
         }
         // O += P V.
-        scores_by_rows<BK, DVP>(o, s, vt, LDV, g, t);
+        scores_by_rows<BK, DVP>(o, s, vt, LDV, lane);
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
 
@@ -328,8 +328,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         float st[BQ2 / 8][4], dpt[BQ2 / 8][4];
         zero<BQ2 / 8>(st);
         zero<BQ2 / 8>(dpt);
-        rows_by_rows<DQKP, BQ2>(st, kw, LDK, qtile, LDK, g, t);
-        rows_by_rows<DVP, BQ2>(dpt, vw, LDV, dtile, LDV, g, t);
+        rows_by_rows<DQKP, BQ2>(st, kw, LDK, qtile, LDK, lane);
+        rows_by_rows<DVP, BQ2>(dpt, vw, LDV, dtile, LDV, lane);
         // Pᵀ from the kept lse; dSᵀ = Pᵀ ⊙ (dPᵀ − delta) · scale. Zero where the key comes after
         // the query or the query is past T.
 #pragma unroll
@@ -347,8 +347,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             }
         }
         // dV += Pᵀ dO and dK += dSᵀ Q.
-        scores_by_rows<BQ2, DVP>(dvacc, st, dtile, LDV, g, t);
-        scores_by_rows<BQ2, DQKP>(dkacc, dpt, qtile, LDK, g, t);
+        scores_by_rows<BQ2, DVP>(dvacc, st, dtile, LDV, lane);
+        scores_by_rows<BQ2, DQKP>(dkacc, dpt, qtile, LDK, lane);
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
 
@@ -425,8 +425,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         float s[BQ2 / 8][4], dp[BQ2 / 8][4];
         zero<BQ2 / 8>(s);
         zero<BQ2 / 8>(dp);
-        rows_by_rows<DQKP, BQ2>(s, qw, LDK, ktile, LDK, g, t);
-        rows_by_rows<DVP, BQ2>(dp, dw, LDV, vtile, LDV, g, t);
+        rows_by_rows<DQKP, BQ2>(s, qw, LDK, ktile, LDK, lane);
+        rows_by_rows<DVP, BQ2>(dp, dw, LDV, vtile, LDV, lane);
 #pragma unroll
         for (int j = 0; j < BQ2 / 8; ++j) {
 #pragma unroll
@@ -437,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             }
         }
         // dQ += dS K.
-        scores_by_rows<BQ2, DQKP>(dqacc, dp, ktile, LDK, g, t);
+        scores_by_rows<BQ2, DQKP>(dqacc, dp, ktile, LDK, lane);
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
 

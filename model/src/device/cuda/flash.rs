@@ -2,19 +2,16 @@
 //! instead of the `[B, H, T, T]` probabilities, and backward recomputes them tile by tile.
 //!
 //! `flash.cu` is compiled by NVRTC for each head shape (heads, nope, rope, v) on first use and
-//! cached per process; each device loads the shapes it meets. Taken in bf16 precision, where the
-//! head dims fit the kernels' register budget ([`fits`]), once
-//! [`CudaDevice::set_fused_attention`] turns it on; everything else takes the cuBLAS path of
+//! cached per process; each device loads the shapes it meets. Taken in bf16 precision where the
+//! head dims fit the kernels' register budget ([`fits`]), which is the default
+//! ([`CudaDevice::set_fused_attention`] turns it off); everything else takes the cuBLAS path of
 //! `attention.rs`.
 //!
-//! Where it stands (`docs/benchmarks.md`, session 13): the first version, which rounded f32
-//! tiles to bf16 as it staged them, matched the CPU and the golden sets on an H100 but took
-//! 71 ms per forward + backward of the config where the cuBLAS path takes 40 (and 8 GiB
-//! less memory). This version packs each operand to bf16 once and copies tiles with `cp.async`,
-//! the next tile in flight during this one; `model/tests/kernel_sim.rs` checks it against
-//! double-precision attention on the CPU, and it has not run on a GPU yet (the session's device
-//! time ran out), so it stays off by default until `cuda_ops.rs` and `bench step --kernels`
-//! (whose last variant is this) have run it.
+//! On the config on an H100 (`docs/benchmarks.md`, session 14) a forward + backward took
+//! 5.1 + 18.2 ms (the cuBLAS path: 14.6 + 25.8 in the session's other call), and a whole step
+//! 119.1 ms against the cuBLAS path's 134.8 in the same call, with 9 GiB less memory;
+//! `cuda_ops.rs` checks it against the CPU on the GPU, `model/tests/kernel_sim.rs` against
+//! double-precision attention on the CPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

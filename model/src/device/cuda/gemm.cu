@@ -1,13 +1,15 @@
 // The routed experts' grouped GEMM in bf16 on the tensor cores: one launch for every expert's
-// problem of a projection, f32 in global memory, operands rounded to bf16 as they are staged in
-// shared memory, f32 accumulation (mma.sync m16n8k16). cuBLAS 13.0's grouped GEMM takes f32
+// problem of a projection, f32 in global memory, operands rounded to bf16 as they become MMA
+// fragments, f32 accumulation (mma.sync m16n8k16). cuBLAS 13.0's grouped GEMM takes f32
 // operands only at TF32 (model/src/device/cuda/grouped.rs); this is its bf16 counterpart.
 //
+// Tiles reach shared memory by cp.async, GG_STAGES − 1 of them in flight while the tensor cores
+// work on another, in the layout each operand has in global memory (the direction contiguous
+// there stays contiguous, so every copy is 16 bytes). The operands' contiguous extents and
+// leading dimensions must be multiples of 4 floats and their addresses 16-byte aligned
+// (grouped.rs checks; cuBLAS takes the rest).
+//
 // Appended to kernels.cu and tensor_core.cuh by module.rs.
-
-struct F2 {
-    float x, y;
-};
 
 // One problem, row-major: C (m × n) (+)= op(A) (m × k) · op(B) (k × n). op(A) = A (m rows of
 // lda) or, with a_trans, Aᵀ of A (k rows of lda); likewise B. `tile0` is the problem's first
@@ -22,63 +24,67 @@ struct GemmProblem {
 
 #define GG_BM 128
 #define GG_BN 128
-#define GG_BK 32
-#define GG_LD (GG_BK + 8)  // shared rows padded by 8 bf16 (fragment loads in different banks)
+#define GG_BK 16
+#define GG_STAGES 4
 #define GG_THREADS 256
-// Pairs of k per thread per tile: (GG_BM × GG_BK / 2) / GG_THREADS for A, the same for B.
-#define GG_PAIRS (GG_BM * GG_BK / 2 / GG_THREADS)
+// Shared rows in floats: a tile contiguous along k is [128][GG_LDK], one contiguous along m or n
+// [GG_BK][GG_LDM]. The pads put the lanes of a fragment load in distinct banks (k-contiguous:
+// a half-warp's float2 loads at rows g·24 + 2t; otherwise rows 2t·132 + g).
+#define GG_LDK (GG_BK + 8)
+#define GG_LDM (GG_BM + 4)
+#define GG_TILE (GG_BM * GG_LDK)  // floats per operand per stage (≥ GG_BK × GG_LDM)
+// Dynamic shared memory in bytes (grouped.rs sets the kernel's limit to it): 96 KiB.
+#define GG_SMEM (2 * GG_STAGES * GG_TILE * 4)
+// 16-byte copies per thread per operand tile.
+#define GG_CHUNKS (GG_BM * GG_BK / 4 / GG_THREADS)
 
-// The pairs (k, k+1) of one operand tile this thread stages: `rows` (m or n) × GG_BK, stored
-// [row][k] in shared memory. `trans`: the matrix is stored k-major (element (row, k) at
-// src[k·ld + row]), else row-major (src[row·ld + k]). Zero outside `nrows` × `nk`.
-__device__ __forceinline__ void gg_fetch(F2* v, const float* src, long long ld, int trans, int row0, int nrows,
-                                         int k0, int nk) {
+// Starts the copy of one operand tile, at `r0` along m (or n) and `k0` along k, into `tile`:
+// `src` holds element (r, k) at src[r·ld + k] when `kc` (contiguous along k), else at
+// src[k·ld + r]. Chunks outside `nr` × `nk` are zero-filled.
+__device__ __forceinline__ void gg_load(float* tile, const float* src, long long ld, int kc, int r0, int nr, int k0,
+                                        int nk) {
 #pragma unroll
-    for (int i = 0; i < GG_PAIRS; ++i) {
+    for (int i = 0; i < GG_CHUNKS; ++i) {
         int item = threadIdx.x + i * GG_THREADS;
-        // Consecutive threads walk the matrix's contiguous direction.
-        int r, kp;
-        if (trans) {
-            r = item % GG_BM;
-            kp = item / GG_BM;
+        int row, col, srow, scol;
+        bool in;
+        float* dst;
+        if (kc) {
+            row = item / (GG_BK / 4);
+            col = 4 * (item % (GG_BK / 4));
+            srow = r0 + row;
+            scol = k0 + col;
+            in = srow < nr && scol < nk;
+            dst = tile + row * GG_LDK + col;
         } else {
-            kp = item % (GG_BK / 2);
-            r = item / (GG_BK / 2);
+            row = item / (GG_BM / 4);
+            col = 4 * (item % (GG_BM / 4));
+            srow = k0 + row;
+            scol = r0 + col;
+            in = srow < nk && scol < nr;
+            dst = tile + row * GG_LDM + col;
         }
-        int row = row0 + r, k = k0 + 2 * kp;
-        float x = 0.0f, y = 0.0f;
-        if (row < nrows) {
-            if (trans) {
-                if (k < nk) x = src[(long long)k * ld + row];
-                if (k + 1 < nk) y = src[(long long)(k + 1) * ld + row];
-            } else {
-                const float* p = src + (long long)row * ld + k;
-                if (k < nk) x = p[0];
-                if (k + 1 < nk) y = p[1];
-            }
-        }
-        v[i].x = x;
-        v[i].y = y;
+        cp16z(dst, in ? src + (long long)srow * ld + scol : src, in ? 16 : 0);
     }
 }
 
-__device__ __forceinline__ void gg_store(u16* tile, const F2* v, int trans) {
-#pragma unroll
-    for (int i = 0; i < GG_PAIRS; ++i) {
-        int item = threadIdx.x + i * GG_THREADS;
-        int r = trans ? item % GG_BM : item / (GG_BK / 2);
-        int kp = trans ? item / GG_BM : item % (GG_BK / 2);
-        *(u32*)(tile + r * GG_LD + 2 * kp) = pack2(v[i].x, v[i].y);
+// Two f32 of a tile as one bf16 pair: (r, k) and (r, k + 1).
+__device__ __forceinline__ u32 gg_pair(const float* tile, int kc, int r, int k) {
+    if (kc) {
+        float2 v = *(const float2*)(tile + r * GG_LDK + k);
+        return pack2(v.x, v.y);
     }
+    return pack2(tile[k * GG_LDM + r], tile[(k + 1) * GG_LDM + r]);
 }
 
 // One block per output tile of GG_BM × GG_BN, 8 warps as 2 (rows) × 4 (columns), each warp
 // 64 × 32. Grid: the total tile count of `count` problems (`problems` in device memory, in tile
-// order). `accumulate`: C += (else C =).
+// order). `accumulate`: C += (else C =). Dynamic shared memory: GG_SMEM bytes.
 extern "C" __global__ void __launch_bounds__(GG_THREADS)
     grouped_gemm_bf16(const GemmProblem* problems, int count, int accumulate) {
-    __shared__ __align__(16) u16 as[2][GG_BM * GG_LD];
-    __shared__ __align__(16) u16 bs[2][GG_BN * GG_LD];
+    extern __shared__ __align__(16) float gsm[];
+    float* as = gsm;                         // [GG_STAGES][GG_TILE]
+    float* bs = gsm + GG_STAGES * GG_TILE;   // [GG_STAGES][GG_TILE]
     int tile = blockIdx.x, pi = 0;
     for (int lo = 0, hi = count - 1; lo <= hi;) {  // the last problem whose tile0 ≤ tile
         int mid = (lo + hi) / 2;
@@ -101,47 +107,49 @@ extern "C" __global__ void __launch_bounds__(GG_THREADS)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
 
-    // op(A) rows are C's rows; op(B)ᵀ rows are C's columns (B is staged as [n][k]).
-    int bt = !p.b_trans;
-    F2 va[GG_PAIRS], vb[GG_PAIRS];
-    gg_fetch(va, p.a, p.lda, p.a_trans, m0, p.m, 0, p.k);
-    gg_fetch(vb, p.b, p.ldb, bt, n0, p.n, 0, p.k);
-    gg_store(as[0], va, p.a_trans);
-    gg_store(bs[0], vb, bt);
-    __syncthreads();
+    // op(A) is contiguous along k when A is not transposed; op(B) when B is (B stored [n][k]).
+    int akc = !p.a_trans, bkc = p.b_trans;
     int steps = (p.k + GG_BK - 1) / GG_BK;
-    for (int s = 0; s < steps; ++s) {
-        int cur = s & 1;
-        if (s + 1 < steps) {  // the next tile's loads are in flight while this one multiplies
-            gg_fetch(va, p.a, p.lda, p.a_trans, m0, p.m, (s + 1) * GG_BK, p.k);
-            gg_fetch(vb, p.b, p.ldb, bt, n0, p.n, (s + 1) * GG_BK, p.k);
+    // The first GG_STAGES − 1 tiles in flight; one commit group per tile (empty past the end),
+    // so that "tile s has landed" is always "at most GG_STAGES − 2 groups pending".
+#pragma unroll
+    for (int s = 0; s < GG_STAGES - 1; ++s) {
+        if (s < steps) {
+            gg_load(as + s * GG_TILE, p.a, p.lda, akc, m0, p.m, s * GG_BK, p.k);
+            gg_load(bs + s * GG_TILE, p.b, p.ldb, bkc, n0, p.n, s * GG_BK, p.k);
         }
-#pragma unroll
-        for (int kk = 0; kk < GG_BK; kk += 16) {
-            u32 af[4][4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u16* r0 = as[cur] + (wm + 16 * i + g) * GG_LD + kk + 2 * t;
-                const u16* r1 = r0 + 8 * GG_LD;
-                af[i][0] = *(const u32*)r0;
-                af[i][1] = *(const u32*)r1;
-                af[i][2] = *(const u32*)(r0 + 8);
-                af[i][3] = *(const u32*)(r1 + 8);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u16* br = bs[cur] + (wn + 8 * j + g) * GG_LD + kk + 2 * t;
-                u32 b0 = *(const u32*)br, b1 = *(const u32*)(br + 8);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) mma(acc[i][j], af[i], b0, b1);
-            }
-        }
-        if (s + 1 < steps) {
-            gg_store(as[cur ^ 1], va, p.a_trans);
-            gg_store(bs[cur ^ 1], vb, bt);
-        }
-        __syncthreads();
+        cp_commit();
     }
+    for (int s = 0; s < steps; ++s) {
+        cp_wait<GG_STAGES - 2>();
+        __syncthreads();  // tile s is in, and every warp is done with tile s − 1's buffer
+        int next = s + GG_STAGES - 1;
+        if (next < steps) {
+            int b = next % GG_STAGES;
+            gg_load(as + b * GG_TILE, p.a, p.lda, akc, m0, p.m, next * GG_BK, p.k);
+            gg_load(bs + b * GG_TILE, p.b, p.ldb, bkc, n0, p.n, next * GG_BK, p.k);
+        }
+        cp_commit();
+        const float* at = as + (s % GG_STAGES) * GG_TILE;
+        const float* bt = bs + (s % GG_STAGES) * GG_TILE;
+        u32 af[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int r = wm + 16 * i + g;
+            af[i][0] = gg_pair(at, akc, r, 2 * t);
+            af[i][1] = gg_pair(at, akc, r + 8, 2 * t);
+            af[i][2] = gg_pair(at, akc, r, 2 * t + 8);
+            af[i][3] = gg_pair(at, akc, r + 8, 2 * t + 8);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int c = wn + 8 * j + g;
+            u32 b0 = gg_pair(bt, bkc, c, 2 * t), b1 = gg_pair(bt, bkc, c, 2 * t + 8);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) mma(acc[i][j], af[i], b0, b1);
+        }
+    }
+    cp_wait<0>();
 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

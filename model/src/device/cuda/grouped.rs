@@ -1,16 +1,15 @@
 //! The routed experts' GEMMs as one grouped GEMM per projection (one problem per expert, since
 //! each has its own row count), instead of a GEMM per expert.
 //!
-//! Each call is cuBLAS' `cublasGemmGroupedBatchedEx`, whose per-problem pointers go to the GPU
-//! (sizes, transposes and scalars stay on the host), except the weight gradients in bf16
-//! precision: those are `gemm.cu`'s `grouped_gemm_bf16` (operands rounded to bf16, f32
-//! accumulation; its problem table goes to the GPU in one upload), which on the issue's config
-//! took 21.5 ms per step where cuBLAS took 25.5, while cuBLAS kept the forward and input-gradient
-//! calls at 14.3 ms where the kernel took 35.4 (H100, `docs/benchmarks.md`).
-//! [`CudaDevice::set_expert_kernel`] turns the kernel off (the baseline). cuBLAS 13.0 groups neither `CUBLAS_COMPUTE_32F_FAST_16BF` on f32
-//! operands nor bf16 operands (`CUDA_R_16BF` A and B with an f32 C): both answer
-//! `CUBLAS_STATUS_NOT_SUPPORTED` on an H100, so in bf16 precision cuBLAS' grouped call rounds to
-//! TF32 (`docs/benchmarks.md` compares the two). Where cuBLAS refuses the call (older library),
+//! Each call is cuBLAS' `cublasGemmGroupedBatchedEx` (its per-problem pointers go to the GPU;
+//! sizes, transposes and scalars stay on the host) or `gemm.cu`'s `grouped_gemm_bf16` (operands
+//! rounded to bf16, f32 accumulation; its problem table goes to the GPU in one upload), as
+//! [`ExpertKernel`] chooses. The default, from the issue's config on an H100 (`docs/benchmarks.md`,
+//! session 14): the kernel for the weight gradients (15.2 ms per pass where cuBLAS took 25.4),
+//! cuBLAS for the forward and input gradients (14.3 ms where the kernel took 27.4). cuBLAS 13.0
+//! groups neither `CUBLAS_COMPUTE_32F_FAST_16BF` on f32 operands nor bf16 operands (`CUDA_R_16BF`
+//! A and B with an f32 C): both answer `CUBLAS_STATUS_NOT_SUPPORTED` on an H100, so in bf16
+//! precision cuBLAS' grouped call rounds to TF32. Where cuBLAS refuses the call (older library),
 //! the device falls back to one GEMM per expert for the rest of the process and says so once
 //! on stderr.
 
@@ -24,6 +23,23 @@ use super::blas::op_of;
 use super::{CudaDevice, cost};
 use crate::device::{gemm_rows_each, gemm_weight_each};
 use crate::tensor::Tensor;
+
+/// The kernel's dynamic shared memory in bytes: `gemm.cu`'s `GG_SMEM` (four stages of two
+/// 128 × 24 f32 tiles). [`super::module::Kernels::load`] raises the kernel's limit to it.
+pub(super) const KERNEL_SMEM: u32 = 2 * 4 * 128 * 24 * 4;
+
+/// Which of the experts' GEMMs (in bf16 precision) `gemm.cu`'s grouped kernel runs; cuBLAS'
+/// grouped GEMM in TF32 runs the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExpertKernel {
+    /// None: cuBLAS for all (the baseline).
+    Off,
+    /// The weight gradients only.
+    Weights,
+    /// The forward, input-gradient and weight-gradient GEMMs.
+    All,
+}
 
 /// One problem of a grouped call, row-major: `C (m × n) (+)= op(A) (m × k) · op(B) (k × n)`.
 struct Problem {
@@ -40,6 +56,21 @@ struct Problem {
     k: usize,
 }
 
+impl Problem {
+    /// Whether `gemm.cu` can read it: it loads four f32 at a time along each operand's
+    /// contiguous direction, so those extents and the leading dimensions are multiples of 4 and
+    /// the operands 16-byte aligned.
+    fn suits_kernel(&self) -> bool {
+        let a_run = if self.a_trans { self.m } else { self.k };
+        let b_run = if self.b_trans { self.k } else { self.n };
+        [a_run, b_run, self.lda, self.ldb]
+            .iter()
+            .all(|v| v.is_multiple_of(4))
+            && self.a.is_multiple_of(16)
+            && self.b.is_multiple_of(16)
+    }
+}
+
 impl CudaDevice {
     /// Whether the experts' GEMMs are grouped (default) or issued one per expert.
     pub fn set_grouped_gemm(&self, on: bool) {
@@ -51,29 +82,33 @@ impl CudaDevice {
         self.grouped.load(Ordering::Relaxed)
     }
 
-    /// Whether bf16 expert weight gradients take `gemm.cu`'s kernel (default) or cuBLAS'
-    /// grouped GEMM in TF32 (the baseline it is measured against). No effect in fp32 precision.
-    pub fn set_expert_kernel(&self, on: bool) {
-        self.expert_kernel.store(on, Ordering::Relaxed);
+    /// Which of the experts' bf16 GEMMs take `gemm.cu`'s kernel instead of cuBLAS' grouped GEMM
+    /// in TF32 (the baseline it is measured against). No effect in fp32 precision.
+    pub fn set_expert_kernel(&self, which: ExpertKernel) {
+        self.expert_kernel.store(which as u8, Ordering::Relaxed);
     }
 
     /// Whether the experts' weight gradients (`weight`) or other GEMMs are grouped in one launch
     /// now (by the kernel or by cuBLAS).
     fn grouping(&self, weight: bool) -> bool {
-        (weight && self.own_kernel()) || self.grouped.load(Ordering::Relaxed)
+        self.own_kernel(weight) || self.grouped.load(Ordering::Relaxed)
     }
 
-    fn own_kernel(&self) -> bool {
-        self.precision == super::Precision::Bf16 && self.expert_kernel.load(Ordering::Relaxed)
+    /// Whether the kernel takes the experts' weight gradients (`weight`) or their other GEMMs.
+    fn own_kernel(&self, weight: bool) -> bool {
+        let which = self.expert_kernel.load(Ordering::Relaxed);
+        self.precision == super::Precision::Bf16
+            && (which == ExpertKernel::All as u8
+                || (weight && which == ExpertKernel::Weights as u8))
     }
 
-    /// Issues `ps` as one grouped GEMM, by the kernel where `kernel` allows and the device uses
-    /// it; false if cuBLAS refused it (nothing was issued).
-    fn grouped(&self, ps: &[Problem], accumulate: bool, kernel: bool) -> bool {
+    /// Issues `ps` as one grouped GEMM, by the kernel where the device uses it for this kind
+    /// (`weight`) and every operand suits it; false if cuBLAS refused it (nothing was issued).
+    fn grouped(&self, ps: &[Problem], accumulate: bool, weight: bool) -> bool {
         if ps.is_empty() {
             return true;
         }
-        if kernel && self.own_kernel() {
+        if self.own_kernel(weight) && ps.iter().all(Problem::suits_kernel) {
             self.grouped_kernel(ps, accumulate);
             return true;
         }
@@ -275,7 +310,7 @@ impl CudaDevice {
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (tiles as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: KERNEL_SMEM,
         };
         self.run(
             "grouped_gemm_bf16",

@@ -40,6 +40,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use super::cost::{self, Work};
 use super::{AdamWArgs, AttnShape, Cost, Device, Mat, MatMut, RopeSpec, RouterOut, RouterSpec};
 use crate::tensor::Tensor;
+pub use grouped::ExpertKernel;
 use module::{Arg, Kernels, launch};
 use pool::keep_freed_memory;
 pub use pool::{pool_peak_bytes, reset_pool_peak};
@@ -69,6 +70,46 @@ impl CudaError {
     }
 }
 
+/// Which implementations a [`CudaDevice`] starts with for the experts' GEMMs and attention
+/// (each device can change its own afterwards: `set_expert_kernel`, `set_grouped_gemm`,
+/// `set_fused_attention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// Which bf16 expert GEMMs `gemm.cu`'s grouped kernel runs.
+    pub expert_kernel: ExpertKernel,
+    /// The others by cuBLAS' grouped GEMM (else one cuBLAS GEMM per expert).
+    pub grouped: bool,
+    /// bf16 attention by `flash.cu`'s fused kernels where the head dims fit (else cuBLAS around
+    /// kept probabilities).
+    pub fused_attention: bool,
+}
+
+impl Default for KernelChoice {
+    /// The fastest measured on the config (`docs/benchmarks.md`).
+    fn default() -> Self {
+        KernelChoice {
+            expert_kernel: ExpertKernel::Weights,
+            grouped: true,
+            fused_attention: true,
+        }
+    }
+}
+
+static START_CHOICE: Mutex<Option<KernelChoice>> = Mutex::new(None);
+
+/// What every [`CudaDevice`] made after this call starts with, in this process (how `flotilla
+/// bench step` runs a training job's devices with other kernels).
+pub fn set_start_kernels(choice: KernelChoice) {
+    *START_CHOICE.lock().unwrap_or_else(|e| e.into_inner()) = Some(choice);
+}
+
+fn start_kernels() -> KernelChoice {
+    START_CHOICE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_default()
+}
+
 /// How GEMMs round their inputs (everything else is f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -90,9 +131,10 @@ pub struct CudaDevice {
     gpu_name: String,
     /// Whether the experts' GEMMs are grouped (`grouped.rs`).
     grouped: AtomicBool,
-    /// Whether the experts' bf16 weight gradients take `gemm.cu`'s grouped kernel (`grouped.rs`).
-    expert_kernel: AtomicBool,
-    /// Whether bf16 attention takes the fused kernels (`flash.rs`) where they fit (off by default).
+    /// Which of the experts' bf16 GEMMs take `gemm.cu`'s grouped kernel (`grouped.rs`): an
+    /// [`ExpertKernel`] as u8.
+    expert_kernel: std::sync::atomic::AtomicU8,
+    /// Whether bf16 attention takes the fused kernels (`flash.rs`) where they fit.
     fused_attention: AtomicBool,
     flash: flash::FlashCache,
     /// Pinned host memory that uploads pass through.
@@ -146,6 +188,7 @@ impl CudaDevice {
         let k = Kernels::load(&ctx)?;
         let staging = Mutex::new(staging::Staging::new(&ctx)?);
         let gpu_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let choice = start_kernels();
         Ok(CudaDevice {
             ctx,
             stream,
@@ -154,10 +197,9 @@ impl CudaDevice {
             precision,
             stats: Mutex::new(Stats::default()),
             gpu_name,
-            grouped: AtomicBool::new(blas::has_grouped_gemm()),
-            expert_kernel: AtomicBool::new(true),
-            // Off until measured faster: `flash.rs` says where it stands.
-            fused_attention: AtomicBool::new(false),
+            grouped: AtomicBool::new(choice.grouped && blas::has_grouped_gemm()),
+            expert_kernel: std::sync::atomic::AtomicU8::new(choice.expert_kernel as u8),
+            fused_attention: AtomicBool::new(choice.fused_attention),
             flash: flash::FlashCache::default(),
             staging,
         })
@@ -250,9 +292,9 @@ impl CudaDevice {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether bf16 attention takes the fused kernels of `flash.cu` or (the default) the cuBLAS
-    /// GEMMs around a kept `[B, H, T, T]` probability tensor. A backward follows what its
-    /// forward did, whatever this says then.
+    /// Whether bf16 attention takes the fused kernels of `flash.cu` (the default where the head
+    /// dims fit) or the cuBLAS GEMMs around a kept `[B, H, T, T]` probability tensor. A
+    /// backward follows what its forward did, whatever this says then.
     pub fn set_fused_attention(&self, on: bool) {
         self.fused_attention
             .store(on, std::sync::atomic::Ordering::Relaxed);

@@ -110,6 +110,11 @@ impl Kernels {
                 .map_err(CudaError::driver("loading a kernel"))?;
             by_name.insert(n, f);
         }
+        // The grouped GEMM asks for more than the default 48 KiB of dynamic shared memory.
+        let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        by_name["grouped_gemm_bf16"]
+            .set_attribute(attr, super::grouped::KERNEL_SMEM as i32)
+            .map_err(CudaError::driver("shared memory size of the grouped GEMM"))?;
         Ok(Kernels { by_name })
     }
 

@@ -1,22 +1,25 @@
 // bf16 tensor-core helpers shared by flash.cu and gemm.cu (module.rs and flash.rs put this file
-// in front of each): f32 to bf16 rounding, fragment loads and mma.sync m16n8k16.
+// in front of each): f32 to bf16 rounding, fragment loads, mma.sync m16n8k16 and cp.async.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-// f32 to bf16, round to nearest even (the inputs are finite).
+// f32 to bf16, round to nearest even (the inputs are finite): pack2's rounding, spelled out
+// (kernel_sim's stand-in for its cvt instruction).
 __device__ __forceinline__ u32 bf16_bits(float f) {
     u32 u = __float_as_uint(f);
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
-// Two bf16 in one register, `lo` (the lower column or row index) in the low half.
-__device__ __forceinline__ u32 pack2(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
+// Two bf16 in one register, `lo` (the lower column or row index) in the low half: one cvt
+// instruction, rounding to nearest even as bf16_bits does.
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 
 __device__ __forceinline__ u32 ld2(const u16* p) { return *(const u32*)p; }
-
-// Two bf16 `stride` apart, the first in the low half (a fragment that runs down a column).
-__device__ __forceinline__ u32 ld2_col(const u16* p, int stride) { return (u32)p[0] | ((u32)p[stride] << 16); }
 
 // c (16×8, f32) += a (16×16, row-major fragment) · b (16×8, column-major fragment). With
 // g = lane / 4 and t = lane % 4: a = {(g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)},
@@ -29,14 +32,39 @@ __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The A fragment (rows g, g+8 of a 16-row strip; columns k0..k0+16) of a row-major bf16 tile.
-__device__ __forceinline__ void frag_a(u32* a, const u16* tile, int ld, int g, int t, int k0) {
-    const u16* r0 = tile + g * ld + k0 + 2 * t;
-    const u16* r1 = r0 + 8 * ld;
-    a[0] = ld2(r0);
-    a[1] = ld2(r1);
-    a[2] = ld2(r0 + 8);
-    a[3] = ld2(r1 + 8);
+// A generic pointer into shared memory as the 32-bit address that ldmatrix and cp.async take.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes from global to shared memory without passing through registers (cp.async), and
+// the waits for them. cp16z copies `bytes` (0 or 16) and fills the rest with zeros.
+__device__ __forceinline__ void cp16(void* smem, const void* global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(global));
+}
+__device__ __forceinline__ void cp16z(void* smem, const void* global, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(global), "r"(bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `N` committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Four 8 × 8 bf16 blocks from shared memory (ldmatrix .x4): lanes 8i..8i+8 give the addresses
+// of block i's eight rows (16 bytes each, 16-byte aligned); r[i] then holds, in lane l, block
+// i's elements (l / 4, 2(l % 4)) and (l / 4, 2(l % 4) + 1), low half first.
+__device__ __forceinline__ void ldsm4(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// ldsm4 of the transposed blocks: lane l gets elements (2(l % 4), l / 4) and (2(l % 4) + 1, l / 4).
+__device__ __forceinline__ void ldsm4_t(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
 }
 
 // The A fragment over k = 16·kk.. made of two neighbouring 16×8 accumulators (n-tiles 2kk and
