@@ -526,7 +526,7 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
     let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[160, 256])).collect();
     let (w1, w2): (Vec<&Tensor>, Vec<&Tensor>) = ws.iter().map(|(a, b)| (a, b)).unzip();
     let (dc, dg) = p.rand(&mut rng, &[300, 160]);
-    for kernel in [ExpertKernel::All, ExpertKernel::Off] {
+    for kernel in [ExpertKernel::All, ExpertKernel::Weights, ExpertKernel::Off] {
         gpu.set_expert_kernel(kernel);
         let (mut yc, mut yg) = p.rand(&mut rng, &[300, 160]);
         for acc in [false, true] {
@@ -557,6 +557,15 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
             );
         }
     }
+    // Rows of 254 values (not a multiple of the kernel's 4-float loads) go to cuBLAS instead.
+    gpu.set_expert_kernel(ExpertKernel::All);
+    let (xc, xg) = p.rand(&mut rng, &[300, 254]);
+    let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[160, 254])).collect();
+    let (w1, w2): (Vec<&Tensor>, Vec<&Tensor>) = ws.iter().map(|(a, b)| (a, b)).unzip();
+    let (mut yc, mut yg) = (cpu.zeros(&[300, 160]), gpu.zeros(&[300, 160]));
+    cpu.gemm_rows_grouped(&mut yc, &xc, &w1, &rows, true, false);
+    gpu.gemm_rows_grouped(&mut yg, &xg, &w2, &rows, true, false);
+    p.close("grouped rows of 254 values", &yc, &yg, 1e-2);
     assert!(gpu.grouped_gemm(), "cuBLAS refused the grouped GEMM");
 }
 

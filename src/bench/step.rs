@@ -223,6 +223,7 @@ fn run_cuda(
     let mcfg = flotilla_actors::model_config::model_config(&cfg.model)?;
     let name = step_cuda::gpu_name(&cfg)?;
     let choice = step_cuda::kernel_choice(gpu.expert_gemm.as_deref(), gpu.attention.as_deref())?;
+    step_cuda::use_kernels(choice);
     let mut report = Report::live(json);
     step_cuda::reset_peak();
     let timed = timed_job(&cfg, warmup, steps, step_cuda::start_host_timing)?;

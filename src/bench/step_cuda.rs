@@ -21,7 +21,7 @@ fn device(cfg: &Config) -> Result<CudaDevice> {
 }
 
 /// The kernels for the timed steps from `bench step`'s `--expert-gemm` and `--attention` (the
-/// device's defaults where absent), made what every CUDA device of this process starts with.
+/// device's defaults where absent).
 pub fn kernel_choice(expert_gemm: Option<&str>, attention: Option<&str>) -> Result<KernelChoice> {
     let mut c = KernelChoice::default();
     match expert_gemm {
@@ -41,8 +41,13 @@ pub fn kernel_choice(expert_gemm: Option<&str>, attention: Option<&str>) -> Resu
         Some("cublas") => c.fused_attention = false,
         Some(other) => bail!("--attention {other:?}: fused or cublas"),
     }
-    cuda::set_start_kernels(c);
     Ok(c)
+}
+
+/// Makes `c` what every CUDA device of this process starts with (the job's devices are made by
+/// its actors).
+pub fn use_kernels(c: KernelChoice) {
+    cuda::set_start_kernels(c);
 }
 
 /// `--expert-gemm`'s name for `c`.
@@ -159,7 +164,7 @@ pub fn kernel_table(
             let tflops = k.flops / k.seconds.max(1e-12) / 1e12;
             let gbps = k.bytes / k.seconds.max(1e-12) / 1e9;
             json!({
-                "kernel": k.name, "expert_kernel": format!("{:?}", v.expert_kernel).to_lowercase(), "grouped_gemm": v.grouped,
+                "kernel": k.name, "expert_gemm": expert_gemm_name(v),
                 "fused_attention": v.fused_attention, "calls": k.calls, "ms": k.seconds * 1e3,
                 "share": k.seconds / total.max(1e-12),
                 "tflops": tflops, "pct_peak_tflops": 100.0 * tflops / peak_tflops,

@@ -72,15 +72,15 @@ python3 - "$OUT/kernels.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ks = [r for r in rows if r.get("bench") == "kernel"]
-variant = lambda r: (r["expert_kernel"], r["grouped_gemm"], r["fused_attention"])
+variant = lambda r: (r["expert_gemm"], r["fused_attention"])
 totals = {}
 for r in ks:
     totals[variant(r)] = totals.get(variant(r), 0.0) + r["ms"]
 for v, ms in totals.items():
-    print("pass %-52s %8.1f ms" % ("kernel=%s grouped=%s fused attention=%s" % v, ms))
+    print("pass %-44s %8.1f ms" % ("experts=%s fused attention=%s" % v, ms))
 for r in ks:
     if r["kernel"].startswith(("attention", "gemm")) or r["share"] > 0.01:
-        print("%-7s %-5s %-5s %-26s %5d %8.2f ms %5.1f%% %7.1f TF %6.0f GB/s" % (
+        print("%-8s %-5s %-26s %5d %8.2f ms %5.1f%% %7.1f TF %6.0f GB/s" % (
             *variant(r), r["kernel"], r["calls"], r["ms"], 100 * r["share"], r["tflops"], r["gbps"]))
 PY
 if [ "${1:-}" = "--loss" ]; then

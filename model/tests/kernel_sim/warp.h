@@ -35,7 +35,7 @@ std::barrier<>* g_block;
 std::barrier<>* g_warp[MAX_WARPS];
 float g_exchange[MAX_WARPS][32];
 u32 g_a[MAX_WARPS][32][4], g_b[MAX_WARPS][32][2];
-unsigned short g_smem[1 << 17];  // the dynamic shared memory
+alignas(16) unsigned short g_smem[1 << 17];  // the dynamic shared memory
 
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 

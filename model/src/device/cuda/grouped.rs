@@ -112,6 +112,11 @@ impl CudaDevice {
             self.grouped_kernel(ps, accumulate);
             return true;
         }
+        // A problem the kernel cannot read goes to cuBLAS' grouped GEMM only where that is on
+        // (else, or after cuBLAS refused, the caller issues one GEMM per expert).
+        if !self.grouped.load(Ordering::Relaxed) {
+            return false;
+        }
         self.ctx
             .bind_to_thread()
             .unwrap_or_else(|e| panic!("CUDA context: {e}"));

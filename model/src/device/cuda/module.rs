@@ -112,8 +112,10 @@ impl Kernels {
         }
         // The grouped GEMM asks for more than the default 48 KiB of dynamic shared memory.
         let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        by_name["grouped_gemm_bf16"]
-            .set_attribute(attr, super::grouped::KERNEL_SMEM as i32)
+        let gemm: &CudaFunction = by_name
+            .get("grouped_gemm_bf16")
+            .ok_or_else(|| CudaError::Compile("no grouped_gemm_bf16 in kernels.cu".into()))?;
+        gemm.set_attribute(attr, super::grouped::KERNEL_SMEM as i32)
             .map_err(CudaError::driver("shared memory size of the grouped GEMM"))?;
         Ok(Kernels { by_name })
     }
