@@ -68,7 +68,7 @@ fn for_host(src: &str) -> String {
         ),
         (
             "__device__ __forceinline__ u32 pack2(",
-            "float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }",
+            "float lo, float hi) { return sim_bf16_bits(lo) | (sim_bf16_bits(hi) << 16); }",
         ),
         ("__device__ __forceinline__ void cp_commit(", ") {}"),
         (

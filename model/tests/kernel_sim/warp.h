@@ -60,6 +60,13 @@ inline float __int_as_float(int i) {
     return f;
 }
 
+// f32 to bf16 bits, rounding to nearest even (the inputs are finite): pack2's cvt.rn.bf16x2.f32.
+static inline u32 sim_bf16_bits(float f) {
+    u32 u;
+    memcpy(&u, &f, 4);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 static inline float bf16_value(u32 h) {
     u32 u = (h & 0xffffu) << 16;
     float f;

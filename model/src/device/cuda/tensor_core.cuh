@@ -4,15 +4,8 @@
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-// f32 to bf16, round to nearest even (the inputs are finite): pack2's rounding, spelled out
-// (kernel_sim's stand-in for its cvt instruction).
-__device__ __forceinline__ u32 bf16_bits(float f) {
-    u32 u = __float_as_uint(f);
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
 // Two bf16 in one register, `lo` (the lower column or row index) in the low half: one cvt
-// instruction, rounding to nearest even as bf16_bits does.
+// instruction, rounding to nearest even.
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
