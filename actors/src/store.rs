@@ -515,16 +515,20 @@ impl RankStore {
         })
     }
 
-    /// Clip every held gradient to the global norm `grad_norm`, then one AdamW update of every
-    /// held trainable tensor (decay on matrices, not on norms).
+    /// One AdamW update of every held trainable tensor (decay on matrices, not on norms) on the
+    /// gradients clipped to the global norm `grad_norm` (AdamW applies the clip's coefficient as
+    /// it reads each gradient; the held gradients stay unclipped).
     fn update(&mut self, dev: &dyn Device, lr: f64, grad_norm: f64) -> Result<(), JobError> {
         let coef = flotilla_model::optim::clip_coefficient(grad_norm, self.grad_clip);
         let sel = &self.sel.trainable;
         let mut values = sel.take(&mut self.model.weights);
-        let mut grads = sel.take(&mut self.grads);
-        if self.grad_clip > 0.0 && coef < 1.0 {
-            dev.scale_many(&mut grads.iter_mut().collect::<Vec<_>>(), coef as f32);
-        }
+        let grads = sel.take(&mut self.grads);
+        // AdamW scales each gradient by the clip's coefficient as it reads it.
+        let scale = if self.grad_clip > 0.0 && coef < 1.0 {
+            coef as f32
+        } else {
+            1.0
+        };
         // The selection holds every trainable name (they were found in these weights), in the
         // order of `trainable`.
         let r = if values.len() != self.trainable.len() || grads.len() != self.trainable.len() {
@@ -547,7 +551,7 @@ impl RankStore {
                 })
                 .collect();
             self.opt
-                .step(dev, lr, &mut refs)
+                .step_scaled(dev, lr, scale, &mut refs)
                 .map_err(|e| JobError::Optim(e.to_string()))
         };
         let sel = &self.sel.trainable;

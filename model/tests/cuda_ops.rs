@@ -171,6 +171,25 @@ fn copies_gathers_and_scatters_match_the_cpu() {
         &gpu.rows_dot(&xg, &yg),
         TOL,
     );
+    // The experts' combine (rows 2 and 4 of the 5 receive nothing) and its backward, fused on the GPU.
+    let (wc, wg) = p.rand(&mut rng, &[6, 1]);
+    p.close(
+        "combine_rows (same order, same bits)",
+        &cpu.combine_rows(&src_c, Some(&wc), &scatter, 5),
+        &gpu.combine_rows(&src_g, Some(&wg), &scatter, 5),
+        0.0,
+    );
+    p.close(
+        "combine_rows without scales",
+        &cpu.combine_rows(&src_c, None, &scatter, 5),
+        &gpu.combine_rows(&src_g, None, &scatter, 5),
+        0.0,
+    );
+    let (dyc, dyg) = p.rand(&mut rng, &[5, 10]);
+    let (d1, s1) = cpu.combine_rows_backward(&dyc, &src_c, &wc, &scatter);
+    let (d2, s2) = gpu.combine_rows_backward(&dyg, &src_g, &wg, &scatter);
+    p.close("combine_rows_backward: rows", &d1, &d2, 0.0);
+    p.close("combine_rows_backward: scales", &s1, &s2, TOL);
     cpu.fill(&mut a, 0.25);
     gpu.fill(&mut b, 0.25);
     p.close("fill", &a, &b, 0.0);
@@ -606,7 +625,15 @@ fn many_tensor_operations_match_the_cpu() {
             [g, m, p.both(s, &v0)]
         })
         .collect();
-    let coef = |i: usize| Coef::new(AdamWConfig::default(), 1e-3, 3, i.is_multiple_of(2));
+    // Every third tensor's gradients scaled by a clip's coefficient as AdamW reads them.
+    let coef = |i: usize| {
+        let k = Coef::new(AdamWConfig::default(), 1e-3, 3, i.is_multiple_of(2));
+        if i % 3 == 1 {
+            k.with_grad_scale(0.37)
+        } else {
+            k
+        }
+    };
     let mut args: Vec<AdamWArgs<'_>> = Vec::new();
     for (i, ((xc, _), [g, m, v])) in xs.iter_mut().zip(st.iter_mut()).enumerate() {
         args.push(AdamWArgs {

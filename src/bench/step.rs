@@ -130,9 +130,9 @@ pub struct GpuOptions {
     pub peak_tflops: f64,
     /// The GPU's memory bandwidth, GB/s (for the per-kernel table).
     pub peak_gbps: f64,
-    /// Also profile one forward+backward kernel by kernel.
+    /// Also profile one training step kernel by kernel.
     pub kernels: bool,
-    /// The timed steps' expert GEMMs ("kernel-w", "kernel", "cublas", "per-expert"; `None`:
+    /// The timed steps' expert GEMMs ("kernel-w", "batched", "kernel", "cublas", "per-expert"; `None`:
     /// the device's default).
     pub expert_gemm: Option<String>,
     /// The timed steps' attention ("fused", "cublas"; `None`: the device's default).
@@ -265,12 +265,14 @@ fn run_cuda(
     }));
     if gpu.kernels {
         // The device's defaults (the experts' W by the bf16 kernel, their forward and B grouped
-        // by cuBLAS, fused attention) and, beside them, every expert GEMM by the kernel and all
-        // by cuBLAS' grouped call. (The other choices are `--expert-gemm per-expert` and
-        // `--attention cublas` for the timed steps.)
+        // by cuBLAS, fused attention) and, beside them, their forward and B by whole tiles in
+        // cuBLAS' batched call, every expert GEMM by the kernel, and all by cuBLAS' grouped
+        // call. (The other choices are `--expert-gemm per-expert` and `--attention cublas` for
+        // the timed steps.)
         use flotilla_model::device::cuda::ExpertKernel;
         let variants = [
             (ExpertKernel::Weights, true, true),
+            (ExpertKernel::Batched, true, true),
             (ExpertKernel::All, true, true),
             (ExpertKernel::Off, true, true),
         ];

@@ -1,6 +1,6 @@
 //! `flotilla bench step --device cuda` (feature `cuda`): what the GPU side of the step bench adds
-//! — cuBLAS on the step's own GEMM shapes as the baseline, a per-kernel profile of one
-//! forward+backward of the same model and batch, the memory pool's peak, and the ratios against
+//! — cuBLAS on the step's own GEMM shapes as the baseline, a per-kernel profile of one training
+//! step of the same model and batch, the memory pool's peak, and the ratios against
 //! PyTorch from `tools/bench/torch_baseline.py`'s output.
 
 use std::path::Path;
@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use flotilla_model::device::cuda::{self, CudaDevice, ExpertKernel, KernelChoice};
 use flotilla_model::device::{Mat, MatMut};
 use flotilla_model::flops::GemmShape;
+use flotilla_model::optim::{AdamW, AdamWConfig, ParamRef, clip_coefficient};
+use flotilla_model::params::Selection;
 use flotilla_model::rng::Rng;
 use flotilla_model::{Batch, DeepSeekV3, Device, ModelConfig, StepOptions};
 use flotilla_runtime::config::Config;
@@ -28,12 +30,15 @@ pub fn kernel_choice(expert_gemm: Option<&str>, attention: Option<&str>) -> Resu
         None => {}
         Some("kernel-w") => c.expert_kernel = ExpertKernel::Weights,
         Some("kernel") => c.expert_kernel = ExpertKernel::All,
+        Some("batched") => c.expert_kernel = ExpertKernel::Batched,
         Some("cublas") => c.expert_kernel = ExpertKernel::Off,
         Some("per-expert") => {
             c.expert_kernel = ExpertKernel::Off;
             c.grouped = false;
         }
-        Some(other) => bail!("--expert-gemm {other:?}: kernel-w, kernel, cublas or per-expert"),
+        Some(other) => {
+            bail!("--expert-gemm {other:?}: kernel-w, kernel, batched, cublas or per-expert")
+        }
     }
     match attention {
         None => {}
@@ -55,6 +60,7 @@ pub fn expert_gemm_name(c: KernelChoice) -> &'static str {
     match (c.expert_kernel, c.grouped) {
         (ExpertKernel::All, _) => "kernel",
         (ExpertKernel::Weights, _) => "kernel-w",
+        (ExpertKernel::Batched, _) => "batched",
         (ExpertKernel::Off, true) => "cublas",
         (ExpertKernel::Off, false) => "per-expert",
     }
@@ -122,9 +128,10 @@ pub fn raw_gemm(cfg: &Config, shapes: &[GemmShape]) -> Result<f64> {
     Ok(flops / secs.max(1e-12) / 1e9)
 }
 
-/// One profiled forward+backward of the model on a batch of random tokens (after one untimed
-/// one): each kernel's calls, time, share of the pass, and achieved TFLOP/s or GB/s beside the
-/// GPU's peaks (`peak_tflops`, `peak_gbps`).
+/// One profiled training step of the model on a batch of random tokens (after one untimed one),
+/// as the job's store runs it: gradients zeroed, forward+backward, Σg², the clip and AdamW with
+/// the job's optimizer settings. Each kernel's calls, time, share of the step, and achieved
+/// TFLOP/s or GB/s beside the GPU's peaks (`peak_tflops`, `peak_gbps`).
 pub fn kernel_table(
     cfg: &Config,
     mcfg: &ModelConfig,
@@ -136,7 +143,7 @@ pub fn kernel_table(
     dev.set_grouped_gemm(v.grouped);
     dev.set_expert_kernel(v.expert_kernel);
     dev.set_fused_attention(v.fused_attention);
-    let model = DeepSeekV3::init(mcfg, &dev, cfg.job.seed).context("model init")?;
+    let mut model = DeepSeekV3::init(mcfg, &dev, cfg.job.seed).context("model init")?;
     let (b, t) = (cfg.data.batch_size, cfg.data.seq_len);
     let mut rng = Rng::new(cfg.job.seed);
     let ids: Vec<u32> = (0..b * t)
@@ -145,11 +152,48 @@ pub fn kernel_table(
     let batch = Batch::causal(ids, b, t);
     let opts = StepOptions::from_config(mcfg);
     let mut grads = model.zero_grads(&dev);
+    let names: Vec<String> = model.weights.trainable().into_keys().collect();
+    let sel = Selection::of(&grads, &names);
+    let o = &cfg.optimizer;
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+    })
+    .context("the optimizer settings")?;
     let mut pass = |profile: bool| -> Result<()> {
         dev.set_profiling(profile);
+        let mut held = sel.take(&mut grads);
+        dev.fill_many(&mut held.iter_mut().collect::<Vec<_>>(), 0.0);
+        sel.put_back(&mut grads, held);
         model
             .forward_backward(&dev, &batch, &opts, &mut grads)
             .map_err(|e| anyhow::anyhow!("forward_backward: {e}"))?;
+        let norm = dev.sum_squares(&sel.refs(&grads)).sqrt();
+        let coef = clip_coefficient(norm, o.grad_clip);
+        let gs = sel.take(&mut grads);
+        let scale = if o.grad_clip > 0.0 && coef < 1.0 {
+            coef as f32
+        } else {
+            1.0
+        };
+        let mut vs = sel.take(&mut model.weights);
+        let mut refs: Vec<ParamRef<'_>> = vs
+            .iter_mut()
+            .zip(&gs)
+            .zip(&names)
+            .map(|((value, grad), name)| ParamRef {
+                name,
+                decay: value.shape().len() >= 2,
+                value,
+                grad,
+            })
+            .collect();
+        opt.step_scaled(&dev, o.lr, scale, &mut refs)
+            .map_err(|e| anyhow::anyhow!("AdamW: {e}"))?;
+        sel.put_back(&mut model.weights, vs);
+        sel.put_back(&mut grads, gs);
         dev.synchronize();
         Ok(())
     };
@@ -234,7 +278,7 @@ mod tests {
     /// Every `--expert-gemm` value names the choice it makes, and a bad one is refused.
     #[test]
     fn expert_gemm_flags_round_trip() {
-        for name in ["kernel-w", "kernel", "cublas", "per-expert"] {
+        for name in ["kernel-w", "batched", "kernel", "cublas", "per-expert"] {
             let c = kernel_choice(Some(name), Some("cublas")).expect("a known value");
             assert_eq!(expert_gemm_name(c), name);
             assert!(!c.fused_attention);

@@ -178,16 +178,18 @@ pub struct StepArgs {
     /// 3350; H200: 4800).
     #[arg(long, default_value_t = 3350.0)]
     peak_gbps: f64,
-    /// With --device cuda: also profile one forward+backward kernel by kernel, three times:
-    /// with the device's defaults (as --expert-gemm kernel-w --attention fused), then with
-    /// --expert-gemm kernel and with --expert-gemm cublas.
+    /// With --device cuda: also profile one training step (forward+backward, Σg², the clip,
+    /// AdamW) kernel by kernel, four times: with the device's defaults (as --expert-gemm
+    /// kernel-w --attention fused), then with --expert-gemm batched, kernel and cublas.
     #[arg(long)]
     kernels: bool,
     /// With --device cuda: what runs the routed experts' GEMMs in bf16 for the timed steps:
     /// "kernel-w" (Flotilla's grouped kernel for the weight gradients, cuBLAS' grouped GEMM in
-    /// TF32 for the forward and input gradients; the default), "kernel" (the kernel for all),
-    /// "cublas" (cuBLAS' grouped GEMM for all) or "per-expert" (one cuBLAS GEMM per expert).
-    #[arg(long, value_parser = ["kernel-w", "kernel", "cublas", "per-expert"])]
+    /// TF32 for the forward and input gradients; the default), "batched" (as kernel-w, but the
+    /// forward and input gradients' whole 128-row tiles by cuBLAS' batched GEMM in bf16 and
+    /// the rows left over by the kernel), "kernel" (the kernel for all), "cublas" (cuBLAS'
+    /// grouped GEMM for all) or "per-expert" (one cuBLAS GEMM per expert).
+    #[arg(long, value_parser = ["kernel-w", "batched", "kernel", "cublas", "per-expert"])]
     expert_gemm: Option<String>,
     /// With --device cuda: what runs bf16 attention for the timed steps: "fused" (flash.cu's
     /// kernels; the default) or "cublas" (GEMMs around kept probabilities).

@@ -271,6 +271,36 @@ pub trait Device: Send + Sync + fmt::Debug {
     fn scale_rows(&self, x: &mut Tensor, s: &Tensor);
     /// `out[r] = dot(a[r], b[r])`, shape `[a.rows(), 1]`.
     fn rows_dot(&self, a: &Tensor, b: &Tensor) -> Tensor;
+    /// The experts' combine: `y[t] = Σ_{r: index[r] = t} s[r] · src[r]` over `rows` rows (zero
+    /// where no row points), each `t` summing its rows in index order; `s` is `[src.rows(), 1]`,
+    /// or `None` for a plain sum (the dispatch's backward). The default composes the row
+    /// operations above; a device may fuse them into one pass.
+    fn combine_rows(&self, src: &Tensor, s: Option<&Tensor>, index: &[u32], rows: usize) -> Tensor {
+        let mut y = self.zeros(&[rows, src.cols()]);
+        match s {
+            Some(s) => {
+                let mut weighted = self.copy(src);
+                self.scale_rows(&mut weighted, s);
+                self.scatter_add_rows(&mut y, &weighted, index);
+            }
+            None => self.scatter_add_rows(&mut y, src, index),
+        }
+        y
+    }
+    /// [`Device::combine_rows`]' backward for `y`'s gradient `dy`: `(d_src, d_s)` with
+    /// `d_src[r] = s[r] · dy[index[r]]` and `d_s[r] = dot(dy[index[r]], src[r])`.
+    fn combine_rows_backward(
+        &self,
+        dy: &Tensor,
+        src: &Tensor,
+        s: &Tensor,
+        index: &[u32],
+    ) -> (Tensor, Tensor) {
+        let mut d_src = self.gather_rows(dy, index);
+        let d_s = self.rows_dot(&d_src, src);
+        self.scale_rows(&mut d_src, s);
+        (d_src, d_s)
+    }
 
     // ---- layer kernels ------------------------------------------------------------------------
 

@@ -239,6 +239,24 @@ impl AdamW {
         lr: f64,
         params: &mut [ParamRef<'_>],
     ) -> Result<(), OptimError> {
+        self.step_scaled(dev, lr, 1.0, params)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (the clip's coefficient), scaled as
+    /// they are read: the same bits as scaling them in memory first, one pass over them fewer.
+    /// The gradients themselves are left as they are.
+    pub fn step_scaled(
+        &mut self,
+        dev: &dyn Device,
+        lr: f64,
+        grad_scale: f32,
+        params: &mut [ParamRef<'_>],
+    ) -> Result<(), OptimError> {
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(OptimError::Config(format!(
+                "gradient scale {grad_scale}: it must be positive and finite"
+            )));
+        }
         self.check(lr, params)?;
         for p in params.iter() {
             if !self.params.contains_key(p.name) {
@@ -264,7 +282,7 @@ impl AdamW {
                 .ok_or_else(|| OptimError::DuplicateName(p.name.to_owned()))?;
             m.step += 1;
             args.push(AdamWArgs {
-                coef: Coef::new(config, lr, m.step, p.decay),
+                coef: Coef::new(config, lr, m.step, p.decay).with_grad_scale(grad_scale),
                 value: &mut *p.value,
                 grad: p.grad,
                 exp_avg: &mut m.exp_avg,
@@ -672,5 +690,50 @@ mod tests {
             (v, opt.export_state(&d))
         };
         assert_eq!(run(1), run(4));
+    }
+
+    /// A step on gradients scaled as they are read gives the bits of one on gradients scaled in
+    /// memory first, and leaves the gradients as they were; a scale that is not positive and
+    /// finite is refused.
+    #[test]
+    fn a_scaled_step_is_a_step_on_scaled_gradients() {
+        let d = CpuDevice::new(2);
+        let g: Vec<f32> = (0..257).map(|i| (i as f32 * 0.37).sin()).collect();
+        let v0: Vec<f32> = (0..257).map(|i| (i as f32 * 0.11).cos()).collect();
+        let s = 0.3172_f32;
+        let scaled: Vec<f32> = g.iter().map(|x| x * s).collect();
+        let run = |grad: &[f32], scale: f32| {
+            let mut opt = AdamW::new(AdamWConfig::default()).expect("adamw");
+            let mut value = t(&v0);
+            let grad = t(grad);
+            for _ in 0..3 {
+                let mut refs = [ParamRef {
+                    name: "w",
+                    value: &mut value,
+                    grad: &grad,
+                    decay: true,
+                }];
+                opt.step_scaled(&d, 1e-3, scale, &mut refs).expect("step");
+            }
+            assert!(host(&grad).iter().all(|x| x.is_finite()));
+            let bits: Vec<u32> = host(&value).iter().map(|x| x.to_bits()).collect();
+            (bits, host(&grad).to_vec())
+        };
+        let (a, ga) = run(&g, s);
+        let (b, _) = run(&scaled, 1.0);
+        assert_eq!(a, b);
+        assert_eq!(ga, g, "the gradients are not scaled in memory");
+        let mut opt = AdamW::new(AdamWConfig::default()).expect("adamw");
+        let mut value = t(&v0);
+        let grad = t(&g);
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let mut refs = [ParamRef {
+                name: "w",
+                value: &mut value,
+                grad: &grad,
+                decay: true,
+            }];
+            assert!(opt.step_scaled(&d, 1e-3, bad, &mut refs).is_err());
+        }
     }
 }

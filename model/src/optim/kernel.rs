@@ -17,6 +17,8 @@ pub struct Coef {
     pub(crate) eps: f32,
     pub(crate) bc2_sqrt: f32,
     pub(crate) step_size: f32,
+    /// The gradient clip's coefficient, applied to each gradient value as it is read (1: none).
+    pub(crate) grad_scale: f32,
 }
 
 impl Coef {
@@ -35,12 +37,24 @@ impl Coef {
             eps: c.eps as f32,
             bc2_sqrt: bias_correction2.sqrt() as f32,
             step_size: (lr / bias_correction1) as f32,
+            grad_scale: 1.0,
+        }
+    }
+
+    /// The same scalars with each gradient value multiplied by `s` before the update (the
+    /// clip's coefficient; the same bits as scaling the gradients first, which it saves a pass
+    /// over memory).
+    pub fn with_grad_scale(self, s: f32) -> Coef {
+        Coef {
+            grad_scale: s,
+            ..self
         }
     }
 
     /// One element: `(p, g, m, v)` → `(p', m', v')`.
     #[inline(always)]
     fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let g = g * self.grad_scale;
         let p = match self.decay {
             Some(d) => p * d,
             None => p,

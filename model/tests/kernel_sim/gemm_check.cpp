@@ -15,7 +15,7 @@ int main() {
     // m and k when transposed), so those extents are multiples of 4 (grouped.rs checks); the
     // others end inside a tile.
     const std::vector<Spec> specs = {{130, 72, 44, 0, 0}, {64, 200, 33, 1, 0}, {0, 16, 8, 0, 0},
-                                     {5, 132, 100, 0, 1}, {140, 40, 68, 1, 1}};
+                                     {5, 132, 100, 0, 1}, {140, 40, 68, 1, 1}, {200, 136, 300, 1, 0}};
     std::vector<GemmProblem> ps;
     std::vector<std::vector<float>> A(specs.size()), B(specs.size()), C(specs.size());
     std::vector<std::vector<double>> R(specs.size());

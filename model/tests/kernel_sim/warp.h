@@ -139,6 +139,10 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 struct uint2 {
     u32 x, y;
 };
+struct uint4 {
+    u32 x, y, z, w;
+};
+inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return {x, y, z, w}; }
 
 // Runs `kernel` over a grid of (gx, gy) blocks of `threads` threads, one block at a time.
 void launch(int gx, int gy, int threads, const std::function<void()>& kernel) {

@@ -265,6 +265,116 @@ impl CudaDevice {
         });
         out
     }
+
+    /// [`Device::combine_rows`] in one pass: each destination row sums its source rows (sorted
+    /// by destination on the host, as the scatter's), scaled on the way, and is written once.
+    ///
+    /// [`Device::combine_rows`]: crate::device::Device::combine_rows
+    pub(super) fn combine_rows_op(
+        &self,
+        src: &Tensor,
+        s: Option<&Tensor>,
+        index: &[u32],
+        rows: usize,
+    ) -> Tensor {
+        let c = src.cols();
+        assert!(
+            src.rows() == index.len()
+                && index.iter().all(|&i| (i as usize) < rows)
+                && s.is_none_or(|s| s.numel() == src.rows()),
+            "combine_rows {:?} into {rows} rows",
+            src.shape()
+        );
+        let out = self.out(&[rows, c]);
+        let reads = if s.is_some() { 2.0 } else { 1.0 };
+        self.op(
+            "combine_rows",
+            cost::Work {
+                flops: (src.numel() as f64) * reads,
+                bytes: 4.0 * (src.numel() as f64 + (rows * c) as f64),
+                gemm: false,
+            },
+            || {
+                if rows == 0 || c == 0 {
+                    return;
+                }
+                let plan = crate::layers::moe::plan_dispatch(index, rows, 1);
+                let offs: Vec<i32> = plan.offsets.iter().map(|&o| o as i32).collect();
+                let srcs: Vec<i32> = plan.token_of_row.iter().map(|&r| r as i32).collect();
+                let (o, r) = (self.upload_any(&offs), self.upload_any(&srcs));
+                let (op, _g1) = o.device_ptr(&self.stream);
+                let (rp, _g2) = r.device_ptr(&self.stream);
+                self.run(
+                    "combine_rows",
+                    over(rows * c),
+                    &[
+                        Arg::P(self.ptr(src)),
+                        Arg::P(s.map_or(0, |s| self.ptr(s))),
+                        Arg::P(op),
+                        Arg::P(rp),
+                        Arg::P(self.ptr(&out)),
+                        Arg::L(rows as i64),
+                        Arg::I(c as i32),
+                    ],
+                );
+            },
+        );
+        out
+    }
+
+    /// [`Device::combine_rows_backward`] in one pass over `src`'s rows (a warp each).
+    ///
+    /// [`Device::combine_rows_backward`]: crate::device::Device::combine_rows_backward
+    pub(super) fn combine_rows_backward_op(
+        &self,
+        dy: &Tensor,
+        src: &Tensor,
+        s: &Tensor,
+        index: &[u32],
+    ) -> (Tensor, Tensor) {
+        let (n, c) = (src.rows(), src.cols());
+        assert!(
+            dy.cols() == c
+                && index.len() == n
+                && s.numel() == n
+                && index.iter().all(|&i| (i as usize) < dy.rows()),
+            "combine_rows_backward: dy {:?}, src {:?}, {} indices",
+            dy.shape(),
+            src.shape(),
+            index.len()
+        );
+        let (d_src, d_s) = (self.out(&[n, c]), self.out(&[n, 1]));
+        self.op(
+            "combine_rows_backward",
+            cost::Work {
+                flops: 3.0 * (n * c) as f64,
+                bytes: 4.0 * 3.0 * (n * c) as f64,
+                gemm: false,
+            },
+            || {
+                if n == 0 {
+                    return;
+                }
+                let idx = self.upload_any(index);
+                let (ip, _g) = idx.device_ptr(&self.stream);
+                self.run(
+                    "combine_rows_bwd",
+                    over(n * 32),
+                    &[
+                        Arg::P(self.ptr(dy)),
+                        Arg::P(self.ptr(src)),
+                        Arg::P(self.ptr(s)),
+                        Arg::P(ip),
+                        Arg::P(self.ptr(&d_src)),
+                        Arg::P(self.ptr(&d_s)),
+                        Arg::L(n as i64),
+                        Arg::I(c as i32),
+                    ],
+                );
+            },
+        );
+        (d_src, d_s)
+    }
 }
 
 /// The host rows of a scatter sorted by destination (stable): `(destinations, offsets, sources)`

@@ -5,7 +5,9 @@
 //
 // Tiles reach shared memory by cp.async, GG_STAGES − 1 of them in flight while the tensor cores
 // work on another, in the layout each operand has in global memory (the direction contiguous
-// there stays contiguous, so every copy is 16 bytes). The operands' contiguous extents and
+// there stays contiguous, so every copy is 16 bytes). Each step's tiles are rounded to bf16 once,
+// into a copy from which ldmatrix reads the fragments (transposing where a tile runs along m or
+// n rather than k). The operands' contiguous extents and
 // leading dimensions must be multiples of 4 floats and their addresses 16-byte aligned
 // (grouped.rs checks; cuBLAS takes the rest).
 //
@@ -24,17 +26,22 @@ struct GemmProblem {
 
 #define GG_BM 128
 #define GG_BN 128
-#define GG_BK 16
+#define GG_BK 32
 #define GG_STAGES 4
 #define GG_THREADS 256
-// Shared rows in floats: a tile contiguous along k is [128][GG_LDK], one contiguous along m or n
-// [GG_BK][GG_LDM]. The pads put the lanes of a fragment load in distinct banks (k-contiguous:
-// a half-warp's float2 loads at rows g·24 + 2t; otherwise rows 2t·132 + g).
-#define GG_LDK (GG_BK + 8)
+// f32 rows in shared memory: a tile contiguous along k is [128][GG_LDK], one contiguous along m
+// or n [GG_BK][GG_LDM] (rows padded by 4 floats: 16-byte aligned, and the conversion's float4
+// reads of neighbouring rows fall in distinct banks).
+#define GG_LDK (GG_BK + 4)
 #define GG_LDM (GG_BM + 4)
 #define GG_TILE (GG_BM * GG_LDK)  // floats per operand per stage (≥ GG_BK × GG_LDM)
-// Dynamic shared memory in bytes (grouped.rs sets the kernel's limit to it): 96 KiB.
-#define GG_SMEM (2 * GG_STAGES * GG_TILE * 4)
+// The bf16 copy of the step's tiles that ldmatrix reads, in the same orientation: rows padded by
+// 8 bf16, so that the eight rows of a fragment load fall in distinct banks.
+#define GG_LDK16 (GG_BK + 8)
+#define GG_LDM16 (GG_BM + 8)
+#define GG_TILE16 (GG_BM * GG_LDK16)  // bf16 per operand (≥ GG_BK × GG_LDM16)
+// Dynamic shared memory in bytes (grouped.rs sets the kernel's limit to it): 164 KiB.
+#define GG_SMEM (2 * GG_STAGES * GG_TILE * 4 + 2 * GG_TILE16 * 2)
 // 16-byte copies per thread per operand tile.
 #define GG_CHUNKS (GG_BM * GG_BK / 4 / GG_THREADS)
 
@@ -68,23 +75,63 @@ __device__ __forceinline__ void gg_load(float* tile, const float* src, long long
     }
 }
 
-// Two f32 of a tile as one bf16 pair: (r, k) and (r, k + 1).
-__device__ __forceinline__ u32 gg_pair(const float* tile, int kc, int r, int k) {
+// One operand's f32 tile rounded to bf16 pairs (one cvt each) in `dst`, in the same orientation:
+// each thread 16 neighbouring values of one row, four float4 in, two 16-byte stores out.
+__device__ __forceinline__ void gg_convert(u16* dst, const float* src, int kc) {
+    int i = threadIdx.x;
+    const float* s;
+    u16* d;
     if (kc) {
-        float2 v = *(const float2*)(tile + r * GG_LDK + k);
-        return pack2(v.x, v.y);
+        s = src + (i >> 1) * GG_LDK + (i & 1) * 16;
+        d = dst + (i >> 1) * GG_LDK16 + (i & 1) * 16;
+    } else {
+        s = src + (i >> 3) * GG_LDM + (i & 7) * 16;
+        d = dst + (i >> 3) * GG_LDM16 + (i & 7) * 16;
     }
-    return pack2(tile[k * GG_LDM + r], tile[(k + 1) * GG_LDM + r]);
+    u32 w[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        float4 v = ((const float4*)s)[j];
+        w[2 * j] = pack2(v.x, v.y);
+        w[2 * j + 1] = pack2(v.z, v.w);
+    }
+    ((uint4*)d)[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    ((uint4*)d)[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+// The A fragment of rows r0..r0+16 over k = k0..k0+16 of op(A)'s bf16 tile: one ldmatrix, read
+// across the rows where the tile runs along k, down its columns (transposing) where it runs
+// along m.
+__device__ __forceinline__ void gg_frag_a(u32* af, const u16* t, int kc, int r0, int k0, int lane) {
+    if (kc)
+        ldsm4(af, t + (r0 + (lane & 15)) * GG_LDK16 + k0 + (lane >> 4) * 8);
+    else
+        ldsm4_t(af, t + (k0 + (lane & 7) + ((lane >> 4) << 3)) * GG_LDM16 + r0 + ((lane >> 3) & 1) * 8);
+}
+
+// The B fragments of columns c0..c0+16 (two n-tiles: bf[0], bf[1] the first, bf[2], bf[3] the
+// second) over k = k0..k0+16 of op(B)'s bf16 tile, stored [n][k] where `kc`, else [k][n].
+__device__ __forceinline__ void gg_frag_b(u32* bf, const u16* t, int kc, int c0, int k0, int lane) {
+    if (kc)
+        ldsm4(bf, t + (c0 + (lane & 7) + ((lane >> 4) << 3)) * GG_LDK16 + k0 + ((lane >> 3) & 1) * 8);
+    else
+        ldsm4_t(bf, t + (k0 + (lane & 15)) * GG_LDM16 + c0 + (lane >> 4) * 8);
 }
 
 // One block per output tile of GG_BM × GG_BN, 8 warps as 2 (rows) × 4 (columns), each warp
 // 64 × 32. Grid: the total tile count of `count` problems (`problems` in device memory, in tile
 // order). `accumulate`: C += (else C =). Dynamic shared memory: GG_SMEM bytes.
+//
+// Each step of GG_BK: wait for its f32 tiles, start the copy of a later step's, round this
+// step's to bf16 (every value once, by the whole block), then the warps' MMAs on fragments
+// that ldmatrix reads from the bf16 copy.
 extern "C" __global__ void __launch_bounds__(GG_THREADS)
     grouped_gemm_bf16(const GemmProblem* problems, int count, int accumulate) {
     extern __shared__ __align__(16) float gsm[];
-    float* as = gsm;                         // [GG_STAGES][GG_TILE]
-    float* bs = gsm + GG_STAGES * GG_TILE;   // [GG_STAGES][GG_TILE]
+    float* as = gsm;                                   // [GG_STAGES][GG_TILE]
+    float* bs = gsm + GG_STAGES * GG_TILE;             // [GG_STAGES][GG_TILE]
+    u16* a16 = (u16*)(gsm + 2 * GG_STAGES * GG_TILE);  // [GG_TILE16]
+    u16* b16 = a16 + GG_TILE16;                        // [GG_TILE16]
     int tile = blockIdx.x, pi = 0;
     for (int lo = 0, hi = count - 1; lo <= hi;) {  // the last problem whose tile0 ≤ tile
         int mid = (lo + hi) / 2;
@@ -122,7 +169,9 @@ extern "C" __global__ void __launch_bounds__(GG_THREADS)
     }
     for (int s = 0; s < steps; ++s) {
         cp_wait<GG_STAGES - 2>();
-        __syncthreads();  // tile s is in, and every warp is done with tile s − 1's buffer
+        // Tile s is in; every warp is done with step s − 1's MMAs (the bf16 copy is free) and
+        // with its f32 buffer, which the next copy reuses.
+        __syncthreads();
         int next = s + GG_STAGES - 1;
         if (next < steps) {
             int b = next % GG_STAGES;
@@ -130,23 +179,24 @@ extern "C" __global__ void __launch_bounds__(GG_THREADS)
             gg_load(bs + b * GG_TILE, p.b, p.ldb, bkc, n0, p.n, next * GG_BK, p.k);
         }
         cp_commit();
-        const float* at = as + (s % GG_STAGES) * GG_TILE;
-        const float* bt = bs + (s % GG_STAGES) * GG_TILE;
-        u32 af[4][4];
+        gg_convert(a16, as + (s % GG_STAGES) * GG_TILE, akc);
+        gg_convert(b16, bs + (s % GG_STAGES) * GG_TILE, bkc);
+        __syncthreads();
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int r = wm + 16 * i + g;
-            af[i][0] = gg_pair(at, akc, r, 2 * t);
-            af[i][1] = gg_pair(at, akc, r + 8, 2 * t);
-            af[i][2] = gg_pair(at, akc, r, 2 * t + 8);
-            af[i][3] = gg_pair(at, akc, r + 8, 2 * t + 8);
-        }
+        for (int kk = 0; kk < GG_BK; kk += 16) {
+            u32 af[4][4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            int c = wn + 8 * j + g;
-            u32 b0 = gg_pair(bt, bkc, c, 2 * t), b1 = gg_pair(bt, bkc, c, 2 * t + 8);
+            for (int i = 0; i < 4; ++i) gg_frag_a(af[i], a16, akc, wm + 16 * i, kk, lane);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) mma(acc[i][j], af[i], b0, b1);
+            for (int jp = 0; jp < 2; ++jp) {
+                u32 bf[4];
+                gg_frag_b(bf, b16, bkc, wn + 16 * jp, kk, lane);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    mma(acc[i][2 * jp], af[i], bf[0], bf[1]);
+                    mma(acc[i][2 * jp + 1], af[i], bf[2], bf[3]);
+                }
+            }
         }
     }
     cp_wait<0>();

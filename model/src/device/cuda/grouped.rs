@@ -25,8 +25,9 @@ use crate::device::{gemm_rows_each, gemm_weight_each};
 use crate::tensor::Tensor;
 
 /// The kernel's dynamic shared memory in bytes: `gemm.cu`'s `GG_SMEM` (four stages of two
-/// 128 × 24 f32 tiles). [`super::module::Kernels::load`] raises the kernel's limit to it.
-pub(super) const KERNEL_SMEM: u32 = 2 * 4 * 128 * 24 * 4;
+/// 128 × 36 f32 tiles, and the step's two 128 × 40 bf16 copies). [`super::module::Kernels::load`]
+/// raises the kernel's limit to it.
+pub(super) const KERNEL_SMEM: u32 = 2 * 4 * 128 * 36 * 4 + 2 * 128 * 40 * 2;
 
 /// Which of the experts' GEMMs (in bf16 precision) `gemm.cu`'s grouped kernel runs; cuBLAS'
 /// grouped GEMM in TF32 runs the others.
@@ -39,7 +40,15 @@ pub enum ExpertKernel {
     Weights,
     /// The forward, input-gradient and weight-gradient GEMMs.
     All,
+    /// The weight gradients, and of the forward and input-gradient GEMMs the rows left over
+    /// after each expert's whole tiles of [`TILE_ROWS`] rows, which cuBLAS' batched GEMM takes
+    /// (`cublasGemmBatchedEx`: one size for every problem, bf16 products of the f32 operands,
+    /// as the model's other GEMMs).
+    Batched,
 }
+
+/// The rows of one problem of cuBLAS' batched call under [`ExpertKernel::Batched`].
+pub(super) const TILE_ROWS: usize = 128;
 
 /// One problem of a grouped call, row-major: `C (m × n) (+)= op(A) (m × k) · op(B) (k × n)`.
 struct Problem {
@@ -94,12 +103,13 @@ impl CudaDevice {
         self.own_kernel(weight) || self.grouped.load(Ordering::Relaxed)
     }
 
-    /// Whether the kernel takes the experts' weight gradients (`weight`) or their other GEMMs.
+    /// Whether the kernel takes (some of) the experts' weight gradients (`weight`) or their
+    /// other GEMMs.
     fn own_kernel(&self, weight: bool) -> bool {
         let which = self.expert_kernel.load(Ordering::Relaxed);
         self.precision == super::Precision::Bf16
-            && (which == ExpertKernel::All as u8
-                || (weight && which == ExpertKernel::Weights as u8))
+            && which != ExpertKernel::Off as u8
+            && (weight || which != ExpertKernel::Weights as u8)
     }
 
     /// Issues `ps` as one grouped GEMM, by the kernel where the device uses it for this kind
@@ -109,8 +119,16 @@ impl CudaDevice {
             return true;
         }
         if self.own_kernel(weight) && ps.iter().all(Problem::suits_kernel) {
-            self.grouped_kernel(ps, accumulate);
-            return true;
+            let tiles = !weight
+                && self.expert_kernel.load(Ordering::Relaxed) == ExpertKernel::Batched as u8;
+            if !tiles {
+                self.grouped_kernel(ps, accumulate);
+                return true;
+            }
+            if let Some(rest) = self.batched_tiles(ps, accumulate) {
+                self.grouped_kernel(&rest, accumulate);
+                return true;
+            }
         }
         // A problem the kernel cannot read goes to cuBLAS' grouped GEMM only where that is on
         // (else, or after cuBLAS refused, the caller issues one GEMM per expert).
@@ -179,6 +197,93 @@ impl CudaDevice {
             );
         }
         false
+    }
+
+    /// The whole [`TILE_ROWS`]-row tiles of the row problems `ps` (all with the same `n`, `k`,
+    /// weight transpose and leading dimensions, as [`CudaDevice::rows_grouped`] makes them) as
+    /// one `cublasGemmBatchedEx` with bf16 products; returns the problems of the rows left over,
+    /// or `None` if cuBLAS refused the call (nothing was issued; the device then stops asking).
+    fn batched_tiles(&self, ps: &[Problem], accumulate: bool) -> Option<Vec<Problem>> {
+        let p0 = ps.first()?;
+        let uniform = ps.iter().all(|p| {
+            !p.a_trans
+                && (p.n, p.k, p.lda, p.ldb, p.ldc, p.b_trans)
+                    == (p0.n, p0.k, p0.lda, p0.ldb, p0.ldc, p0.b_trans)
+        });
+        if !uniform || !self.batched.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rest = Vec::new();
+        for p in ps {
+            let whole = p.m / TILE_ROWS;
+            for i in 0..whole {
+                let r = (i * TILE_ROWS) as u64;
+                a.push(p.a + r * p.lda as u64 * 4);
+                b.push(p.b);
+                c.push(p.c + r * p.ldc as u64 * 4);
+            }
+            let done = whole * TILE_ROWS;
+            if done < p.m {
+                rest.push(Problem {
+                    a: p.a + (done * p.lda * 4) as u64,
+                    c: p.c + (done * p.ldc * 4) as u64,
+                    m: p.m - done,
+                    ..*p
+                });
+            }
+        }
+        if a.is_empty() {
+            return Some(rest);
+        }
+        self.ctx
+            .bind_to_thread()
+            .unwrap_or_else(|e| panic!("CUDA context: {e}"));
+        let count = a.len();
+        // Column-major, as in blas.rs: Cᵀ = op(B)ᵀ · Aᵀ, so B's pointers come first.
+        let mut ptrs = b;
+        ptrs.extend(a);
+        ptrs.extend(c);
+        let dev_ptrs = self.upload_any(&ptrs);
+        let (base, _g) = dev_ptrs.device_ptr(&self.stream);
+        let g = count as u64;
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // SAFETY: the pointer arrays are in device memory (three blocks of `count` pointers),
+        // each into a live allocation that covers its tile (whole tiles lie inside their
+        // problem's rows); the scalars are host floats that outlive the call.
+        let status = unsafe {
+            blas_sys::cublasGemmBatchedEx(
+                self.blas.handle(),
+                op_of(p0.b_trans),
+                cublasOperation_t::CUBLAS_OP_N,
+                p0.n as i32,
+                TILE_ROWS as i32,
+                p0.k as i32,
+                (&alpha as *const f32).cast(),
+                base as *const *const _,
+                cudaDataType::CUDA_R_32F,
+                p0.ldb as i32,
+                (base + 8 * g) as *const *const _,
+                cudaDataType::CUDA_R_32F,
+                p0.lda as i32,
+                (&beta as *const f32).cast(),
+                (base + 16 * g) as *const *mut _,
+                cudaDataType::CUDA_R_32F,
+                p0.ldc as i32,
+                count as i32,
+                super::blas::compute_of(self.precision),
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status == blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Some(rest);
+        }
+        if self.batched.swap(false, Ordering::Relaxed) {
+            eprintln!(
+                "flotilla: cuBLAS batched GEMM refused ({status:?}); the experts' tiles go to the grouped calls"
+            );
+        }
+        None
     }
 
     pub(super) fn rows_grouped(

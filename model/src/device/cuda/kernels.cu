@@ -166,10 +166,11 @@ extern "C" __global__ void mt_sum_squares(const u64* tab, int T, i64 chunk, doub
 }
 
 // AdamW in place over lists (value, grad, exp_avg, exp_avg_sq): optim/kernel.rs `Coef::apply`,
-// torch.lerp's two-sided formula included.
+// torch.lerp's two-sided formula included; each gradient is first scaled by the clip's gscale
+// (rounded on its own, as when the clip scaled the gradients in memory).
 extern "C" __global__ void mt_adamw(const u64* tab, int T, i64 chunk, int has_decay, float decay,
                                     int lerp_small, float w1, float beta2, float w2, float eps,
-                                    float bc2_sqrt, float step_size) {
+                                    float bc2_sqrt, float step_size, float gscale) {
     for (i64 c = blockIdx.x; c < mt_chunks(tab, T, 4); c += gridDim.x) {
         i64 s, e;
         int t = mt_chunk(tab, T, 4, chunk, c, &s, &e);
@@ -179,7 +180,7 @@ extern "C" __global__ void mt_adamw(const u64* tab, int T, i64 chunk, int has_de
         float* v = (float*)tab[3 * T + t];
         for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
             float pv = has_decay ? p[i] * decay : p[i];
-            float gv = g[i], mv = m[i];
+            float gv = __fmul_rn(g[i], gscale), mv = m[i];
             mv = lerp_small ? mv + w1 * (gv - mv) : gv - (gv - mv) * (1.0f - w1);
             float vv = v[i] * beta2 + w2 * gv * gv;
             float denom = sqrtf(vv) / bc2_sqrt + eps;
@@ -239,6 +240,45 @@ extern "C" __global__ void rows_dot(const float* a, const float* b, float* out, 
         for (int c = lane; c < cols; c += 32) acc += a[r * cols + c] * b[r * cols + c];
         acc = warp_sum(acc);
         if (lane == 0) out[r] = acc;
+    }
+}
+
+// The experts' combine, Device::combine_rows: y[t] = Σ s[r] · x[r] (or Σ x[r] without s) over
+// the rows r = srcs[p], p in offs[t]..offs[t+1] (sorted by destination on the host, so each sum
+// runs in the CPU's order), every row t written. The product is rounded before the sum, as
+// scale_rows then scatter_add_sorted rounded it.
+extern "C" __global__ void combine_rows(const float* x, const float* s, const int* offs, const int* srcs,
+                                        float* y, i64 rows, int cols) {
+    FOR_EACH(i, rows * cols) {
+        i64 t = i / cols;
+        int c = (int)(i % cols);
+        float acc = 0.0f;
+        for (int p = offs[t]; p < offs[t + 1]; ++p) {
+            i64 r = srcs[p];
+            float v = x[r * cols + c];
+            acc += s ? __fmul_rn(v, s[r]) : v;
+        }
+        y[i] = acc;
+    }
+}
+
+// Device::combine_rows_backward, one warp per row r of x: dx[r] = s[r] · dy[idx[r]] and
+// ds[r] = dot(dy[idx[r]], x[r]) (rows_dot's order).
+extern "C" __global__ void combine_rows_bwd(const float* dy, const float* x, const float* s, const u32* idx,
+                                            float* dx, float* ds, i64 rows, int cols) {
+    int lane = threadIdx.x & 31;
+    i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
+        const float* g = dy + (i64)idx[r] * cols;
+        float sr = s[r];
+        float acc = 0.0f;
+        for (int c = lane; c < cols; c += 32) {
+            float v = g[c];
+            acc += v * x[r * cols + c];
+            dx[r * cols + c] = __fmul_rn(v, sr);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) ds[r] = acc;
     }
 }
 

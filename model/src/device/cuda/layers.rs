@@ -247,9 +247,16 @@ impl CudaDevice {
             .unwrap_or_else(|err| panic!("CUDA allocation failed: {err}"));
         self.op("router_forward", cost::elementwise(n * e, 8.0, 2.0), || {
             let (tp, _g) = topk_dev.device_ptr(&self.stream);
+            // A thread per token, in blocks of a warp so that the few thousand tokens of a
+            // batch spread over every SM.
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (n.div_ceil(32).max(1) as u32, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
             self.run(
                 "router_fwd",
-                over(n),
+                cfg,
                 &[
                     Arg::P(self.ptr(logits)),
                     Arg::P(self.ptr(bias)),

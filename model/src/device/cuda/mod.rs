@@ -131,6 +131,8 @@ pub struct CudaDevice {
     gpu_name: String,
     /// Whether the experts' GEMMs are grouped (`grouped.rs`).
     grouped: AtomicBool,
+    /// Whether cuBLAS takes `ExpertKernel::Batched`'s tiles (false after it refused a call).
+    batched: AtomicBool,
     /// Which of the experts' bf16 GEMMs take `gemm.cu`'s grouped kernel (`grouped.rs`): an
     /// [`ExpertKernel`] as u8.
     expert_kernel: std::sync::atomic::AtomicU8,
@@ -198,6 +200,7 @@ impl CudaDevice {
             stats: Mutex::new(Stats::default()),
             gpu_name,
             grouped: AtomicBool::new(choice.grouped && blas::has_grouped_gemm()),
+            batched: AtomicBool::new(true),
             expert_kernel: std::sync::atomic::AtomicU8::new(choice.expert_kernel as u8),
             fused_attention: AtomicBool::new(choice.fused_attention),
             flash: flash::FlashCache::default(),
@@ -466,6 +469,20 @@ impl Device for CudaDevice {
 
     fn rows_dot(&self, a: &Tensor, b: &Tensor) -> Tensor {
         self.rows_dot_op(a, b)
+    }
+
+    fn combine_rows(&self, src: &Tensor, s: Option<&Tensor>, index: &[u32], rows: usize) -> Tensor {
+        self.combine_rows_op(src, s, index, rows)
+    }
+
+    fn combine_rows_backward(
+        &self,
+        dy: &Tensor,
+        src: &Tensor,
+        s: &Tensor,
+        index: &[u32],
+    ) -> (Tensor, Tensor) {
+        self.combine_rows_backward_op(dy, src, s, index)
     }
 
     // ---- layer kernels (layers.rs, attention.rs) -------------------------------------------

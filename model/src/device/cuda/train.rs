@@ -21,7 +21,7 @@ use crate::tensor::Tensor;
 const CHUNK: usize = 1 << 14;
 
 /// A coefficient set's bits (equal bits: one launch; no decay differs from every decay).
-fn bits(k: &crate::optim::Coef) -> [u64; 8] {
+fn bits(k: &crate::optim::Coef) -> [u64; 9] {
     let f = |x: f32| u64::from(x.to_bits());
     [
         k.decay.map_or(0, |d| 1 << 32 | f(d)),
@@ -32,6 +32,7 @@ fn bits(k: &crate::optim::Coef) -> [u64; 8] {
         f(k.eps),
         f(k.bc2_sqrt),
         f(k.step_size),
+        f(k.grad_scale),
     ]
 }
 
@@ -251,6 +252,7 @@ impl CudaDevice {
                         Arg::F(k.eps),
                         Arg::F(k.bc2_sqrt),
                         Arg::F(k.step_size),
+                        Arg::F(k.grad_scale),
                     ],
                 );
             }

@@ -68,11 +68,7 @@ pub fn combine(
     plan: &DispatchPlan,
     n_tokens: usize,
 ) -> Tensor {
-    let mut weighted = dev.copy(ye);
-    dev.scale_rows(&mut weighted, w_perm);
-    let mut y = dev.zeros(&[n_tokens, ye.cols()]);
-    dev.scatter_add_rows(&mut y, &weighted, &plan.token_of_row);
-    y
+    dev.combine_rows(ye, Some(w_perm), &plan.token_of_row, n_tokens)
 }
 
 /// Backward of [`combine`]: returns `(d_ye, d_w_perm)`.
@@ -83,10 +79,7 @@ pub fn combine_backward(
     w_perm: &Tensor,
     plan: &DispatchPlan,
 ) -> (Tensor, Tensor) {
-    let mut d_ye = dev.gather_rows(dy, &plan.token_of_row);
-    let d_w = dev.rows_dot(&d_ye, ye);
-    dev.scale_rows(&mut d_ye, w_perm);
-    (d_ye, d_w)
+    dev.combine_rows_backward(dy, ye, w_perm, &plan.token_of_row)
 }
 
 /// Backward of [`dispatch`]: `dx[t] = Σ_{r: token(r)=t} d_xe[r]`.
@@ -96,7 +89,5 @@ pub fn dispatch_backward(
     plan: &DispatchPlan,
     n_tokens: usize,
 ) -> Tensor {
-    let mut dx = dev.zeros(&[n_tokens, d_xe.cols()]);
-    dev.scatter_add_rows(&mut dx, d_xe, &plan.token_of_row);
-    dx
+    dev.combine_rows(d_xe, None, &plan.token_of_row, n_tokens)
 }
