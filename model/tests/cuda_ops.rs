@@ -538,14 +538,23 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
     // The router's gate: f32 on a bf16 device.
     gpu.gemm_full_precision(MatMut::all(&mut cg), Mat::all(&ag), Mat::all(&bg), false);
     p.close("full-precision gemm", &cc, &cg, TOL);
-    // The experts: one grouped call each for the forward, B and W, by the bf16 kernel and by
-    // cuBLAS in TF32; more than one 128 × 128 tile per expert, and an expert without rows.
+    // The experts: one grouped call each for the forward, B and W, by the bf16 kernel, by
+    // cuBLAS' batched call and the kernel, and by cuBLAS in TF32; more than one 128 × 128 tile
+    // per expert, and an expert without rows.
     let rows = [0..20, 20..20, 20..300];
     let (xc, xg) = p.rand(&mut rng, &[300, 256]);
     let ws: Vec<(Tensor, Tensor)> = (0..3).map(|_| p.rand(&mut rng, &[160, 256])).collect();
     let (w1, w2): (Vec<&Tensor>, Vec<&Tensor>) = ws.iter().map(|(a, b)| (a, b)).unzip();
     let (dc, dg) = p.rand(&mut rng, &[300, 160]);
-    for kernel in [ExpertKernel::All, ExpertKernel::Weights, ExpertKernel::Off] {
+    // Batched: expert 2's 280 rows are two whole tiles for cuBLAS' batched call and 24 for the
+    // kernel; expert 0's 20 rows are all left over.
+    let kernels = [
+        ExpertKernel::All,
+        ExpertKernel::Weights,
+        ExpertKernel::Batched,
+        ExpertKernel::Off,
+    ];
+    for kernel in kernels {
         gpu.set_expert_kernel(kernel);
         let (mut yc, mut yg) = p.rand(&mut rng, &[300, 160]);
         for acc in [false, true] {
@@ -586,6 +595,7 @@ fn bf16_rounds_gemms_but_keeps_the_gate_in_f32_and_groups_the_experts() {
     gpu.gemm_rows_grouped(&mut yg, &xg, &w2, &rows, true, false);
     p.close("grouped rows of 254 values", &yc, &yg, 1e-2);
     assert!(gpu.grouped_gemm(), "cuBLAS refused the grouped GEMM");
+    assert!(gpu.batched_gemm(), "cuBLAS refused the batched GEMM");
 }
 
 #[test]

@@ -35,13 +35,14 @@ struct GemmProblem {
 #define GG_LDK (GG_BK + 4)
 #define GG_LDM (GG_BM + 4)
 #define GG_TILE (GG_BM * GG_LDK)  // floats per operand per stage (≥ GG_BK × GG_LDM)
-// The bf16 copy of the step's tiles that ldmatrix reads, in the same orientation: rows padded by
-// 8 bf16, so that the eight rows of a fragment load fall in distinct banks.
+// The bf16 copies of a step's tiles that ldmatrix reads (two: the next step's is written while
+// this step's is read), in the same orientation: rows padded by 8 bf16, so that the eight rows
+// of a fragment load fall in distinct banks.
 #define GG_LDK16 (GG_BK + 8)
 #define GG_LDM16 (GG_BM + 8)
 #define GG_TILE16 (GG_BM * GG_LDK16)  // bf16 per operand (≥ GG_BK × GG_LDM16)
-// Dynamic shared memory in bytes (grouped.rs sets the kernel's limit to it): 164 KiB.
-#define GG_SMEM (2 * GG_STAGES * GG_TILE * 4 + 2 * GG_TILE16 * 2)
+// Dynamic shared memory in bytes (grouped.rs sets the kernel's limit to it): 184 KiB.
+#define GG_SMEM (2 * GG_STAGES * GG_TILE * 4 + 2 * 2 * GG_TILE16 * 2)
 // 16-byte copies per thread per operand tile.
 #define GG_CHUNKS (GG_BM * GG_BK / 4 / GG_THREADS)
 
@@ -122,16 +123,17 @@ __device__ __forceinline__ void gg_frag_b(u32* bf, const u16* t, int kc, int c0,
 // 64 × 32. Grid: the total tile count of `count` problems (`problems` in device memory, in tile
 // order). `accumulate`: C += (else C =). Dynamic shared memory: GG_SMEM bytes.
 //
-// Each step of GG_BK: wait for its f32 tiles, start the copy of a later step's, round this
-// step's to bf16 (every value once, by the whole block), then the warps' MMAs on fragments
-// that ldmatrix reads from the bf16 copy.
+// Each step of GG_BK: one barrier, the copy of a later step's f32 tiles started, the next
+// step's tiles rounded to bf16 (every value once, by the whole block) into one copy while the
+// warps' MMAs read this step's fragments from the other by ldmatrix.
 extern "C" __global__ void __launch_bounds__(GG_THREADS)
     grouped_gemm_bf16(const GemmProblem* problems, int count, int accumulate) {
     extern __shared__ __align__(16) float gsm[];
     float* as = gsm;                                   // [GG_STAGES][GG_TILE]
     float* bs = gsm + GG_STAGES * GG_TILE;             // [GG_STAGES][GG_TILE]
-    u16* a16 = (u16*)(gsm + 2 * GG_STAGES * GG_TILE);  // [GG_TILE16]
-    u16* b16 = a16 + GG_TILE16;                        // [GG_TILE16]
+    // Two bf16 copies, each A's tile then B's: [2][2][GG_TILE16].
+    u16* a16 = (u16*)(gsm + 2 * GG_STAGES * GG_TILE);
+    u16* b16 = a16 + GG_TILE16;
     int tile = blockIdx.x, pi = 0;
     for (int lo = 0, hi = count - 1; lo <= hi;) {  // the last problem whose tile0 ≤ tile
         int mid = (lo + hi) / 2;
@@ -158,7 +160,7 @@ extern "C" __global__ void __launch_bounds__(GG_THREADS)
     int akc = !p.a_trans, bkc = p.b_trans;
     int steps = (p.k + GG_BK - 1) / GG_BK;
     // The first GG_STAGES − 1 tiles in flight; one commit group per tile (empty past the end),
-    // so that "tile s has landed" is always "at most GG_STAGES − 2 groups pending".
+    // so that "tile s has landed" is "at most (tiles issued − s − 1) groups pending".
 #pragma unroll
     for (int s = 0; s < GG_STAGES - 1; ++s) {
         if (s < steps) {
@@ -167,10 +169,15 @@ extern "C" __global__ void __launch_bounds__(GG_THREADS)
         }
         cp_commit();
     }
+    cp_wait<GG_STAGES - 2>();
+    __syncthreads();
+    gg_convert(a16, as, akc);
+    gg_convert(b16, bs, bkc);
     for (int s = 0; s < steps; ++s) {
-        cp_wait<GG_STAGES - 2>();
-        // Tile s is in; every warp is done with step s − 1's MMAs (the bf16 copy is free) and
-        // with its f32 buffer, which the next copy reuses.
+        // Tiles through s + GG_STAGES − 2 were issued: wait for tile s + 1. After the barrier,
+        // step s's bf16 copy is complete, every warp is done with step s − 1's MMAs (so the other
+        // copy is free) and with tile s − 1's f32 buffer (converted a step ago).
+        cp_wait<GG_STAGES - 3>();
         __syncthreads();
         int next = s + GG_STAGES - 1;
         if (next < steps) {
@@ -179,18 +186,24 @@ extern "C" __global__ void __launch_bounds__(GG_THREADS)
             gg_load(bs + b * GG_TILE, p.b, p.ldb, bkc, n0, p.n, next * GG_BK, p.k);
         }
         cp_commit();
-        gg_convert(a16, as + (s % GG_STAGES) * GG_TILE, akc);
-        gg_convert(b16, bs + (s % GG_STAGES) * GG_TILE, bkc);
-        __syncthreads();
+        // Round step s + 1's tiles into the other copy while this step's MMAs run (the warps
+        // interleave the two).
+        if (s + 1 < steps) {
+            int f = (s + 1) % GG_STAGES;
+            gg_convert(a16 + ((s + 1) & 1) * 2 * GG_TILE16, as + f * GG_TILE, akc);
+            gg_convert(b16 + ((s + 1) & 1) * 2 * GG_TILE16, bs + f * GG_TILE, bkc);
+        }
+        const u16* at = a16 + (s & 1) * 2 * GG_TILE16;
+        const u16* bt = b16 + (s & 1) * 2 * GG_TILE16;
 #pragma unroll
         for (int kk = 0; kk < GG_BK; kk += 16) {
             u32 af[4][4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) gg_frag_a(af[i], a16, akc, wm + 16 * i, kk, lane);
+            for (int i = 0; i < 4; ++i) gg_frag_a(af[i], at, akc, wm + 16 * i, kk, lane);
 #pragma unroll
             for (int jp = 0; jp < 2; ++jp) {
                 u32 bf[4];
-                gg_frag_b(bf, b16, bkc, wn + 16 * jp, kk, lane);
+                gg_frag_b(bf, bt, bkc, wn + 16 * jp, kk, lane);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     mma(acc[i][2 * jp], af[i], bf[0], bf[1]);

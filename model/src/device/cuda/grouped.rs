@@ -4,9 +4,14 @@
 //! Each call is cuBLAS' `cublasGemmGroupedBatchedEx` (its per-problem pointers go to the GPU;
 //! sizes, transposes and scalars stay on the host) or `gemm.cu`'s `grouped_gemm_bf16` (operands
 //! rounded to bf16, f32 accumulation; its problem table goes to the GPU in one upload), as
-//! [`ExpertKernel`] chooses. The default, from the config on an H100 (`docs/benchmarks.md`,
-//! session 14): the kernel for the weight gradients (15.2 ms per pass where cuBLAS took 25.4),
-//! cuBLAS for the forward and input gradients (14.3 ms where the kernel took 27.4). cuBLAS 13.0
+//! [`ExpertKernel`] chooses; [`ExpertKernel::Batched`] also gives whole 128-row tiles of the
+//! forward and input gradients to cuBLAS' `cublasGemmBatchedEx` in bf16. The default, from the
+//! issue's config on an H100 (`docs/benchmarks.md`, session 14, with the kernel's previous
+//! version, which built fragments straight from f32 shared memory): the kernel for the weight
+//! gradients (15.2 ms per pass where cuBLAS took 25.4), cuBLAS for the forward and input
+//! gradients (14.3 ms where the kernel took 27.4). The kernel's present version (each step's
+//! tiles rounded once to bf16, fragments by `ldmatrix`) passed `cuda_ops` on an H100 in session
+//! 15 but has not been timed; neither has `Batched`. cuBLAS 13.0
 //! groups neither `CUBLAS_COMPUTE_32F_FAST_16BF` on f32 operands nor bf16 operands (`CUDA_R_16BF`
 //! A and B with an f32 C): both answer `CUBLAS_STATUS_NOT_SUPPORTED` on an H100, so in bf16
 //! precision cuBLAS' grouped call rounds to TF32. Where cuBLAS refuses the call (older library),
@@ -25,9 +30,9 @@ use crate::device::{gemm_rows_each, gemm_weight_each};
 use crate::tensor::Tensor;
 
 /// The kernel's dynamic shared memory in bytes: `gemm.cu`'s `GG_SMEM` (four stages of two
-/// 128 × 36 f32 tiles, and the step's two 128 × 40 bf16 copies). [`super::module::Kernels::load`]
-/// raises the kernel's limit to it.
-pub(super) const KERNEL_SMEM: u32 = 2 * 4 * 128 * 36 * 4 + 2 * 128 * 40 * 2;
+/// 128 × 36 f32 tiles, and two copies of two 128 × 40 bf16 tiles), 184 KiB.
+/// [`super::module::Kernels::load`] raises the kernel's limit to it.
+pub(super) const KERNEL_SMEM: u32 = 2 * 4 * 128 * 36 * 4 + 2 * 2 * 128 * 40 * 2;
 
 /// Which of the experts' GEMMs (in bf16 precision) `gemm.cu`'s grouped kernel runs; cuBLAS'
 /// grouped GEMM in TF32 runs the others.
@@ -89,6 +94,12 @@ impl CudaDevice {
     /// Whether the experts' GEMMs are grouped now (false after cuBLAS refused a call).
     pub fn grouped_gemm(&self) -> bool {
         self.grouped.load(Ordering::Relaxed)
+    }
+
+    /// Whether cuBLAS takes [`ExpertKernel::Batched`]'s whole tiles (false after it refused a
+    /// call; the tiles then go to the grouped calls).
+    pub fn batched_gemm(&self) -> bool {
+        self.batched.load(Ordering::Relaxed)
     }
 
     /// Which of the experts' bf16 GEMMs take `gemm.cu`'s kernel instead of cuBLAS' grouped GEMM

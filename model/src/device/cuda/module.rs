@@ -20,7 +20,8 @@ pub const SOURCE: &str = concat!(
     include_str!("gemm.cu")
 );
 
-/// Every `extern "C"` kernel of [`SOURCE`].
+/// Every `extern "C"` kernel of [`SOURCE`] (`model/tests/kernel_names.rs` checks that the two
+/// agree, and that every kernel the device launches by name is here).
 const NAMES: &[&str] = &[
     "fill_f32",
     "scale_f32",
@@ -36,6 +37,8 @@ const NAMES: &[&str] = &[
     "scatter_add_sorted",
     "scale_rows",
     "rows_dot",
+    "combine_rows",
+    "combine_rows_bwd",
     "rmsnorm_fwd",
     "rmsnorm_bwd_input",
     "rmsnorm_bwd_weight_partial",
