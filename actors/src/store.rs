@@ -519,16 +519,11 @@ impl RankStore {
     /// gradients clipped to the global norm `grad_norm` (AdamW applies the clip's coefficient as
     /// it reads each gradient; the held gradients stay unclipped).
     fn update(&mut self, dev: &dyn Device, lr: f64, grad_norm: f64) -> Result<(), JobError> {
-        let coef = flotilla_model::optim::clip_coefficient(grad_norm, self.grad_clip);
         let sel = &self.sel.trainable;
         let mut values = sel.take(&mut self.model.weights);
         let grads = sel.take(&mut self.grads);
         // AdamW scales each gradient by the clip's coefficient as it reads it.
-        let scale = if self.grad_clip > 0.0 && coef < 1.0 {
-            coef as f32
-        } else {
-            1.0
-        };
+        let scale = flotilla_model::optim::clip_scale(grad_norm, self.grad_clip);
         // The selection holds every trainable name (they were found in these weights), in the
         // order of `trainable`.
         let r = if values.len() != self.trainable.len() || grads.len() != self.trainable.len() {

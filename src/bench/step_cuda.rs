@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use flotilla_model::device::cuda::{self, CudaDevice, ExpertKernel, KernelChoice};
 use flotilla_model::device::{Mat, MatMut};
 use flotilla_model::flops::GemmShape;
-use flotilla_model::optim::{AdamW, AdamWConfig, ParamRef, clip_coefficient};
+use flotilla_model::optim::{AdamW, AdamWConfig, ParamRef, clip_scale};
 use flotilla_model::params::Selection;
 use flotilla_model::rng::Rng;
 use flotilla_model::{Batch, DeepSeekV3, Device, ModelConfig, StepOptions};
@@ -171,13 +171,8 @@ pub fn kernel_table(
             .forward_backward(&dev, &batch, &opts, &mut grads)
             .map_err(|e| anyhow::anyhow!("forward_backward: {e}"))?;
         let norm = dev.sum_squares(&sel.refs(&grads)).sqrt();
-        let coef = clip_coefficient(norm, o.grad_clip);
+        let scale = clip_scale(norm, o.grad_clip);
         let gs = sel.take(&mut grads);
-        let scale = if o.grad_clip > 0.0 && coef < 1.0 {
-            coef as f32
-        } else {
-            1.0
-        };
         let mut vs = sel.take(&mut model.weights);
         let mut refs: Vec<ParamRef<'_>> = vs
             .iter_mut()

@@ -68,6 +68,19 @@ pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f64 {
     (max_norm / (total_norm + CLIP_EPS)).min(1.0)
 }
 
+/// The scale AdamW applies to the gradients as it reads them ([`crate::optim::AdamW::step_scaled`])
+/// to clip them to `max_norm` from `total_norm`: the clip coefficient in f32 where it is below
+/// 1, else 1 (also where `max_norm` is not positive: no clipping).
+#[must_use]
+pub fn clip_scale(total_norm: f64, max_norm: f64) -> f32 {
+    let coef = clip_coefficient(total_norm, max_norm);
+    if max_norm > 0.0 && coef < 1.0 {
+        coef as f32
+    } else {
+        1.0
+    }
+}
+
 /// Clips `grads` in place to a global norm of at most `max_norm` and returns the norm before
 /// clipping. `max_norm` must be positive (`f64::INFINITY` computes the norm without clipping).
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> Result<f64, OptimError> {
@@ -154,6 +167,14 @@ mod tests {
         assert_eq!(b, [(coef as f32) * 4.0]);
         let after = global_norm([&a[..], &b[..]]);
         assert!((after - 1.0).abs() < 1e-6, "{after}");
+    }
+
+    #[test]
+    fn the_scale_adamw_applies_is_the_clip_coefficient_below_one() {
+        assert_eq!(clip_scale(5.0, 1.0), (1.0 / (5.0 + 1e-6)) as f32);
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert_eq!(clip_scale(5.0, 0.0), 1.0, "max_norm 0: no clipping");
+        assert_eq!(clip_scale(0.0, 1.0), 1.0);
     }
 
     #[test]

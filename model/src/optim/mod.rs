@@ -22,7 +22,7 @@ pub mod schedule;
 pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamRef, ParamState};
 pub use clip::{
     SQ_PIECE, clip_coefficient, clip_grad_norm, clip_grad_norm_from_sum_sq,
-    clip_grad_norm_from_sum_sq_on, clip_grad_norm_on, global_norm, sum_of_squares,
+    clip_grad_norm_from_sum_sq_on, clip_grad_norm_on, clip_scale, global_norm, sum_of_squares,
     sum_of_squares_on,
 };
 pub use kernel::Coef;
